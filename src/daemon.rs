@@ -1,0 +1,221 @@
+//! Starting and stopping one daemon: bind the listeners, start the background tasks, drain
+//! on shutdown. `main` and the tests both go through [`spawn`].
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use async_executor::Executor;
+use futures_lite::{FutureExt, StreamExt, future};
+use trillium::HttpConfig;
+use trillium_server_common::ServerHandle;
+use trillium_smol::async_net;
+
+use crate::{
+    context::Context,
+    error::Error,
+    http::{self, Scope},
+    memory, tasks,
+};
+
+/// A running daemon: its listeners and background tasks.
+#[derive(Debug)]
+pub struct Daemon {
+    ctx: Arc<Context>,
+    servers: Vec<ServerHandle>,
+    health_addr: SocketAddr,
+    gateway_addr: SocketAddr,
+    tasks: Option<thread::JoinHandle<()>>,
+}
+
+/// Starts a daemon: takes the first memory sample, binds the listeners (so a busy port is an
+/// error here, not a panic later), then starts serving and the background tasks.
+///
+/// # Errors
+///
+/// Returns [`Error::Bind`] when a port is taken and [`Error::Io`] when a thread cannot start.
+pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
+    // The first /health must already have real numbers.
+    memory::tick(&ctx);
+    let config = &ctx.config;
+    if config.gateway.token.is_none() {
+        log::warn!(
+            "no gateway token configured: /v1 and /ws refuse every request \
+             (set [gateway] token_file or BLUFIO_GATEWAY_TOKEN)"
+        );
+    }
+
+    let mut servers = Vec::new();
+    let (health_addr, gateway_addr) = if config.single_listener() {
+        let listener = bind(config.health_addr()?)?;
+        let addr = local_addr(&listener)?;
+        servers.push(serve(&ctx, listener, Scope::All)?);
+        log::info!("listening on http://{addr} (health, metrics, gateway)");
+        (addr, addr)
+    } else {
+        let probes = bind(config.health_addr()?)?;
+        let gateway = bind(config.gateway_addr()?)?;
+        let (health_addr, gateway_addr) = (local_addr(&probes)?, local_addr(&gateway)?);
+        servers.push(serve(&ctx, probes, Scope::Probes)?);
+        servers.push(serve(&ctx, gateway, Scope::Gateway)?);
+        log::info!("listening on http://{health_addr} (health, metrics)");
+        log::info!("listening on http://{gateway_addr} (gateway)");
+        (health_addr, gateway_addr)
+    };
+
+    let tasks_ctx = Arc::clone(&ctx);
+    let tasks = thread::Builder::new()
+        .name("blufio-tasks".to_owned())
+        .spawn(move || run_tasks(tasks_ctx))
+        .map_err(|source| Error::Io {
+            context: "cannot start the background task thread".to_owned(),
+            source,
+        })?;
+
+    Ok(Daemon {
+        ctx,
+        servers,
+        health_addr,
+        gateway_addr,
+        tasks: Some(tasks),
+    })
+}
+
+impl Daemon {
+    /// Returns the address serving `/health` and `/metrics`.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health_addr
+    }
+
+    /// Returns the address serving the `/v1` API and `/ws`.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.gateway_addr
+    }
+
+    /// Returns the daemon's context.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish for up to `grace`, and
+    /// stops the background tasks. Returns true when everything drained in time.
+    pub async fn shut_down(mut self, grace: Duration) -> bool {
+        let completion = self.ctx.shutdown.shut_down();
+        let drained = async {
+            completion.await;
+            true
+        }
+        .or(async {
+            async_io::Timer::after(grace).await;
+            false
+        })
+        .await;
+        if let Some(tasks) = self.tasks.take() {
+            // The tasks end as soon as the shutdown signal fires; joining cannot block long.
+            let _ = blocking_join(tasks).await;
+        }
+        drop(self.servers);
+        drained
+    }
+
+    /// Blocking form of [`Daemon::shut_down`].
+    pub fn shut_down_blocking(self, grace: Duration) -> bool {
+        async_io::block_on(self.shut_down(grace))
+    }
+}
+
+async fn blocking_join(handle: thread::JoinHandle<()>) -> thread::Result<()> {
+    // Poll with short sleeps instead of a blocking join, so an executor thread awaiting this
+    // is never parked on another thread.
+    while !handle.is_finished() {
+        async_io::Timer::after(Duration::from_millis(5)).await;
+    }
+    handle.join()
+}
+
+/// Runs a daemon until SIGTERM or SIGINT, then drains it for `[daemon] shutdown_grace_secs`.
+/// A second signal exits at once, without draining.
+///
+/// # Errors
+///
+/// Returns an error when the daemon cannot start or signals cannot be registered.
+pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
+    use async_signal::{Signal, Signals};
+
+    // Registered before the listeners open, so an early SIGTERM is not lost.
+    let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(|source| Error::Io {
+        context: "cannot register signal handlers".to_owned(),
+        source,
+    })?;
+    let grace = Duration::from_secs(ctx.config.daemon.shutdown_grace_secs);
+    let daemon = spawn(ctx)?;
+    async_io::block_on(async {
+        let first = signals.next().await;
+        log::info!(
+            "received {}; draining for up to {grace:?} (send it again to exit at once)",
+            signal_name(first)
+        );
+        let drain = async { Some(daemon.shut_down(grace).await) };
+        let second = async {
+            let signal = signals.next().await;
+            log::warn!(
+                "received {} again; exiting without draining",
+                signal_name(signal)
+            );
+            None
+        };
+        match drain.or(second).await {
+            Some(true) => log::info!("shut down cleanly"),
+            Some(false) => log::warn!("grace period over; closing remaining connections"),
+            None => std::process::exit(1),
+        }
+    });
+    Ok(())
+}
+
+fn signal_name(signal: Option<std::io::Result<async_signal::Signal>>) -> &'static str {
+    match signal {
+        Some(Ok(async_signal::Signal::Term)) => "SIGTERM",
+        Some(Ok(async_signal::Signal::Int)) => "SIGINT",
+        _ => "a signal",
+    }
+}
+
+fn run_tasks(ctx: Arc<Context>) {
+    let executor = Executor::new();
+    let monitor = executor.spawn(tasks::monitor(Arc::clone(&ctx)));
+    let evictor = executor.spawn(tasks::evict_idle(Arc::clone(&ctx)));
+    async_io::block_on(executor.run(async {
+        future::zip(monitor, evictor).await;
+    }));
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+    listener.local_addr().map_err(|source| Error::Io {
+        context: "cannot read the bound address".to_owned(),
+        source,
+    })
+}
+
+fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<ServerHandle, Error> {
+    let addr = local_addr(&listener)?;
+    let listener = async_net::TcpListener::try_from(listener)
+        .map_err(|source| Error::Bind { addr, source })?;
+    let mut http_config = HttpConfig::default();
+    // Bodies above the limit are refused while being read, never buffered whole.
+    http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
+    Ok(trillium_smol::config()
+        .with_prebound_server(listener)
+        .without_signals()
+        .with_nodelay()
+        .with_swansong(ctx.shutdown.clone())
+        .with_http_config(http_config)
+        .spawn(http::handler(Arc::clone(ctx), scope)))
+}

@@ -1,0 +1,111 @@
+//! Bearer-token authentication for `/v1/*` and `/ws`.
+//!
+//! The token is compared in constant time. There is no open mode: with no token configured
+//! every protected route answers 503 with an explanation. Browsers cannot set headers on a
+//! WebSocket, so `/ws` also accepts the subprotocol `bearer.<token>`; a query-string token is
+//! never accepted because it ends up in access logs.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use trillium::{Conn, Handler, KnownHeaderName, Status};
+
+use crate::{context::Context, http::response, metrics::ErrorKind};
+
+/// The WebSocket subprotocol prefix that carries a bearer token.
+pub const SUBPROTOCOL_PREFIX: &str = "bearer.";
+
+/// Halts with 401 unless the request carries the configured bearer token.
+#[derive(Debug, Clone)]
+pub struct BearerAuthHandler {
+    ctx: Arc<Context>,
+    allow_subprotocol: bool,
+}
+
+impl BearerAuthHandler {
+    /// Accepts only `Authorization: Bearer <token>`.
+    pub fn new(ctx: Arc<Context>) -> BearerAuthHandler {
+        BearerAuthHandler {
+            ctx,
+            allow_subprotocol: false,
+        }
+    }
+
+    /// Also accepts the `Sec-WebSocket-Protocol: bearer.<token>` form (for `/ws`).
+    pub fn with_subprotocol(mut self) -> BearerAuthHandler {
+        self.allow_subprotocol = true;
+        self
+    }
+}
+
+impl Handler for BearerAuthHandler {
+    async fn run(&self, conn: Conn) -> Conn {
+        let Some(expected) = &self.ctx.config.gateway.token else {
+            return response::error(
+                &self.ctx,
+                conn,
+                Status::ServiceUnavailable,
+                ErrorKind::Unauthorized,
+                "auth_not_configured",
+                "no gateway token is configured; set [gateway] token_file or BLUFIO_GATEWAY_TOKEN",
+            );
+        };
+        let presented = bearer_token(&conn).or_else(|| {
+            self.allow_subprotocol
+                .then(|| subprotocol_token(&conn))
+                .flatten()
+        });
+        if presented.is_some_and(|token| tokens_match(token, expected.expose())) {
+            return conn;
+        }
+        response::error(
+            &self.ctx,
+            conn.with_response_header(KnownHeaderName::WwwAuthenticate, "Bearer realm=\"blufio\""),
+            Status::Unauthorized,
+            ErrorKind::Unauthorized,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+    }
+}
+
+/// Returns the token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer_token(conn: &Conn) -> Option<&str> {
+    let value = conn
+        .request_headers()
+        .get_str(KnownHeaderName::Authorization)?
+        .trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// Returns the token of a `bearer.<token>` entry in `Sec-WebSocket-Protocol`.
+fn subprotocol_token(conn: &Conn) -> Option<&str> {
+    conn.request_headers()
+        .get_str(KnownHeaderName::SecWebsocketProtocol)?
+        .split(',')
+        .map(str::trim)
+        .find_map(|protocol| protocol.strip_prefix(SUBPROTOCOL_PREFIX))
+        .filter(|token| !token.is_empty())
+}
+
+/// Compares in time independent of where the strings differ.
+fn tokens_match(presented: &str, expected: &str) -> bool {
+    presented.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokens_match;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(tokens_match("s3cret", "s3cret"));
+        assert!(!tokens_match("s3cret", "s3cre"));
+        assert!(!tokens_match("S3cret", "s3cret"));
+        assert!(!tokens_match("", "s3cret"));
+    }
+}

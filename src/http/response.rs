@@ -1,0 +1,36 @@
+//! JSON responses and errors: every answer carries a JSON body (or the metrics text), and
+//! every error is counted in `blufio_errors_total` under a fixed type label.
+
+use std::fmt;
+
+use serde_json::{Value, json};
+use trillium::{Conn, KnownHeaderName, Status};
+
+use crate::{context::Context, metrics::ErrorKind};
+
+/// Sends `body` as JSON with `status` and halts the handler chain.
+pub(crate) fn json(conn: Conn, status: Status, body: &Value) -> Conn {
+    conn.with_status(status)
+        .with_response_header(KnownHeaderName::ContentType, "application/json")
+        .with_response_header(KnownHeaderName::CacheControl, "no-store")
+        .with_body(body.to_string())
+        .halt()
+}
+
+/// Sends `{"error": code, "message": message}` with `status`, counts it under `kind` and
+/// halts.
+pub(crate) fn error(
+    ctx: &Context,
+    conn: Conn,
+    status: Status,
+    kind: ErrorKind,
+    code: &str,
+    message: impl fmt::Display,
+) -> Conn {
+    ctx.metrics.count_error(kind);
+    json(
+        conn,
+        status,
+        &json!({ "error": code, "message": message.to_string() }),
+    )
+}

@@ -1,0 +1,485 @@
+//! Typed metric handles on a Prometheus recorder owned by one daemon, and `/metrics` rendering.
+//!
+//! The recorder is built locally and never installed as the process-wide `metrics` recorder,
+//! so two daemons in one process keep separate numbers. Every handle is registered once at
+//! start-up with its help text; hot paths touch a handle (an atomic), never a name lookup.
+//! The standard `process_*` metrics are rendered from a fresh [`ProcessSample`] on each
+//! scrape, since `process_cpu_seconds_total` is a float counter the `metrics` types cannot hold.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use blufio_platform::ProcessSample;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::error::Error;
+
+/// Upper bounds of the response latency histogram buckets, in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Distinct model names tracked in `blufio_tokens_total`; later ones share `model="other"`.
+const MAX_MODEL_LABELS: usize = 16;
+
+/// The fixed set of `type` labels of `blufio_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A memory reader (heap or RSS) failed during a monitor tick.
+    MemoryMonitor,
+    /// A request was malformed (bad JSON, missing field).
+    BadRequest,
+    /// A request had no or a wrong bearer token.
+    Unauthorized,
+    /// A request named a path or object that does not exist.
+    NotFound,
+    /// A request used a method the path does not support.
+    MethodNotAllowed,
+    /// A request body was larger than allowed.
+    PayloadTooLarge,
+    /// A request was refused by admission control (memory or session limit).
+    AdmissionRejected,
+    /// The agent's upstream failed.
+    AgentUpstream,
+    /// The agent timed out.
+    AgentTimeout,
+    /// The agent refused for budget or rate limits.
+    AgentRateLimit,
+    /// No agent is configured.
+    NoAgent,
+    /// A request took longer than the request timeout to arrive.
+    RequestTimeout,
+    /// Something failed inside blufio.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, in rendering order.
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::MemoryMonitor,
+        ErrorKind::BadRequest,
+        ErrorKind::Unauthorized,
+        ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::AdmissionRejected,
+        ErrorKind::AgentUpstream,
+        ErrorKind::AgentTimeout,
+        ErrorKind::AgentRateLimit,
+        ErrorKind::NoAgent,
+        ErrorKind::RequestTimeout,
+        ErrorKind::Internal,
+    ];
+
+    /// Returns the label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::MemoryMonitor => "memory_monitor",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::AdmissionRejected => "admission_rejected",
+            ErrorKind::AgentUpstream => "agent_upstream",
+            ErrorKind::AgentTimeout => "agent_timeout",
+            ErrorKind::AgentRateLimit => "agent_rate_limit",
+            ErrorKind::NoAgent => "no_agent",
+            ErrorKind::RequestTimeout => "request_timeout",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// The channel a message arrived on (`blufio_messages_total{channel}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// `POST /v1/messages`.
+    Http,
+    /// A `/ws` WebSocket frame.
+    WebSocket,
+}
+
+/// Why the memory monitor shed something (`blufio_sessions_shed_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    /// An idle session's history was trimmed under memory pressure.
+    HistoryTrimmed,
+    /// An idle session was closed under memory pressure.
+    PressureEvicted,
+    /// A session passed its idle timeout.
+    IdleTimeout,
+}
+
+/// Token direction (`blufio_tokens_total{type}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenType {
+    /// Tokens sent to the model.
+    Input,
+    /// Tokens the model produced.
+    Output,
+}
+
+impl TokenType {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenType::Input => "input",
+            TokenType::Output => "output",
+        }
+    }
+}
+
+/// The daemon's metric handles and the recorder that renders them.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    messages_http: Counter,
+    messages_ws: Counter,
+    /// `blufio_active_sessions`.
+    pub active_sessions: Gauge,
+    /// `blufio_budget_remaining_usd`.
+    pub budget_remaining_usd: Gauge,
+    /// `blufio_response_latency_seconds`.
+    pub response_latency: Histogram,
+    /// `blufio_memory_heap_bytes`.
+    pub memory_heap_bytes: Gauge,
+    /// `blufio_memory_resident_bytes`.
+    pub memory_resident_bytes: Gauge,
+    /// `blufio_memory_rss_bytes`.
+    pub memory_rss_bytes: Gauge,
+    /// `blufio_memory_pressure`.
+    pub memory_pressure: Gauge,
+    /// `blufio_admission_rejecting`.
+    pub admission_rejecting: Gauge,
+    /// `blufio_memory_purges_total`.
+    pub memory_purges: Counter,
+    errors: Vec<(ErrorKind, Counter, AtomicU64)>,
+    shed_trimmed: Counter,
+    shed_pressure: Counter,
+    shed_idle: Counter,
+    tokens: Mutex<HashMap<(String, TokenType), Counter>>,
+    cost_usd: Mutex<f64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+const METADATA: Metadata<'static> = Metadata::new("blufio", metrics::Level::INFO, None);
+
+impl Metrics {
+    /// Builds a private recorder and registers every metric with its help text.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Metrics`] when the histogram buckets are rejected.
+    pub fn new() -> Result<Metrics, Error> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_response_latency_seconds".to_owned()),
+                LATENCY_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .build_recorder();
+        let handle = recorder.handle();
+        let registry = Registry {
+            recorder: &recorder,
+        };
+
+        let metrics = Metrics {
+            messages_http: registry.counter("blufio_messages_total", &[("channel", "http")]),
+            messages_ws: registry.counter("blufio_messages_total", &[("channel", "ws")]),
+            active_sessions: registry.gauge("blufio_active_sessions"),
+            budget_remaining_usd: registry.gauge("blufio_budget_remaining_usd"),
+            response_latency: registry.histogram("blufio_response_latency_seconds"),
+            memory_heap_bytes: registry.gauge("blufio_memory_heap_bytes"),
+            memory_resident_bytes: registry.gauge("blufio_memory_resident_bytes"),
+            memory_rss_bytes: registry.gauge("blufio_memory_rss_bytes"),
+            memory_pressure: registry.gauge("blufio_memory_pressure"),
+            admission_rejecting: registry.gauge("blufio_admission_rejecting"),
+            memory_purges: registry.counter("blufio_memory_purges_total", &[]),
+            errors: ErrorKind::ALL
+                .iter()
+                .map(|kind| {
+                    let counter =
+                        registry.counter("blufio_errors_total", &[("type", kind.as_str())]);
+                    (*kind, counter, AtomicU64::new(0))
+                })
+                .collect(),
+            shed_trimmed: registry.counter(
+                "blufio_sessions_shed_total",
+                &[("reason", "history_trimmed")],
+            ),
+            shed_pressure: registry.counter(
+                "blufio_sessions_shed_total",
+                &[("reason", "pressure_evicted")],
+            ),
+            shed_idle: registry
+                .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
+            tokens: Mutex::new(HashMap::new()),
+            cost_usd: Mutex::new(0.0),
+            recorder,
+            handle,
+        };
+        registry_describe(&metrics.recorder);
+        // Descriptions become visible to the renderer only after upkeep.
+        metrics.handle.run_upkeep();
+        Ok(metrics)
+    }
+
+    /// Counts one message on `channel`.
+    pub fn count_message(&self, channel: Channel) {
+        match channel {
+            Channel::Http => self.messages_http.increment(1),
+            Channel::WebSocket => self.messages_ws.increment(1),
+        }
+    }
+
+    /// Counts one error of `kind`.
+    pub fn count_error(&self, kind: ErrorKind) {
+        if let Some((_, counter, count)) = self
+            .errors
+            .iter()
+            .find(|(candidate, _, _)| *candidate == kind)
+        {
+            counter.increment(1);
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns every error kind with its count so far (for `/v1/health`).
+    pub fn error_counts(&self) -> Vec<(ErrorKind, u64)> {
+        self.errors
+            .iter()
+            .map(|(kind, _, count)| (*kind, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Counts `count` sessions shed for `reason`.
+    pub fn count_shed(&self, reason: ShedReason, count: u64) {
+        match reason {
+            ShedReason::HistoryTrimmed => self.shed_trimmed.increment(count),
+            ShedReason::PressureEvicted => self.shed_pressure.increment(count),
+            ShedReason::IdleTimeout => self.shed_idle.increment(count),
+        }
+    }
+
+    /// Adds `count` tokens of `token_type` for `model`.
+    ///
+    /// The model becomes a label value; after a small fixed number of distinct models the rest
+    /// are counted as `model="other"`, so a misbehaving agent cannot grow the series without
+    /// bound.
+    pub fn count_tokens(&self, model: &str, token_type: TokenType, count: u64) {
+        let mut tokens = match self.tokens.lock() {
+            Ok(tokens) => tokens,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let known = tokens.contains_key(&(model.to_owned(), token_type));
+        let distinct_models = tokens.len() / 2;
+        let model = if known || distinct_models < MAX_MODEL_LABELS {
+            model
+        } else {
+            "other"
+        };
+        let counter = tokens
+            .entry((model.to_owned(), token_type))
+            .or_insert_with(|| {
+                Registry {
+                    recorder: &self.recorder,
+                }
+                .counter(
+                    "blufio_tokens_total",
+                    &[("model", model), ("type", token_type.as_str())],
+                )
+            });
+        counter.increment(count);
+    }
+
+    /// Registers the input and output token counters for `model` so they render as 0 before
+    /// the first message.
+    pub fn register_model(&self, model: &str) {
+        self.count_tokens(model, TokenType::Input, 0);
+        self.count_tokens(model, TokenType::Output, 0);
+    }
+
+    /// Adds to the money spent and returns the total, in US dollars.
+    pub fn add_cost_usd(&self, cost: f64) -> f64 {
+        let mut total = match self.cost_usd.lock() {
+            Ok(total) => total,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *total += cost;
+        *total
+    }
+
+    /// Drains histogram buffers; the memory monitor calls this on every tick so buffers do not
+    /// grow while nobody scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Renders the Prometheus text format: the recorder's metrics, then the process metrics.
+    pub fn render(&self, process: &ProcessSample, out: &mut String) {
+        out.push_str(&self.handle.render());
+        render_process(process, out);
+    }
+}
+
+/// Registers handles on one recorder through the `metrics::Recorder` trait.
+struct Registry<'a> {
+    recorder: &'a PrometheusRecorder,
+}
+
+impl Registry<'_> {
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(key, value)| Label::new(*key, value.to_string()))
+            .collect();
+        Key::from_parts(name, labels)
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        let counter = self
+            .recorder
+            .register_counter(&Self::key(name, labels), &METADATA);
+        // Registering alone does not make a counter render; touching it does.
+        counter.increment(0);
+        counter
+    }
+
+    fn gauge(&self, name: &'static str) -> Gauge {
+        let gauge = self
+            .recorder
+            .register_gauge(&Self::key(name, &[]), &METADATA);
+        gauge.set(0.0);
+        gauge
+    }
+
+    fn histogram(&self, name: &'static str) -> Histogram {
+        self.recorder
+            .register_histogram(&Self::key(name, &[]), &METADATA)
+    }
+}
+
+/// Help text, one line per metric name.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("blufio_messages_total", "Messages received, by channel."),
+    (
+        "blufio_tokens_total",
+        "Model tokens used by the agent, by model and type (input or output).",
+    ),
+    ("blufio_active_sessions", "Sessions open now."),
+    (
+        "blufio_budget_remaining_usd",
+        "Agent budget left, in US dollars (+Inf when unlimited).",
+    ),
+    (
+        "blufio_response_latency_seconds",
+        "Time from receiving a message to sending the reply, in seconds.",
+    ),
+    (
+        "blufio_memory_heap_bytes",
+        "Bytes allocated by the application on the heap (jemalloc stats.allocated).",
+    ),
+    (
+        "blufio_memory_resident_bytes",
+        "Bytes in physically resident allocator pages (jemalloc stats.resident).",
+    ),
+    (
+        "blufio_memory_rss_bytes",
+        "Resident set size of the process at the last memory sample, in bytes.",
+    ),
+    (
+        "blufio_memory_pressure",
+        "1 while the heap is above memory_warn_mb (with hysteresis), else 0.",
+    ),
+    (
+        "blufio_admission_rejecting",
+        "1 while new sessions are refused because the heap is above memory_limit_mb.",
+    ),
+    (
+        "blufio_memory_purges_total",
+        "Allocator purges run under memory pressure.",
+    ),
+    ("blufio_errors_total", "Errors, by type."),
+    (
+        "blufio_sessions_shed_total",
+        "Sessions trimmed or closed to free memory or after idling, by reason.",
+    ),
+];
+
+fn registry_describe(recorder: &PrometheusRecorder) {
+    for (name, help) in DESCRIPTIONS {
+        let key = KeyName::from_const_str(name);
+        let help = SharedString::const_str(help);
+        if name.ends_with("_total") {
+            recorder.describe_counter(key, None, help);
+        } else if *name == "blufio_response_latency_seconds" {
+            recorder.describe_histogram(key, None, help);
+        } else {
+            recorder.describe_gauge(key, None, help);
+        }
+    }
+}
+
+/// Renders the standard process metrics; a field without a reading is left out entirely.
+fn render_process(sample: &ProcessSample, out: &mut String) {
+    let mut metric = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(value) = value {
+            // Writing to a String cannot fail.
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+            );
+        }
+    };
+    metric(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        sample.cpu_seconds,
+    );
+    metric(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        sample.open_fds.map(|v| v as f64),
+    );
+    metric(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        sample.max_fds.map(|v| v as f64),
+    );
+    metric(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        sample.virtual_memory_bytes.map(|v| v as f64),
+    );
+    metric(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        sample.resident_memory_bytes.map(|v| v as f64),
+    );
+    metric(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        sample.start_time_seconds,
+    );
+}
