@@ -34,6 +34,10 @@ pub struct Config {
     /// Whether port 0 (an ephemeral port) is allowed; only tests and embedding hosts set it.
     #[serde(skip)]
     pub allow_ephemeral_ports: bool,
+    /// Serve probes and gateway on two listeners even when both ports are 0 (ephemeral); for
+    /// tests and embedding hosts.
+    #[serde(skip)]
+    pub separate_listeners: bool,
 }
 
 /// `[daemon]` settings.
@@ -253,7 +257,7 @@ impl Config {
 
     /// Returns true when one listener serves everything.
     pub fn single_listener(&self) -> bool {
-        self.daemon.health_port == self.gateway.port
+        self.daemon.health_port == self.gateway.port && !self.separate_listeners
     }
 
     /// Returns the warn threshold in bytes.
@@ -582,6 +586,22 @@ mod tests {
         .unwrap();
         assert_eq!(config.gateway.token.unwrap().expose(), "from-env");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn example_config_is_valid_and_equals_the_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"));
+        let config = Config::load_with_env(Some(path), no_env).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            format!("{:?}", config.daemon),
+            format!("{:?}", defaults.daemon)
+        );
+        assert_eq!(
+            format!("{:?}", config.gateway),
+            format!("{:?}", defaults.gateway)
+        );
+        assert_eq!(config.agent.budget_usd, defaults.agent.budget_usd);
     }
 
     #[test]

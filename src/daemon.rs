@@ -16,6 +16,7 @@ use trillium_smol::async_net;
 
 use crate::{
     context::Context,
+    deadline::DeadlineAcceptor,
     error::Error,
     http::{self, Scope},
     memory, tasks,
@@ -217,5 +218,8 @@ fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<Serv
         .with_nodelay()
         .with_swansong(ctx.shutdown.clone())
         .with_http_config(http_config)
+        .with_acceptor(DeadlineAcceptor::new(Duration::from_secs(
+            ctx.config.daemon.request_timeout_secs,
+        )))
         .spawn(http::handler(Arc::clone(ctx), scope)))
 }

@@ -31,6 +31,7 @@ pub mod agent;
 pub mod config;
 pub mod context;
 mod daemon;
+pub mod deadline;
 pub mod error;
 pub mod heap;
 pub mod http;
@@ -48,6 +49,10 @@ pub use crate::{
     memory::{FixedRss, HeapSource, ManualHeap, RssSource},
     sessions::{Rejected, SessionGuard},
 };
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// The process-wide allocator: the one global thing in blufio, so the memory monitor can
 /// read heap statistics and purge arenas.

@@ -360,13 +360,10 @@ pub fn tick(ctx: &Context) {
         taken_at: now,
     };
     if let Some(heap) = heap {
-        metrics.memory_heap_bytes.set(heap.allocated_bytes as f64);
-        metrics
-            .memory_resident_bytes
-            .set(heap.resident_bytes as f64);
+        metrics.set_heap(heap.allocated_bytes, heap.resident_bytes);
     }
     if let Some(rss) = rss_bytes {
-        metrics.memory_rss_bytes.set(rss as f64);
+        metrics.set_rss(rss);
     }
 
     let (pressure, transition, warn) = {

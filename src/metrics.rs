@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     sync::{
-        Mutex,
+        Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -57,15 +57,13 @@ pub enum ErrorKind {
     AgentRateLimit,
     /// No agent is configured.
     NoAgent,
-    /// A request took longer than the request timeout to arrive.
-    RequestTimeout,
     /// Something failed inside blufio.
     Internal,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -77,7 +75,6 @@ impl ErrorKind {
         ErrorKind::AgentTimeout,
         ErrorKind::AgentRateLimit,
         ErrorKind::NoAgent,
-        ErrorKind::RequestTimeout,
         ErrorKind::Internal,
     ];
 
@@ -95,7 +92,6 @@ impl ErrorKind {
             ErrorKind::AgentTimeout => "agent_timeout",
             ErrorKind::AgentRateLimit => "agent_rate_limit",
             ErrorKind::NoAgent => "no_agent",
-            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::Internal => "internal",
         }
     }
@@ -151,12 +147,9 @@ pub struct Metrics {
     pub budget_remaining_usd: Gauge,
     /// `blufio_response_latency_seconds`.
     pub response_latency: Histogram,
-    /// `blufio_memory_heap_bytes`.
-    pub memory_heap_bytes: Gauge,
-    /// `blufio_memory_resident_bytes`.
-    pub memory_resident_bytes: Gauge,
-    /// `blufio_memory_rss_bytes`.
-    pub memory_rss_bytes: Gauge,
+    memory_heap_bytes: OnceLock<Gauge>,
+    memory_resident_bytes: OnceLock<Gauge>,
+    memory_rss_bytes: OnceLock<Gauge>,
     /// `blufio_memory_pressure`.
     pub memory_pressure: Gauge,
     /// `blufio_admission_rejecting`.
@@ -204,9 +197,9 @@ impl Metrics {
             active_sessions: registry.gauge("blufio_active_sessions"),
             budget_remaining_usd: registry.gauge("blufio_budget_remaining_usd"),
             response_latency: registry.histogram("blufio_response_latency_seconds"),
-            memory_heap_bytes: registry.gauge("blufio_memory_heap_bytes"),
-            memory_resident_bytes: registry.gauge("blufio_memory_resident_bytes"),
-            memory_rss_bytes: registry.gauge("blufio_memory_rss_bytes"),
+            memory_heap_bytes: OnceLock::new(),
+            memory_resident_bytes: OnceLock::new(),
+            memory_rss_bytes: OnceLock::new(),
             memory_pressure: registry.gauge("blufio_memory_pressure"),
             admission_rejecting: registry.gauge("blufio_admission_rejecting"),
             memory_purges: registry.counter("blufio_memory_purges_total", &[]),
@@ -237,6 +230,31 @@ impl Metrics {
         // Descriptions become visible to the renderer only after upkeep.
         metrics.handle.run_upkeep();
         Ok(metrics)
+    }
+
+    /// Sets `blufio_memory_heap_bytes` and `blufio_memory_resident_bytes`. They are
+    /// registered on the first reading, so an allocator without statistics exports nothing
+    /// rather than a fake zero.
+    pub fn set_heap(&self, allocated_bytes: u64, resident_bytes: u64) {
+        self.lazy_gauge(&self.memory_heap_bytes, "blufio_memory_heap_bytes")
+            .set(allocated_bytes as f64);
+        self.lazy_gauge(&self.memory_resident_bytes, "blufio_memory_resident_bytes")
+            .set(resident_bytes as f64);
+    }
+
+    /// Sets `blufio_memory_rss_bytes`, registered on the first reading (see [`Metrics::set_heap`]).
+    pub fn set_rss(&self, rss_bytes: u64) {
+        self.lazy_gauge(&self.memory_rss_bytes, "blufio_memory_rss_bytes")
+            .set(rss_bytes as f64);
+    }
+
+    fn lazy_gauge<'a>(&self, cell: &'a OnceLock<Gauge>, name: &'static str) -> &'a Gauge {
+        cell.get_or_init(|| {
+            Registry {
+                recorder: &self.recorder,
+            }
+            .gauge(name)
+        })
     }
 
     /// Counts one message on `channel`.

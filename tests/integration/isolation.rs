@@ -1,0 +1,81 @@
+//! Two daemons in one process share nothing: the proof that blufio has no global state.
+
+use std::sync::Arc;
+
+use blufio::{Config, Context, FixedRss, ManualHeap, metrics::Channel};
+
+use crate::{prometheus, support};
+
+const MIB: u64 = 1024 * 1024;
+
+#[test]
+fn two_daemons_in_one_process_never_see_each_others_numbers() {
+    let calm_heap = Arc::new(ManualHeap::new(10 * MIB));
+    let pressed_heap = Arc::new(ManualHeap::new(10 * MIB));
+    let calm = support::start_with(
+        Context::builder(Config::for_tests())
+            .with_heap_source(Arc::clone(&calm_heap))
+            .with_rss_source(FixedRss(Some(1000 * 4096))),
+    );
+    let pressed = support::start_with(
+        Context::builder(Config::for_tests())
+            .with_heap_source(Arc::clone(&pressed_heap))
+            .with_rss_source(FixedRss(Some(2000 * 4096))),
+    );
+    assert_ne!(calm.addr(), pressed.addr());
+
+    pressed_heap.set(180 * MIB);
+    pressed.tick();
+    calm.tick();
+    for _ in 0..3 {
+        pressed.ctx.metrics.count_message(Channel::Http);
+    }
+    let _session = pressed.ctx.try_open_session().unwrap();
+    pressed.get("/not-here");
+
+    assert_eq!(pressed.get("/health").json()["status"], "degraded");
+    assert_eq!(calm.get("/health").json()["status"], "healthy");
+    assert_eq!(pressed.get("/health").json()["active_sessions"], 1);
+    assert_eq!(calm.get("/health").json()["active_sessions"], 0);
+
+    let pressed_metrics = prometheus::parse(&pressed.get_ok("/metrics"));
+    let calm_metrics = prometheus::parse(&calm.get_ok("/metrics"));
+    let http = [("channel", "http")];
+    assert_eq!(
+        pressed_metrics.value("blufio_messages_total", &http),
+        Some(3.0)
+    );
+    assert_eq!(
+        calm_metrics.value("blufio_messages_total", &http),
+        Some(0.0)
+    );
+    assert_eq!(
+        pressed_metrics.value("blufio_memory_pressure", &[]),
+        Some(1.0)
+    );
+    assert_eq!(calm_metrics.value("blufio_memory_pressure", &[]), Some(0.0));
+    assert_eq!(
+        pressed_metrics.value("blufio_memory_rss_bytes", &[]),
+        Some(2000.0 * 4096.0)
+    );
+    assert_eq!(
+        calm_metrics.value("blufio_memory_rss_bytes", &[]),
+        Some(1000.0 * 4096.0)
+    );
+    let not_found = [("type", "not_found")];
+    assert_eq!(
+        pressed_metrics.value("blufio_errors_total", &not_found),
+        Some(1.0)
+    );
+    assert_eq!(
+        calm_metrics.value("blufio_errors_total", &not_found),
+        Some(0.0)
+    );
+    assert_eq!(pressed_heap.purges(), 1);
+    assert_eq!(calm_heap.purges(), 0);
+
+    // Stopping one leaves the other serving.
+    pressed.stop();
+    assert_eq!(calm.get("/health").status, 200);
+    calm.stop();
+}

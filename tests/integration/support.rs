@@ -1,0 +1,222 @@
+//! Test support: start a daemon in-process on port 0, talk plain HTTP/1.1 to it over real
+//! sockets, stop it through its handle.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use blufio::{Config, Context, ContextBuilder, Daemon};
+
+/// A running daemon plus the context the test can poke.
+pub struct TestDaemon {
+    daemon: Option<Daemon>,
+    pub ctx: Arc<Context>,
+}
+
+/// Starts a daemon built from `config` with production sources.
+pub fn start(config: Config) -> TestDaemon {
+    start_with(Context::builder(config))
+}
+
+/// Starts a daemon from a prepared builder.
+pub fn start_with(builder: ContextBuilder) -> TestDaemon {
+    let ctx = builder.build().expect("context builds");
+    let daemon = blufio::spawn(Arc::clone(&ctx)).expect("daemon starts");
+    TestDaemon {
+        daemon: Some(daemon),
+        ctx,
+    }
+}
+
+/// A config with a gateway token, for tests of authenticated routes.
+pub fn config_with_token(token: &str) -> Config {
+    let mut config = Config::for_tests();
+    config.gateway.token = Some(blufio::config::Secret::new(token));
+    config
+}
+
+impl TestDaemon {
+    pub fn addr(&self) -> SocketAddr {
+        self.daemon().health_addr()
+    }
+
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.daemon().gateway_addr()
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("daemon is running")
+    }
+
+    /// Runs one memory-monitor tick now, as the background task would.
+    pub fn tick(&self) {
+        blufio::memory::tick(&self.ctx);
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        request(self.addr(), "GET", path, &[], None)
+    }
+
+    pub fn get_ok(&self, path: &str) -> String {
+        let response = self.get(path);
+        assert_eq!(response.status, 200, "GET {path}: {}", response.body);
+        response.body
+    }
+
+    /// Sends a request to the gateway listener.
+    pub fn gateway(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Response {
+        request(self.gateway_addr(), method, path, headers, body)
+    }
+
+    /// Sends an authenticated request to the gateway listener.
+    pub fn authed(&self, token: &str, method: &str, path: &str, body: Option<&str>) -> Response {
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        self.gateway(method, path, &headers, body)
+    }
+
+    /// Stops the daemon and asserts it drained within the grace period.
+    pub fn stop(mut self) {
+        let daemon = self.daemon.take().expect("daemon is running");
+        assert!(
+            daemon.shut_down_blocking(Duration::from_secs(10)),
+            "drained in time"
+        );
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.shut_down_blocking(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("body is not JSON ({error}): {:?}", self.body))
+    }
+
+    /// Asserts a JSON error body with this code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{self:?}"
+        );
+        let json = self.json();
+        assert_eq!(json["error"], code, "{json}");
+        assert!(
+            json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{json}"
+        );
+    }
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and reads the whole response.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Response {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        raw.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    if let Some(body) = body {
+        raw.push_str(body);
+    }
+    send_raw(addr, raw.as_bytes())
+}
+
+/// Writes raw bytes and parses whatever comes back.
+pub fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set timeout");
+    stream.write_all(bytes).expect("write request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> Response {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    let chunked = headers.iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
