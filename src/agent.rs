@@ -77,3 +77,35 @@ impl fmt::Display for AgentError {
 }
 
 impl std::error::Error for AgentError {}
+
+/// The built-in `[agent] provider = "echo"`: replies with the message itself, spends nothing.
+///
+/// It lets an operator check the whole gateway path (auth, sessions, admission, metrics)
+/// without an upstream, and it is the trivial agent the gateway benchmark measures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EchoAgent;
+
+impl Agent for EchoAgent {
+    fn reply<'a>(
+        &'a self,
+        _ctx: &'a Context,
+        _history: &'a [Turn],
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+        Box::pin(async move {
+            Ok(Reply {
+                content: message.to_owned(),
+                usage: Some(Usage {
+                    model: "echo".to_owned(),
+                    input_tokens: message.split_whitespace().count() as u64,
+                    output_tokens: message.split_whitespace().count() as u64,
+                    cost_usd: 0.0,
+                }),
+            })
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec!["echo".to_owned()]
+    }
+}

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use blufio::{Config, Context, Error};
+use blufio::{Config, Context, Error, agent::EchoAgent, config::Provider};
 
 pub const USAGE: &str = "\
 usage: blufio [serve] [--config PATH]
@@ -109,7 +109,11 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
         Command::Serve(path) => {
             let config = Config::load(path.as_deref())?;
             init_logger(&config.log_filter());
-            blufio::run(Context::new(config)?)?;
+            let builder = match config.agent.provider {
+                Provider::None => Context::builder(config),
+                Provider::Echo => Context::builder(config).with_agent(EchoAgent),
+            };
+            blufio::run(builder.build()?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(path) => status(&Config::load(path.as_deref())?),

@@ -132,14 +132,32 @@ impl Default for PrometheusConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
+    /// Which built-in agent answers messages: `none` or `echo`.
+    pub provider: Provider,
     /// Money the agent may spend over the daemon's lifetime, in US dollars; 0 means no limit.
     pub budget_usd: f64,
+    /// Seconds the agent gets to answer before the client gets 504.
+    pub timeout_secs: u64,
 }
 
 impl Default for AgentConfig {
     fn default() -> AgentConfig {
-        AgentConfig { budget_usd: 10.0 }
+        AgentConfig {
+            provider: Provider::None,
+            budget_usd: 10.0,
+            timeout_secs: 120,
+        }
     }
+}
+
+/// The built-in agents the binary can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// No agent: `/v1/messages` answers 503 `no_agent`; sessions still work.
+    None,
+    /// Replies with the message itself (for checking the gateway path).
+    Echo,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -352,6 +370,7 @@ impl Config {
                 daemon.monitor_interval_secs,
             ),
             ("[daemon] request_timeout_secs", daemon.request_timeout_secs),
+            ("[agent] timeout_secs", self.agent.timeout_secs),
             ("[gateway] max_sessions", gateway.max_sessions),
             (
                 "[gateway] session_idle_timeout_secs",

@@ -11,7 +11,6 @@ use std::{
 use async_executor::Executor;
 use futures_lite::{FutureExt, StreamExt, future};
 use trillium::HttpConfig;
-use trillium_server_common::ServerHandle;
 use trillium_smol::async_net;
 
 use crate::{
@@ -26,7 +25,6 @@ use crate::{
 #[derive(Debug)]
 pub struct Daemon {
     ctx: Arc<Context>,
-    servers: Vec<ServerHandle>,
     health_addr: SocketAddr,
     gateway_addr: SocketAddr,
     tasks: Option<thread::JoinHandle<()>>,
@@ -49,19 +47,18 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
         );
     }
 
-    let mut servers = Vec::new();
     let (health_addr, gateway_addr) = if config.single_listener() {
         let listener = bind(config.health_addr()?)?;
         let addr = local_addr(&listener)?;
-        servers.push(serve(&ctx, listener, Scope::All)?);
+        serve(&ctx, listener, Scope::All)?;
         log::info!("listening on http://{addr} (health, metrics, gateway)");
         (addr, addr)
     } else {
         let probes = bind(config.health_addr()?)?;
         let gateway = bind(config.gateway_addr()?)?;
         let (health_addr, gateway_addr) = (local_addr(&probes)?, local_addr(&gateway)?);
-        servers.push(serve(&ctx, probes, Scope::Probes)?);
-        servers.push(serve(&ctx, gateway, Scope::Gateway)?);
+        serve(&ctx, probes, Scope::Probes)?;
+        serve(&ctx, gateway, Scope::Gateway)?;
         log::info!("listening on http://{health_addr} (health, metrics)");
         log::info!("listening on http://{gateway_addr} (gateway)");
         (health_addr, gateway_addr)
@@ -78,7 +75,6 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
 
     Ok(Daemon {
         ctx,
-        servers,
         health_addr,
         gateway_addr,
         tasks: Some(tasks),
@@ -118,7 +114,6 @@ impl Daemon {
             // The tasks end as soon as the shutdown signal fires; joining cannot block long.
             let _ = blocking_join(tasks).await;
         }
-        drop(self.servers);
         drained
     }
 
@@ -205,14 +200,16 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
     })
 }
 
-fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<ServerHandle, Error> {
+/// Starts serving on `listener`; the server stops when `ctx.shutdown` fires, so its handle
+/// is not kept.
+fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<(), Error> {
     let addr = local_addr(&listener)?;
     let listener = async_net::TcpListener::try_from(listener)
         .map_err(|source| Error::Bind { addr, source })?;
     let mut http_config = HttpConfig::default();
     // Bodies above the limit are refused while being read, never buffered whole.
     http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
-    Ok(trillium_smol::config()
+    trillium_smol::config()
         .with_prebound_server(listener)
         .without_signals()
         .with_nodelay()
@@ -221,5 +218,6 @@ fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<Serv
         .with_acceptor(DeadlineAcceptor::new(Duration::from_secs(
             ctx.config.daemon.request_timeout_secs,
         )))
-        .spawn(http::handler(Arc::clone(ctx), scope)))
+        .spawn(http::handler(Arc::clone(ctx), scope));
+    Ok(())
 }

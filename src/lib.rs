@@ -33,6 +33,7 @@ pub mod context;
 mod daemon;
 pub mod deadline;
 pub mod error;
+pub mod gateway;
 pub mod heap;
 pub mod http;
 pub mod memory;

@@ -332,6 +332,14 @@ impl Metrics {
         self.count_tokens(model, TokenType::Output, 0);
     }
 
+    /// Returns the money spent so far, in US dollars.
+    pub fn cost_usd(&self) -> f64 {
+        match self.cost_usd.lock() {
+            Ok(total) => *total,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
     /// Adds to the money spent and returns the total, in US dollars.
     pub fn add_cost_usd(&self, cost: f64) -> f64 {
         let mut total = match self.cost_usd.lock() {

@@ -283,8 +283,11 @@ impl fmt::Debug for Sessions {
     }
 }
 
-/// Idle time after which a session counts as idle for shedding under pressure.
-const SHED_IDLE_AFTER: Duration = Duration::from_secs(60);
+/// Idle time after which a session counts as idle for shedding under pressure: a minute, or
+/// a quarter of the idle timeout when that is shorter.
+fn shed_idle_after(limits: &Limits) -> Duration {
+    Duration::from_secs(60).min(limits.idle_timeout / 4)
+}
 /// Messages an idle session keeps when its history is trimmed under pressure.
 const SHED_KEEP_MESSAGES: u64 = 2;
 
@@ -408,7 +411,7 @@ impl Sessions {
         let mut idle: Vec<(Duration, Arc<Session>)> = sessions
             .into_iter()
             .map(|session| (session.idle_for(now), session))
-            .filter(|(idle_for, _)| *idle_for >= SHED_IDLE_AFTER)
+            .filter(|(idle_for, _)| *idle_for >= shed_idle_after(&self.inner.limits))
             .collect();
         let mut trimmed = 0;
         for (_, session) in &idle {
@@ -617,6 +620,21 @@ mod tests {
         );
         assert_eq!(info.history_bytes, 9);
         assert_eq!(info.message_count, 5);
+    }
+
+    #[test]
+    fn a_panicking_holder_still_releases_its_session() {
+        let (sessions, _) = registry(10);
+        let sessions = Arc::new(sessions);
+        let held = Arc::clone(&sessions);
+        let result = std::thread::spawn(move || {
+            let _guard = held.open(SessionKind::WebSocket, false).unwrap();
+            panic!("handler bug");
+        })
+        .join();
+        assert!(result.is_err());
+        assert_eq!(sessions.active(), 0);
+        assert!(sessions.list().is_empty());
     }
 
     #[test]

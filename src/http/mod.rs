@@ -5,13 +5,20 @@
 //! | `GET, HEAD /health` | none | `health.rs` |
 //! | `GET, HEAD /metrics` | none | `metrics.rs` |
 //! | `GET /v1/health` | bearer | `health.rs` |
+//! | `POST, GET /v1/sessions`, `GET, DELETE /v1/sessions/:id` | bearer | `sessions.rs` |
+//! | `POST /v1/messages` | bearer | `messages.rs` |
+//! | `GET /ws` | bearer (header or subprotocol) | `ws.rs` |
 //!
 //! Unknown paths get 404 and known paths with another method 405 with `Allow`, both as JSON.
 
 pub mod auth;
+mod body;
 pub mod health;
+pub mod messages;
 pub mod metrics;
 pub(crate) mod response;
+pub mod sessions;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -23,7 +30,9 @@ use crate::{context::Context, metrics::ErrorKind};
 use self::{
     auth::BearerAuthHandler,
     health::{DetailedHealthHandler, HealthHandler},
+    messages::MessagesHandler,
     metrics::MetricsHandler,
+    sessions::{SessionAction, SessionsHandler},
 };
 
 /// Which routes a listener serves.
@@ -64,10 +73,27 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
     }
     if scope != Scope::Probes {
         let auth = BearerAuthHandler::new(Arc::clone(&ctx));
-        router = router.get(
-            "/v1/health",
-            (auth.clone(), DetailedHealthHandler::new(Arc::clone(&ctx))),
-        );
+        let sessions = |action| (auth.clone(), SessionsHandler::new(Arc::clone(&ctx), action));
+        router = router
+            .get(
+                "/v1/health",
+                (auth.clone(), DetailedHealthHandler::new(Arc::clone(&ctx))),
+            )
+            .post("/v1/sessions", sessions(SessionAction::Create))
+            .get("/v1/sessions", sessions(SessionAction::List))
+            .get("/v1/sessions/:id", sessions(SessionAction::Get))
+            .delete("/v1/sessions/:id", sessions(SessionAction::Delete))
+            .post(
+                "/v1/messages",
+                (auth.clone(), MessagesHandler::new(Arc::clone(&ctx))),
+            )
+            .get(
+                "/ws",
+                (
+                    auth.clone().with_subprotocol(),
+                    ws::handler(Arc::clone(&ctx)),
+                ),
+            );
     }
     (router, FallbackHandler { ctx })
 }

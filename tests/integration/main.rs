@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod gateway;
 mod health;
 mod isolation;
 mod metrics;
@@ -10,3 +11,4 @@ mod pressure;
 mod prometheus;
 mod routing;
 mod support;
+mod websocket;

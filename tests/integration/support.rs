@@ -220,3 +220,139 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// An agent driven by the message text, for exercising every gateway outcome:
+/// `upstream` → upstream failure, `ratelimit` → rate limited (7 s), `slow` → sleeps 3 s,
+/// `panic` → panics, `costly` → reports 0.5 USD; anything else is echoed back as `re: …`.
+#[derive(Debug, Default)]
+pub struct ScriptedAgent;
+
+impl blufio::Agent for ScriptedAgent {
+    fn reply<'a>(
+        &'a self,
+        _ctx: &'a blufio::Context,
+        history: &'a [blufio::sessions::Turn],
+        message: &'a str,
+    ) -> blufio::agent::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
+        Box::pin(async move {
+            let usage = |cost_usd| {
+                Some(blufio::Usage {
+                    model: "scripted-1".to_owned(),
+                    input_tokens: 10 + history.len() as u64,
+                    output_tokens: 5,
+                    cost_usd,
+                })
+            };
+            match message {
+                "upstream" => Err(blufio::AgentError::Upstream(
+                    "secret upstream detail".into(),
+                )),
+                "ratelimit" => Err(blufio::AgentError::RateLimited {
+                    retry_after: Some(Duration::from_secs(7)),
+                }),
+                "slow" => {
+                    async_io::Timer::after(Duration::from_secs(3)).await;
+                    Ok(blufio::Reply {
+                        content: "late".into(),
+                        usage: None,
+                    })
+                }
+                "panic" => panic!("scripted agent panic"),
+                "costly" => Ok(blufio::Reply {
+                    content: "expensive".into(),
+                    usage: usage(0.5),
+                }),
+                other => Ok(blufio::Reply {
+                    content: format!("re: {other} (history {})", history.len()),
+                    usage: usage(0.0),
+                }),
+            }
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec!["scripted-1".to_owned()]
+    }
+}
+
+/// A WebSocket client connection over a real socket.
+pub type WsClient = async_tungstenite::WebSocketStream<async_io::Async<TcpStream>>;
+
+/// Opens a WebSocket to `/ws` with extra headers; `Err` carries the refused HTTP status.
+pub fn ws_connect(
+    addr: SocketAddr,
+    headers: &[(&str, &str)],
+) -> Result<(WsClient, Option<String>), (u16, Option<String>)> {
+    use async_tungstenite::tungstenite::client::IntoClientRequest;
+
+    async_io::block_on(async {
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                async_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let stream = async_io::Async::<TcpStream>::connect(addr).await.unwrap();
+        match async_tungstenite::client_async(request, stream).await {
+            Ok((client, response)) => {
+                let protocol = response
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .map(|value| value.to_str().unwrap().to_owned());
+                Ok((client, protocol))
+            }
+            Err(async_tungstenite::tungstenite::Error::Http(response)) => {
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|value| value.to_str().unwrap().to_owned());
+                Err((response.status().as_u16(), retry_after))
+            }
+            Err(other) => panic!("websocket handshake failed: {other}"),
+        }
+    })
+}
+
+/// Sends a text frame and returns the next text frame parsed as JSON.
+pub fn ws_exchange(client: &mut WsClient, text: &str) -> serde_json::Value {
+    use async_tungstenite::tungstenite::Message;
+    use futures_lite::StreamExt;
+
+    async_io::block_on(async {
+        client.send(Message::text(text)).await.unwrap();
+        loop {
+            match client.next().await.expect("a reply frame").unwrap() {
+                Message::Text(reply) => return serde_json::from_str(reply.as_str()).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    })
+}
+
+/// A config with a token, a tiny agent timeout and an agent attached.
+pub fn start_gateway(mut config: Config) -> TestDaemon {
+    if config.gateway.token.is_none() {
+        config.gateway.token = Some(blufio::config::Secret::new(TOKEN));
+    }
+    start_with(Context::builder(config).with_agent(ScriptedAgent))
+}
+
+/// The token `start_gateway` configures.
+pub const TOKEN: &str = "gateway-test-token";
+
+/// Waits (bounded) until `/health` reports `expected` active sessions.
+pub fn wait_for_active_sessions(daemon: &TestDaemon, expected: u64) {
+    for _ in 0..200 {
+        if daemon.get("/health").json()["active_sessions"] == expected {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!(
+        "active_sessions never reached {expected}: {}",
+        daemon.get("/health").body
+    );
+}

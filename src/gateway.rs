@@ -1,0 +1,216 @@
+//! The message path shared by `POST /v1/messages` and `/ws`: budget check, the agent call
+//! with its timeout, history, token and cost accounting, latency.
+//!
+//! It knows nothing of HTTP; the callers map [`MessageError`] to statuses or error frames.
+
+use std::{fmt, time::Instant};
+
+use futures_lite::FutureExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    agent::{AgentError, Usage},
+    context::Context,
+    metrics::{Channel, ErrorKind, TokenType},
+    sessions::{Role, Session, Turn},
+};
+
+/// A message as clients send it over HTTP or in a WebSocket text frame.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingMessage {
+    /// The session to continue; absent opens a new one (HTTP only).
+    pub session_id: Option<String>,
+    /// The message text.
+    pub content: String,
+}
+
+/// Why a message got no reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessageError {
+    /// No agent is configured.
+    NoAgent,
+    /// The agent budget is spent.
+    BudgetExhausted,
+    /// The agent failed.
+    Agent(AgentError),
+}
+
+impl MessageError {
+    /// Returns the machine-readable code for JSON bodies and error frames.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MessageError::NoAgent => "no_agent",
+            MessageError::BudgetExhausted => "budget_exhausted",
+            MessageError::Agent(AgentError::Upstream(_)) => "agent_upstream",
+            MessageError::Agent(AgentError::Timeout) => "agent_timeout",
+            MessageError::Agent(AgentError::RateLimited { .. }) => "rate_limited",
+        }
+    }
+
+    /// Returns the `blufio_errors_total` type.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            MessageError::NoAgent => ErrorKind::NoAgent,
+            MessageError::BudgetExhausted | MessageError::Agent(AgentError::RateLimited { .. }) => {
+                ErrorKind::AgentRateLimit
+            }
+            MessageError::Agent(AgentError::Upstream(_)) => ErrorKind::AgentUpstream,
+            MessageError::Agent(AgentError::Timeout) => ErrorKind::AgentTimeout,
+        }
+    }
+}
+
+impl fmt::Display for MessageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageError::NoAgent => f.write_str("no agent is configured ([agent] provider)"),
+            MessageError::BudgetExhausted => {
+                f.write_str("the agent budget is spent ([agent] budget_usd)")
+            }
+            // Upstream details can carry provider internals; the log has them, clients do not.
+            MessageError::Agent(AgentError::Upstream(_)) => {
+                f.write_str("the agent's upstream failed")
+            }
+            MessageError::Agent(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+/// An agent's reply, ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageReply {
+    /// The session the exchange belongs to.
+    pub session_id: String,
+    /// The reply text.
+    pub content: String,
+    /// What it cost, if the agent said.
+    pub usage: Option<Usage>,
+}
+
+impl MessageReply {
+    /// Returns the JSON clients receive.
+    pub fn to_json(&self) -> Value {
+        let mut body = json!({ "session_id": self.session_id, "content": self.content });
+        if let (Some(usage), Value::Object(map)) = (&self.usage, &mut body) {
+            map.insert(
+                "usage".into(),
+                json!({
+                    "model": usage.model,
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "cost_usd": usage.cost_usd,
+                }),
+            );
+        }
+        body
+    }
+}
+
+/// Sends `content` to the agent as the next turn of `session` and records the exchange.
+///
+/// # Errors
+///
+/// Returns [`MessageError`] when there is no agent, the budget is spent or the agent fails;
+/// the history is then left unchanged so the client can retry.
+pub async fn exchange(
+    ctx: &Context,
+    session: &Session,
+    content: String,
+    channel: Channel,
+) -> Result<MessageReply, MessageError> {
+    let received = Instant::now();
+    ctx.metrics.count_message(channel);
+    session.touch();
+    let result = call_agent(ctx, session, &content).await;
+    ctx.metrics
+        .response_latency
+        .record(received.elapsed().as_secs_f64());
+    let reply = match result {
+        Ok(reply) => reply,
+        Err(error) => {
+            ctx.metrics.count_error(error.kind());
+            if let MessageError::Agent(AgentError::Upstream(detail)) = &error {
+                log::warn!("agent upstream failed: {detail}");
+            }
+            return Err(error);
+        }
+    };
+    if let Some(usage) = &reply.usage {
+        account(ctx, usage);
+    }
+    let limits = *ctx.sessions.limits();
+    session.push(
+        Turn {
+            role: Role::User,
+            content,
+        },
+        &limits,
+    );
+    session.push(
+        Turn {
+            role: Role::Assistant,
+            content: reply.content.clone(),
+        },
+        &limits,
+    );
+    Ok(MessageReply {
+        session_id: session.id().to_owned(),
+        content: reply.content,
+        usage: reply.usage,
+    })
+}
+
+async fn call_agent(
+    ctx: &Context,
+    session: &Session,
+    content: &str,
+) -> Result<crate::agent::Reply, MessageError> {
+    let agent = ctx.agent.as_ref().ok_or(MessageError::NoAgent)?;
+    let budget = ctx.config.agent.budget_usd;
+    if budget > 0.0 && ctx.metrics.cost_usd() >= budget {
+        return Err(MessageError::BudgetExhausted);
+    }
+    let history = session.history();
+    let timeout = std::time::Duration::from_secs(ctx.config.agent.timeout_secs);
+    // A panicking agent must not take the connection task (or an executor thread) with it:
+    // the client gets 502 and the daemon keeps serving.
+    let reply = std::panic::AssertUnwindSafe(agent.reply(ctx, &history, content))
+        .catch_unwind()
+        .or(async {
+            async_io::Timer::after(timeout).await;
+            Ok(Err(AgentError::Timeout))
+        })
+        .await;
+    match reply {
+        Ok(reply) => reply.map_err(MessageError::Agent),
+        Err(_) => {
+            log::error!("the agent panicked while answering a message");
+            ctx.metrics.count_error(ErrorKind::Internal);
+            Err(MessageError::Agent(AgentError::Upstream(
+                "the agent panicked".to_owned(),
+            )))
+        }
+    }
+}
+
+/// Counts tokens and cost and updates the remaining budget.
+fn account(ctx: &Context, usage: &Usage) {
+    ctx.metrics
+        .count_tokens(&usage.model, TokenType::Input, usage.input_tokens);
+    ctx.metrics
+        .count_tokens(&usage.model, TokenType::Output, usage.output_tokens);
+    let cost = if usage.cost_usd.is_finite() && usage.cost_usd > 0.0 {
+        usage.cost_usd
+    } else {
+        0.0
+    };
+    let spent = ctx.metrics.add_cost_usd(cost);
+    let budget = ctx.config.agent.budget_usd;
+    if budget > 0.0 {
+        ctx.metrics
+            .budget_remaining_usd
+            .set((budget - spent).max(0.0));
+    }
+}

@@ -1,0 +1,89 @@
+//! `POST /v1/messages`: one message to the agent, in an existing session or a new one.
+
+use std::sync::Arc;
+
+use trillium::{Conn, Handler, KnownHeaderName, Status};
+
+use crate::{
+    agent::AgentError,
+    context::Context,
+    gateway::{self, IncomingMessage, MessageError},
+    http::{body, response, sessions},
+    metrics::{Channel, ErrorKind},
+    sessions::{SessionKind, is_session_id},
+};
+
+/// Serves `POST /v1/messages`.
+#[derive(Debug, Clone)]
+pub struct MessagesHandler {
+    ctx: Arc<Context>,
+}
+
+impl MessagesHandler {
+    /// Creates the handler.
+    pub fn new(ctx: Arc<Context>) -> MessagesHandler {
+        MessagesHandler { ctx }
+    }
+}
+
+impl Handler for MessagesHandler {
+    async fn run(&self, conn: Conn) -> Conn {
+        let ctx = &self.ctx;
+        let (conn, message) = match body::read_json::<IncomingMessage>(ctx, conn).await {
+            Ok(parsed) => parsed,
+            Err(conn) => return conn,
+        };
+        if message.content.trim().is_empty() {
+            return response::error(
+                ctx,
+                conn,
+                Status::BadRequest,
+                ErrorKind::BadRequest,
+                "bad_request",
+                "content must not be empty",
+            );
+        }
+        // The session is held for the whole exchange; a new one stays open afterwards.
+        let session = match &message.session_id {
+            Some(id) => match Some(id.as_str())
+                .filter(|id| is_session_id(id))
+                .and_then(|id| ctx.sessions.get(id))
+            {
+                Some(session) => session,
+                None => return sessions::not_found(ctx, conn),
+            },
+            None => match ctx.open_session(SessionKind::Http) {
+                Ok(guard) => guard.keep(),
+                Err(rejected) => return sessions::rejection(ctx, conn, rejected),
+            },
+        };
+        match gateway::exchange(ctx, &session, message.content, Channel::Http).await {
+            Ok(reply) => response::json(conn, Status::Ok, &reply.to_json()),
+            Err(error) => message_error(conn, &error),
+        }
+    }
+}
+
+fn message_error(mut conn: Conn, error: &MessageError) -> Conn {
+    let status = match error {
+        MessageError::NoAgent => Status::ServiceUnavailable,
+        MessageError::BudgetExhausted => Status::TooManyRequests,
+        MessageError::Agent(AgentError::Upstream(_)) => Status::BadGateway,
+        MessageError::Agent(AgentError::Timeout) => Status::GatewayTimeout,
+        MessageError::Agent(AgentError::RateLimited { retry_after }) => {
+            if let Some(retry_after) = retry_after {
+                conn.insert_response_header(
+                    KnownHeaderName::RetryAfter,
+                    retry_after.as_secs().max(1).to_string(),
+                );
+            }
+            Status::TooManyRequests
+        }
+    };
+    // `exchange` already counted the error; answer without counting twice.
+    response::json(
+        conn,
+        status,
+        &serde_json::json!({ "error": error.code(), "message": error.to_string() }),
+    )
+}
