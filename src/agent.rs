@@ -7,19 +7,19 @@
 
 use std::{fmt, future::Future, pin::Pin, time::Duration};
 
-use crate::{context::Context, sessions::Turn};
+use crate::{context::Context, sessions::Session};
 
 /// A boxed future, so [`Agent`] stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Answers messages.
 pub trait Agent: Send + Sync + 'static {
-    /// Returns the reply to `message`, given the earlier turns of the session (oldest first,
-    /// without `message`).
+    /// Returns the reply to `message` in `session`; [`Session::history`] holds the earlier
+    /// turns (oldest first, without `message`).
     fn reply<'a>(
         &'a self,
         ctx: &'a Context,
-        history: &'a [Turn],
+        session: &'a Session,
         message: &'a str,
     ) -> BoxFuture<'a, Result<Reply, AgentError>>;
 
@@ -89,7 +89,7 @@ impl Agent for EchoAgent {
     fn reply<'a>(
         &'a self,
         _ctx: &'a Context,
-        _history: &'a [Turn],
+        _session: &'a Session,
         message: &'a str,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
         Box::pin(async move {

@@ -624,6 +624,14 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_beyond_four_gib_do_not_overflow_on_32_bit() {
+        let config = parse("[daemon]\nmemory_warn_mb = 6144\nmemory_limit_mb = 8192\n").unwrap();
+        config.validate("f").unwrap();
+        assert_eq!(config.memory_limit_bytes(), 8 * 1024 * 1024 * 1024);
+        assert_eq!(config.memory_warn_bytes(), 6 * 1024 * 1024 * 1024);
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let config = parse("[gateway]\ntoken = \"hunter2\"\n").unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));

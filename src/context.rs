@@ -36,8 +36,12 @@ pub struct Context {
     pub sessions: Sessions,
     /// The agent that answers messages, if any.
     pub agent: Option<Arc<dyn Agent>>,
-    /// The graceful-shutdown signal shared by the listeners and background tasks.
+    /// The graceful-shutdown signal of the listeners: once fired, no new connection is
+    /// accepted and in-flight requests drain.
     pub shutdown: Swansong,
+    /// Fired just before `shutdown`: tells long-lived work (WebSockets, background tasks) to
+    /// finish, so WebSockets can still send their close frames while the listeners run.
+    pub closing: Swansong,
     process: Option<ProcessReader>,
     started: Instant,
     started_at: SystemTime,
@@ -224,6 +228,7 @@ impl ContextBuilder {
             metrics,
             agent: self.agent,
             shutdown: Swansong::new(),
+            closing: Swansong::new(),
             process,
             started: Instant::now(),
             started_at: SystemTime::now(),

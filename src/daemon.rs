@@ -21,6 +21,9 @@ use crate::{
     memory, tasks,
 };
 
+/// How long WebSockets get to send their close frames before the listeners stop.
+const CLOSING_BUDGET: Duration = Duration::from_secs(2);
+
 /// A running daemon: its listeners and background tasks.
 #[derive(Debug)]
 pub struct Daemon {
@@ -100,21 +103,34 @@ impl Daemon {
     /// Stops accepting connections, lets in-flight requests finish for up to `grace`, and
     /// stops the background tasks. Returns true when everything drained in time.
     pub async fn shut_down(mut self, grace: Duration) -> bool {
-        let completion = self.ctx.shutdown.shut_down();
-        let drained = async {
-            completion.await;
+        let deadline = async_io::Timer::after(grace);
+        // First long-lived work: background tasks stop and WebSockets send 1001 while the
+        // listeners still run; then the listeners stop and in-flight requests drain.
+        let closing = self.ctx.closing.shut_down();
+        let closed = async {
+            closing.await;
             true
         }
         .or(async {
-            async_io::Timer::after(grace).await;
+            async_io::Timer::after(grace.min(CLOSING_BUDGET)).await;
+            false
+        })
+        .await;
+        let listeners = self.ctx.shutdown.shut_down();
+        let drained = async {
+            listeners.await;
+            true
+        }
+        .or(async {
+            deadline.await;
             false
         })
         .await;
         if let Some(tasks) = self.tasks.take() {
-            // The tasks end as soon as the shutdown signal fires; joining cannot block long.
+            // The tasks end as soon as `closing` fires; joining cannot block long.
             let _ = blocking_join(tasks).await;
         }
-        drained
+        closed && drained
     }
 
     /// Blocking form of [`Daemon::shut_down`].

@@ -172,11 +172,10 @@ async fn call_agent(
     if budget > 0.0 && ctx.metrics.cost_usd() >= budget {
         return Err(MessageError::BudgetExhausted);
     }
-    let history = session.history();
     let timeout = std::time::Duration::from_secs(ctx.config.agent.timeout_secs);
     // A panicking agent must not take the connection task (or an executor thread) with it:
     // the client gets 502 and the daemon keeps serving.
-    let reply = std::panic::AssertUnwindSafe(agent.reply(ctx, &history, content))
+    let reply = std::panic::AssertUnwindSafe(agent.reply(ctx, session, content))
         .catch_unwind()
         .or(async {
             async_io::Timer::after(timeout).await;

@@ -501,6 +501,18 @@ mod tests {
     }
 
     #[test]
+    fn readings_beyond_four_gib_compare_correctly() {
+        let thresholds = Thresholds {
+            warn_bytes: 5 * 1024 * MIB,
+            limit_bytes: 6 * 1024 * MIB,
+        };
+        let (state, _) = PressureState::default().next(5 * 1024 * MIB + 1, thresholds);
+        assert!(state.under_pressure && !state.rejecting);
+        let (state, _) = state.next(7 * 1024 * MIB, thresholds);
+        assert!(state.rejecting);
+    }
+
+    #[test]
     fn hovering_at_the_threshold_does_not_flap() {
         let steps = run(&[151, 149, 151, 149, 151]);
         assert_eq!(steps.iter().filter(|s| s.1.entered_pressure).count(), 1);

@@ -1,6 +1,6 @@
 //! The background tasks: the memory monitor tick and idle-session eviction.
 //!
-//! Both run on the daemon's own executor and end when the shutdown signal fires.
+//! Both run on the daemon's own executor and end when `ctx.closing` fires.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +12,7 @@ use crate::{context::Context, memory};
 pub(crate) async fn monitor(ctx: Arc<Context>) {
     let interval = Duration::from_secs(ctx.config.daemon.monitor_interval_secs);
     while ctx
-        .shutdown
+        .closing
         .interrupt(Timer::after(interval))
         .await
         .is_some()
@@ -25,7 +25,7 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
 pub(crate) async fn evict_idle(ctx: Arc<Context>) {
     let period = (ctx.sessions.limits().idle_timeout / 2)
         .clamp(Duration::from_millis(250), Duration::from_secs(30));
-    while ctx.shutdown.interrupt(Timer::after(period)).await.is_some() {
+    while ctx.closing.interrupt(Timer::after(period)).await.is_some() {
         ctx.sessions.evict_idle(&ctx);
     }
 }

@@ -22,7 +22,7 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use trillium::{Conn, Handler, Method, Status};
+use trillium::{Conn, Handler, KnownHeaderName, Method, Status};
 use trillium_router::Router;
 
 use crate::{context::Context, metrics::ErrorKind};
@@ -95,7 +95,17 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
                 ),
             );
     }
-    (router, FallbackHandler { ctx })
+    (ServerHeaderHandler, router, FallbackHandler { ctx })
+}
+
+/// Names the server without versions: a version banner only helps pick an exploit.
+#[derive(Debug)]
+struct ServerHeaderHandler;
+
+impl Handler for ServerHeaderHandler {
+    async fn run(&self, conn: Conn) -> Conn {
+        conn.with_response_header(KnownHeaderName::Server, "blufio")
+    }
 }
 
 /// Answers what the router did not: 405 (status and `Allow` already set by the router) or

@@ -98,6 +98,9 @@ impl WebSocketHandler for SessionSocket {
             return None;
         };
         let ctx = &self.ctx;
+        // Held until the close frame is out, so shutdown waits for it before the listeners
+        // stop.
+        let closing_guard = ctx.closing.guard();
         // Half the connection deadline, so the client's pongs keep reads alive.
         let ping_every = Duration::from_secs(ctx.config.daemon.request_timeout_secs) / 2;
         loop {
@@ -105,7 +108,7 @@ impl WebSocketHandler for SessionSocket {
                 Timer::after(ping_every).await;
                 Event::Ping
             });
-            let Some(event) = ctx.shutdown.interrupt(next).await else {
+            let Some(event) = ctx.closing.interrupt(next).await else {
                 let frame = CloseFrame {
                     code: CloseCode::Away,
                     reason: "server shutting down".into(),
@@ -139,6 +142,7 @@ impl WebSocketHandler for SessionSocket {
         // Dropping the guard closes the session and releases its slot.
         drop(guard);
         let _ = conn.close().await;
+        drop(closing_guard);
         None
     }
 }

@@ -93,3 +93,11 @@ fn a_client_that_stalls_mid_request_is_disconnected() {
     assert_eq!(daemon.get("/health").status, 200);
     daemon.stop();
 }
+
+#[test]
+fn responses_do_not_advertise_library_versions() {
+    let daemon = support::start(Config::for_tests());
+    let response = daemon.get("/health");
+    assert_eq!(response.header("server"), Some("blufio"));
+    daemon.stop();
+}

@@ -231,10 +231,11 @@ impl blufio::Agent for ScriptedAgent {
     fn reply<'a>(
         &'a self,
         _ctx: &'a blufio::Context,
-        history: &'a [blufio::sessions::Turn],
+        session: &'a blufio::sessions::Session,
         message: &'a str,
     ) -> blufio::agent::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
         Box::pin(async move {
+            let history = session.history();
             let usage = |cost_usd| {
                 Some(blufio::Usage {
                     model: "scripted-1".to_owned(),
