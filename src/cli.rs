@@ -159,6 +159,11 @@ fn status(config: &Config) -> Result<ExitCode, Error> {
             format!("{:.1} MiB", bytes as f64 / 1048576.0)
         })
     };
+    let text = |value: &serde_json::Value| {
+        value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_owned)
+    };
     let status = health["status"].as_str().unwrap_or("unknown");
     println!("blufio at http://{addr}: {status}");
     println!("  uptime          {} s", health["uptime_secs"]);
@@ -168,19 +173,21 @@ fn status(config: &Config) -> Result<ExitCode, Error> {
     if detailed {
         println!(
             "  version         {} ({})",
-            health["version"], health["target"]
+            text(&health["version"]),
+            text(&health["target"])
         );
         println!(
             "  thresholds      warn {}, limit {}",
             mib(&health["memory_warn_bytes"]),
             mib(&health["memory_limit_bytes"])
         );
-        println!("  admission       {}", health["admission"]);
+        println!("  admission       {}", text(&health["admission"]));
         println!(
-            "  allocator       {} (page {})",
-            health["allocator"], health["allocator_page_size"]
+            "  allocator       {} (page size {})",
+            text(&health["allocator"]),
+            text(&health["allocator_page_size"])
         );
-        println!("  agent           {}", health["agent"]);
+        println!("  agent           {}", text(&health["agent"]));
     }
     Ok(if status == "healthy" {
         ExitCode::SUCCESS

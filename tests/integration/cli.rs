@@ -100,6 +100,36 @@ fn sigterm_drains_and_exits_zero() {
 }
 
 #[test]
+fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token\"\n"
+    );
+    let (mut child, _addr, _lines) = start_binary(&config, "status");
+    let path = temp_dir("status").join("blufio.toml");
+    let output = Command::new(BINARY)
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(": healthy"), "{stdout}");
+    assert!(stdout.contains("admission       accepting"), "{stdout}");
+    assert!(!stdout.contains("status-token"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let output = Command::new(BINARY)
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach blufio"));
+}
+
+#[test]
 fn config_typo_names_file_line_and_key_and_exits_78() {
     let dir = temp_dir("typo");
     let path = dir.join("blufio.toml");
