@@ -144,6 +144,15 @@ fn run_load(addr: SocketAddr, clients: usize, duration: Duration) -> (Vec<f64>, 
                     let sent = Instant::now();
                     let (status, reply) = connection.send("POST", "/v1/messages", Some(&body));
                     latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    if std::env::var("BLUFIO_BENCH_DEBUG").is_ok()
+                        && *latencies.last().unwrap() > 200.0
+                    {
+                        eprintln!(
+                            "slow: client {client} request {} took {:.0} ms",
+                            latencies.len(),
+                            latencies.last().unwrap()
+                        );
+                    }
                     assert_eq!(status, 200, "{reply}");
                     if session.is_none() {
                         let json: serde_json::Value = serde_json::from_str(&reply).unwrap();
@@ -251,13 +260,14 @@ impl Connection {
 
     fn send(&mut self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         let body = body.unwrap_or("");
-        write!(
-            self.writer,
+        // One write per request, as real clients do: `write!` on a socket would send every
+        // formatted piece as its own packet.
+        let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
+        );
+        self.writer.write_all(request.as_bytes()).unwrap();
         let mut status_line = String::new();
         self.reader.read_line(&mut status_line).unwrap();
         let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
