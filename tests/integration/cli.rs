@@ -13,6 +13,26 @@ use crate::support;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
 
+/// Returns a command running the `blufio` binary. Under `cargo xtask test-cross` the binary
+/// is foreign: cargo's runner variable for this target (qemu-user) is inherited from cargo, so
+/// it is used here too, since the host kernel cannot execute the binary by itself.
+fn blufio() -> Command {
+    let runner_var = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
+    );
+    let runner = std::env::var(runner_var).unwrap_or_default();
+    let mut parts = runner.split_whitespace();
+    match parts.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(parts).arg(BINARY);
+            command
+        }
+        None => Command::new(BINARY),
+    }
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("blufio-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -34,7 +54,7 @@ fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc:
     let dir = temp_dir(name);
     let path = dir.join("blufio.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BINARY)
+    let mut child = blufio()
         .args(["serve", "--config"])
         .arg(&path)
         .env("BLUFIO_LOG", "info")
@@ -107,7 +127,7 @@ fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
     );
     let (mut child, _addr, _lines) = start_binary(&config, "status");
     let path = temp_dir("status").join("blufio.toml");
-    let output = Command::new(BINARY)
+    let output = blufio()
         .args(["status", "--config"])
         .arg(&path)
         .output()
@@ -120,7 +140,7 @@ fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let output = Command::new(BINARY)
+    let output = blufio()
         .args(["status", "--config"])
         .arg(&path)
         .output()
@@ -138,7 +158,7 @@ fn config_typo_names_file_line_and_key_and_exits_78() {
         "[daemon]\nhealth_port = 3000\nmemroy_warn_mb = 100\n",
     )
     .unwrap();
-    let output = Command::new(BINARY)
+    let output = blufio()
         .args(["serve", "--config"])
         .arg(&path)
         .output()
@@ -152,7 +172,7 @@ fn config_typo_names_file_line_and_key_and_exits_78() {
 
 #[test]
 fn missing_explicit_config_file_exits_78() {
-    let output = Command::new(BINARY)
+    let output = blufio()
         .args(["--config", "/nonexistent/blufio.toml"])
         .output()
         .unwrap();
@@ -171,7 +191,7 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
         format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
     )
     .unwrap();
-    let output = Command::new(BINARY)
+    let output = blufio()
         .args(["serve", "--config"])
         .arg(&path)
         .env("BLUFIO_LOG", "off")
@@ -188,6 +208,6 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
 
 #[test]
 fn unknown_command_is_a_usage_error() {
-    let output = Command::new(BINARY).arg("frobnicate").output().unwrap();
+    let output = blufio().arg("frobnicate").output().unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
