@@ -147,6 +147,8 @@ pub struct Metrics {
     pub budget_remaining_usd: Gauge,
     /// `blufio_response_latency_seconds`.
     pub response_latency: Histogram,
+    // Per-instance cells, not statics: each Context's Metrics registers these gauges on its own
+    // recorder at the first reading, so a source that never reads exports nothing (not 0).
     memory_heap_bytes: OnceLock<Gauge>,
     memory_resident_bytes: OnceLock<Gauge>,
     memory_rss_bytes: OnceLock<Gauge>,
