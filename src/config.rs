@@ -6,6 +6,7 @@
 
 use std::{
     fmt, fs,
+    io::{self, Read},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -18,6 +19,11 @@ use crate::error::Error;
 pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
 /// Environment variable that overrides the log filter.
 pub const LOG_ENV: &str = "BLUFIO_LOG";
+/// Largest configuration or token file read, in bytes: anything bigger is the wrong file
+/// (or `/dev/zero`), and reading it whole could exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Shortest gateway token accepted, in bytes.
+pub const MIN_TOKEN_BYTES: usize = 16;
 
 /// The whole configuration, as loaded and validated.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -85,7 +91,8 @@ pub struct GatewayConfig {
     pub port: u16,
     /// Bearer token, inline. Prefer `token_file` or `BLUFIO_GATEWAY_TOKEN`.
     pub token: Option<Secret>,
-    /// File holding the bearer token (surrounding whitespace is ignored).
+    /// File holding the bearer token (one trailing newline is ignored); a relative path is
+    /// resolved against the configuration file's directory.
     pub token_file: Option<PathBuf>,
     /// Sessions open at once, at most.
     pub max_sessions: u64,
@@ -208,11 +215,13 @@ impl Config {
     ) -> Result<Config, Error> {
         let (mut config, origin) = match path {
             Some(path) => {
-                let text = fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+                let text = read_capped(path).map_err(|source| Error::ConfigRead {
                     path: path.to_owned(),
                     source,
                 })?;
-                (Config::parse(&text, path)?, path.display().to_string())
+                let mut config = Config::parse(&text, path)?;
+                config.resolve_paths(path);
+                (config, path.display().to_string())
             }
             None => (Config::default(), DEFAULTS_ORIGIN.to_owned()),
         };
@@ -294,9 +303,23 @@ impl Config {
         })
     }
 
+    /// Makes relative paths in the file relative to the file's own directory, so the daemon
+    /// finds them whatever its working directory (systemd starts it in `/`).
+    fn resolve_paths(&mut self, config_path: &Path) {
+        let base = config_path.parent().unwrap_or(Path::new(""));
+        if let Some(token_file) = &mut self.gateway.token_file
+            && token_file.is_relative()
+        {
+            *token_file = base.join(&*token_file);
+        }
+    }
+
     fn resolve_token(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
-        if let Some(token) = from_env.filter(|token| !token.trim().is_empty()) {
-            self.gateway.token = Some(Secret(token.trim().to_owned()));
+        if let Some(token) = from_env.filter(|token| !token.is_empty()) {
+            check_token(&token).map_err(|problem| {
+                invalid("environment", TOKEN_ENV, &format!("the token {problem}"))
+            })?;
+            self.gateway.token = Some(Secret(token));
             return Ok(());
         }
         if let Some(path) = &self.gateway.token_file {
@@ -307,18 +330,22 @@ impl Config {
                     "set either token or token_file, not both",
                 ));
             }
-            let text = fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "token file",
                 path: path.clone(),
                 source,
             })?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(invalid(
+            // Editors and `echo` end files with a newline; anything else is part of the token.
+            let token = text.strip_suffix('\n').map_or(text.as_str(), |rest| {
+                rest.strip_suffix('\r').unwrap_or(rest)
+            });
+            check_token(token).map_err(|problem| {
+                invalid(
                     origin,
                     "[gateway] token_file",
-                    &format!("{} is empty", path.display()),
-                ));
-            }
+                    &format!("the token in {} {problem}", path.display()),
+                )
+            })?;
             self.gateway.token = Some(Secret(token.to_owned()));
         }
         Ok(())
@@ -411,12 +438,67 @@ impl Config {
             ));
         }
         if let Some(token) = &gateway.token
-            && token.expose().trim().is_empty()
+            && let Err(problem) = check_token(token.expose())
         {
-            return Err(invalid(origin, "[gateway] token", "must not be empty"));
+            return Err(invalid(
+                origin,
+                "[gateway] token",
+                &format!("the token {problem}"),
+            ));
         }
         Ok(())
     }
+}
+
+/// Reads a UTF-8 file of at most [`MAX_FILE_BYTES`], so `/dev/zero` or a log file passed by
+/// mistake fails at once instead of filling memory.
+fn read_capped(path: &Path) -> io::Result<String> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE_BYTES} bytes (1 MiB); is it the right file?"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// Checks a gateway token; the error completes "the token …" and never quotes the token.
+///
+/// A token travels in an `Authorization` header and in a `bearer.<token>` WebSocket
+/// subprotocol, so it must be printable ASCII without spaces; a control character, NUL or
+/// line break would be accepted here and then match no request ever.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if let Some((index, byte)) = token
+        .bytes()
+        .enumerate()
+        .find(|(_, byte)| !byte.is_ascii_graphic())
+    {
+        let what = match byte {
+            0 => "a NUL byte",
+            b' ' | b'\t' => "whitespace",
+            b'\r' | b'\n' => "a line break",
+            byte if byte.is_ascii_control() => "a control character",
+            _ => "a non-ASCII character",
+        };
+        return Err(format!(
+            "contains {what} at byte {index}; use printable ASCII without spaces"
+        ));
+    }
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "is {} bytes long; use at least {MIN_TOKEN_BYTES} (for example `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(origin: &str, key: &str, message: &str) -> Error {
@@ -476,7 +558,7 @@ mod tests {
         let config = parse(
             "[daemon]\nmemory_warn_mb = 300\nmemory_limit_mb = 400\nhealth_port = 9100\n\
              monitor_interval_secs = 2\nbind = \"0.0.0.0\"\n[gateway]\nport = 8080\n\
-             token = \"s3cret\"\n[prometheus]\nenabled = false\n",
+             token = \"s3cret-s3cret-s3cret\"\n[prometheus]\nenabled = false\n",
         )
         .unwrap();
         config.validate("test").unwrap();
@@ -486,7 +568,10 @@ mod tests {
         assert_eq!(config.gateway_addr().unwrap().port(), 8080);
         assert!(!config.single_listener());
         assert!(!config.prometheus.enabled);
-        assert_eq!(config.gateway.token.unwrap().expose(), "s3cret");
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "s3cret-s3cret-s3cret"
+        );
     }
 
     #[test]
@@ -587,7 +672,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("blufio-config-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let token_path = dir.join("token");
-        fs::write(&token_path, "from-file\n").unwrap();
+        fs::write(&token_path, "from-file-0123456789\n").unwrap();
         let config_path = dir.join("blufio.toml");
         fs::write(
             &config_path,
@@ -598,12 +683,18 @@ mod tests {
         )
         .unwrap();
         let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
-        assert_eq!(config.gateway.token.unwrap().expose(), "from-file");
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "from-file-0123456789"
+        );
         let config = Config::load_with_env(Some(&config_path), |name| {
-            (name == TOKEN_ENV).then(|| "from-env".to_owned())
+            (name == TOKEN_ENV).then(|| "from-env-0123456789".to_owned())
         })
         .unwrap();
-        assert_eq!(config.gateway.token.unwrap().expose(), "from-env");
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "from-env-0123456789"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -635,5 +726,125 @@ mod tests {
     fn secrets_are_not_printed() {
         let config = parse("[gateway]\ntoken = \"hunter2\"\n").unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("blufio-config-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn token_rules_reject_control_characters_whitespace_and_short_tokens() {
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token("~!@#$%^&*()_+-=[]{}|;:,.<>/?0123").is_ok());
+        let cases = [
+            ("", "is empty"),
+            ("short", "is 5 bytes long; use at least 16"),
+            ("0123456789\0abcdef", "contains a NUL byte at byte 10"),
+            ("0123456789\nabcdef", "contains a line break at byte 10"),
+            ("0123456789 abcdef", "contains whitespace at byte 10"),
+            (" 0123456789abcdef", "contains whitespace at byte 0"),
+            (
+                "0123456789\x1babcdef",
+                "contains a control character at byte 10",
+            ),
+            (
+                "0123456789\u{e9}abcdef",
+                "contains a non-ASCII character at byte 10",
+            ),
+        ];
+        for (token, expected) in cases {
+            let problem = check_token(token).unwrap_err();
+            assert!(problem.starts_with(expected), "{token:?}: {problem}");
+        }
+    }
+
+    #[test]
+    fn token_errors_name_their_source_and_never_the_token() {
+        let config = parse("[gateway]\ntoken = \"tiny-secret\"\n").unwrap();
+        let message = config.validate("blufio.toml").unwrap_err().to_string();
+        assert!(
+            message.starts_with("blufio.toml: [gateway] token: the token is 11 bytes long"),
+            "{message}"
+        );
+        assert!(!message.contains("tiny-secret"), "{message}");
+
+        let error = Config::load_with_env(None, |name| {
+            (name == TOKEN_ENV).then(|| "multi\nline-secret-value".to_owned())
+        })
+        .unwrap_err();
+        let message = error.to_string();
+        assert!(error.is_config());
+        assert!(
+            message
+                .starts_with("environment: BLUFIO_GATEWAY_TOKEN: the token contains a line break"),
+            "{message}"
+        );
+        assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[test]
+    fn token_file_is_relative_to_the_config_and_loses_one_trailing_newline() {
+        let dir = temp_dir("relative");
+        fs::write(dir.join("token"), "relative-token-0123456789\r\n").unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(&config_path, "[gateway]\ntoken_file = \"token\"\n").unwrap();
+        let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "relative-token-0123456789"
+        );
+        assert_eq!(config.gateway.token_file, Some(dir.join("token")));
+
+        // A second newline is not "the" trailing newline: the token would never match.
+        fs::write(dir.join("token"), "relative-token-0123456789\n\n").unwrap();
+        let message = Config::load_with_env(Some(&config_path), no_env)
+            .unwrap_err()
+            .to_string();
+        let expected = format!(
+            "[gateway] token_file: the token in {} contains a line break at byte 25",
+            dir.join("token").display()
+        );
+        assert!(message.contains(&expected), "{message}");
+        assert!(!message.contains("relative-token"), "{message}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_token_file_is_named_as_a_token_file() {
+        let dir = temp_dir("unreadable");
+        let config_path = dir.join("blufio.toml");
+        fs::write(&config_path, "[gateway]\ntoken_file = \"missing\"\n").unwrap();
+        let error = Config::load_with_env(Some(&config_path), no_env).unwrap_err();
+        assert!(error.is_config());
+        assert_eq!(
+            error.to_string(),
+            format!("cannot read token file {}", dir.join("missing").display())
+        );
+        assert!(std::error::Error::source(&error).is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_past_one_mib_are_refused_without_reading_them_whole() {
+        let error = Config::load_with_env(Some(Path::new("/dev/zero")), no_env).unwrap_err();
+        assert!(error.is_config());
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert!(cause.contains("larger than 1048576 bytes"), "{cause}");
+
+        let dir = temp_dir("big-token");
+        let token_path = dir.join("token");
+        fs::write(&token_path, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(&config_path, "[gateway]\ntoken_file = \"token\"\n").unwrap();
+        let error = Config::load_with_env(Some(&config_path), no_env).unwrap_err();
+        assert!(
+            error.to_string().starts_with("cannot read token file"),
+            "{error}"
+        );
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert!(cause.contains("larger than"), "{cause}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

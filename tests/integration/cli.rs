@@ -123,7 +123,7 @@ fn sigterm_drains_and_exits_zero() {
 fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
     let port = free_port();
     let config = format!(
-        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token\"\n"
+        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token-0123456789\"\n"
     );
     let (mut child, _addr, _lines) = start_binary(&config, "status");
     let path = temp_dir("status").join("blufio.toml");
@@ -136,7 +136,7 @@ fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
     assert_eq!(output.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains(": healthy"), "{stdout}");
     assert!(stdout.contains("admission       accepting"), "{stdout}");
-    assert!(!stdout.contains("status-token"));
+    assert!(!stdout.contains("status-token-0123456789"));
     child.kill().unwrap();
     child.wait().unwrap();
 
