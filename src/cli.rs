@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use blufio::{Config, Context, Error, agent::EchoAgent, config::Provider};
+use blufio::{
+    Config, Context, Error, agent::EchoAgent, config::Provider, logging::RedactingLogger,
+};
 
 pub const USAGE: &str = "\
 usage: blufio [serve] [--config PATH]
@@ -108,25 +110,39 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
         }
         Command::Serve(path) => {
             let config = Config::load(path.as_deref())?;
-            init_logger(&config.log_filter());
+            let secrets = config
+                .gateway
+                .token
+                .iter()
+                .map(|token| token.expose().to_owned())
+                .collect();
+            init_logger(&config.log_filter(), secrets);
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
             };
-            blufio::run(builder.build()?)?;
+            let outcome = blufio::run(builder.build()?);
+            // Writes the counts of repeated errors whose episode ended quietly.
+            log::logger().flush();
+            outcome?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(path) => status(&Config::load(path.as_deref())?),
     }
 }
 
-/// The one process-wide hook blufio installs: a logger writing to stderr.
-fn init_logger(filter: &str) {
-    env_logger::Builder::new()
+/// The one process-wide hook blufio installs: a logger writing to stderr, behind the wrapper
+/// that redacts `secrets` and credentials and rate-limits repeated errors.
+fn init_logger(filter: &str, secrets: Vec<String>) {
+    let inner = env_logger::Builder::new()
         .parse_filters(filter)
         .format_timestamp(None)
         .target(env_logger::Target::Stderr)
-        .init();
+        .build();
+    let max_level = inner.filter();
+    if log::set_boxed_logger(Box::new(RedactingLogger::new(inner, secrets))).is_ok() {
+        log::set_max_level(max_level);
+    }
 }
 
 /// Prints the daemon's health; exit status 0 when healthy, 1 when degraded or unreachable.

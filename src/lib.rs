@@ -36,6 +36,7 @@ pub mod error;
 pub mod gateway;
 pub mod heap;
 pub mod http;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod sessions;

@@ -59,11 +59,14 @@ pub enum ErrorKind {
     NoAgent,
     /// Something failed inside blufio.
     Internal,
+    /// A WebSocket client broke the protocol (bad framing, a text frame that is not UTF-8);
+    /// the connection was closed with 1002 or 1007.
+    WebSocketProtocol,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -76,6 +79,7 @@ impl ErrorKind {
         ErrorKind::AgentRateLimit,
         ErrorKind::NoAgent,
         ErrorKind::Internal,
+        ErrorKind::WebSocketProtocol,
     ];
 
     /// Returns the label value.
@@ -93,6 +97,7 @@ impl ErrorKind {
             ErrorKind::AgentRateLimit => "agent_rate_limit",
             ErrorKind::NoAgent => "no_agent",
             ErrorKind::Internal => "internal",
+            ErrorKind::WebSocketProtocol => "websocket_protocol",
         }
     }
 }

@@ -18,6 +18,9 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
         .is_some()
     {
         memory::tick(&ctx);
+        // Lets the installed logger write the counts of repeated errors whose episode ended
+        // quietly (see `logging.rs`); a no-op when no logger is installed.
+        log::logger().flush();
     }
 }
 

@@ -5,6 +5,13 @@
 //! frames carry the same JSON as `POST /v1/messages`; replies and errors come back as text
 //! frames. The server pings more often than the connection deadline so quiet clients stay
 //! connected, and closes with 1001 ("going away") on shutdown.
+//!
+//! A client that breaks the protocol gets the close code RFC 6455 names for it, counted in
+//! `blufio_errors_total`: 1002 for bad framing (an unmasked frame, reserved bits, a
+//! fragmented control frame), 1007 for a text frame that is not UTF-8, 1009 for a message or
+//! frame over `max_message_bytes` (refused from its header, before the payload is read).
+//! Text that is UTF-8 but not the expected JSON is an application error: it gets an error
+//! frame and the connection stays open.
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,7 +21,11 @@ use serde_json::{Value, json};
 use trillium::{Conn, Handler, KnownHeaderName, Status};
 use trillium_websockets::{
     Message, WebSocket, WebSocketConfig, WebSocketConn, WebSocketHandler,
-    tungstenite::protocol::{CloseFrame, frame::coding::CloseCode},
+    tungstenite::{
+        self,
+        error::ProtocolError,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
 };
 
 use crate::{
@@ -131,6 +142,14 @@ impl WebSocketHandler for SessionSocket {
                 Event::Inbound(Some(Ok(_))) => Ok(()),
                 Event::Inbound(Some(Err(error))) => {
                     log::debug!("websocket error: {error}");
+                    if let Some((code, kind, reason)) = close_for(&error) {
+                        ctx.metrics.count_error(kind);
+                        let frame = CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        };
+                        let _ = conn.send(Message::Close(Some(frame))).await;
+                    }
                     break;
                 }
             };
@@ -176,6 +195,30 @@ async fn on_text(ctx: &Context, session: &Arc<Session>, text: &str) -> Value {
     match gateway::exchange(ctx, session, message.content, Channel::WebSocket).await {
         Ok(reply) => reply.to_json(),
         Err(error) => error_frame(error.code(), &error.to_string()),
+    }
+}
+
+/// Returns the close code, error kind and reason for a read error the client caused; `None`
+/// when the peer is gone (nothing can be sent) or the fault is not the client's.
+fn close_for(error: &tungstenite::Error) -> Option<(CloseCode, ErrorKind, &'static str)> {
+    match error {
+        tungstenite::Error::Capacity(_) => Some((
+            CloseCode::Size,
+            ErrorKind::PayloadTooLarge,
+            "message larger than [gateway] max_message_bytes",
+        )),
+        tungstenite::Error::Utf8(_) => Some((
+            CloseCode::Invalid,
+            ErrorKind::WebSocketProtocol,
+            "text frame is not UTF-8",
+        )),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        tungstenite::Error::Protocol(_) => Some((
+            CloseCode::Protocol,
+            ErrorKind::WebSocketProtocol,
+            "protocol error",
+        )),
+        _ => None,
     }
 }
 
