@@ -116,14 +116,14 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
                 .iter()
                 .map(|token| token.expose().to_owned())
                 .collect();
-            init_logger(&config.log_filter(), secrets);
+            let logger = init_logger(&config.log_filter(), secrets);
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
             };
             let outcome = blufio::run(builder.build()?);
-            // Writes the counts of repeated errors whose episode ended quietly.
-            log::logger().flush();
+            // Writes the counts of repeated errors still held back.
+            logger.finish();
             outcome?;
             Ok(ExitCode::SUCCESS)
         }
@@ -133,16 +133,20 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
 
 /// The one process-wide hook blufio installs: a logger writing to stderr, behind the wrapper
 /// that redacts `secrets` and credentials and rate-limits repeated errors.
-fn init_logger(filter: &str, secrets: Vec<String>) {
+fn init_logger(filter: &str, secrets: Vec<String>) -> &'static RedactingLogger<env_logger::Logger> {
     let inner = env_logger::Builder::new()
         .parse_filters(filter)
         .format_timestamp(None)
         .target(env_logger::Target::Stderr)
         .build();
     let max_level = inner.filter();
-    if log::set_boxed_logger(Box::new(RedactingLogger::new(inner, secrets))).is_ok() {
+    // Leaked like `log::set_boxed_logger` would, keeping a handle for `finish` at exit.
+    let logger: &'static RedactingLogger<_> =
+        Box::leak(Box::new(RedactingLogger::new(inner, secrets)));
+    if log::set_logger(logger).is_ok() {
         log::set_max_level(max_level);
     }
+    logger
 }
 
 /// Prints the daemon's health; exit status 0 when healthy, 1 when degraded or unreachable.

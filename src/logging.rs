@@ -11,7 +11,8 @@
 //! episode is written, the rest of the window go out at debug level only, and the next one
 //! after the window carries the count ("and 812 more like this in the last 60 s"). A
 //! flood of failing clients thus costs one line a minute at `info`, however many clients.
-//! [`log::Log::flush`] writes the counts of windows that ended quietly.
+//! [`log::Log::flush`] writes the counts of windows that ended quietly, and
+//! [`RedactingLogger::finish`] (at exit) every count still open.
 //!
 //! This module installs nothing: the binary builds the wrapper and installs it, the one
 //! process-wide hook blufio has.
@@ -83,6 +84,26 @@ impl<L: Log> RedactingLogger<L> {
         );
     }
 
+    /// Writes the counts of every record still held back, whether or not its window has
+    /// ended; called once at exit so no count is lost.
+    pub fn finish(&self) {
+        let summaries = self.limiter().expired(Instant::now(), Duration::ZERO);
+        self.write_summaries(summaries);
+        self.inner.flush();
+    }
+
+    fn write_summaries(&self, summaries: Vec<Summary>) {
+        for summary in summaries {
+            self.inner.log(
+                &Record::builder()
+                    .args(format_args!("{}", summary.text()))
+                    .level(summary.level)
+                    .target(&summary.target)
+                    .build(),
+            );
+        }
+    }
+
     fn limiter(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
         // A panic while holding the lock leaves only counters behind; keep logging.
         self.limiter.lock().unwrap_or_else(PoisonError::into_inner)
@@ -142,16 +163,8 @@ impl<L: Log> Log for RedactingLogger<L> {
     }
 
     fn flush(&self) {
-        let summaries = self.limiter().expired(Instant::now());
-        for summary in summaries {
-            self.inner.log(
-                &Record::builder()
-                    .args(format_args!("{}", summary.text()))
-                    .level(summary.level)
-                    .target(&summary.target)
-                    .build(),
-            );
-        }
+        let summaries = self.limiter().expired(Instant::now(), EPISODE);
+        self.write_summaries(summaries);
         self.inner.flush();
     }
 }
@@ -289,13 +302,13 @@ impl RateLimiter {
         }
     }
 
-    /// Returns the counts of windows that have ended with records held back, and starts
-    /// those sites afresh.
-    pub fn expired(&mut self, now: Instant) -> Vec<Summary> {
+    /// Returns the counts of sites with records held back whose window is at least
+    /// `min_age` old, and starts those sites afresh.
+    pub fn expired(&mut self, now: Instant, min_age: Duration) -> Vec<Summary> {
         let mut summaries = Vec::new();
         for site in self.sites.values_mut() {
             let elapsed = now.saturating_duration_since(site.window_start);
-            if site.held_back > 0 && elapsed >= self.window {
+            if site.held_back > 0 && elapsed >= min_age {
                 summaries.push(Summary {
                     level: site.level,
                     target: site.target.clone(),
@@ -488,7 +501,7 @@ mod tests {
             limiter.admit(2, at(30), Level::Error, "t"),
             Admission::First
         );
-        assert!(limiter.expired(at(59)).is_empty());
+        assert!(limiter.expired(at(59), EPISODE).is_empty());
         assert_eq!(
             limiter.admit(1, at(61), Level::Error, "t"),
             Admission::WithCount {
@@ -500,15 +513,25 @@ mod tests {
         for second in 62..70 {
             limiter.admit(1, at(second), Level::Error, "t");
         }
-        assert!(limiter.expired(at(100)).is_empty());
-        let summaries = limiter.expired(at(121));
+        assert!(limiter.expired(at(100), EPISODE).is_empty());
+        let summaries = limiter.expired(at(121), EPISODE);
         assert_eq!(summaries.len(), 1);
         assert_eq!(summaries[0].more, 8);
         assert_eq!(
             summaries[0].text(),
             "8 more like this in the last 60 s: http error from 10.0.0.1"
         );
-        assert!(limiter.expired(at(300)).is_empty());
+        assert!(limiter.expired(at(300), EPISODE).is_empty());
+        // At exit every open count is written, however young.
+        assert_eq!(
+            limiter.admit(1, at(301), Level::Error, "t"),
+            Admission::First
+        );
+        assert_eq!(
+            limiter.admit(1, at(301), Level::Error, "t"),
+            Admission::Suppressed
+        );
+        assert_eq!(limiter.expired(at(301), Duration::ZERO)[0].more, 1);
         // After a quiet window the next one starts a new episode.
         assert_eq!(
             limiter.admit(1, at(400), Level::Error, "t"),
