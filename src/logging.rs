@@ -143,7 +143,7 @@ impl<L: Log> Log for RedactingLogger<L> {
                 self.limiter().set_example(key, &text);
                 let text = format!(
                     "{text} (and {more} more like this in the last {} s)",
-                    elapsed.as_secs()
+                    elapsed.as_secs().max(1)
                 );
                 self.emit(record, level, &text);
             }
@@ -216,7 +216,7 @@ impl Summary {
         format!(
             "{} more like this in the last {} s: {}",
             self.more,
-            self.elapsed.as_secs(),
+            self.elapsed.as_secs().max(1),
             self.example
         )
     }
