@@ -112,6 +112,8 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
+                // The context builds the provider agent from the configuration.
+                Provider::Anthropic | Provider::OpenAi => Context::builder(config),
             };
             blufio::run(builder.build()?)?;
             Ok(ExitCode::SUCCESS)

@@ -64,6 +64,14 @@ pub enum Error {
     Allocator(String),
     /// The metrics recorder could not be set up.
     Metrics(String),
+    /// State kept across restarts (the spend file) is unreadable or corrupt; the daemon
+    /// refuses to start rather than forget it.
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl Error {
@@ -71,7 +79,10 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Error::ConfigRead { .. } | Error::ConfigSyntax { .. } | Error::ConfigInvalid { .. }
+            Error::ConfigRead { .. }
+                | Error::ConfigSyntax { .. }
+                | Error::ConfigInvalid { .. }
+                | Error::State { .. }
         )
     }
 }
@@ -107,6 +118,7 @@ impl fmt::Display for Error {
             Error::Io { context, .. } => write!(f, "{context}"),
             Error::Allocator(message) => write!(f, "allocator: {message}"),
             Error::Metrics(message) => write!(f, "metrics: {message}"),
+            Error::State { path, message } => write!(f, "{}: {message}", path.display()),
         }
     }
 }

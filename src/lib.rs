@@ -28,8 +28,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod budget;
 pub mod config;
 pub mod context;
+pub mod cost;
 mod daemon;
 pub mod deadline;
 pub mod error;
@@ -38,6 +40,7 @@ pub mod heap;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod provider;
 pub mod sessions;
 mod tasks;
 

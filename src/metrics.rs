@@ -59,11 +59,17 @@ pub enum ErrorKind {
     NoAgent,
     /// Something failed inside blufio.
     Internal,
+    /// The model provider refused a request (a 4xx other than 429).
+    AgentRejected,
+    /// The model provider answered something that is not its documented JSON.
+    AgentMalformed,
+    /// The daily budget is spent.
+    BudgetExhausted,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -76,6 +82,9 @@ impl ErrorKind {
         ErrorKind::AgentRateLimit,
         ErrorKind::NoAgent,
         ErrorKind::Internal,
+        ErrorKind::AgentRejected,
+        ErrorKind::AgentMalformed,
+        ErrorKind::BudgetExhausted,
     ];
 
     /// Returns the label value.
@@ -93,6 +102,9 @@ impl ErrorKind {
             ErrorKind::AgentRateLimit => "agent_rate_limit",
             ErrorKind::NoAgent => "no_agent",
             ErrorKind::Internal => "internal",
+            ErrorKind::AgentRejected => "agent_rejected",
+            ErrorKind::AgentMalformed => "agent_malformed",
+            ErrorKind::BudgetExhausted => "budget_exhausted",
         }
     }
 }
@@ -163,7 +175,8 @@ pub struct Metrics {
     shed_pressure: Counter,
     shed_idle: Counter,
     tokens: Mutex<HashMap<(String, TokenType), Counter>>,
-    cost_usd: Mutex<f64>,
+    /// `blufio_time_to_first_token_seconds` (streamed replies).
+    pub time_to_first_token: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -184,6 +197,11 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("blufio_response_latency_seconds".to_owned()),
+                LATENCY_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_time_to_first_token_seconds".to_owned()),
                 LATENCY_BUCKETS,
             )
             .map_err(|error| Error::Metrics(error.to_string()))?
@@ -224,7 +242,7 @@ impl Metrics {
             shed_idle: registry
                 .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
             tokens: Mutex::new(HashMap::new()),
-            cost_usd: Mutex::new(0.0),
+            time_to_first_token: registry.histogram("blufio_time_to_first_token_seconds"),
             recorder,
             handle,
         };
@@ -334,24 +352,6 @@ impl Metrics {
         self.count_tokens(model, TokenType::Output, 0);
     }
 
-    /// Returns the money spent so far, in US dollars.
-    pub fn cost_usd(&self) -> f64 {
-        match self.cost_usd.lock() {
-            Ok(total) => *total,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    /// Adds to the money spent and returns the total, in US dollars.
-    pub fn add_cost_usd(&self, cost: f64) -> f64 {
-        let mut total = match self.cost_usd.lock() {
-            Ok(total) => total,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *total += cost;
-        *total
-    }
-
     /// Drains histogram buffers; the memory monitor calls this on every tick so buffers do not
     /// grow while nobody scrapes.
     pub fn run_upkeep(&self) {
@@ -412,7 +412,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("blufio_active_sessions", "Sessions open now."),
     (
         "blufio_budget_remaining_usd",
-        "Agent budget left, in US dollars (+Inf when unlimited).",
+        "Agent budget left today (UTC day), in US dollars (+Inf when unlimited).",
     ),
     (
         "blufio_response_latency_seconds",
@@ -444,6 +444,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     ("blufio_errors_total", "Errors, by type."),
     (
+        "blufio_time_to_first_token_seconds",
+        "Time from a streamed message's arrival to its first text delta, in seconds.",
+    ),
+    (
         "blufio_sessions_shed_total",
         "Sessions trimmed or closed to free memory or after idling, by reason.",
     ),
@@ -455,7 +459,7 @@ fn registry_describe(recorder: &PrometheusRecorder) {
         let help = SharedString::const_str(help);
         if name.ends_with("_total") {
             recorder.describe_counter(key, None, help);
-        } else if *name == "blufio_response_latency_seconds" {
+        } else if name.ends_with("_seconds") {
             recorder.describe_histogram(key, None, help);
         } else {
             recorder.describe_gauge(key, None, help);
