@@ -377,7 +377,11 @@ mod tests {
     #[test]
     fn a_corrupt_state_file_refuses_to_open_instead_of_resetting() {
         let dir = temp_dir("corrupt");
-        for text in ["{\"version\":1,\"utc_day\":20000,\"spent", "", "{\"version\":2}"] {
+        for text in [
+            "{\"version\":1,\"utc_day\":20000,\"spent",
+            "",
+            "{\"version\":2}",
+        ] {
             fs::write(dir.join(STATE_FILE), text).unwrap();
             let error = Budget::open(&config(1.0), Some(&dir), gauge(), at(NOON)).unwrap_err();
             assert!(error.is_config());
@@ -395,9 +399,18 @@ mod tests {
         budget.spend("claude", 0.25, at(NOON)).unwrap();
         let mut out = String::new();
         budget.render(&mut out);
-        assert!(out.contains("# TYPE blufio_cost_usd_total counter"), "{out}");
-        assert!(out.contains("blufio_cost_usd_total{model=\"claude\"} 0.25"), "{out}");
-        assert!(out.contains("blufio_cost_usd_total{model=\"a\\\"b\"} 0"), "{out}");
+        assert!(
+            out.contains("# TYPE blufio_cost_usd_total counter"),
+            "{out}"
+        );
+        assert!(
+            out.contains("blufio_cost_usd_total{model=\"claude\"} 0.25"),
+            "{out}"
+        );
+        assert!(
+            out.contains("blufio_cost_usd_total{model=\"a\\\"b\"} 0"),
+            "{out}"
+        );
         assert_eq!(budget.remaining_usd(at(NOON)), f64::INFINITY);
     }
 }

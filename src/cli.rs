@@ -126,6 +126,9 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
 fn init_logger(filter: &str) {
     env_logger::Builder::new()
         .parse_filters(filter)
+        // trillium-client traces whole request heads, API keys included; its connection
+        // module logs nothing else worth a secret in the log.
+        .filter_module("trillium_client::conn", log::LevelFilter::Off)
         .format_timestamp(None)
         .target(env_logger::Target::Stderr)
         .init();

@@ -485,8 +485,11 @@ impl Config {
                  move the value there (it now resets every UTC midnight)",
             ));
         }
-        self.cost.validate().map_err(|(key, message)| invalid(origin, &key, &message))?;
-        crate::provider::validate(&self.agent).map_err(|(key, message)| invalid(origin, key, &message))?;
+        self.cost
+            .validate()
+            .map_err(|(key, message)| invalid(origin, &key, &message))?;
+        crate::provider::validate(&self.agent)
+            .map_err(|(key, message)| invalid(origin, key, &message))?;
         if !matches!(
             daemon.log_level.as_str(),
             "off" | "error" | "warn" | "info" | "debug" | "trace"
@@ -707,10 +710,7 @@ mod tests {
             format!("{:?}", config.gateway),
             format!("{:?}", defaults.gateway)
         );
-        assert_eq!(
-            config.cost.daily_budget_usd,
-            defaults.cost.daily_budget_usd
-        );
+        assert_eq!(config.cost.daily_budget_usd, defaults.cost.daily_budget_usd);
     }
 
     #[test]

@@ -119,7 +119,9 @@ mod tests {
             75.0
         );
         assert_eq!(
-            config.price("claude-sonnet-4-5-20250929").output_usd_per_mtok,
+            config
+                .price("claude-sonnet-4-5-20250929")
+                .output_usd_per_mtok,
             15.0
         );
     }
@@ -145,7 +147,13 @@ mod tests {
             daily_budget_usd: -1.0,
             ..CostConfig::default()
         };
-        assert!(config.validate().unwrap_err().0.contains("daily_budget_usd"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("daily_budget_usd")
+        );
         config.daily_budget_usd = 1.0;
         config.models.insert(
             "m".to_owned(),

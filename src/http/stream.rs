@@ -13,6 +13,10 @@
 //! | `done` | the non-streamed reply: `{"session_id", "content", "usage"}` |
 //! | `error` | `{"error": code, "message": text}` after the stream started |
 //!
+//! While the upstream is silent, a comment line (`: keep-alive`) goes out every
+//! [`HEARTBEAT`]: proxies keep the connection, and a client that left is noticed (only a
+//! write reveals it) so the upstream call is cancelled within seconds.
+//!
 //! An error before the first delta (no agent, budget spent, upstream refused) is answered
 //! as a plain JSON error with its status instead, as without streaming.
 
@@ -24,6 +28,7 @@ use std::{
     task::{Context as TaskContext, Poll},
 };
 
+use async_io::Timer;
 use futures_lite::{AsyncRead, Stream};
 use serde_json::{Value, json};
 use trillium::{Body, Conn, KnownHeaderName, Status};
@@ -40,6 +45,9 @@ use crate::{
 /// waits beyond that (back-pressure, so a slow client cannot make the daemon buffer a reply).
 const DELTA_BUFFER: usize = 32;
 
+/// How often a silent stream writes something, so a departed client is noticed.
+pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
 type Exchange = Pin<Box<dyn Future<Output = Result<MessageReply, MessageError>> + Send>>;
 
 /// One thing a streamed reply says.
@@ -49,6 +57,8 @@ pub(crate) enum StreamEvent {
     Delta(String),
     /// The end: the whole reply, or why it failed.
     Finished(Result<MessageReply, MessageError>),
+    /// Nothing happened for [`HEARTBEAT`]; write something the client ignores.
+    Heartbeat,
 }
 
 /// A streamed exchange: drives the gateway and yields its deltas and final result.
@@ -56,6 +66,7 @@ pub(crate) struct ReplyStream {
     exchange: Option<Exchange>,
     deltas: Pin<Box<async_channel::Receiver<String>>>,
     result: Option<Result<MessageReply, MessageError>>,
+    heartbeat: Timer,
 }
 
 impl ReplyStream {
@@ -75,6 +86,7 @@ impl ReplyStream {
             exchange: Some(exchange),
             deltas: Box::pin(deltas),
             result: None,
+            heartbeat: Timer::interval(HEARTBEAT),
         }
     }
 
@@ -86,10 +98,16 @@ impl ReplyStream {
             self.exchange = None;
         }
         match self.deltas.as_mut().poll_next(cx) {
-            Poll::Ready(Some(text)) => Poll::Ready(Some(StreamEvent::Delta(text))),
+            Poll::Ready(Some(text)) => {
+                self.heartbeat.set_interval(HEARTBEAT);
+                Poll::Ready(Some(StreamEvent::Delta(text)))
+            }
             // The sender lives inside the exchange, so a closed channel means it finished.
             Poll::Ready(None) => Poll::Ready(self.result.take().map(StreamEvent::Finished)),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match Pin::new(&mut self.heartbeat).poll_next(cx) {
+                Poll::Ready(_) => Poll::Ready(Some(StreamEvent::Heartbeat)),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -109,10 +127,14 @@ pub(crate) async fn respond(
     on_error: impl FnOnce(Conn, &MessageError) -> Conn,
 ) -> Conn {
     let mut stream = ReplyStream::new(Arc::clone(ctx), session, content, Channel::Http);
-    let first = match stream.next().await {
-        Some(StreamEvent::Finished(Err(error))) => return on_error(conn, &error),
-        Some(event) => event,
-        None => return conn.with_status(Status::InternalServerError).halt(),
+    // Until the first real event nothing is committed, so an early failure keeps its status.
+    let first = loop {
+        match stream.next().await {
+            Some(StreamEvent::Heartbeat) => {}
+            Some(StreamEvent::Finished(Err(error))) => return on_error(conn, &error),
+            Some(event) => break event,
+            None => return conn.with_status(Status::InternalServerError).halt(),
+        }
     };
     let mut body = SseBody {
         stream,
@@ -146,11 +168,13 @@ pub(crate) fn ws_frame(event: &StreamEvent, session_id: &str) -> Value {
         StreamEvent::Finished(Err(error)) => {
             json!({ "type": "error", "error": error.code(), "message": error.to_string() })
         }
+        StreamEvent::Heartbeat => json!({ "type": "heartbeat" }),
     }
 }
 
 fn sse_frame(event: &StreamEvent) -> Vec<u8> {
     let (name, data) = match event {
+        StreamEvent::Heartbeat => return b": keep-alive\n\n".to_vec(),
         StreamEvent::Delta(text) => ("delta", json!({ "delta": text })),
         StreamEvent::Finished(Ok(reply)) => ("done", reply.to_json()),
         StreamEvent::Finished(Err(error)) => (
@@ -181,8 +205,7 @@ impl AsyncRead for SseBody {
             let pending = this.buffer.get(this.offset..).unwrap_or_default();
             if !pending.is_empty() {
                 let count = pending.len().min(out.len());
-                if let (Some(target), Some(source)) = (out.get_mut(..count), pending.get(..count))
-                {
+                if let (Some(target), Some(source)) = (out.get_mut(..count), pending.get(..count)) {
                     target.copy_from_slice(source);
                 }
                 this.offset += count;

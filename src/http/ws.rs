@@ -27,7 +27,7 @@ use crate::{
     gateway::{self, IncomingMessage},
     http::{
         response, sessions,
-        stream::{ReplyStream, ws_frame},
+        stream::{ReplyStream, StreamEvent, ws_frame},
     },
     metrics::{Channel, ErrorKind},
     sessions::{Session, SessionGuard, SessionKind},
@@ -199,6 +199,11 @@ async fn stream_frames(
         Channel::WebSocket,
     );
     while let Some(event) = stream.next().await {
+        if let StreamEvent::Heartbeat = event {
+            // A ping reveals a departed client without a frame the client must parse.
+            conn.send(Message::Ping(Vec::new().into())).await?;
+            continue;
+        }
         conn.send_string(ws_frame(&event, session.id()).to_string())
             .await?;
     }
@@ -206,7 +211,11 @@ async fn stream_frames(
 }
 
 /// Parses and checks a text frame; `Err` is the error frame to send back.
-fn parse_frame(ctx: &Context, session: &Arc<Session>, text: &str) -> Result<IncomingMessage, Value> {
+fn parse_frame(
+    ctx: &Context,
+    session: &Arc<Session>,
+    text: &str,
+) -> Result<IncomingMessage, Value> {
     let message: IncomingMessage = match serde_json::from_str(text) {
         Ok(message) => message,
         Err(error) => {

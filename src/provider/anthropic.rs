@@ -135,7 +135,10 @@ mod tests {
         .unwrap();
         assert_eq!(parsed.content, "Hello");
         assert_eq!(parsed.model.as_deref(), Some("claude-x"));
-        assert_eq!((parsed.input_tokens, parsed.output_tokens), (Some(12), Some(3)));
+        assert_eq!(
+            (parsed.input_tokens, parsed.output_tokens),
+            (Some(12), Some(3))
+        );
         assert!(parse_reply("{\"content\": 3}").is_err());
         assert!(parse_reply("<html>").is_err());
     }
@@ -165,7 +168,10 @@ mod tests {
             StreamItem::Delta("Hi".into())
         );
         assert_eq!(
-            parse_event(&event(r#"{"type":"message_delta","usage":{"output_tokens":7}}"#)).unwrap(),
+            parse_event(&event(
+                r#"{"type":"message_delta","usage":{"output_tokens":7}}"#
+            ))
+            .unwrap(),
             StreamItem::Usage {
                 model: None,
                 input_tokens: None,
@@ -177,11 +183,16 @@ mod tests {
             StreamItem::Done
         );
         assert_eq!(
-            parse_event(&event(r#"{"type":"error","error":{"type":"overloaded_error"}}"#))
-                .unwrap(),
+            parse_event(&event(
+                r#"{"type":"error","error":{"type":"overloaded_error"}}"#
+            ))
+            .unwrap(),
             StreamItem::Failed("overloaded_error".into())
         );
-        assert_eq!(parse_event(&event(r#"{"type":"ping"}"#)).unwrap(), StreamItem::Nothing);
+        assert_eq!(
+            parse_event(&event(r#"{"type":"ping"}"#)).unwrap(),
+            StreamItem::Nothing
+        );
         assert!(parse_event(&event("not json")).is_err());
     }
 }

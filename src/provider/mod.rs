@@ -2,7 +2,8 @@
 //! [`ProviderAgent`] that sends the session history to the upstream API, retries what is
 //! worth retrying, streams replies, and prices the usage.
 //!
-//! Failure policy: `429`, `529` and other `5xx` answers and connection failures are retried
+//! Failure policy: `429`, `529` (and other non-standard statuses, which the HTTP client
+//! cannot parse) and `5xx` answers and connection failures are retried
 //! (at most [`MAX_ATTEMPTS`] calls) with exponential backoff and jitter, honouring a
 //! `retry-after` in seconds up to [`MAX_RETRY_WAIT`]; other `4xx` answers are not retried.
 //! The upstream's body is never passed on to clients or logged (it may echo the request).
@@ -100,7 +101,11 @@ pub(crate) fn validate(agent: &AgentConfig) -> Result<(), (&'static str, String)
                 .to_owned(),
         ));
     }
-    if agent.model.as_deref().is_some_and(|model| model.trim().is_empty()) {
+    if agent
+        .model
+        .as_deref()
+        .is_some_and(|model| model.trim().is_empty())
+    {
         return Err(("[agent] model", "must not be empty".to_owned()));
     }
     if agent.max_tokens == 0 {
@@ -264,7 +269,8 @@ impl ProviderAgent {
             (_, key) => conn
                 .with_request_header(
                     "x-api-key",
-                    key.as_ref().map_or(String::new(), |key| key.expose().to_owned()),
+                    key.as_ref()
+                        .map_or(String::new(), |key| key.expose().to_owned()),
                 )
                 .with_request_header("anthropic-version", anthropic::VERSION),
         }
@@ -290,6 +296,14 @@ impl ProviderAgent {
                         _ => return Err(AgentError::Rejected { status }),
                     }
                 }
+                // trillium's status type has no 529 (Anthropic's "overloaded") and other
+                // non-standard codes; they fail parsing and are retried like a 5xx.
+                Err(trillium_client::Error::InvalidStatus) => (
+                    AgentError::Upstream(
+                        "non-standard HTTP status (such as 529 overloaded)".to_owned(),
+                    ),
+                    None,
+                ),
                 Err(error) => (
                     AgentError::Upstream(format!("cannot reach the provider: {error}")),
                     None,
@@ -418,8 +432,7 @@ impl ProviderAgent {
             }
         }
         let input = input.unwrap_or_else(|| estimate_prompt_tokens(history, message));
-        let output =
-            output.unwrap_or_else(|| estimate_tokens(content.chars().count() as u64));
+        let output = output.unwrap_or_else(|| estimate_tokens(content.chars().count() as u64));
         Ok(Reply {
             usage: Some(self.usage(model, input, output)),
             content,
@@ -577,7 +590,10 @@ mod tests {
         assert_eq!(backoff(1, None, 1.0), Duration::from_millis(400));
         assert_eq!(backoff(2, None, 1.0), Duration::from_millis(800));
         assert_eq!(backoff(3, None, 0.5), Duration::from_millis(800));
-        assert_eq!(backoff(30, None, 1.5), Duration::from_millis(400 * 64 * 3 / 2));
+        assert_eq!(
+            backoff(30, None, 1.5),
+            Duration::from_millis(400 * 64 * 3 / 2)
+        );
         assert_eq!(
             backoff(1, Some(Duration::from_secs(3)), 1.0),
             Duration::from_secs(3)

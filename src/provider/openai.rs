@@ -67,7 +67,9 @@ pub(crate) fn parse_event(event: &SseEvent) -> Result<Vec<StreamItem>, String> {
     let value: Value = serde_json::from_str(&event.data)
         .map_err(|error| format!("stream chunk is not JSON: {error}"))?;
     if let Some(message) = value["error"]["message"].as_str() {
-        return Ok(vec![StreamItem::Failed(message.chars().take(200).collect())]);
+        return Ok(vec![StreamItem::Failed(
+            message.chars().take(200).collect(),
+        )]);
     }
     let mut items = Vec::new();
     if let Some(text) = value["choices"][0]["delta"]["content"].as_str() {
@@ -124,7 +126,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parsed.content, "Hi");
-        assert_eq!((parsed.input_tokens, parsed.output_tokens), (Some(4), Some(2)));
+        assert_eq!(
+            (parsed.input_tokens, parsed.output_tokens),
+            (Some(4), Some(2))
+        );
         let no_usage = parse_reply(r#"{"choices":[{"message":{"content":"x"}}]}"#).unwrap();
         assert_eq!(no_usage.input_tokens, None);
         assert!(parse_reply(r#"{"choices":[]}"#).is_err());
@@ -152,7 +157,10 @@ mod tests {
                 output_tokens: Some(5)
             }]
         );
-        assert_eq!(parse_event(&event("[DONE]")).unwrap(), vec![StreamItem::Done]);
+        assert_eq!(
+            parse_event(&event("[DONE]")).unwrap(),
+            vec![StreamItem::Done]
+        );
         assert!(parse_event(&event("{")).is_err());
     }
 }

@@ -158,7 +158,9 @@ mod tests {
         let mut parser = SseParser::new(1024);
         let mut events = Vec::new();
         for byte in bytes {
-            parser.push(std::slice::from_ref(byte), &mut events).unwrap();
+            parser
+                .push(std::slice::from_ref(byte), &mut events)
+                .unwrap();
         }
         assert_eq!(events, expected());
     }

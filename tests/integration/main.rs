@@ -3,12 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod fake_provider;
 mod gateway;
 mod health;
 mod isolation;
 mod metrics;
 mod pressure;
 mod prometheus;
+mod providers;
 mod routing;
 mod support;
 mod websocket;
