@@ -698,6 +698,66 @@ mod tests {
     }
 
     #[test]
+    fn provider_key_comes_from_env_then_api_key_file() {
+        let dir = std::env::temp_dir().join(format!("blufio-config-key-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let key_path = dir.join("api_key");
+        fs::write(&key_path, "sk-from-file\n").unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(
+            &config_path,
+            format!(
+                "[agent]\nprovider = \"anthropic\"\napi_key_file = {:?}\n",
+                key_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
+        assert_eq!(config.agent.api_key.unwrap().expose(), "sk-from-file");
+        let config = Config::load_with_env(Some(&config_path), |name| {
+            (name == ANTHROPIC_KEY_ENV).then(|| "sk-from-env".to_owned())
+        })
+        .unwrap();
+        assert_eq!(
+            config.agent.api_key.clone().unwrap().expose(),
+            "sk-from-env"
+        );
+        assert!(!format!("{config:?}").contains("sk-from-env"));
+        // The other provider's variable is not read.
+        let error = Config::load_with_env(Some(&config_path), |name| {
+            (name == OPENAI_KEY_ENV).then(|| "sk-other".to_owned())
+        })
+        .map(|config| config.agent.api_key.unwrap().expose().to_owned())
+        .unwrap();
+        assert_eq!(error, "sk-from-file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_old_lifetime_budget_key_is_refused_with_directions() {
+        let config = parse("[agent]\nbudget_usd = 5.0\n").unwrap();
+        let message = config.validate("f").unwrap_err().to_string();
+        assert!(message.contains("[agent] budget_usd"), "{message}");
+        assert!(message.contains("[cost] daily_budget_usd"), "{message}");
+    }
+
+    #[test]
+    fn cost_prices_parse_per_model() {
+        let config = parse(
+            "[cost]\ndaily_budget_usd = 2.5\n[cost.models.\"llama3.2\"]\n\
+             input_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.2\n",
+        )
+        .unwrap();
+        config.validate("f").unwrap();
+        assert_eq!(config.cost.daily_budget_usd, 2.5);
+        assert_eq!(config.cost.price("llama3.2").output_usd_per_mtok, 0.2);
+        let message = parse("[cost.models.\"x\"]\ninput_usd_per_mtok = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("output_usd_per_mtok"), "{message}");
+    }
+
+    #[test]
     fn example_config_is_valid_and_equals_the_defaults() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"));
         let config = Config::load_with_env(Some(path), no_env).unwrap();

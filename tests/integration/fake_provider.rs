@@ -13,7 +13,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[cfg(feature = "tls")]
 use trillium_rustls::rustls;
+
+/// The server side of TLS; nothing can be one in a build without the `tls` feature.
+#[cfg(feature = "tls")]
+pub type TlsConfig = Arc<rustls::ServerConfig>;
+#[cfg(not(feature = "tls"))]
+pub type TlsConfig = std::convert::Infallible;
 
 /// One scripted answer.
 #[derive(Clone, Debug)]
@@ -97,7 +104,7 @@ impl FakeProvider {
     }
 
     /// Starts a fake; with a TLS config it speaks HTTPS.
-    pub fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> FakeProvider {
+    pub fn start_with(tls: Option<TlsConfig>) -> FakeProvider {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared::default());
@@ -111,12 +118,16 @@ impl FakeProvider {
                 let Ok(stream) = stream else { continue };
                 accept_shared.connections.fetch_add(1, Ordering::SeqCst);
                 let shared = Arc::clone(&accept_shared);
+                #[cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
                 let tls = tls.clone();
                 std::thread::spawn(move || {
                     stream
                         .set_read_timeout(Some(Duration::from_secs(30)))
                         .unwrap();
                     match tls {
+                        #[cfg(not(feature = "tls"))]
+                        Some(never) => match never {},
+                        #[cfg(feature = "tls")]
                         Some(config) => {
                             let connection = rustls::ServerConnection::new(config).unwrap();
                             serve(rustls::StreamOwned::new(connection, stream), &shared);
@@ -381,6 +392,7 @@ pub fn openai_stream(deltas: &[&str], prompt_tokens: u64, completion_tokens: u64
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, server TLS config).
+#[cfg(feature = "tls")]
 pub fn tls_pair() -> (String, Arc<rustls::ServerConfig>) {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 

@@ -530,6 +530,7 @@ fn a_truncated_state_file_is_reported_not_zeroed() {
     std::fs::remove_dir_all(&state_dir).unwrap();
 }
 
+#[cfg(feature = "tls")]
 #[test]
 fn a_private_ca_in_ca_file_secures_the_upstream_and_the_bundle_refuses_it() {
     let (ca_pem, server_config) = fake_provider::tls_pair();
@@ -666,7 +667,11 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
 fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
     let dir = crate::cli::temp_dir("provider-config");
     for (name, agent, expected) in [
-        ("nokey", "provider = \"anthropic\"\n", "ANTHROPIC_API_KEY"),
+        (
+            "nokey",
+            "provider = \"anthropic\"\nbase_url = \"http://127.0.0.1:9\"\n",
+            "ANTHROPIC_API_KEY",
+        ),
         (
             "badurl",
             "provider = \"openai\"\nmodel = \"m\"\nbase_url = \"localhost:11434\"\n",
