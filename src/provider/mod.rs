@@ -41,7 +41,7 @@ pub const MAX_ATTEMPTS: u32 = 3;
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(20);
 /// The first retry waits about this long; each further retry doubles it.
 const BACKOFF_BASE: Duration = Duration::from_millis(400);
-/// The largest non-streamed reply body read from the upstream.
+/// The largest reply read from the upstream (a non-streamed body, or a stream's text).
 const MAX_REPLY_BYTES: u64 = 4 * 1024 * 1024;
 /// The largest event-stream line or event read from the upstream.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -399,6 +399,11 @@ impl ProviderAgent {
                 for item in self.parse_event(&event).map_err(AgentError::Malformed)? {
                     match item {
                         StreamItem::Delta(text) => {
+                            if content.len() + text.len() > MAX_REPLY_BYTES as usize {
+                                return Err(AgentError::Malformed(format!(
+                                    "the streamed reply is longer than {MAX_REPLY_BYTES} bytes"
+                                )));
+                            }
                             content.push_str(&text);
                             if deltas.send(&text).await.is_err() {
                                 return Err(AgentError::Upstream(
