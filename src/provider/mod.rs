@@ -225,26 +225,20 @@ impl ProviderAgent {
     }
 
     fn body(&self, history: &[Turn], message: &str, stream: bool) -> String {
-        let system = self.system.as_deref();
-        let body = match self.provider {
-            Provider::OpenAi => openai::request_body(
-                &self.model,
-                self.max_tokens,
-                system,
-                history,
-                message,
-                stream,
-            ),
-            _ => anthropic::request_body(
-                &self.model,
-                self.max_tokens,
-                system,
-                history,
-                message,
-                stream,
-            ),
+        let build = match self.provider {
+            Provider::OpenAi => openai::request_body,
+            _ => anthropic::request_body,
         };
-        body.to_string()
+        let system = self.system.as_deref();
+        build(
+            &self.model,
+            self.max_tokens,
+            system,
+            history,
+            message,
+            stream,
+        )
+        .to_string()
     }
 
     fn request(&self, body: String, stream: bool) -> Conn {
