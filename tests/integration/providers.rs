@@ -180,6 +180,54 @@ fn a_429_then_200_is_retried_after_retry_after() {
 }
 
 #[test]
+fn a_429_asking_for_a_long_wait_is_passed_on_with_retry_after() {
+    let fake = FakeProvider::start();
+    fake.push([Scripted::status(429, &[("retry-after", "60")], "{}")]);
+    let daemon = start(Provider::OpenAi, &fake);
+    let started = Instant::now();
+    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    reply.assert_error(429, "rate_limited");
+    assert_eq!(reply.header("retry-after"), Some("60"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "a wait beyond 20 s is not spent in the daemon"
+    );
+    assert_eq!(
+        metric(
+            &daemon,
+            "blufio_errors_total",
+            &[("type", "agent_rate_limit")]
+        ),
+        Some(1.0)
+    );
+    daemon.stop();
+}
+
+#[test]
+fn a_stream_without_usage_is_charged_by_estimate() {
+    let fake = FakeProvider::start();
+    let mut chunks = fake_provider::openai_stream(&["abcd", "efgh"], 0, 0);
+    // Drop the usage chunk, as servers that ignore stream_options do.
+    chunks.remove(2);
+    fake.push([Scripted::Stream {
+        chunks,
+        gap: Duration::ZERO,
+        hang: false,
+    }]);
+    let daemon = start(Provider::OpenAi, &fake);
+    let response = post(&daemon, r#"{"content": "12345678", "stream": true}"#);
+    let (name, done) = sse_events(&response.body).pop().unwrap();
+    assert_eq!(name, "done");
+    assert_eq!(done["content"], "abcdefgh");
+    // Four characters per token: 8 characters in, 8 out.
+    assert_eq!(done["usage"]["input_tokens"], 2);
+    assert_eq!(done["usage"]["output_tokens"], 2);
+    daemon.stop();
+}
+
+#[test]
 fn overloaded_and_server_errors_exhaust_retries_into_a_clean_502() {
     let fake = FakeProvider::start();
     let secret_body = r#"{"type":"error","error":{"type":"overloaded_error","message":"internal upstream detail"}}"#;
