@@ -110,16 +110,20 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
         }
         Command::Serve(path) => {
             let config = Config::load(path.as_deref())?;
+            // The logger redacts both credentials wherever they would appear.
             let secrets = config
                 .gateway
                 .token
                 .iter()
-                .map(|token| token.expose().to_owned())
+                .chain(config.agent.api_key.iter())
+                .map(|secret| secret.expose().to_owned())
                 .collect();
             let logger = init_logger(&config.log_filter(), secrets);
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
+                // The context builds the provider agent from the configuration.
+                Provider::Anthropic | Provider::OpenAi => Context::builder(config),
             };
             let outcome = blufio::run(builder.build()?);
             // Writes the counts of repeated errors still held back.
@@ -136,6 +140,9 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
 fn init_logger(filter: &str, secrets: Vec<String>) -> &'static RedactingLogger<env_logger::Logger> {
     let inner = env_logger::Builder::new()
         .parse_filters(filter)
+        // trillium-client traces whole request heads, API keys included; its connection
+        // module logs nothing else worth a secret in the log.
+        .filter_module("trillium_client::conn", log::LevelFilter::Off)
         .format_timestamp(None)
         .target(env_logger::Target::Stderr)
         .build();

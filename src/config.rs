@@ -15,6 +15,8 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+pub use crate::cost::CostConfig;
+
 /// Environment variable that overrides the gateway bearer token.
 pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
 /// Environment variable that overrides the log filter.
@@ -35,8 +37,10 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// `[prometheus]`: the `/metrics` endpoint.
     pub prometheus: PrometheusConfig,
-    /// `[agent]`: spending limits for the agent behind `/v1/messages`.
+    /// `[agent]`: the agent behind `/v1/messages` and `/ws`.
     pub agent: AgentConfig,
+    /// `[cost]`: model prices and the daily budget.
+    pub cost: CostConfig,
     /// Whether port 0 (an ephemeral port) is allowed; only tests and embedding hosts set it.
     #[serde(skip)]
     pub allow_ephemeral_ports: bool,
@@ -66,6 +70,9 @@ pub struct DaemonConfig {
     pub request_timeout_secs: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`); `BLUFIO_LOG` overrides it.
     pub log_level: String,
+    /// Directory for state that must survive restarts (today's spend); none keeps it in
+    /// memory only.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -79,6 +86,7 @@ impl Default for DaemonConfig {
             shutdown_grace_secs: 10,
             request_timeout_secs: 30,
             log_level: "info".to_owned(),
+            state_dir: None,
         }
     }
 }
@@ -139,23 +147,53 @@ impl Default for PrometheusConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Which built-in agent answers messages: `none` or `echo`.
+    /// Which built-in agent answers messages: `none`, `echo`, `anthropic` or `openai`.
     pub provider: Provider,
-    /// Money the agent may spend over the daemon's lifetime, in US dollars; 0 means no limit.
-    pub budget_usd: f64,
+    /// Replaced by `[cost] daily_budget_usd`; refused with a message saying so, because the
+    /// old value was a lifetime limit and silently reading it as a daily one would multiply it.
+    pub budget_usd: Option<f64>,
     /// Seconds the agent gets to answer before the client gets 504.
     pub timeout_secs: u64,
+    /// The provider's API root (`https://api.anthropic.com`, `http://127.0.0.1:11434` for
+    /// Ollama); default: the provider's public API.
+    pub base_url: Option<String>,
+    /// The model to ask; default `claude-sonnet-4-5` for `anthropic`, required for `openai`.
+    pub model: Option<String>,
+    /// Largest reply, in tokens.
+    pub max_tokens: u32,
+    /// System prompt sent with every request.
+    pub system: Option<String>,
+    /// PEM file with the CA certificate(s) to trust instead of the built-in roots (a private
+    /// CA in front of a LAN model server).
+    pub ca_file: Option<PathBuf>,
+    /// File holding the provider API key; `ANTHROPIC_API_KEY` / `OPENAI_API_KEY` win over it.
+    pub api_key_file: Option<PathBuf>,
+    /// The resolved API key (environment, then `api_key_file`); never read from TOML.
+    #[serde(skip)]
+    pub api_key: Option<Secret>,
 }
 
 impl Default for AgentConfig {
     fn default() -> AgentConfig {
         AgentConfig {
             provider: Provider::None,
-            budget_usd: 10.0,
+            budget_usd: None,
             timeout_secs: 120,
+            base_url: None,
+            model: None,
+            max_tokens: 1024,
+            system: None,
+            ca_file: None,
+            api_key_file: None,
+            api_key: None,
         }
     }
 }
+
+/// Environment variable holding the Anthropic API key.
+pub const ANTHROPIC_KEY_ENV: &str = "ANTHROPIC_API_KEY";
+/// Environment variable holding the OpenAI (or compatible server's) API key.
+pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
 
 /// The built-in agents the binary can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -165,6 +203,23 @@ pub enum Provider {
     None,
     /// Replies with the message itself (for checking the gateway path).
     Echo,
+    /// The Anthropic Messages API.
+    Anthropic,
+    /// The OpenAI Chat Completions API, as served by OpenAI, Ollama, llama.cpp or vLLM.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+impl Provider {
+    /// Returns the name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::None => "none",
+            Provider::Echo => "echo",
+            Provider::Anthropic => "anthropic",
+            Provider::OpenAi => "openai",
+        }
+    }
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -226,6 +281,12 @@ impl Config {
             None => (Config::default(), DEFAULTS_ORIGIN.to_owned()),
         };
         config.resolve_token(&origin, env(TOKEN_ENV))?;
+        let key_env = match config.agent.provider {
+            Provider::Anthropic => env(ANTHROPIC_KEY_ENV),
+            Provider::OpenAi => env(OPENAI_KEY_ENV),
+            Provider::None | Provider::Echo => None,
+        };
+        config.resolve_api_key(&origin, key_env)?;
         config.validate(&origin)?;
         Ok(config)
     }
@@ -312,6 +373,18 @@ impl Config {
         {
             *token_file = base.join(&*token_file);
         }
+        for path in [
+            &mut self.agent.api_key_file,
+            &mut self.agent.ca_file,
+            &mut self.daemon.state_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
     }
 
     fn resolve_token(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
@@ -347,6 +420,30 @@ impl Config {
                 )
             })?;
             self.gateway.token = Some(Secret(token.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn resolve_api_key(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
+        if let Some(key) = from_env.filter(|key| !key.trim().is_empty()) {
+            self.agent.api_key = Some(Secret(key.trim().to_owned()));
+            return Ok(());
+        }
+        if let Some(path) = &self.agent.api_key_file {
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "API key file",
+                path: path.clone(),
+                source,
+            })?;
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "[agent] api_key_file",
+                    &format!("{} is empty", path.display()),
+                ));
+            }
+            self.agent.api_key = Some(Secret(key.to_owned()));
         }
         Ok(())
     }
@@ -420,13 +517,19 @@ impl Config {
                 "must be at most 3600",
             ));
         }
-        if !(self.agent.budget_usd.is_finite() && self.agent.budget_usd >= 0.0) {
+        if self.agent.budget_usd.is_some() {
             return Err(invalid(
                 origin,
                 "[agent] budget_usd",
-                "must be a number >= 0",
+                "was a lifetime limit and is replaced by the daily limit [cost] daily_budget_usd; \
+                 move the value there (it now resets every UTC midnight)",
             ));
         }
+        self.cost
+            .validate()
+            .map_err(|(key, message)| invalid(origin, &key, &message))?;
+        crate::provider::validate(&self.agent)
+            .map_err(|(key, message)| invalid(origin, key, &message))?;
         if !matches!(
             daemon.log_level.as_str(),
             "off" | "error" | "warn" | "info" | "debug" | "trace"
@@ -699,6 +802,66 @@ mod tests {
     }
 
     #[test]
+    fn provider_key_comes_from_env_then_api_key_file() {
+        let dir = std::env::temp_dir().join(format!("blufio-config-key-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let key_path = dir.join("api_key");
+        fs::write(&key_path, "sk-from-file\n").unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(
+            &config_path,
+            format!(
+                "[agent]\nprovider = \"anthropic\"\napi_key_file = {:?}\n",
+                key_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
+        assert_eq!(config.agent.api_key.unwrap().expose(), "sk-from-file");
+        let config = Config::load_with_env(Some(&config_path), |name| {
+            (name == ANTHROPIC_KEY_ENV).then(|| "sk-from-env".to_owned())
+        })
+        .unwrap();
+        assert_eq!(
+            config.agent.api_key.clone().unwrap().expose(),
+            "sk-from-env"
+        );
+        assert!(!format!("{config:?}").contains("sk-from-env"));
+        // The other provider's variable is not read.
+        let error = Config::load_with_env(Some(&config_path), |name| {
+            (name == OPENAI_KEY_ENV).then(|| "sk-other".to_owned())
+        })
+        .map(|config| config.agent.api_key.unwrap().expose().to_owned())
+        .unwrap();
+        assert_eq!(error, "sk-from-file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_old_lifetime_budget_key_is_refused_with_directions() {
+        let config = parse("[agent]\nbudget_usd = 5.0\n").unwrap();
+        let message = config.validate("f").unwrap_err().to_string();
+        assert!(message.contains("[agent] budget_usd"), "{message}");
+        assert!(message.contains("[cost] daily_budget_usd"), "{message}");
+    }
+
+    #[test]
+    fn cost_prices_parse_per_model() {
+        let config = parse(
+            "[cost]\ndaily_budget_usd = 2.5\n[cost.models.\"llama3.2\"]\n\
+             input_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.2\n",
+        )
+        .unwrap();
+        config.validate("f").unwrap();
+        assert_eq!(config.cost.daily_budget_usd, 2.5);
+        assert_eq!(config.cost.price("llama3.2").output_usd_per_mtok, 0.2);
+        let message = parse("[cost.models.\"x\"]\ninput_usd_per_mtok = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("output_usd_per_mtok"), "{message}");
+    }
+
+    #[test]
     fn example_config_is_valid_and_equals_the_defaults() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"));
         let config = Config::load_with_env(Some(path), no_env).unwrap();
@@ -711,7 +874,7 @@ mod tests {
             format!("{:?}", config.gateway),
             format!("{:?}", defaults.gateway)
         );
-        assert_eq!(config.agent.budget_usd, defaults.agent.budget_usd);
+        assert_eq!(config.cost.daily_budget_usd, defaults.cost.daily_budget_usd);
     }
 
     #[test]

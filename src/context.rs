@@ -16,11 +16,13 @@ use trillium::Swansong;
 
 use crate::{
     agent::Agent,
-    config::Config,
+    budget::Budget,
+    config::{Config, Provider},
     error::Error,
     heap::AllocatorHeap,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
     metrics::Metrics,
+    provider::ProviderAgent,
     sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
 };
 
@@ -36,6 +38,8 @@ pub struct Context {
     pub sessions: Sessions,
     /// The agent that answers messages, if any.
     pub agent: Option<Arc<dyn Agent>>,
+    /// Today's spend against `[cost] daily_budget_usd`.
+    pub budget: Budget,
     /// The graceful-shutdown signal of the listeners: once fired, no new connection is
     /// accepted and in-flight requests drain.
     pub shutdown: Swansong,
@@ -205,10 +209,25 @@ impl ContextBuilder {
             }
         };
         let metrics = Metrics::new()?;
-        let budget = config.agent.budget_usd;
-        metrics
-            .budget_remaining_usd
-            .set(if budget > 0.0 { budget } else { f64::INFINITY });
+        let budget = Budget::open(
+            &config.cost,
+            config.daemon.state_dir.as_deref(),
+            metrics.budget_remaining_usd.clone(),
+            SystemTime::now(),
+        )?;
+        let agent = match (self.agent, config.agent.provider) {
+            (Some(agent), _) => Some(agent),
+            (None, Provider::Anthropic | Provider::OpenAi) => {
+                Some(Arc::new(ProviderAgent::new(&config)?) as Arc<dyn Agent>)
+            }
+            (None, _) => None,
+        };
+        if agent.is_some() && budget.path().is_none() && budget.daily_usd() > 0.0 {
+            log::warn!(
+                "no [daemon] state_dir: today's spend is kept in memory only and a restart \
+                 resets the daily budget"
+            );
+        }
         let thresholds = Thresholds {
             warn_bytes: config.memory_warn_bytes(),
             limit_bytes: config.memory_limit_bytes(),
@@ -217,16 +236,18 @@ impl ContextBuilder {
             Limits::from_config(&config.gateway),
             metrics.active_sessions.clone(),
         );
-        if let Some(agent) = &self.agent {
+        if let Some(agent) = &agent {
             for model in agent.models() {
                 metrics.register_model(&model);
+                budget.register_model(&model);
             }
         }
         Ok(Arc::new(Context {
             memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
             sessions,
             metrics,
-            agent: self.agent,
+            agent,
+            budget,
             shutdown: Swansong::new(),
             closing: Swansong::new(),
             process,

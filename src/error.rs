@@ -73,6 +73,14 @@ pub enum Error {
         /// Why reading failed.
         source: io::Error,
     },
+    /// State kept across restarts (the spend file) is unreadable or corrupt; the daemon
+    /// refuses to start rather than forget it.
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl Error {
@@ -84,6 +92,7 @@ impl Error {
                 | Error::ConfigSyntax { .. }
                 | Error::ConfigInvalid { .. }
                 | Error::FileRead { .. }
+                | Error::State { .. }
         )
     }
 }
@@ -122,6 +131,7 @@ impl fmt::Display for Error {
             Error::FileRead { what, path, .. } => {
                 write!(f, "cannot read {what} {}", path.display())
             }
+            Error::State { path, message } => write!(f, "{}: {message}", path.display()),
         }
     }
 }

@@ -28,8 +28,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod budget;
 pub mod config;
 pub mod context;
+pub mod cost;
 mod daemon;
 pub mod deadline;
 pub mod error;
@@ -39,6 +41,7 @@ pub mod http;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod provider;
 pub mod sessions;
 mod tasks;
 

@@ -62,11 +62,17 @@ pub enum ErrorKind {
     /// A WebSocket client broke the protocol (bad framing, a text frame that is not UTF-8);
     /// the connection was closed with 1002 or 1007.
     WebSocketProtocol,
+    /// The model provider refused a request (a 4xx other than 429).
+    AgentRejected,
+    /// The model provider answered something that is not its documented JSON.
+    AgentMalformed,
+    /// The daily budget is spent.
+    BudgetExhausted,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -80,6 +86,9 @@ impl ErrorKind {
         ErrorKind::NoAgent,
         ErrorKind::Internal,
         ErrorKind::WebSocketProtocol,
+        ErrorKind::AgentRejected,
+        ErrorKind::AgentMalformed,
+        ErrorKind::BudgetExhausted,
     ];
 
     /// Returns the label value.
@@ -98,6 +107,9 @@ impl ErrorKind {
             ErrorKind::NoAgent => "no_agent",
             ErrorKind::Internal => "internal",
             ErrorKind::WebSocketProtocol => "websocket_protocol",
+            ErrorKind::AgentRejected => "agent_rejected",
+            ErrorKind::AgentMalformed => "agent_malformed",
+            ErrorKind::BudgetExhausted => "budget_exhausted",
         }
     }
 }
@@ -168,7 +180,8 @@ pub struct Metrics {
     shed_pressure: Counter,
     shed_idle: Counter,
     tokens: Mutex<HashMap<(String, TokenType), Counter>>,
-    cost_usd: Mutex<f64>,
+    /// `blufio_time_to_first_token_seconds` (streamed replies).
+    pub time_to_first_token: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -189,6 +202,11 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("blufio_response_latency_seconds".to_owned()),
+                LATENCY_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_time_to_first_token_seconds".to_owned()),
                 LATENCY_BUCKETS,
             )
             .map_err(|error| Error::Metrics(error.to_string()))?
@@ -229,7 +247,7 @@ impl Metrics {
             shed_idle: registry
                 .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
             tokens: Mutex::new(HashMap::new()),
-            cost_usd: Mutex::new(0.0),
+            time_to_first_token: registry.histogram("blufio_time_to_first_token_seconds"),
             recorder,
             handle,
         };
@@ -339,24 +357,6 @@ impl Metrics {
         self.count_tokens(model, TokenType::Output, 0);
     }
 
-    /// Returns the money spent so far, in US dollars.
-    pub fn cost_usd(&self) -> f64 {
-        match self.cost_usd.lock() {
-            Ok(total) => *total,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    /// Adds to the money spent and returns the total, in US dollars.
-    pub fn add_cost_usd(&self, cost: f64) -> f64 {
-        let mut total = match self.cost_usd.lock() {
-            Ok(total) => total,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *total += cost;
-        *total
-    }
-
     /// Drains histogram buffers; the memory monitor calls this on every tick so buffers do not
     /// grow while nobody scrapes.
     pub fn run_upkeep(&self) {
@@ -417,7 +417,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("blufio_active_sessions", "Sessions open now."),
     (
         "blufio_budget_remaining_usd",
-        "Agent budget left, in US dollars (+Inf when unlimited).",
+        "Agent budget left today (UTC day), in US dollars (+Inf when unlimited).",
     ),
     (
         "blufio_response_latency_seconds",
@@ -449,6 +449,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     ("blufio_errors_total", "Errors, by type."),
     (
+        "blufio_time_to_first_token_seconds",
+        "Time from a streamed message's arrival to its first text delta, in seconds.",
+    ),
+    (
         "blufio_sessions_shed_total",
         "Sessions trimmed or closed to free memory or after idling, by reason.",
     ),
@@ -460,7 +464,7 @@ fn registry_describe(recorder: &PrometheusRecorder) {
         let help = SharedString::const_str(help);
         if name.ends_with("_total") {
             recorder.describe_counter(key, None, help);
-        } else if *name == "blufio_response_latency_seconds" {
+        } else if name.ends_with("_seconds") {
             recorder.describe_histogram(key, None, help);
         } else {
             recorder.describe_gauge(key, None, help);

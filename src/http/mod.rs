@@ -18,6 +18,7 @@ pub mod messages;
 pub mod metrics;
 pub(crate) mod response;
 pub mod sessions;
+mod stream;
 pub mod ws;
 
 use std::sync::Arc;

@@ -84,7 +84,7 @@ fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc:
     }
 }
 
-fn wait(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..300 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;

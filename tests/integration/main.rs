@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod fake_provider;
 mod gateway;
 mod health;
 mod hostile_input;
@@ -10,6 +11,7 @@ mod isolation;
 mod metrics;
 mod pressure;
 mod prometheus;
+mod providers;
 mod routing;
 mod support;
 mod websocket;
