@@ -113,6 +113,7 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
                 Provider::None => Context::builder(config),
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
             };
+            let builder = builder.with_notify(Config::notify_settings());
             blufio::run(builder.build()?)?;
             Ok(ExitCode::SUCCESS)
         }

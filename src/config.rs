@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::error::Error;
+use crate::{error::Error, notify::NotifySettings};
 
 /// Environment variable that overrides the gateway bearer token.
 pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
@@ -286,6 +286,17 @@ impl Config {
     /// Returns the limit threshold in bytes.
     pub fn memory_limit_bytes(&self) -> u64 {
         self.daemon.memory_limit_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// Returns where to send service-manager notifications, from `NOTIFY_SOCKET`,
+    /// `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when not run by a manager that asks for them.
+    pub fn notify_settings() -> Option<NotifySettings> {
+        NotifySettings::from_vars(
+            std::env::var_os("NOTIFY_SOCKET"),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
     }
 
     fn bind_ip(&self) -> Result<IpAddr, Error> {

@@ -21,6 +21,8 @@ use crate::{
     heap::AllocatorHeap,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
     metrics::Metrics,
+    notify::{Notifier, NotifySettings},
+    readiness::{self, NotReady, Phase, PhaseCell},
     sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
 };
 
@@ -45,6 +47,9 @@ pub struct Context {
     process: Option<ProcessReader>,
     started: Instant,
     started_at: SystemTime,
+    /// Notifications to the service manager (a no-op without one).
+    pub notifier: Notifier,
+    phase: PhaseCell,
 }
 
 impl fmt::Debug for Context {
@@ -77,6 +82,7 @@ impl Context {
             rss: None,
             shed_hooks: Vec::new(),
             agent: None,
+            notify: None,
         }
     }
 
@@ -126,6 +132,51 @@ impl Context {
         }
     }
 
+    /// Returns where the daemon is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Moves the daemon to `phase` (draining is final).
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.set(phase);
+    }
+
+    /// Returns whether the daemon should get new traffic (`GET /ready`).
+    ///
+    /// # Errors
+    ///
+    /// Returns why not: starting, draining, or refusing sessions above the memory limit.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        readiness::check(self.phase(), self.memory.rejecting())
+    }
+
+    /// Returns a one-line summary for the service manager's status (`STATUS=`).
+    pub fn status_line(&self) -> String {
+        let mib = |bytes: Option<u64>| {
+            bytes.map_or("n/a".to_owned(), |bytes| {
+                format!("{:.1} MiB", bytes as f64 / 1048576.0)
+            })
+        };
+        let sample = self.memory.sample();
+        let heap = sample.and_then(|s| s.heap).map(|heap| heap.allocated_bytes);
+        let rss = sample.and_then(|s| s.rss_bytes);
+        let pressure = self.memory.pressure();
+        let state = if pressure.rejecting {
+            "refusing new sessions"
+        } else if pressure.under_pressure {
+            "memory pressure"
+        } else {
+            "ok"
+        };
+        format!(
+            "heap {}, rss {}, {} sessions, {state}",
+            mib(heap),
+            mib(rss),
+            self.sessions.active()
+        )
+    }
+
     /// Returns true while under memory pressure or refusing new sessions.
     pub fn degraded(&self) -> bool {
         let pressure = self.memory.pressure();
@@ -140,6 +191,7 @@ pub struct ContextBuilder {
     rss: Option<Box<dyn RssSource>>,
     shed_hooks: Vec<(String, ShedHook)>,
     agent: Option<Arc<dyn Agent>>,
+    notify: Option<NotifySettings>,
 }
 
 impl fmt::Debug for ContextBuilder {
@@ -176,6 +228,12 @@ impl ContextBuilder {
     /// Answers `/v1/messages` and WebSocket messages with `agent`.
     pub fn with_agent(mut self, agent: impl Agent) -> ContextBuilder {
         self.agent = Some(Arc::new(agent));
+        self
+    }
+
+    /// Notifies the service manager at `settings` (from [`Config::notify_settings`]).
+    pub fn with_notify(mut self, settings: Option<NotifySettings>) -> ContextBuilder {
+        self.notify = settings;
         self
     }
 
@@ -233,6 +291,11 @@ impl ContextBuilder {
             started: Instant::now(),
             started_at: SystemTime::now(),
             config,
+            notifier: self
+                .notify
+                .as_ref()
+                .map_or_else(Notifier::disabled, Notifier::connect),
+            phase: PhaseCell::default(),
         }))
     }
 }

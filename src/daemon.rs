@@ -18,7 +18,9 @@ use crate::{
     deadline::DeadlineAcceptor,
     error::Error,
     http::{self, Scope},
-    memory, tasks,
+    memory,
+    readiness::Phase,
+    tasks,
 };
 
 /// How long WebSockets get to send their close frames before the listeners stop.
@@ -67,6 +69,10 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
         (health_addr, gateway_addr)
     };
 
+    // Every listener is bound and the first sample taken: now the daemon is ready.
+    ctx.set_phase(Phase::Serving);
+    ctx.notifier.ready(&ctx.status_line());
+
     let tasks_ctx = Arc::clone(&ctx);
     let tasks = thread::Builder::new()
         .name("blufio-tasks".to_owned())
@@ -103,6 +109,8 @@ impl Daemon {
     /// Stops accepting connections, lets in-flight requests finish for up to `grace`, and
     /// stops the background tasks. Returns true when everything drained in time.
     pub async fn shut_down(mut self, grace: Duration) -> bool {
+        self.ctx.set_phase(Phase::Draining);
+        self.ctx.notifier.stopping();
         let deadline = async_io::Timer::after(grace);
         // First long-lived work: background tasks stop and WebSockets send 1001 while the
         // listeners still run; then the listeners stop and in-flight requests drain.

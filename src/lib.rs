@@ -38,6 +38,8 @@ pub mod heap;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
+pub mod readiness;
 pub mod sessions;
 mod tasks;
 

@@ -28,8 +28,11 @@ mod imp;
 ))]
 #[path = "fallback.rs"]
 mod imp;
+mod notify;
 
 use std::io;
+
+pub use crate::notify::{NotifySocket, monotonic_usec};
 
 /// Reads this process's resident set size.
 #[derive(Debug)]

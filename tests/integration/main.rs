@@ -9,6 +9,7 @@ mod isolation;
 mod metrics;
 mod pressure;
 mod prometheus;
+mod ready;
 mod routing;
 mod support;
 mod websocket;
