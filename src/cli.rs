@@ -108,12 +108,14 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
         }
         Command::Serve(path) => {
             let config = Config::load(path.as_deref())?;
-            init_logger(&config.log_filter());
+            init_logger(&config);
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
             };
-            let builder = builder.with_notify(Config::notify_settings());
+            let builder = builder
+                .with_notify(Config::notify_settings())
+                .with_config_path(path);
             blufio::run(builder.build()?)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -122,12 +124,26 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
 }
 
 /// The one process-wide hook blufio installs: a logger writing to stderr.
-fn init_logger(filter: &str) {
-    env_logger::Builder::new()
-        .parse_filters(filter)
+///
+/// Without `BLUFIO_LOG` the logger itself passes every level and `log::set_max_level` does
+/// the filtering, so a reload can raise or lower `[daemon] log_level` live.
+fn init_logger(config: &Config) {
+    let mut builder = env_logger::Builder::new();
+    builder
         .format_timestamp(None)
-        .target(env_logger::Target::Stderr)
-        .init();
+        .target(env_logger::Target::Stderr);
+    match blufio::config::log_env_override() {
+        Some(filter) => {
+            builder.parse_filters(&filter).init();
+        }
+        None => {
+            builder.filter_level(log::LevelFilter::Trace).init();
+            log::set_max_level(
+                blufio::config::level_filter(&config.daemon.log_level)
+                    .unwrap_or(log::LevelFilter::Info),
+            );
+        }
+    }
 }
 
 /// Prints the daemon's health; exit status 0 when healthy, 1 when degraded or unreachable.

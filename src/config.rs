@@ -252,7 +252,7 @@ impl Config {
 
     /// Returns the log filter: `BLUFIO_LOG` when set, else `[daemon] log_level`.
     pub fn log_filter(&self) -> String {
-        std::env::var(LOG_ENV).unwrap_or_else(|_| self.daemon.log_level.clone())
+        log_env_override().unwrap_or_else(|| self.daemon.log_level.clone())
     }
 
     /// Returns the address of the health/metrics listener.
@@ -428,6 +428,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
+pub fn log_env_override() -> Option<String> {
+    std::env::var(LOG_ENV)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Returns the level for a validated `[daemon] log_level` value.
+pub fn level_filter(log_level: &str) -> Option<log::LevelFilter> {
+    log_level.parse().ok()
 }
 
 fn invalid(origin: &str, key: &str, message: &str) -> Error {

@@ -7,7 +7,8 @@
 
 use std::{
     fmt,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -50,6 +51,8 @@ pub struct Context {
     /// Notifications to the service manager (a no-op without one).
     pub notifier: Notifier,
     phase: PhaseCell,
+    live: RwLock<Arc<Config>>,
+    config_path: Option<PathBuf>,
 }
 
 impl fmt::Debug for Context {
@@ -83,7 +86,31 @@ impl Context {
             shed_hooks: Vec::new(),
             agent: None,
             notify: None,
+            config_path: None,
         }
+    }
+
+    /// Returns the configuration as last (re)loaded: what the token check, the agent timeout
+    /// and the log level read. Settings that need a restart keep their running values here.
+    pub fn live(&self) -> Arc<Config> {
+        match self.live.read() {
+            Ok(live) => Arc::clone(&live),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the live configuration (on reload).
+    pub(crate) fn set_live(&self, config: Config) {
+        let config = Arc::new(config);
+        match self.live.write() {
+            Ok(mut live) => *live = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    /// Returns the configuration file a reload re-reads (`None`: built-in defaults).
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
     }
 
     /// Opens a session through admission control.
@@ -192,6 +219,7 @@ pub struct ContextBuilder {
     shed_hooks: Vec<(String, ShedHook)>,
     agent: Option<Arc<dyn Agent>>,
     notify: Option<NotifySettings>,
+    config_path: Option<PathBuf>,
 }
 
 impl fmt::Debug for ContextBuilder {
@@ -234,6 +262,12 @@ impl ContextBuilder {
     /// Notifies the service manager at `settings` (from [`Config::notify_settings`]).
     pub fn with_notify(mut self, settings: Option<NotifySettings>) -> ContextBuilder {
         self.notify = settings;
+        self
+    }
+
+    /// Names the configuration file a reload (SIGHUP) re-reads.
+    pub fn with_config_path(mut self, path: Option<PathBuf>) -> ContextBuilder {
+        self.config_path = path;
         self
     }
 
@@ -280,6 +314,7 @@ impl ContextBuilder {
                 metrics.register_model(&model);
             }
         }
+        let live = RwLock::new(Arc::new(config.clone()));
         Ok(Arc::new(Context {
             memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
             sessions,
@@ -296,6 +331,8 @@ impl ContextBuilder {
                 .as_ref()
                 .map_or_else(Notifier::disabled, Notifier::connect),
             phase: PhaseCell::default(),
+            live,
+            config_path: self.config_path,
         }))
     }
 }

@@ -140,7 +140,7 @@ pub async fn exchange(
     if let Some(usage) = &reply.usage {
         account(ctx, usage);
     }
-    let limits = *ctx.sessions.limits();
+    let limits = ctx.sessions.limits();
     session.push(
         Turn {
             role: Role::User,
@@ -172,7 +172,7 @@ async fn call_agent(
     if budget > 0.0 && ctx.metrics.cost_usd() >= budget {
         return Err(MessageError::BudgetExhausted);
     }
-    let timeout = std::time::Duration::from_secs(ctx.config.agent.timeout_secs);
+    let timeout = std::time::Duration::from_secs(ctx.live().agent.timeout_secs);
     // A panicking agent must not take the connection task (or an executor thread) with it:
     // the client gets 502 and the daemon keeps serving.
     let reply = std::panic::AssertUnwindSafe(agent.reply(ctx, session, content))

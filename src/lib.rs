@@ -40,6 +40,7 @@ pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod readiness;
+pub mod reload;
 pub mod sessions;
 mod tasks;
 

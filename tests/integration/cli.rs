@@ -16,7 +16,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
 /// Returns a command running the `blufio` binary. Under `cargo xtask test-cross` the binary
 /// is foreign: cargo's runner variable for this target (qemu-user) is inherited from cargo, so
 /// it is used here too, since the host kernel cannot execute the binary by itself.
-fn blufio() -> Command {
+pub(crate) fn blufio() -> Command {
     let runner_var = format!(
         "CARGO_TARGET_{}_RUNNER",
         env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
@@ -33,14 +33,14 @@ fn blufio() -> Command {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("blufio-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 /// Picks a port the OS says is free right now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -84,7 +84,7 @@ fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc:
     }
 }
 
-fn wait(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..300 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;

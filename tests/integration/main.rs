@@ -11,5 +11,6 @@ mod pressure;
 mod prometheus;
 mod ready;
 mod routing;
+mod service;
 mod support;
 mod websocket;
