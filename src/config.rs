@@ -48,9 +48,13 @@ pub struct DaemonConfig {
     pub bind: String,
     /// Port serving `/health` and `/metrics` (and everything, when equal to the gateway port).
     pub health_port: u16,
-    /// Heap size above which blufio is under memory pressure, in MiB.
+    /// Heap size above which blufio is under memory pressure, in MiB; `"auto"` (read as
+    /// [`AUTO_MB`] until the context resolves it) is 60% of the cgroup limit.
+    #[serde(deserialize_with = "mb_or_auto")]
     pub memory_warn_mb: u64,
-    /// Heap size above which new sessions are refused, in MiB.
+    /// Heap size above which new sessions are refused, in MiB; `"auto"` (read as
+    /// [`AUTO_MB`] until the context resolves it) is 75% of the cgroup limit.
+    #[serde(deserialize_with = "mb_or_auto")]
     pub memory_limit_mb: u64,
     /// Seconds between memory samples.
     pub monitor_interval_secs: u64,
@@ -183,6 +187,27 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The value `"auto"` stands for in `memory_warn_mb` and `memory_limit_mb` until
+/// [`Config::resolve_auto_memory`] replaces it.
+pub const AUTO_MB: u64 = u64::MAX;
+
+/// Reads a number of MiB or the word `"auto"`.
+fn mb_or_auto<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum MbOrAuto {
+        Mb(u64),
+        Word(String),
+    }
+    match MbOrAuto::deserialize(deserializer) {
+        Ok(MbOrAuto::Mb(mb)) if mb != AUTO_MB => Ok(mb),
+        Ok(MbOrAuto::Word(word)) if word == "auto" => Ok(AUTO_MB),
+        _ => Err(serde::de::Error::custom(
+            "expected a number of MiB or \"auto\"",
+        )),
+    }
+}
+
 /// Where a configuration comes from, for error messages.
 const DEFAULTS_ORIGIN: &str = "built-in defaults";
 
@@ -299,6 +324,42 @@ impl Config {
         )
     }
 
+    /// Replaces `"auto"` thresholds: 75% (limit) and 60% (warn) of `cgroup_limit_bytes`, or
+    /// the defaults (200 and 150 MiB) without a cgroup limit. A warn threshold that would not
+    /// be below the limit becomes 80% of it. Returns one line per replaced value.
+    pub fn resolve_auto_memory(&mut self, cgroup_limit_bytes: Option<u64>) -> Vec<String> {
+        let defaults = DaemonConfig::default();
+        let daemon = &mut self.daemon;
+        let mut notes = Vec::new();
+        let source = cgroup_limit_bytes.map_or("no cgroup limit: default".to_owned(), |bytes| {
+            format!("cgroup limit {} MiB", bytes / (1024 * 1024))
+        });
+        if daemon.memory_limit_mb == AUTO_MB {
+            daemon.memory_limit_mb = cgroup_limit_bytes.map_or(defaults.memory_limit_mb, |bytes| {
+                crate::cgroup::share_mb(bytes, crate::cgroup::AUTO_LIMIT_PERCENT)
+            });
+            notes.push(format!(
+                "memory_limit_mb = \"auto\": {} MiB ({source})",
+                daemon.memory_limit_mb
+            ));
+        }
+        if daemon.memory_warn_mb == AUTO_MB {
+            let warn = cgroup_limit_bytes.map_or(defaults.memory_warn_mb, |bytes| {
+                crate::cgroup::share_mb(bytes, crate::cgroup::AUTO_WARN_PERCENT)
+            });
+            daemon.memory_warn_mb = if warn < daemon.memory_limit_mb {
+                warn
+            } else {
+                (daemon.memory_limit_mb * 4 / 5).max(1)
+            };
+            notes.push(format!(
+                "memory_warn_mb = \"auto\": {} MiB ({source})",
+                daemon.memory_warn_mb
+            ));
+        }
+        notes
+    }
+
     fn bind_ip(&self) -> Result<IpAddr, Error> {
         self.daemon.bind.parse().map_err(|_| Error::BadAddress {
             host: self.daemon.bind.clone(),
@@ -365,7 +426,10 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if daemon.memory_warn_mb >= daemon.memory_limit_mb {
+        if daemon.memory_warn_mb >= daemon.memory_limit_mb
+            && daemon.memory_warn_mb != AUTO_MB
+            && daemon.memory_limit_mb != AUTO_MB
+        {
             return Err(invalid(
                 origin,
                 "[daemon] memory_warn_mb",
@@ -652,6 +716,40 @@ mod tests {
         config.validate("f").unwrap();
         assert_eq!(config.memory_limit_bytes(), 8 * 1024 * 1024 * 1024);
         assert_eq!(config.memory_warn_bytes(), 6 * 1024 * 1024 * 1024);
+    }
+
+    #[test]
+    fn auto_thresholds_follow_the_cgroup_limit_or_the_defaults() {
+        let text = "[daemon]\nmemory_warn_mb = \"auto\"\nmemory_limit_mb = \"auto\"\n";
+        let mut config = parse(text).unwrap();
+        config.validate("f").unwrap();
+        let notes = config.resolve_auto_memory(Some(1 << 30));
+        assert_eq!(config.daemon.memory_limit_mb, 768);
+        assert_eq!(config.daemon.memory_warn_mb, 614);
+        assert_eq!(notes.len(), 2);
+        assert!(notes[0].contains("cgroup limit 1024 MiB"), "{notes:?}");
+        config.validate("f").unwrap();
+
+        let mut config = parse(text).unwrap();
+        config.resolve_auto_memory(None);
+        assert_eq!(config.daemon.memory_limit_mb, 200);
+        assert_eq!(config.daemon.memory_warn_mb, 150);
+
+        // An explicit limit below the cgroup's 60%: warn goes to 80% of the limit.
+        let mut config =
+            parse("[daemon]\nmemory_warn_mb = \"auto\"\nmemory_limit_mb = 100\n").unwrap();
+        config.resolve_auto_memory(Some(1 << 30));
+        assert_eq!(config.daemon.memory_warn_mb, 80);
+        config.validate("f").unwrap();
+    }
+
+    #[test]
+    fn memory_thresholds_reject_other_words() {
+        let message = parse("[daemon]\nmemory_limit_mb = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("memory_limit_mb"), "{message}");
+        assert!(message.contains("auto"), "{message}");
     }
 
     #[test]

@@ -12,11 +12,12 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use blufio_platform::{ProcessReader, RssReader};
+use blufio_platform::{CgroupReader, ProcessReader, RssReader};
 use trillium::Swansong;
 
 use crate::{
     agent::Agent,
+    cgroup::CgroupMonitor,
     config::Config,
     error::Error,
     heap::AllocatorHeap,
@@ -53,6 +54,8 @@ pub struct Context {
     phase: PhaseCell,
     live: RwLock<Arc<Config>>,
     config_path: Option<PathBuf>,
+    /// The daemon's own cgroup memory limit and usage.
+    pub cgroup: CgroupMonitor,
 }
 
 impl fmt::Debug for Context {
@@ -87,6 +90,7 @@ impl Context {
             agent: None,
             notify: None,
             config_path: None,
+            cgroup: None,
         }
     }
 
@@ -220,6 +224,7 @@ pub struct ContextBuilder {
     agent: Option<Arc<dyn Agent>>,
     notify: Option<NotifySettings>,
     config_path: Option<PathBuf>,
+    cgroup: Option<Option<CgroupReader>>,
 }
 
 impl fmt::Debug for ContextBuilder {
@@ -271,13 +276,44 @@ impl ContextBuilder {
         self
     }
 
+    /// Reads cgroup memory through `reader` instead of finding this process's cgroup
+    /// (`None`: no cgroup).
+    pub fn with_cgroup_reader(mut self, reader: Option<CgroupReader>) -> ContextBuilder {
+        self.cgroup = Some(reader);
+        self
+    }
+
     /// Builds the context.
     ///
     /// # Errors
     ///
     /// Returns an error when a production source or the metrics recorder cannot be set up.
     pub fn build(self) -> Result<Arc<Context>, Error> {
-        let config = self.config;
+        let mut config = self.config;
+        // `CgroupReader::new` looks for this process's cgroup (it is not a default value).
+        let reader = match self.cgroup {
+            Some(reader) => reader,
+            None => CgroupReader::new(),
+        };
+        let cgroup = CgroupMonitor::new(reader);
+        let cgroup_limit = cgroup.limit_bytes();
+        let notes = config.resolve_auto_memory(cgroup_limit);
+        for note in &notes {
+            log::info!("{note}");
+        }
+        if !notes.is_empty() {
+            config.validate("memory thresholds")?;
+        }
+        if let Some(limit) = cgroup_limit
+            && config.memory_limit_bytes() > limit
+        {
+            log::warn!(
+                "memory_limit_mb {} MiB is above the cgroup memory limit {} MiB: the kernel \
+                 would kill blufio before it sheds load; lower it or set memory_limit_mb = \"auto\"",
+                config.daemon.memory_limit_mb,
+                limit / (1024 * 1024)
+            );
+        }
         let heap = match self.heap {
             Some(heap) => heap,
             None => Box::new(AllocatorHeap::new()?),
@@ -333,6 +369,7 @@ impl ContextBuilder {
             phase: PhaseCell::default(),
             live,
             config_path: self.config_path,
+            cgroup,
         }))
     }
 }

@@ -28,6 +28,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod cgroup;
 pub mod config;
 pub mod context;
 mod daemon;

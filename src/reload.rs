@@ -82,6 +82,9 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
     // Flags a test or embedding host set in code are not in any file.
     new.allow_ephemeral_ports = running.allow_ephemeral_ports;
     new.separate_listeners = running.separate_listeners;
+    for note in new.resolve_auto_memory(ctx.cgroup.limit_bytes()) {
+        log::info!("{note}");
+    }
 
     let mut keep = |key: &'static str, differs: bool| {
         if differs {

@@ -9,7 +9,7 @@ use std::{
 
 use async_io::Timer;
 
-use crate::{context::Context, memory};
+use crate::{context::Context, memory, metrics::ErrorKind};
 
 /// Samples memory every `monitor_interval_secs` until shutdown, refreshing the service
 /// manager's status line, and pings its watchdog.
@@ -26,6 +26,9 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
     while ctx.closing.interrupt(Timer::after(period)).await.is_some() {
         if Instant::now() >= next_tick {
             memory::tick(&ctx);
+            if !ctx.cgroup.refresh() {
+                ctx.metrics.count_error(ErrorKind::MemoryMonitor);
+            }
             ctx.notifier.status(&ctx.status_line());
             next_tick = Instant::now() + interval;
         }

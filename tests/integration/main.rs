@@ -2,6 +2,7 @@
 //! to them over real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cgroup;
 mod cli;
 mod gateway;
 mod health;
