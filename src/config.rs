@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{error::Error, notify::NotifySettings};
 
@@ -20,7 +20,7 @@ pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
 pub const LOG_ENV: &str = "BLUFIO_LOG";
 
 /// The whole configuration, as loaded and validated.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[daemon]`: listeners, memory thresholds, monitor and shutdown.
@@ -41,7 +41,7 @@ pub struct Config {
 }
 
 /// `[daemon]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// IP address every listener binds to.
@@ -82,7 +82,7 @@ impl Default for DaemonConfig {
 }
 
 /// `[gateway]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Port serving the `/v1` API and `/ws`.
@@ -119,7 +119,7 @@ impl Default for GatewayConfig {
 }
 
 /// `[prometheus]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusConfig {
     /// Whether `/metrics` is served.
@@ -133,7 +133,7 @@ impl Default for PrometheusConfig {
 }
 
 /// `[agent]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Which built-in agent answers messages: `none` or `echo`.
@@ -155,7 +155,7 @@ impl Default for AgentConfig {
 }
 
 /// The built-in agents the binary can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// No agent: `/v1/messages` answers 503 `no_agent`; sessions still work.
@@ -178,6 +178,13 @@ impl Secret {
     /// Returns the secret itself; call only where it is compared or sent.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+/// Serializes as `"<redacted>"`: `blufio config show` must never print a secret.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
     }
 }
 
@@ -207,6 +214,10 @@ fn mb_or_auto<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, 
         )),
     }
 }
+
+/// The commented default configuration file (`blufio.example.toml`, `blufio config
+/// default`); a test checks that it parses to [`Config::default`].
+pub const DEFAULT_FILE: &str = include_str!("../blufio.example.toml");
 
 /// Where a configuration comes from, for error messages.
 const DEFAULTS_ORIGIN: &str = "built-in defaults";
@@ -358,6 +369,33 @@ impl Config {
             ));
         }
         notes
+    }
+
+    /// Renders the configuration as TOML, secrets redacted (`blufio config show`).
+    pub fn to_toml(&self) -> String {
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let mut out = String::new();
+        let Some(sections) = value.as_object() else {
+            return out;
+        };
+        for (section, fields) in sections {
+            let Some(fields) = fields.as_object() else {
+                continue;
+            };
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("[{section}]\n"));
+            for (key, value) in fields {
+                match value {
+                    // TOML has no null: an unset optional key is shown as a comment.
+                    serde_json::Value::Null => out.push_str(&format!("# {key} is not set\n")),
+                    // JSON strings, numbers and booleans are valid TOML values as written.
+                    _ => out.push_str(&format!("{key} = {value}\n")),
+                }
+            }
+        }
+        out
     }
 
     fn bind_ip(&self) -> Result<IpAddr, Error> {
@@ -750,6 +788,34 @@ mod tests {
             .to_string();
         assert!(message.contains("memory_limit_mb"), "{message}");
         assert!(message.contains("auto"), "{message}");
+    }
+
+    #[test]
+    fn config_show_is_valid_toml_without_secrets() {
+        let mut config =
+            parse("[gateway]\ntoken = \"hunter2\"\n[daemon]\nbind = \"::\"\n").unwrap();
+        config.gateway.token_file = None;
+        let text = config.to_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("token = \"<redacted>\""), "{text}");
+        assert!(text.contains("# token_file is not set"), "{text}");
+        let again = parse(&text).unwrap();
+        assert_eq!(again.daemon.bind, "::");
+        assert_eq!(format!("{:?}", again.agent), format!("{:?}", config.agent));
+    }
+
+    #[test]
+    fn default_file_is_the_example_file() {
+        let example =
+            fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"))
+                .unwrap();
+        assert_eq!(DEFAULT_FILE, example);
+        let config = parse(DEFAULT_FILE).unwrap();
+        assert_eq!(
+            config.to_toml(),
+            Config::default().to_toml(),
+            "blufio.example.toml differs from Config::default()"
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod context;
 mod daemon;

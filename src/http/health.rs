@@ -104,6 +104,9 @@ fn details(ctx: &Context) -> Value {
         "errors": errors,
         "memory_cgroup_limit_bytes": ctx.cgroup.limit_bytes(),
         "memory_cgroup_usage_bytes": ctx.cgroup.latest().and_then(|m| m.usage_bytes),
+        "ready": ctx.readiness().err().map_or("ready", |reason| reason.as_str()),
+        "budget_usd": ctx.config.agent.budget_usd,
+        "spent_usd": ctx.metrics.cost_usd(),
     });
     if let Value::Object(extra) = extra {
         body.extend(extra);
