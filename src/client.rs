@@ -79,11 +79,11 @@ pub fn get(
     stream
         .set_write_timeout(Some(timeout))
         .map_err(ProbeError::Io)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .map_err(|error| timed_out_or(error, timeout))?;
+    // One write: a server that answers after its first read must see the whole request.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|error| timed_out_or(error, timeout))?;
 
     let mut raw = Vec::with_capacity(4096);
     let mut buffer = [0u8; 8192];

@@ -38,9 +38,17 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
 
 /// Closes idle sessions, checking twice per idle timeout (between 250 ms and 30 s).
 pub(crate) async fn evict_idle(ctx: Arc<Context>) {
-    let period = (ctx.sessions.limits().idle_timeout / 2)
-        .clamp(Duration::from_millis(250), Duration::from_secs(30));
-    while ctx.closing.interrupt(Timer::after(period)).await.is_some() {
+    // Read each round: a reload can change the idle timeout.
+    let period = |ctx: &Context| {
+        (ctx.sessions.limits().idle_timeout / 2)
+            .clamp(Duration::from_millis(250), Duration::from_secs(30))
+    };
+    while ctx
+        .closing
+        .interrupt(Timer::after(period(&ctx)))
+        .await
+        .is_some()
+    {
         ctx.sessions.evict_idle(&ctx);
     }
 }

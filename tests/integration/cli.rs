@@ -391,3 +391,43 @@ fn unknown_command_is_a_usage_error() {
     let output = blufio().arg("frobnicate").output().unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn status_exits_1_when_the_daemon_reports_degraded() {
+    // A stand-in answering /health the way a daemon under memory pressure does.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            let body = r#"{"status":"degraded","uptime_secs":7,"memory_heap_bytes":220000000,"memory_rss_bytes":260000000,"active_sessions":3}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let path = temp_dir("degraded").join("blufio.toml");
+    std::fs::write(
+        &path,
+        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
+    )
+    .unwrap();
+    let output = blufio()
+        .args(["status", "--config"])
+        .arg(&path)
+        .env_remove("BLUFIO_GATEWAY_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(": degraded"), "{stdout}");
+    assert!(stdout.contains("sessions     3"), "{stdout}");
+}

@@ -63,3 +63,28 @@ fn readiness_reports_draining_once_shutdown_begins() {
     assert!(daemon.shut_down_blocking(Duration::from_secs(5)));
     assert_eq!(ctx.readiness(), Err(NotReady::Draining));
 }
+
+#[test]
+fn ready_is_503_starting_before_spawn_has_bound_every_listener() {
+    // The routes served on their own, from a context `spawn` has not started: the state a
+    // probe sees between the first listener opening and the daemon being ready.
+    let ctx = Context::new(Config::for_tests()).unwrap();
+    let handle = trillium_smol::config()
+        .with_host("127.0.0.1")
+        .with_port(0)
+        .without_signals()
+        .spawn(blufio::http::handler(
+            Arc::clone(&ctx),
+            blufio::http::Scope::All,
+        ));
+    let info = async_io::block_on(handle.info());
+    let addr = *info.tcp_socket_addr().expect("a TCP listener");
+    let response = support::request(addr, "GET", "/ready", &[], None);
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert_eq!(response.json()["reason"], "starting");
+    assert_eq!(
+        support::request(addr, "GET", "/health", &[], None).status,
+        200
+    );
+    async_io::block_on(handle.shut_down());
+}

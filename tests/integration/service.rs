@@ -82,6 +82,21 @@ impl Service {
         assert!(status.success());
     }
 
+    /// Waits until the kernel reports the child stopped (state `T` in `/proc/<pid>/stat`).
+    fn wait_until_stopped(&self) {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(&path).unwrap();
+            let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+            if state == Some("T") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the child never stopped: {stat}");
+            std::thread::yield_now();
+        }
+    }
+
     fn stop(mut self) {
         self.signal("TERM");
         let exit = wait(&mut self.child);
@@ -205,6 +220,7 @@ fn ready_after_bind_then_watchdog_status_reload_and_stopping() {
 
     // A stopped process stops pinging; it resumes when continued.
     daemon.signal("STOP");
+    daemon.wait_until_stopped();
     manager.drain();
     assert_eq!(manager.next(Duration::from_millis(900)), None);
     daemon.signal("CONT");
@@ -306,6 +322,8 @@ fn a_stalled_monitor_stops_the_watchdog() {
     let heap = Arc::new(ManualHeap::new(10 * MIB));
     let (release, released) = mpsc::channel::<()>();
     let released = std::sync::Mutex::new(released);
+    let (entered, hook_entered) = mpsc::channel::<()>();
+    let entered = std::sync::Mutex::new(entered);
     let mut config = Config::for_tests();
     config.daemon.monitor_interval_secs = 1;
     let daemon = support::start_with(
@@ -314,6 +332,7 @@ fn a_stalled_monitor_stops_the_watchdog() {
             .with_rss_source(FixedRss(Some(20 * MIB)))
             // A shed hook that hangs: the monitor loop is stuck inside its tick.
             .with_shed_hook("hangs", move || {
+                let _ = entered.lock().unwrap().send(());
                 let _ = released.lock().unwrap().recv();
             })
             .with_notify(Some(NotifySettings {
@@ -327,14 +346,12 @@ fn a_stalled_monitor_stops_the_watchdog() {
 
     // Pressure makes the next tick run the hanging hook: the pings stop.
     heap.set(170 * MIB);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        assert!(Instant::now() < deadline, "the pings never stopped");
-        if manager.next(Duration::from_millis(700)).is_none() {
-            break;
-        }
-    }
-    assert_eq!(manager.next(Duration::from_millis(700)), None);
+    hook_entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the monitor runs the shed hook");
+    manager.drain();
+    // Five ping periods of silence while the monitor is stuck.
+    assert_eq!(manager.next(Duration::from_secs(1)), None);
     // The HTTP side still answers: only the monitor is stuck, and that is what the
     // watchdog is for.
     assert_eq!(daemon.get("/health").status, 200);
@@ -515,7 +532,9 @@ fn sighup_changes_the_log_level_live() {
     daemon.signal("HUP");
     daemon.expect_log("changed [daemon] log_level");
 
+    manager.expect("READY=1");
     std::fs::write(&path, config("error")).unwrap();
+    manager.drain();
     daemon.signal("HUP");
     manager.expect("RELOADING=1");
     manager.expect("READY=1");
