@@ -5,7 +5,8 @@
 //! running configuration stays. The gateway token, memory thresholds, session limits, the
 //! agent timeout and the log level change live, without dropping a connection or a session.
 //! Settings bound to a listener or fixed at start-up are reported as needing a restart and
-//! keep their running values.
+//! keep their running values. The log level is the `log` facade's maximum level, the one
+//! process-wide setting here: a host embedding several daemons shares it.
 
 use std::fmt;
 
