@@ -11,9 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::{error::Error, notify::NotifySettings};
 
 pub use crate::cost::CostConfig;
 
@@ -28,7 +28,7 @@ pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 pub const MIN_TOKEN_BYTES: usize = 16;
 
 /// The whole configuration, as loaded and validated.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[daemon]`: listeners, memory thresholds, monitor and shutdown.
@@ -51,16 +51,20 @@ pub struct Config {
 }
 
 /// `[daemon]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// IP address every listener binds to.
     pub bind: String,
     /// Port serving `/health` and `/metrics` (and everything, when equal to the gateway port).
     pub health_port: u16,
-    /// Heap size above which blufio is under memory pressure, in MiB.
+    /// Heap size above which blufio is under memory pressure, in MiB; `"auto"` (read as
+    /// [`AUTO_MB`] until the context resolves it) is 60% of the cgroup limit.
+    #[serde(deserialize_with = "mb_or_auto")]
     pub memory_warn_mb: u64,
-    /// Heap size above which new sessions are refused, in MiB.
+    /// Heap size above which new sessions are refused, in MiB; `"auto"` (read as
+    /// [`AUTO_MB`] until the context resolves it) is 75% of the cgroup limit.
+    #[serde(deserialize_with = "mb_or_auto")]
     pub memory_limit_mb: u64,
     /// Seconds between memory samples.
     pub monitor_interval_secs: u64,
@@ -92,7 +96,7 @@ impl Default for DaemonConfig {
 }
 
 /// `[gateway]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Port serving the `/v1` API and `/ws`.
@@ -130,7 +134,7 @@ impl Default for GatewayConfig {
 }
 
 /// `[prometheus]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusConfig {
     /// Whether `/metrics` is served.
@@ -144,7 +148,7 @@ impl Default for PrometheusConfig {
 }
 
 /// `[agent]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Which built-in agent answers messages: `none`, `echo`, `anthropic` or `openai`.
@@ -196,7 +200,7 @@ pub const ANTHROPIC_KEY_ENV: &str = "ANTHROPIC_API_KEY";
 pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
 
 /// The built-in agents the binary can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// No agent: `/v1/messages` answers 503 `no_agent`; sessions still work.
@@ -239,11 +243,43 @@ impl Secret {
     }
 }
 
+/// Serializes as `"<redacted>"`: `blufio config show` must never print a secret.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(\"<redacted>\")")
     }
 }
+
+/// The value `"auto"` stands for in `memory_warn_mb` and `memory_limit_mb` until
+/// [`Config::resolve_auto_memory`] replaces it.
+pub const AUTO_MB: u64 = u64::MAX;
+
+/// Reads a number of MiB or the word `"auto"`.
+fn mb_or_auto<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum MbOrAuto {
+        Mb(u64),
+        Word(String),
+    }
+    match MbOrAuto::deserialize(deserializer) {
+        Ok(MbOrAuto::Mb(mb)) if mb != AUTO_MB => Ok(mb),
+        Ok(MbOrAuto::Word(word)) if word == "auto" => Ok(AUTO_MB),
+        _ => Err(serde::de::Error::custom(
+            "expected a number of MiB or \"auto\"",
+        )),
+    }
+}
+
+/// The commented default configuration file (`blufio.example.toml`, `blufio config
+/// default`); a test checks that it parses to [`Config::default`].
+pub const DEFAULT_FILE: &str = include_str!("../blufio.example.toml");
 
 /// Where a configuration comes from, for error messages.
 const DEFAULTS_ORIGIN: &str = "built-in defaults";
@@ -322,7 +358,7 @@ impl Config {
 
     /// Returns the log filter: `BLUFIO_LOG` when set, else `[daemon] log_level`.
     pub fn log_filter(&self) -> String {
-        std::env::var(LOG_ENV).unwrap_or_else(|_| self.daemon.log_level.clone())
+        log_env_override().unwrap_or_else(|| self.daemon.log_level.clone())
     }
 
     /// Returns the address of the health/metrics listener.
@@ -356,6 +392,80 @@ impl Config {
     /// Returns the limit threshold in bytes.
     pub fn memory_limit_bytes(&self) -> u64 {
         self.daemon.memory_limit_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// Returns where to send service-manager notifications, from `NOTIFY_SOCKET`,
+    /// `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when not run by a manager that asks for them.
+    pub fn notify_settings() -> Option<NotifySettings> {
+        NotifySettings::from_vars(
+            std::env::var_os("NOTIFY_SOCKET"),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
+    }
+
+    /// Replaces `"auto"` thresholds: 75% (limit) and 60% (warn) of `cgroup_limit_bytes`, or
+    /// the defaults (200 and 150 MiB) without a cgroup limit. A warn threshold that would not
+    /// be below the limit becomes 80% of it. Returns one line per replaced value.
+    pub fn resolve_auto_memory(&mut self, cgroup_limit_bytes: Option<u64>) -> Vec<String> {
+        let defaults = DaemonConfig::default();
+        let daemon = &mut self.daemon;
+        let mut notes = Vec::new();
+        let source = cgroup_limit_bytes.map_or("no cgroup limit: default".to_owned(), |bytes| {
+            format!("cgroup limit {} MiB", bytes / (1024 * 1024))
+        });
+        if daemon.memory_limit_mb == AUTO_MB {
+            daemon.memory_limit_mb = cgroup_limit_bytes.map_or(defaults.memory_limit_mb, |bytes| {
+                crate::cgroup::share_mb(bytes, crate::cgroup::AUTO_LIMIT_PERCENT)
+            });
+            notes.push(format!(
+                "memory_limit_mb = \"auto\": {} MiB ({source})",
+                daemon.memory_limit_mb
+            ));
+        }
+        if daemon.memory_warn_mb == AUTO_MB {
+            let warn = cgroup_limit_bytes.map_or(defaults.memory_warn_mb, |bytes| {
+                crate::cgroup::share_mb(bytes, crate::cgroup::AUTO_WARN_PERCENT)
+            });
+            daemon.memory_warn_mb = if warn < daemon.memory_limit_mb {
+                warn
+            } else {
+                (daemon.memory_limit_mb * 4 / 5).max(1)
+            };
+            notes.push(format!(
+                "memory_warn_mb = \"auto\": {} MiB ({source})",
+                daemon.memory_warn_mb
+            ));
+        }
+        notes
+    }
+
+    /// Renders the configuration as TOML, secrets redacted (`blufio config show`).
+    pub fn to_toml(&self) -> String {
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let mut out = String::new();
+        let Some(sections) = value.as_object() else {
+            return out;
+        };
+        for (section, fields) in sections {
+            let Some(fields) = fields.as_object() else {
+                continue;
+            };
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("[{section}]\n"));
+            for (key, value) in fields {
+                match value {
+                    // TOML has no null: an unset optional key is shown as a comment.
+                    serde_json::Value::Null => out.push_str(&format!("# {key} is not set\n")),
+                    // JSON strings, numbers and booleans are valid TOML values as written.
+                    _ => out.push_str(&format!("{key} = {value}\n")),
+                }
+            }
+        }
+        out
     }
 
     fn bind_ip(&self) -> Result<IpAddr, Error> {
@@ -478,7 +588,10 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if daemon.memory_warn_mb >= daemon.memory_limit_mb {
+        if daemon.memory_warn_mb >= daemon.memory_limit_mb
+            && daemon.memory_warn_mb != AUTO_MB
+            && daemon.memory_limit_mb != AUTO_MB
+        {
             return Err(invalid(
                 origin,
                 "[daemon] memory_warn_mb",
@@ -602,6 +715,18 @@ fn check_token(token: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
+pub fn log_env_override() -> Option<String> {
+    std::env::var(LOG_ENV)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Returns the level for a validated `[daemon] log_level` value.
+pub fn level_filter(log_level: &str) -> Option<log::LevelFilter> {
+    log_level.parse().ok()
 }
 
 fn invalid(origin: &str, key: &str, message: &str) -> Error {
@@ -883,6 +1008,68 @@ mod tests {
         config.validate("f").unwrap();
         assert_eq!(config.memory_limit_bytes(), 8 * 1024 * 1024 * 1024);
         assert_eq!(config.memory_warn_bytes(), 6 * 1024 * 1024 * 1024);
+    }
+
+    #[test]
+    fn auto_thresholds_follow_the_cgroup_limit_or_the_defaults() {
+        let text = "[daemon]\nmemory_warn_mb = \"auto\"\nmemory_limit_mb = \"auto\"\n";
+        let mut config = parse(text).unwrap();
+        config.validate("f").unwrap();
+        let notes = config.resolve_auto_memory(Some(1 << 30));
+        assert_eq!(config.daemon.memory_limit_mb, 768);
+        assert_eq!(config.daemon.memory_warn_mb, 614);
+        assert_eq!(notes.len(), 2);
+        assert!(notes[0].contains("cgroup limit 1024 MiB"), "{notes:?}");
+        config.validate("f").unwrap();
+
+        let mut config = parse(text).unwrap();
+        config.resolve_auto_memory(None);
+        assert_eq!(config.daemon.memory_limit_mb, 200);
+        assert_eq!(config.daemon.memory_warn_mb, 150);
+
+        // An explicit limit below the cgroup's 60%: warn goes to 80% of the limit.
+        let mut config =
+            parse("[daemon]\nmemory_warn_mb = \"auto\"\nmemory_limit_mb = 100\n").unwrap();
+        config.resolve_auto_memory(Some(1 << 30));
+        assert_eq!(config.daemon.memory_warn_mb, 80);
+        config.validate("f").unwrap();
+    }
+
+    #[test]
+    fn memory_thresholds_reject_other_words() {
+        let message = parse("[daemon]\nmemory_limit_mb = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("memory_limit_mb"), "{message}");
+        assert!(message.contains("auto"), "{message}");
+    }
+
+    #[test]
+    fn config_show_is_valid_toml_without_secrets() {
+        let mut config =
+            parse("[gateway]\ntoken = \"hunter2\"\n[daemon]\nbind = \"::\"\n").unwrap();
+        config.gateway.token_file = None;
+        let text = config.to_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("token = \"<redacted>\""), "{text}");
+        assert!(text.contains("# token_file is not set"), "{text}");
+        let again = parse(&text).unwrap();
+        assert_eq!(again.daemon.bind, "::");
+        assert_eq!(format!("{:?}", again.agent), format!("{:?}", config.agent));
+    }
+
+    #[test]
+    fn default_file_is_the_example_file() {
+        let example =
+            fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"))
+                .unwrap();
+        assert_eq!(DEFAULT_FILE, example);
+        let config = parse(DEFAULT_FILE).unwrap();
+        assert_eq!(
+            config.to_toml(),
+            Config::default().to_toml(),
+            "blufio.example.toml differs from Config::default()"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 /// `[cost]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CostConfig {
     /// Money the agent may spend per UTC day, in US dollars; 0 means no limit.
@@ -29,7 +29,7 @@ impl Default for CostConfig {
 }
 
 /// `[cost.models."<model>"]`: one model's prices.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPrice {
     /// US dollars per million input (prompt) tokens.

@@ -203,7 +203,7 @@ async fn run(
     if let Some(usage) = &reply.usage {
         account(ctx, usage);
     }
-    let limits = *ctx.sessions.limits();
+    let limits = ctx.sessions.limits();
     session.push(
         Turn {
             role: Role::User,
@@ -237,7 +237,7 @@ async fn call_agent(
         .map_err(|exhausted| MessageError::BudgetExhausted {
             retry_after: exhausted.retry_after,
         })?;
-    let timeout = Duration::from_secs(ctx.config.agent.timeout_secs);
+    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
     let call = match deltas {
         Some(deltas) => agent.reply_stream(ctx, session, content, deltas),
         None => agent.reply(ctx, session, content),

@@ -29,6 +29,8 @@
 
 pub mod agent;
 pub mod budget;
+pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod context;
 pub mod cost;
@@ -41,7 +43,10 @@ pub mod http;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod provider;
+pub mod readiness;
+pub mod reload;
 pub mod sessions;
 mod tasks;
 

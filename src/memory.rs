@@ -243,7 +243,8 @@ const PRESSURE_WARNING_INTERVAL: Duration = Duration::from_secs(300);
 pub struct MemoryMonitor {
     heap: Box<dyn HeapSource>,
     rss: Box<dyn RssSource>,
-    thresholds: Thresholds,
+    // Behind a lock so a reload can change them.
+    thresholds: Mutex<Thresholds>,
     shed_hooks: Vec<(String, ShedHook)>,
     state: Mutex<MonitorState>,
     rejecting: AtomicBool,
@@ -261,7 +262,7 @@ impl fmt::Debug for MemoryMonitor {
         f.debug_struct("MemoryMonitor")
             .field("heap", &self.heap)
             .field("rss", &self.rss)
-            .field("thresholds", &self.thresholds)
+            .field("thresholds", &self.thresholds())
             .field("shed_hooks", &self.shed_hooks.len())
             .finish_non_exhaustive()
     }
@@ -278,7 +279,7 @@ impl MemoryMonitor {
         MemoryMonitor {
             heap,
             rss,
-            thresholds,
+            thresholds: Mutex::new(thresholds),
             shed_hooks,
             state: Mutex::new(MonitorState {
                 sample: None,
@@ -306,7 +307,18 @@ impl MemoryMonitor {
 
     /// Returns the thresholds.
     pub fn thresholds(&self) -> Thresholds {
-        self.thresholds
+        match self.thresholds.lock() {
+            Ok(thresholds) => *thresholds,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the thresholds (on reload); they apply from the next tick.
+    pub fn set_thresholds(&self, thresholds: Thresholds) {
+        match self.thresholds.lock() {
+            Ok(mut current) => *current = thresholds,
+            Err(poisoned) => *poisoned.into_inner() = thresholds,
+        }
     }
 
     /// Returns the allocator's name and page size.
@@ -336,6 +348,7 @@ pub fn tick(ctx: &Context) {
     let monitor = &ctx.memory;
     let metrics = &ctx.metrics;
     let previous = monitor.lock().sample;
+    let thresholds = monitor.thresholds();
 
     let heap = match monitor.heap.read() {
         Ok(heap) => heap,
@@ -370,9 +383,7 @@ pub fn tick(ctx: &Context) {
         let mut state = monitor.lock();
         state.sample = Some(sample);
         let (pressure, transition) = match heap {
-            Some(heap) => state
-                .pressure
-                .next(heap.allocated_bytes, monitor.thresholds),
+            Some(heap) => state.pressure.next(heap.allocated_bytes, thresholds),
             None => (state.pressure, Transition::default()),
         };
         state.pressure = pressure;
@@ -397,7 +408,6 @@ pub fn tick(ctx: &Context) {
         .set(if pressure.rejecting { 1.0 } else { 0.0 });
 
     let heap_mib = heap.map_or(0, |heap| heap.allocated_bytes / (1024 * 1024));
-    let thresholds = monitor.thresholds;
     if warn {
         log::warn!(
             "memory pressure: heap {heap_mib} MiB is above memory_warn_mb {} MiB; purging and shedding",

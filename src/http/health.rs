@@ -102,6 +102,9 @@ fn details(ctx: &Context) -> Value {
         "max_sessions": ctx.sessions.limits().max_sessions,
         "agent": if ctx.agent.is_some() { "configured" } else { "none" },
         "errors": errors,
+        "memory_cgroup_limit_bytes": ctx.cgroup.limit_bytes(),
+        "memory_cgroup_usage_bytes": ctx.cgroup.latest().and_then(|m| m.usage_bytes),
+        "ready": ctx.readiness().err().map_or("ready", |reason| reason.as_str()),
     });
     if let Value::Object(extra) = extra {
         body.extend(extra);

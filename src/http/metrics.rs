@@ -34,6 +34,7 @@ impl Handler for MetricsHandler {
             .metrics
             .render(&self.ctx.process_sample(), &mut body);
         self.ctx.budget.render(&mut body);
+        self.ctx.cgroup.render(&mut body);
         conn.with_status(Status::Ok)
             .with_response_header(KnownHeaderName::ContentType, CONTENT_TYPE)
             .with_body(body)

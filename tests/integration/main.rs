@@ -2,6 +2,7 @@
 //! to them over real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cgroup;
 mod cli;
 mod fake_provider;
 mod gateway;
@@ -12,6 +13,8 @@ mod metrics;
 mod pressure;
 mod prometheus;
 mod providers;
+mod ready;
 mod routing;
+mod service;
 mod support;
 mod websocket;
