@@ -254,6 +254,22 @@ fn init_logger(
     builder
         .format_timestamp(None)
         .target(env_logger::Target::Stderr);
+    if blufio::config::journal_stream()
+        .is_some_and(|stream| blufio_platform::stderr_is_journal(&stream))
+    {
+        // The journal reads a syslog priority from each line's `<N>` prefix, so
+        // `journalctl -p warning` works; it adds its own timestamps.
+        builder.format(|out, record| {
+            use std::io::Write;
+            writeln!(
+                out,
+                "<{}>{}: {}",
+                syslog_priority(record.level()),
+                record.target(),
+                record.args()
+            )
+        });
+    }
     let level = match blufio::config::log_env_override() {
         Some(filter) => {
             builder.parse_filters(&filter);
@@ -279,6 +295,16 @@ fn init_logger(
         log::set_max_level(max_level);
     }
     logger
+}
+
+/// Returns the syslog priority the journal files a record under.
+fn syslog_priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
 }
 
 /// Returns `addr` with an unspecified IP (`0.0.0.0`, `::`) replaced by loopback.

@@ -724,6 +724,12 @@ pub fn log_env_override() -> Option<String> {
         .filter(|value| !value.trim().is_empty())
 }
 
+/// Returns `JOURNAL_STREAM` (`<device>:<inode>`), which systemd sets when stderr is the
+/// journal.
+pub fn journal_stream() -> Option<String> {
+    std::env::var("JOURNAL_STREAM").ok()
+}
+
 /// Returns the level for a validated `[daemon] log_level` value.
 pub fn level_filter(log_level: &str) -> Option<log::LevelFilter> {
     log_level.parse().ok()

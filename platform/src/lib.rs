@@ -29,6 +29,7 @@ mod imp;
 ))]
 #[path = "fallback.rs"]
 mod imp;
+mod journal;
 mod notify;
 
 use std::io;
@@ -38,6 +39,7 @@ pub use crate::{
         CgroupMemory, CgroupPaths, CgroupReader, CgroupVersion, parse_bytes, parse_limit,
         parse_proc_cgroup,
     },
+    journal::{parse_journal_stream, stderr_is_journal},
     notify::{NotifySocket, monotonic_usec},
 };
 

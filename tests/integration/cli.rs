@@ -431,3 +431,74 @@ fn status_exits_1_when_the_daemon_reports_degraded() {
     assert!(stdout.contains(": degraded"), "{stdout}");
     assert!(stdout.contains("sessions     3"), "{stdout}");
 }
+
+/// Runs the binary with stderr in a file, optionally announcing that file as the journal,
+/// until it has logged that it listens; returns what it wrote.
+fn log_lines_with_journal(name: &str, announce_journal: bool) -> String {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = temp_dir(name);
+    let port = free_port();
+    let config_path = dir.join("blufio.toml");
+    std::fs::write(
+        &config_path,
+        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
+    )
+    .unwrap();
+    let log_path = dir.join("stderr.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let identity = log_file.metadata().unwrap();
+    let mut command = blufio();
+    command
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("BLUFIO_LOG", "info")
+        .env_remove("BLUFIO_GATEWAY_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    if announce_journal {
+        command.env(
+            "JOURNAL_STREAM",
+            format!("{}:{}", identity.dev(), identity.ino()),
+        );
+    } else {
+        command.env_remove("JOURNAL_STREAM");
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline {
+        text = std::fs::read_to_string(&log_path).unwrap();
+        if text.contains("listening on") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    text
+}
+
+#[test]
+fn log_lines_carry_syslog_priorities_only_when_stderr_is_the_journal() {
+    let journal = log_lines_with_journal("journal-on", true);
+    assert!(journal.contains("listening on"), "{journal}");
+    let warning = journal
+        .lines()
+        .find(|line| line.contains("no gateway token configured"))
+        .unwrap_or_else(|| panic!("no token warning in {journal}"));
+    assert!(warning.starts_with("<4>blufio"), "{warning}");
+    let listening = journal
+        .lines()
+        .find(|line| line.contains("listening on"))
+        .unwrap();
+    assert!(listening.starts_with("<6>blufio"), "{listening}");
+
+    let terminal = log_lines_with_journal("journal-off", false);
+    assert!(terminal.contains("listening on"), "{terminal}");
+    assert!(
+        terminal.lines().all(|line| !line.starts_with('<')),
+        "{terminal}"
+    );
+}
