@@ -14,6 +14,9 @@
 //! - `monitor_tick_micros`, `monitor_tick_allocations`: one `memory::tick` (jemalloc epoch
 //!   and stats, `/proc/self/statm`, gauges, pressure step), as the monitor runs it.
 //!
+//! - `metrics_process_sample_micros`, `metrics_render_micros`, `metrics_render_allocations`:
+//!   the two halves of a `/metrics` scrape, the `/proc` reads and the text rendering.
+//!
 //! With the `jemalloc` feature on it only says how to run it. `BLUFIO_ALLOC_BENCH_QUICK=1`
 //! runs fewer iterations.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -85,7 +88,7 @@ fn main() {
     use std::time::{Duration, Instant};
 
     let quick = std::env::var("BLUFIO_ALLOC_BENCH_QUICK").is_ok_and(|value| value == "1");
-    let (requests, ticks) = if quick { (200, 200) } else { (5_000, 20_000) };
+    let (requests, ticks): (u32, u32) = if quick { (200, 200) } else { (5_000, 20_000) };
 
     let ctx = blufio::Context::builder(blufio::Config::for_tests())
         .with_heap_source(JemallocHeap::new())
@@ -128,11 +131,40 @@ fn main() {
     let (allocations_after, _) = counting::snapshot();
     println!(
         "monitor_tick_micros {:.2}",
-        elapsed.as_secs_f64() * 1e6 / ticks as f64
+        elapsed.as_secs_f64() * 1e6 / f64::from(ticks)
     );
     println!(
         "monitor_tick_allocations {:.2}",
-        (allocations_after - allocations) as f64 / ticks as f64
+        (allocations_after - allocations) as f64 / f64::from(ticks)
+    );
+
+    // What one /metrics scrape costs before any HTTP: the /proc reads and the rendering.
+    let renders = ticks / 10;
+    let started = Instant::now();
+    for _ in 0..renders {
+        std::hint::black_box(ctx.process_sample());
+    }
+    println!(
+        "metrics_process_sample_micros {:.2}",
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(renders)
+    );
+    let sample = ctx.process_sample();
+    let mut body = String::with_capacity(8 * 1024);
+    let (allocations, _) = counting::snapshot();
+    let started = Instant::now();
+    for _ in 0..renders {
+        body.clear();
+        ctx.metrics.render(&sample, &mut body);
+    }
+    let elapsed = started.elapsed();
+    let (allocations_after, _) = counting::snapshot();
+    println!(
+        "metrics_render_micros {:.2}",
+        elapsed.as_secs_f64() * 1e6 / f64::from(renders)
+    );
+    println!(
+        "metrics_render_allocations {:.2}",
+        (allocations_after - allocations) as f64 / f64::from(renders)
     );
     assert!(daemon.shut_down_blocking(Duration::from_secs(5)));
 }

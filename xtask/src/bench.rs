@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--json PATH] [--binary PATH] [--floor PATH]`: blufio's
+//! `cargo xtask bench [--quick] [--json PATH] [--binary PATH] [--floor PATH] [--env K=V]...`: blufio's
 //! footprint and per-request cost measured side by side with a floor, in one interleaved run.
 //!
 //! The floor (`benches/floor/`, its own workspace so the normal build never compiles it) is a
@@ -89,6 +89,8 @@ struct Options {
     json: Option<PathBuf>,
     binary: Option<PathBuf>,
     floor: Option<PathBuf>,
+    /// `KEY=VALUE` pairs set for the blufio side only, to try a run-time knob.
+    env: Vec<(String, String)>,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -105,6 +107,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--json" => options.json = Some(path("--json")?),
             "--binary" => options.binary = Some(path("--binary")?),
             "--floor" => options.floor = Some(path("--floor")?),
+            "--env" => {
+                let pair = args.next().ok_or("--env needs KEY=VALUE")?;
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or(format!("--env needs KEY=VALUE, not `{pair}`"))?;
+                options.env.push((key.to_owned(), value.to_owned()));
+            }
             other => return Err(format!("bench: unexpected argument `{other}`").into()),
         }
     }
@@ -231,6 +240,19 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         &settled,
     );
 
+    blufio.stop()?;
+    floor.stop()?;
+
+    // Capacity rows on a fresh pair, so memory the load left in the allocator does not hide
+    // what sessions and connections cost.
+    let blufio = Server::start(Side::Blufio, &binaries, &config, 0)?;
+    let floor = Server::start(Side::Floor, &binaries, &config, metrics_bytes)?;
+    let servers = [&blufio, &floor];
+    for server in servers {
+        warm_up(server.addr)?;
+    }
+    thread::sleep(Duration::from_secs(1));
+
     // Open sessions (blufio only).
     let before = blufio.status()?;
     open_sessions(blufio.addr, plan.sessions)?;
@@ -254,9 +276,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some(during.vm_rss.saturating_sub(before.vm_rss) as f64 / plan.sessions.max(1) as f64),
         None,
     );
+    report.push(
+        "RssAnon per open session",
+        Unit::Bytes,
+        Some(during.rss_anon.saturating_sub(before.rss_anon) as f64 / plan.sessions.max(1) as f64),
+        None,
+    );
     // Idle keep-alive connections, one side at a time so the load generator's file
     // descriptors suffice.
     let mut per_connection = [None, None];
+    let mut per_connection_anon = [None, None];
     let mut with_connections = [ProcStatus::default(), ProcStatus::default()];
     for (index, server) in servers.into_iter().enumerate() {
         let before = server.status()?;
@@ -266,6 +295,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         drop(connections);
         per_connection[index] = Some(
             during.vm_rss.saturating_sub(before.vm_rss) as f64 / idle_connections.max(1) as f64,
+        );
+        per_connection_anon[index] = Some(
+            during.rss_anon.saturating_sub(before.rss_anon) as f64 / idle_connections.max(1) as f64,
         );
         with_connections[index] = during;
     }
@@ -279,6 +311,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Unit::Bytes,
         per_connection[0],
         per_connection[1],
+    );
+    report.push(
+        "RssAnon per idle connection",
+        Unit::Bytes,
+        per_connection_anon[0],
+        per_connection_anon[1],
     );
 
     blufio.stop()?;
@@ -300,6 +338,24 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             Unit::Bytes,
         ),
         ("monitor_tick_micros", None, "monitor tick", Unit::Micros),
+        (
+            "metrics_process_sample_micros",
+            None,
+            "/metrics: process sample (/proc reads)",
+            Unit::Micros,
+        ),
+        (
+            "metrics_render_micros",
+            None,
+            "/metrics: text rendering",
+            Unit::Micros,
+        ),
+        (
+            "metrics_render_allocations",
+            None,
+            "/metrics: allocations per rendering",
+            Unit::Count,
+        ),
         (
             "monitor_tick_allocations",
             None,
@@ -343,6 +399,8 @@ struct Binaries {
     /// Only measured for its size; `None` when an existing binary was given.
     core: Option<PathBuf>,
     floor: PathBuf,
+    /// Extra environment of the blufio side (`--env`).
+    env: Vec<(String, String)>,
 }
 
 fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<Binaries> {
@@ -413,6 +471,7 @@ fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<Binaries> {
         blufio,
         core,
         floor,
+        env: options.env.clone(),
     })
 }
 
@@ -623,6 +682,7 @@ impl Server {
                 fs::write(config, blufio_config(port))?;
                 let mut command = Command::new(&binaries.blufio);
                 command.arg("serve").arg("--config").arg(config);
+                command.envs(binaries.env.iter().map(|(key, value)| (key, value)));
                 command
             }
             Side::Floor => {

@@ -28,10 +28,10 @@ pub type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 const TASKS: &[(&str, &str, &str)] = &[
     (
         "bench",
-        "[--quick] [--json PATH] [--binary PATH] [--floor PATH]",
+        "[--quick] [--json PATH] [--binary PATH] [--floor PATH] [--env KEY=VALUE]...",
         "build release, then measure blufio side by side with the bare trillium floor \
          (benches/floor) in one interleaved run and print one table; --binary/--floor reuse \
-         existing release binaries; --quick is a short smoke run",
+         existing release binaries; --env sets a variable for blufio only; --quick is a short smoke run",
     ),
     (
         "dist",
