@@ -192,6 +192,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let idle = [blufio.status()?, floor.status()?];
     push_status_rows(&mut report, "idle", &idle);
     report.push(
+        "heap in use idle (jemalloc allocated)",
+        Unit::Mebibytes,
+        heap_bytes(blufio.addr)?,
+        None,
+    );
+    report.push(
         "idle threads",
         Unit::Count,
         Some(idle[0].threads as f64),
@@ -238,6 +244,15 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         &mut report,
         &format!("{} s after the load", plan.settle.as_secs()),
         &settled,
+    );
+    report.push(
+        &format!(
+            "heap in use {} s after the load (jemalloc allocated)",
+            plan.settle.as_secs()
+        ),
+        Unit::Mebibytes,
+        heap_bytes(blufio.addr)?,
+        None,
     );
 
     blufio.stop()?;
@@ -1020,6 +1035,25 @@ fn open_sessions(addr: SocketAddr, count: usize) -> Result<()> {
 }
 
 /// Sends one request on a fresh connection; returns the status and the body length.
+/// Returns blufio's `memory_heap_bytes` from `/health` (jemalloc's `stats.allocated` at the
+/// last monitor tick): live data, as opposed to pages the allocator keeps.
+fn heap_bytes(addr: SocketAddr) -> Result<Option<f64>> {
+    let mut client = Client::connect(addr)?;
+    let (_, body) = client.send(&request_bytes("GET", "/health", ""))?;
+    let body = String::from_utf8_lossy(body);
+    Ok(json_number(&body, "memory_heap_bytes"))
+}
+
+/// Returns the number value of `"key":123` in compact JSON.
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[start..];
+    let end = rest
+        .find(|character: char| !character.is_ascii_digit() && character != '.')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, usize)> {
     let mut client = Client::connect(addr)?;
     let (status, body) = client.send(&request_bytes("GET", path, ""))?;
@@ -1435,10 +1469,14 @@ mod tests {
     }
 
     #[test]
-    fn session_ids_are_found_in_compact_json() {
+    fn session_ids_and_numbers_are_found_in_compact_json() {
         let body = r#"{"id":"9f2c00","created_at":1795825458}"#;
         assert_eq!(json_string(body, "id"), Some("9f2c00"));
         assert_eq!(json_string(body, "missing"), None);
+        let health = r#"{"memory_heap_bytes":404968,"memory_rss_bytes":null,"x":1}"#;
+        assert_eq!(json_number(health, "memory_heap_bytes"), Some(404_968.0));
+        assert_eq!(json_number(health, "memory_rss_bytes"), None);
+        assert_eq!(json_number(health, "x"), Some(1.0));
     }
 
     #[test]
