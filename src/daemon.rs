@@ -26,6 +26,11 @@ use crate::{
 /// How long WebSockets get to send their close frames before the listeners stop.
 const CLOSING_BUDGET: Duration = Duration::from_secs(2);
 
+/// Request headers a connection's map has room for before it grows (trillium's default: 32).
+const REQUEST_HEADER_CAPACITY: usize = 8;
+/// Response headers a connection's map has room for before it grows (trillium's default: 32).
+const RESPONSE_HEADER_CAPACITY: usize = 8;
+
 /// A running daemon: its listeners and background tasks.
 #[derive(Debug)]
 pub struct Daemon {
@@ -267,6 +272,12 @@ fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<(), 
     let mut http_config = HttpConfig::default();
     // Bodies above the limit are refused while being read, never buffered whole.
     http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
+    // Header maps are allocated per connection at this size and kept while it is open; the
+    // default (32 + 32) costs about 20 KiB per idle keep-alive connection. Probes and API
+    // clients send and get fewer than ten headers; larger requests grow the map as needed.
+    http_config
+        .set_request_header_initial_capacity(REQUEST_HEADER_CAPACITY)
+        .set_response_header_initial_capacity(RESPONSE_HEADER_CAPACITY);
     trillium_smol::config()
         .with_prebound_server(listener)
         .without_signals()

@@ -38,6 +38,17 @@ pub trait HeapSource: Send + Sync + fmt::Debug {
     ///
     /// Returns an error when the allocator refuses the purge.
     fn purge(&self) -> Result<(), Error>;
+    /// Returns pages that have been free for longer than the allocator's decay time to the
+    /// OS. The monitor calls it on every tick, so memory comes back after a burst even when
+    /// nothing allocates (jemalloc otherwise decays only as a side effect of allocating).
+    /// The default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// Returns an error when the allocator refuses the call.
+    fn decay(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// Returns the allocator's page size, when it has one.
     fn page_size(&self) -> Option<u64>;
     /// Returns the allocator's name, for diagnostics.
@@ -64,6 +75,10 @@ impl<T: HeapSource + ?Sized> HeapSource for std::sync::Arc<T> {
 
     fn purge(&self) -> Result<(), Error> {
         (**self).purge()
+    }
+
+    fn decay(&self) -> Result<(), Error> {
+        (**self).decay()
     }
 
     fn page_size(&self) -> Option<u64> {
@@ -350,6 +365,10 @@ pub fn tick(ctx: &Context) {
     let previous = monitor.lock().sample;
     let thresholds = monitor.thresholds();
 
+    if let Err(error) = monitor.heap.decay() {
+        log::error!("memory monitor: allocator decay failed: {error}");
+        metrics.count_error(ErrorKind::MemoryMonitor);
+    }
     let heap = match monitor.heap.read() {
         Ok(heap) => heap,
         Err(error) => {

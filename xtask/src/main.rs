@@ -6,6 +6,7 @@
 //! build for a given target lives in `target.rs`; the tasks never re-derive it. There are no
 //! shell scripts and no global state: each task gets the project root as an argument.
 
+mod bench;
 mod dist;
 mod setup_cross;
 mod smoke;
@@ -25,6 +26,13 @@ pub type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 
 /// (name, arguments, description) of every task, for the usage text.
 const TASKS: &[(&str, &str, &str)] = &[
+    (
+        "bench",
+        "[--quick] [--json PATH] [--binary PATH] [--floor PATH] [--env KEY=VALUE]...",
+        "build release, then measure blufio side by side with the bare trillium floor \
+         (benches/floor) in one interleaved run and print one table; --binary/--floor reuse \
+         existing release binaries; --env sets a variable for blufio only; --quick is a short smoke run",
+    ),
     (
         "dist",
         "[--target TRIPLE]... [--toolchain cargo|cross|build-std]",
@@ -60,6 +68,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let root = project_root();
     let result = match task.as_deref() {
+        Some("bench") => bench::run(&root, &rest),
         Some("dist") => dist::run(&root, &rest),
         Some("setup-cross") => setup_cross::run(&root, &rest),
         Some("test-cross") => test_cross::run(&root, &rest),

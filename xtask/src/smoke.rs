@@ -225,7 +225,7 @@ fn extract_binary(archive: &Path, destination: &Path) -> Result<PathBuf> {
 }
 
 /// Returns a port that was free a moment ago: bind port 0, read the port, release it.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(|error| format!("cannot bind 127.0.0.1:0: {error}"))?;
     Ok(listener.local_addr()?.port())
@@ -354,7 +354,7 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn terminate(child: &Child) -> Result<()> {
+pub(crate) fn terminate(child: &Child) -> Result<()> {
     let pid = libc::pid_t::try_from(child.id())?;
     // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is our own
     // child, which has not been reaped yet, so it cannot name a recycled process.
@@ -370,7 +370,7 @@ fn terminate(child: &Child) -> Result<()> {
     }
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
