@@ -60,6 +60,11 @@ pub struct DaemonConfig {
     pub request_timeout_secs: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`); `BLUFIO_LOG` overrides it.
     pub log_level: String,
+    /// Open client connections across all listeners; `0` derives it from the file-descriptor
+    /// soft limit (see [`crate::connection::derived_max_connections`]).
+    pub max_connections: usize,
+    /// Open client connections from one IP address on one listener.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for DaemonConfig {
@@ -73,6 +78,8 @@ impl Default for DaemonConfig {
             shutdown_grace_secs: 10,
             request_timeout_secs: 30,
             log_level: "info".to_owned(),
+            max_connections: 0,
+            max_connections_per_ip: 64,
         }
     }
 }
@@ -382,6 +389,10 @@ impl Config {
             ),
             ("[gateway] max_history_bytes", gateway.max_history_bytes),
             ("[gateway] max_message_bytes", gateway.max_message_bytes),
+            (
+                "[daemon] max_connections_per_ip",
+                daemon.max_connections_per_ip as u64,
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(origin, key, "must be greater than 0"));

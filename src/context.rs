@@ -17,6 +17,7 @@ use trillium::Swansong;
 use crate::{
     agent::Agent,
     config::Config,
+    connection::{Connections, derived_max_connections},
     error::Error,
     heap::AllocatorHeap,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
@@ -45,6 +46,8 @@ pub struct Context {
     process: Option<ProcessReader>,
     started: Instant,
     started_at: SystemTime,
+    /// Open client connections, their limits and the heap charged to them.
+    pub connections: Connections,
 }
 
 impl fmt::Debug for Context {
@@ -222,7 +225,23 @@ impl ContextBuilder {
                 metrics.register_model(&model);
             }
         }
+        let max_connections = match config.daemon.max_connections {
+            0 => derived_max_connections(
+                process
+                    .as_ref()
+                    .and_then(|reader| reader.sample().ok())
+                    .and_then(|sample| sample.max_fds),
+            ),
+            configured => configured,
+        };
+        let connections = Connections::new(
+            max_connections,
+            config.daemon.max_connections_per_ip,
+            metrics.open_connections.clone(),
+            metrics.connection_memory_bytes.clone(),
+        );
         Ok(Arc::new(Context {
+            connections,
             memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
             sessions,
             metrics,

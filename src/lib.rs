@@ -29,6 +29,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod connection;
 pub mod context;
 mod daemon;
 pub mod deadline;
@@ -36,6 +37,7 @@ pub mod error;
 pub mod gateway;
 pub mod heap;
 pub mod http;
+mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod sessions;

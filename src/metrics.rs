@@ -59,11 +59,25 @@ pub enum ErrorKind {
     NoAgent,
     /// Something failed inside blufio.
     Internal,
+    /// A connection opened with the HTTP/2 preface, which blufio does not serve.
+    Http2Refused,
+    /// A connection was refused at `max_connections` or `max_connections_per_ip`.
+    ConnectionLimit,
+    /// Accepting a connection failed (out of file descriptors, usually).
+    AcceptFailed,
+    /// A request head was not complete within `request_timeout_secs` of its first byte.
+    HeadTimeout,
+    /// A request body was not complete within `request_timeout_secs` of its head.
+    BodyTimeout,
+    /// A request head was larger than the parser allows (answered 431).
+    HeaderTooLarge,
+    /// A connection was closed to relieve memory pressure it caused.
+    ConnectionShed,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -76,6 +90,13 @@ impl ErrorKind {
         ErrorKind::AgentRateLimit,
         ErrorKind::NoAgent,
         ErrorKind::Internal,
+        ErrorKind::Http2Refused,
+        ErrorKind::ConnectionLimit,
+        ErrorKind::AcceptFailed,
+        ErrorKind::HeadTimeout,
+        ErrorKind::BodyTimeout,
+        ErrorKind::HeaderTooLarge,
+        ErrorKind::ConnectionShed,
     ];
 
     /// Returns the label value.
@@ -93,6 +114,13 @@ impl ErrorKind {
             ErrorKind::AgentRateLimit => "agent_rate_limit",
             ErrorKind::NoAgent => "no_agent",
             ErrorKind::Internal => "internal",
+            ErrorKind::Http2Refused => "http2_refused",
+            ErrorKind::ConnectionLimit => "connection_limit",
+            ErrorKind::AcceptFailed => "accept_failed",
+            ErrorKind::HeadTimeout => "head_timeout",
+            ErrorKind::BodyTimeout => "body_timeout",
+            ErrorKind::HeaderTooLarge => "header_too_large",
+            ErrorKind::ConnectionShed => "connection_shed",
         }
     }
 }
@@ -164,6 +192,10 @@ pub struct Metrics {
     shed_idle: Counter,
     tokens: Mutex<HashMap<(String, TokenType), Counter>>,
     cost_usd: Mutex<f64>,
+    /// `blufio_open_connections`.
+    pub open_connections: Gauge,
+    /// `blufio_connection_memory_bytes`.
+    pub connection_memory_bytes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -225,6 +257,8 @@ impl Metrics {
                 .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
             tokens: Mutex::new(HashMap::new()),
             cost_usd: Mutex::new(0.0),
+            open_connections: registry.gauge("blufio_open_connections"),
+            connection_memory_bytes: registry.gauge("blufio_connection_memory_bytes"),
             recorder,
             handle,
         };
@@ -446,6 +480,14 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "blufio_sessions_shed_total",
         "Sessions trimmed or closed to free memory or after idling, by reason.",
+    ),
+    (
+        "blufio_open_connections",
+        "Client connections open now, all listeners.",
+    ),
+    (
+        "blufio_connection_memory_bytes",
+        "Heap attributed to open client connections (a fixed cost each plus buffered head bytes).",
     ),
 ];
 
