@@ -129,10 +129,11 @@ impl Context {
         }
     }
 
-    /// Returns true while under memory pressure or refusing new sessions.
+    /// Returns true while under memory pressure, refusing new sessions, or with the resident
+    /// set above `memory_limit_mb`.
     pub fn degraded(&self) -> bool {
         let pressure = self.memory.pressure();
-        pressure.under_pressure || pressure.rejecting
+        pressure.under_pressure || pressure.rejecting || self.memory.rss_over_limit()
     }
 }
 

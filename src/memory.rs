@@ -247,6 +247,7 @@ pub struct MemoryMonitor {
     shed_hooks: Vec<(String, ShedHook)>,
     state: Mutex<MonitorState>,
     rejecting: AtomicBool,
+    rss_over_limit: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -286,7 +287,14 @@ impl MemoryMonitor {
                 last_warning: None,
             }),
             rejecting: AtomicBool::new(false),
+            rss_over_limit: AtomicBool::new(false),
         }
+    }
+
+    /// Returns true while the resident set is above `memory_limit_mb` (heap aside): the
+    /// daemon then reports itself degraded and purges on every tick until it falls back.
+    pub fn rss_over_limit(&self) -> bool {
+        self.rss_over_limit.load(Ordering::Acquire)
     }
 
     /// Returns the latest sample (`None` only before the first tick).
@@ -366,13 +374,46 @@ pub fn tick(ctx: &Context) {
         metrics.set_rss(rss);
     }
 
+    // Heap charged to open connections is their cause's, not the sessions': it must neither
+    // trip admission nor make the monitor trim or close authenticated users' sessions. When it
+    // is what pushes the heap past the warn threshold, connections are shed instead.
+    let connection_bytes = ctx.connections.memory_bytes();
+    let session_heap = heap.map(|heap| heap.allocated_bytes.saturating_sub(connection_bytes));
+    if let Some(heap) = heap
+        && heap.allocated_bytes > monitor.thresholds.warn_bytes
+        && connection_bytes > 0
+    {
+        let target = monitor.thresholds.warn_bytes / 10 * 9;
+        let excess = heap.allocated_bytes.saturating_sub(target);
+        let closed = ctx.connections.shed(excess.min(connection_bytes));
+        if closed > 0 {
+            log::warn!(
+                "memory pressure from connections: heap {} MiB, {} MiB charged to {} open \
+                 connections; closing {closed} (incomplete heads first)",
+                heap.allocated_bytes / (1024 * 1024),
+                connection_bytes / (1024 * 1024),
+                ctx.connections.open(),
+            );
+        }
+    }
+    let rss_over_limit = rss_bytes.is_some_and(|rss| rss > monitor.thresholds.limit_bytes);
+    let rss_over_warn = rss_bytes.is_some_and(|rss| rss > monitor.thresholds.warn_bytes);
+    let was_over = monitor
+        .rss_over_limit
+        .swap(rss_over_limit, Ordering::AcqRel);
+    if rss_over_limit && !was_over {
+        log::warn!(
+            "resident memory {} MiB is above memory_limit_mb {} MiB; purging on every tick",
+            rss_bytes.unwrap_or(0) / (1024 * 1024),
+            monitor.thresholds.limit_bytes / (1024 * 1024)
+        );
+    }
+
     let (pressure, transition, warn) = {
         let mut state = monitor.lock();
         state.sample = Some(sample);
-        let (pressure, transition) = match heap {
-            Some(heap) => state
-                .pressure
-                .next(heap.allocated_bytes, monitor.thresholds),
+        let (pressure, transition) = match session_heap {
+            Some(session_heap) => state.pressure.next(session_heap, monitor.thresholds),
             None => (state.pressure, Transition::default()),
         };
         state.pressure = pressure;
@@ -396,7 +437,7 @@ pub fn tick(ctx: &Context) {
         .admission_rejecting
         .set(if pressure.rejecting { 1.0 } else { 0.0 });
 
-    let heap_mib = heap.map_or(0, |heap| heap.allocated_bytes / (1024 * 1024));
+    let heap_mib = session_heap.unwrap_or(0) / (1024 * 1024);
     let thresholds = monitor.thresholds;
     if warn {
         log::warn!(
@@ -418,6 +459,10 @@ pub fn tick(ctx: &Context) {
     }
     if warn {
         relieve(ctx);
+    } else if rss_over_warn {
+        // Resident memory can stay high after a burst long after the heap has shrunk (freed
+        // pages the allocator keeps): returning them is the relief, not shedding sessions.
+        purge(ctx);
     }
     metrics.run_upkeep();
 }
@@ -429,6 +474,11 @@ fn relieve(ctx: &Context) {
         log::debug!("memory pressure: running shed hook {name}");
         hook();
     }
+    purge(ctx);
+}
+
+/// Returns unused pages of every arena to the OS.
+fn purge(ctx: &Context) {
     let started = Instant::now();
     match ctx.memory.heap.purge() {
         Ok(()) => {
