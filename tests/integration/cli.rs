@@ -11,7 +11,7 @@ use std::{
 
 use crate::support;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
+pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
 
 /// Returns a command running the `blufio` binary. Under `cargo xtask test-cross` the binary
 /// is foreign: cargo's runner variable for this target (qemu-user) is inherited from cargo, so
@@ -33,14 +33,14 @@ fn blufio() -> Command {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("blufio-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 /// Picks a port the OS says is free right now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -5,6 +5,7 @@
 mod cli;
 mod gateway;
 mod health;
+mod hostile_transport;
 mod isolation;
 mod metrics;
 mod pressure;
