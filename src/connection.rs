@@ -94,6 +94,7 @@ pub struct Tracked {
     id: u64,
     phase: AtomicU8,
     head_bytes: AtomicU64,
+    requests: AtomicU64,
     registry: Arc<Shared>,
     shed: async_channel::Sender<()>,
 }
@@ -109,8 +110,16 @@ impl Tracked {
         }
     }
 
+    /// Returns how many requests have reached a handler on this connection.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
+    }
+
     /// Moves to `phase`; leaving the head phase releases the head bytes it was charged.
     pub fn set_phase(&self, phase: Phase) {
+        if phase == Phase::Busy {
+            self.requests.fetch_add(1, Ordering::AcqRel);
+        }
         let previous = self.phase.swap(phase as u8, Ordering::AcqRel);
         if previous == Phase::Head as u8 && phase != Phase::Head {
             let released = self.head_bytes.swap(0, Ordering::AcqRel);
@@ -361,6 +370,7 @@ impl Connections {
             id,
             phase: AtomicU8::new(Phase::Idle as u8),
             head_bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             registry: Arc::clone(&self.shared),
             shed: sender,
         });

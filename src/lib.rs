@@ -40,6 +40,7 @@ pub mod http;
 mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod request_target;
 pub mod sessions;
 mod tasks;
 

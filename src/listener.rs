@@ -27,6 +27,7 @@ use crate::{
     context::Context,
     deadline::DeadlineTransport,
     metrics::ErrorKind,
+    request_target::RequestTargetTransport,
 };
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -202,7 +203,10 @@ async fn serve_connection<H: Handler>(
     let writer = stream.clone();
     let timeout = Duration::from_secs(ctx.config.daemon.request_timeout_secs);
     let tracked = Arc::clone(guard.tracked());
-    let transport = DeadlineTransport::tracked(SmolTransport::from(stream), timeout, tracked);
+    let transport = RequestTargetTransport::new(
+        DeadlineTransport::tracked(SmolTransport::from(stream), timeout, Arc::clone(&tracked)),
+        tracked,
+    );
     let shed = async {
         guard.shed().await;
         ctx.metrics.count_error(ErrorKind::ConnectionShed);
@@ -215,7 +219,7 @@ async fn serve_connection<H: Handler>(
 
 async fn drive<H: Handler>(
     ctx: &Context,
-    mut transport: DeadlineTransport<SmolTransport<async_net::TcpStream>>,
+    mut transport: RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>,
     writer: async_net::TcpStream,
     ip: IpAddr,
     guard: &ConnectionGuard,
@@ -232,7 +236,9 @@ async fn drive<H: Handler>(
         None => return,
         Some(Ok(peek)) => peek,
         Some(Err(error)) => {
-            count_timeout(ctx, transport.expired());
+            if error.kind() == io::ErrorKind::TimedOut {
+                count_timeout(ctx, Some(tracked.phase()));
+            }
             log::debug!("connection from {ip} closed before its first request: {error}");
             return;
         }

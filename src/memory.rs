@@ -248,6 +248,7 @@ pub struct MemoryMonitor {
     state: Mutex<MonitorState>,
     rejecting: AtomicBool,
     rss_over_limit: AtomicBool,
+    rss_failing: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,6 +289,7 @@ impl MemoryMonitor {
             }),
             rejecting: AtomicBool::new(false),
             rss_over_limit: AtomicBool::new(false),
+            rss_failing: AtomicBool::new(false),
         }
     }
 
@@ -354,9 +356,19 @@ pub fn tick(ctx: &Context) {
         }
     };
     let rss_bytes = match monitor.rss.resident_bytes() {
-        Ok(rss) => rss,
+        Ok(rss) => {
+            if monitor.rss_failing.swap(false, Ordering::AcqRel) {
+                log::warn!("memory monitor: RSS reads work again");
+            }
+            rss
+        }
         Err(error) => {
-            log::error!("memory monitor: RSS read failed: {error}");
+            // Once per episode: out of file descriptors, every tick would fail the same way.
+            if !monitor.rss_failing.swap(true, Ordering::AcqRel) {
+                log::error!(
+                    "memory monitor: RSS read failed: {error} (logged once until it recovers)"
+                );
+            }
             metrics.count_error(ErrorKind::MemoryMonitor);
             previous.and_then(|sample| sample.rss_bytes)
         }

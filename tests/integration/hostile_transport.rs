@@ -268,6 +268,18 @@ fn absolute_form_targets_are_served() {
     let response = support::send_raw(addr, raw.as_bytes());
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["status"], "healthy");
+    // RFC 9112 §3.2.2: the target's authority wins over a different Host, on every request
+    // of a kept-alive connection.
+    let mut stream = connect(addr);
+    let two = "GET http://elsewhere.example/health HTTP/1.1\r\nHost: x\r\n\r\n\
+               GET HTTP://elsewhere.example:8080/metrics HTTP/1.1\r\nHost: y\r\nConnection: close\r\n\r\n";
+    for part in two.split_inclusive("\r\n\r\n") {
+        stream.write_all(part.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
+    assert_eq!(sent.matches("HTTP/1.1 200 OK").count(), 2, "{sent}");
+    assert!(sent.contains("# HELP"), "{sent}");
     daemon.stop();
 }
 
@@ -277,7 +289,6 @@ fn parser_level_errors_name_no_framework() {
     let addr = daemon.addr();
     for raw in [
         "GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
-        format!("GET http://elsewhere.example/health HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
         "GET / HTTP/9.9\r\nHost: x\r\n\r\n".to_owned(),
     ] {
         let mut stream = connect(addr);
@@ -438,7 +449,7 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     std::fs::write(
         &path,
         format!(
-            "[daemon]\nhealth_port = {port}\nmax_connections = 2000\n\
+            "[daemon]\nhealth_port = {port}\nmax_connections = 2000\nrequest_timeout_secs = 5\n\
              max_connections_per_ip = 2000\n[gateway]\nport = {port}\n"
         ),
     )
