@@ -62,6 +62,14 @@ impl<T> RequestTargetTransport<T> {
 pub fn origin_form(line: &[u8]) -> Option<Vec<u8>> {
     let mut parts = line.splitn(3, |byte| *byte == b' ');
     let (method, target, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    // Only a request line: a method token and an HTTP version, never a header line such as
+    // `Referer: http://… x` that a pipelined head might put at the start of a read.
+    if method.is_empty()
+        || !method.iter().all(u8::is_ascii_uppercase)
+        || !rest.starts_with(b"HTTP/")
+    {
+        return None;
+    }
     let lower: Vec<u8> = target.iter().take(8).map(u8::to_ascii_lowercase).collect();
     let after_scheme = if lower.starts_with(b"http://") {
         target.get(7..)?
@@ -199,6 +207,8 @@ mod tests {
             b"CONNECT example.com:443 HTTP/1.1",
             b"PRI * HTTP/2.0",
             b"GET http://nospace",
+            b"Referer: http://example.com/ HTTP/1.1",
+            b"GET http://example.com/ x",
         ] {
             assert_eq!(origin_form(line), None);
         }
