@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const TOKEN: &str = "bench-token";
+const TOKEN: &str = "bench-token-0123456789";
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.

@@ -3,9 +3,16 @@
 //! A host that embeds blufio supplies its own agent through
 //! [`ContextBuilder::with_agent`](crate::ContextBuilder::with_agent). The gateway hands the
 //! agent the session history and the new message, and does the token and cost accounting
-//! from the [`Usage`] it reports.
+//! from the [`Usage`] it reports. A streaming agent sends text deltas through a
+//! [`DeltaSender`] as they arrive; the built-in providers live in `provider/`.
 
-use std::{fmt, future::Future, pin::Pin, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
 
 use crate::{context::Context, sessions::Session};
 
@@ -27,6 +34,146 @@ pub trait Agent: Send + Sync + 'static {
     /// from start-up.
     fn models(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Like [`Agent::reply`], sending the text through `deltas` as it is produced. The
+    /// default sends the whole reply as one delta.
+    ///
+    /// When `deltas` reports the client gone, the agent should stop (returning an error is
+    /// fine); the gateway drops the future anyway, which must cancel any upstream request.
+    fn reply_stream<'a>(
+        &'a self,
+        ctx: &'a Context,
+        session: &'a Session,
+        message: &'a str,
+        deltas: &'a DeltaSender,
+    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+        Box::pin(async move {
+            let reply = self.reply(ctx, session, message).await?;
+            // A departed client is the gateway's concern; the reply is complete either way.
+            let _ = deltas.send(&reply.content).await;
+            Ok(reply)
+        })
+    }
+
+    /// Returns the upstream's state for `/v1/health`, for agents that call one.
+    fn upstream(&self) -> Option<UpstreamStatus> {
+        None
+    }
+
+    /// Records the outcome of one call (the gateway calls it, timeouts included), so
+    /// [`Agent::upstream`] can report the last error and when it happened.
+    fn record(&self, _outcome: Result<(), &AgentError>) {}
+}
+
+/// What `/v1/health` shows about an agent's upstream. Never the key itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamStatus {
+    /// `anthropic` or `openai`.
+    pub provider: &'static str,
+    /// The configured model.
+    pub model: String,
+    /// Whether an API key is configured.
+    pub api_key_set: bool,
+    /// The last failure's error code (`agent_upstream`, `agent_timeout`, ...) and detail.
+    pub last_error: Option<String>,
+    /// When the last failure happened.
+    pub last_error_at: Option<SystemTime>,
+    /// When the last call succeeded.
+    pub last_success_at: Option<SystemTime>,
+}
+
+/// The client went away; stop producing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disconnected;
+
+/// Where a streaming agent sends text deltas, and reports usage as the upstream tells it.
+///
+/// The gateway reads the usage even when the stream is cut short, so tokens of an abandoned
+/// reply still count against the budget.
+#[derive(Debug)]
+pub struct DeltaSender {
+    sender: async_channel::Sender<String>,
+    started: Instant,
+    progress: Mutex<StreamProgress>,
+}
+
+/// What a stream has produced so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamProgress {
+    /// The model, once the upstream names it.
+    pub model: Option<String>,
+    /// Input tokens, once the upstream reports them.
+    pub input_tokens: Option<u64>,
+    /// Output tokens, once the upstream reports them.
+    pub output_tokens: Option<u64>,
+    /// Characters of text sent so far (for estimates).
+    pub sent_chars: u64,
+    /// Time from the start to the first delta.
+    pub first_delta_after: Option<Duration>,
+}
+
+impl DeltaSender {
+    /// Wraps the sending half of the channel the gateway reads deltas from.
+    pub fn new(sender: async_channel::Sender<String>) -> DeltaSender {
+        DeltaSender {
+            sender,
+            started: Instant::now(),
+            progress: Mutex::new(StreamProgress::default()),
+        }
+    }
+
+    /// Sends one text delta; waits while the client is slow (the channel is bounded).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Disconnected`] when the client is gone.
+    pub async fn send(&self, text: &str) -> Result<(), Disconnected> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut progress = self.lock();
+            progress.sent_chars += text.chars().count() as u64;
+            if progress.first_delta_after.is_none() {
+                progress.first_delta_after = Some(self.started.elapsed());
+            }
+        }
+        self.sender
+            .send(text.to_owned())
+            .await
+            .map_err(|_| Disconnected)
+    }
+
+    /// Records usage as the upstream reports it; `None` leaves a value unchanged.
+    pub fn report_usage(
+        &self,
+        model: Option<&str>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    ) {
+        let mut progress = self.lock();
+        if let Some(model) = model {
+            progress.model = Some(model.to_owned());
+        }
+        if input_tokens.is_some() {
+            progress.input_tokens = input_tokens;
+        }
+        if output_tokens.is_some() {
+            progress.output_tokens = output_tokens;
+        }
+    }
+
+    /// Returns what the stream has produced so far.
+    pub fn progress(&self) -> StreamProgress {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamProgress> {
+        match self.progress.lock() {
+            Ok(progress) => progress,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 }
 
@@ -64,6 +211,14 @@ pub enum AgentError {
         /// When to try again, if known.
         retry_after: Option<Duration>,
     },
+    /// The upstream refused the request itself (a 4xx other than 429: bad key, unknown
+    /// model, prompt too long); retrying will not help (HTTP 502).
+    Rejected {
+        /// The upstream's HTTP status.
+        status: u16,
+    },
+    /// The upstream answered something that is not the documented JSON (HTTP 502).
+    Malformed(String),
 }
 
 impl fmt::Display for AgentError {
@@ -72,6 +227,12 @@ impl fmt::Display for AgentError {
             AgentError::Upstream(message) => write!(f, "agent upstream failed: {message}"),
             AgentError::Timeout => f.write_str("agent timed out"),
             AgentError::RateLimited { .. } => f.write_str("agent is rate limited"),
+            AgentError::Rejected { status } => {
+                write!(f, "the model provider refused the request (HTTP {status})")
+            }
+            AgentError::Malformed(detail) => {
+                write!(f, "the model provider answered malformed data: {detail}")
+            }
         }
     }
 }

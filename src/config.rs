@@ -6,21 +6,29 @@
 
 use std::{
     fmt, fs,
+    io::{self, Read},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::{error::Error, notify::NotifySettings};
+
+pub use crate::cost::CostConfig;
 
 /// Environment variable that overrides the gateway bearer token.
 pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
 /// Environment variable that overrides the log filter.
 pub const LOG_ENV: &str = "BLUFIO_LOG";
+/// Largest configuration or token file read, in bytes: anything bigger is the wrong file
+/// (or `/dev/zero`), and reading it whole could exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Shortest gateway token accepted, in bytes.
+pub const MIN_TOKEN_BYTES: usize = 16;
 
 /// The whole configuration, as loaded and validated.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[daemon]`: listeners, memory thresholds, monitor and shutdown.
@@ -29,8 +37,10 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// `[prometheus]`: the `/metrics` endpoint.
     pub prometheus: PrometheusConfig,
-    /// `[agent]`: spending limits for the agent behind `/v1/messages`.
+    /// `[agent]`: the agent behind `/v1/messages` and `/ws`.
     pub agent: AgentConfig,
+    /// `[cost]`: model prices and the daily budget.
+    pub cost: CostConfig,
     /// Whether port 0 (an ephemeral port) is allowed; only tests and embedding hosts set it.
     #[serde(skip)]
     pub allow_ephemeral_ports: bool,
@@ -41,16 +51,20 @@ pub struct Config {
 }
 
 /// `[daemon]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// IP address every listener binds to.
     pub bind: String,
     /// Port serving `/health` and `/metrics` (and everything, when equal to the gateway port).
     pub health_port: u16,
-    /// Heap size above which blufio is under memory pressure, in MiB.
+    /// Heap size above which blufio is under memory pressure, in MiB; `"auto"` (read as
+    /// [`AUTO_MB`] until the context resolves it) is 60% of the cgroup limit.
+    #[serde(deserialize_with = "mb_or_auto")]
     pub memory_warn_mb: u64,
-    /// Heap size above which new sessions are refused, in MiB.
+    /// Heap size above which new sessions are refused, in MiB; `"auto"` (read as
+    /// [`AUTO_MB`] until the context resolves it) is 75% of the cgroup limit.
+    #[serde(deserialize_with = "mb_or_auto")]
     pub memory_limit_mb: u64,
     /// Seconds between memory samples.
     pub monitor_interval_secs: u64,
@@ -60,6 +74,9 @@ pub struct DaemonConfig {
     pub request_timeout_secs: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`); `BLUFIO_LOG` overrides it.
     pub log_level: String,
+    /// Directory for state that must survive restarts (today's spend); none keeps it in
+    /// memory only.
+    pub state_dir: Option<PathBuf>,
     /// Open client connections across all listeners; `0` derives it from the file-descriptor
     /// soft limit (see [`crate::connection::derived_max_connections`]).
     pub max_connections: usize,
@@ -78,6 +95,7 @@ impl Default for DaemonConfig {
             shutdown_grace_secs: 10,
             request_timeout_secs: 30,
             log_level: "info".to_owned(),
+            state_dir: None,
             max_connections: 0,
             max_connections_per_ip: 64,
         }
@@ -85,14 +103,15 @@ impl Default for DaemonConfig {
 }
 
 /// `[gateway]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Port serving the `/v1` API and `/ws`.
     pub port: u16,
     /// Bearer token, inline. Prefer `token_file` or `BLUFIO_GATEWAY_TOKEN`.
     pub token: Option<Secret>,
-    /// File holding the bearer token (surrounding whitespace is ignored).
+    /// File holding the bearer token (one trailing newline is ignored); a relative path is
+    /// resolved against the configuration file's directory.
     pub token_file: Option<PathBuf>,
     /// Sessions open at once, at most.
     pub max_sessions: u64,
@@ -122,7 +141,7 @@ impl Default for GatewayConfig {
 }
 
 /// `[prometheus]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusConfig {
     /// Whether `/metrics` is served.
@@ -136,35 +155,82 @@ impl Default for PrometheusConfig {
 }
 
 /// `[agent]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Which built-in agent answers messages: `none` or `echo`.
+    /// Which built-in agent answers messages: `none`, `echo`, `anthropic` or `openai`.
     pub provider: Provider,
-    /// Money the agent may spend over the daemon's lifetime, in US dollars; 0 means no limit.
-    pub budget_usd: f64,
+    /// Replaced by `[cost] daily_budget_usd`; refused with a message saying so, because the
+    /// old value was a lifetime limit and silently reading it as a daily one would multiply it.
+    pub budget_usd: Option<f64>,
     /// Seconds the agent gets to answer before the client gets 504.
     pub timeout_secs: u64,
+    /// The provider's API root (`https://api.anthropic.com`, `http://127.0.0.1:11434` for
+    /// Ollama); default: the provider's public API.
+    pub base_url: Option<String>,
+    /// The model to ask; default `claude-sonnet-4-5` for `anthropic`, required for `openai`.
+    pub model: Option<String>,
+    /// Largest reply, in tokens.
+    pub max_tokens: u32,
+    /// System prompt sent with every request.
+    pub system: Option<String>,
+    /// PEM file with the CA certificate(s) to trust instead of the built-in roots (a private
+    /// CA in front of a LAN model server).
+    pub ca_file: Option<PathBuf>,
+    /// File holding the provider API key; `ANTHROPIC_API_KEY` / `OPENAI_API_KEY` win over it.
+    pub api_key_file: Option<PathBuf>,
+    /// The resolved API key (environment, then `api_key_file`); never read from TOML.
+    #[serde(skip)]
+    pub api_key: Option<Secret>,
 }
 
 impl Default for AgentConfig {
     fn default() -> AgentConfig {
         AgentConfig {
             provider: Provider::None,
-            budget_usd: 10.0,
+            budget_usd: None,
             timeout_secs: 120,
+            base_url: None,
+            model: None,
+            max_tokens: 1024,
+            system: None,
+            ca_file: None,
+            api_key_file: None,
+            api_key: None,
         }
     }
 }
 
+/// Environment variable holding the Anthropic API key.
+pub const ANTHROPIC_KEY_ENV: &str = "ANTHROPIC_API_KEY";
+/// Environment variable holding the OpenAI (or compatible server's) API key.
+pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
+
 /// The built-in agents the binary can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// No agent: `/v1/messages` answers 503 `no_agent`; sessions still work.
     None,
     /// Replies with the message itself (for checking the gateway path).
     Echo,
+    /// The Anthropic Messages API.
+    Anthropic,
+    /// The OpenAI Chat Completions API, as served by OpenAI, Ollama, llama.cpp or vLLM.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+impl Provider {
+    /// Returns the name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::None => "none",
+            Provider::Echo => "echo",
+            Provider::Anthropic => "anthropic",
+            Provider::OpenAi => "openai",
+        }
+    }
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -184,11 +250,43 @@ impl Secret {
     }
 }
 
+/// Serializes as `"<redacted>"`: `blufio config show` must never print a secret.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(\"<redacted>\")")
     }
 }
+
+/// The value `"auto"` stands for in `memory_warn_mb` and `memory_limit_mb` until
+/// [`Config::resolve_auto_memory`] replaces it.
+pub const AUTO_MB: u64 = u64::MAX;
+
+/// Reads a number of MiB or the word `"auto"`.
+fn mb_or_auto<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum MbOrAuto {
+        Mb(u64),
+        Word(String),
+    }
+    match MbOrAuto::deserialize(deserializer) {
+        Ok(MbOrAuto::Mb(mb)) if mb != AUTO_MB => Ok(mb),
+        Ok(MbOrAuto::Word(word)) if word == "auto" => Ok(AUTO_MB),
+        _ => Err(serde::de::Error::custom(
+            "expected a number of MiB or \"auto\"",
+        )),
+    }
+}
+
+/// The commented default configuration file (`blufio.example.toml`, `blufio config
+/// default`); a test checks that it parses to [`Config::default`].
+pub const DEFAULT_FILE: &str = include_str!("../blufio.example.toml");
 
 /// Where a configuration comes from, for error messages.
 const DEFAULTS_ORIGIN: &str = "built-in defaults";
@@ -215,15 +313,23 @@ impl Config {
     ) -> Result<Config, Error> {
         let (mut config, origin) = match path {
             Some(path) => {
-                let text = fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+                let text = read_capped(path).map_err(|source| Error::ConfigRead {
                     path: path.to_owned(),
                     source,
                 })?;
-                (Config::parse(&text, path)?, path.display().to_string())
+                let mut config = Config::parse(&text, path)?;
+                config.resolve_paths(path);
+                (config, path.display().to_string())
             }
             None => (Config::default(), DEFAULTS_ORIGIN.to_owned()),
         };
         config.resolve_token(&origin, env(TOKEN_ENV))?;
+        let key_env = match config.agent.provider {
+            Provider::Anthropic => env(ANTHROPIC_KEY_ENV),
+            Provider::OpenAi => env(OPENAI_KEY_ENV),
+            Provider::None | Provider::Echo => None,
+        };
+        config.resolve_api_key(&origin, key_env)?;
         config.validate(&origin)?;
         Ok(config)
     }
@@ -259,7 +365,7 @@ impl Config {
 
     /// Returns the log filter: `BLUFIO_LOG` when set, else `[daemon] log_level`.
     pub fn log_filter(&self) -> String {
-        std::env::var(LOG_ENV).unwrap_or_else(|_| self.daemon.log_level.clone())
+        log_env_override().unwrap_or_else(|| self.daemon.log_level.clone())
     }
 
     /// Returns the address of the health/metrics listener.
@@ -295,15 +401,115 @@ impl Config {
         self.daemon.memory_limit_mb.saturating_mul(1024 * 1024)
     }
 
+    /// Returns where to send service-manager notifications, from `NOTIFY_SOCKET`,
+    /// `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when not run by a manager that asks for them.
+    pub fn notify_settings() -> Option<NotifySettings> {
+        NotifySettings::from_vars(
+            std::env::var_os("NOTIFY_SOCKET"),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
+    }
+
+    /// Replaces `"auto"` thresholds: 75% (limit) and 60% (warn) of `cgroup_limit_bytes`, or
+    /// the defaults (200 and 150 MiB) without a cgroup limit. A warn threshold that would not
+    /// be below the limit becomes 80% of it. Returns one line per replaced value.
+    pub fn resolve_auto_memory(&mut self, cgroup_limit_bytes: Option<u64>) -> Vec<String> {
+        let defaults = DaemonConfig::default();
+        let daemon = &mut self.daemon;
+        let mut notes = Vec::new();
+        let source = cgroup_limit_bytes.map_or("no cgroup limit: default".to_owned(), |bytes| {
+            format!("cgroup limit {} MiB", bytes / (1024 * 1024))
+        });
+        if daemon.memory_limit_mb == AUTO_MB {
+            daemon.memory_limit_mb = cgroup_limit_bytes.map_or(defaults.memory_limit_mb, |bytes| {
+                crate::cgroup::share_mb(bytes, crate::cgroup::AUTO_LIMIT_PERCENT)
+            });
+            notes.push(format!(
+                "memory_limit_mb = \"auto\": {} MiB ({source})",
+                daemon.memory_limit_mb
+            ));
+        }
+        if daemon.memory_warn_mb == AUTO_MB {
+            let warn = cgroup_limit_bytes.map_or(defaults.memory_warn_mb, |bytes| {
+                crate::cgroup::share_mb(bytes, crate::cgroup::AUTO_WARN_PERCENT)
+            });
+            daemon.memory_warn_mb = if warn < daemon.memory_limit_mb {
+                warn
+            } else {
+                (daemon.memory_limit_mb * 4 / 5).max(1)
+            };
+            notes.push(format!(
+                "memory_warn_mb = \"auto\": {} MiB ({source})",
+                daemon.memory_warn_mb
+            ));
+        }
+        notes
+    }
+
+    /// Renders the configuration as TOML, secrets redacted (`blufio config show`).
+    pub fn to_toml(&self) -> String {
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let mut out = String::new();
+        let Some(sections) = value.as_object() else {
+            return out;
+        };
+        for (section, fields) in sections {
+            let Some(fields) = fields.as_object() else {
+                continue;
+            };
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("[{section}]\n"));
+            for (key, value) in fields {
+                match value {
+                    // TOML has no null: an unset optional key is shown as a comment.
+                    serde_json::Value::Null => out.push_str(&format!("# {key} is not set\n")),
+                    // JSON strings, numbers and booleans are valid TOML values as written.
+                    _ => out.push_str(&format!("{key} = {value}\n")),
+                }
+            }
+        }
+        out
+    }
+
     fn bind_ip(&self) -> Result<IpAddr, Error> {
         self.daemon.bind.parse().map_err(|_| Error::BadAddress {
             host: self.daemon.bind.clone(),
         })
     }
 
+    /// Makes relative paths in the file relative to the file's own directory, so the daemon
+    /// finds them whatever its working directory (systemd starts it in `/`).
+    fn resolve_paths(&mut self, config_path: &Path) {
+        let base = config_path.parent().unwrap_or(Path::new(""));
+        if let Some(token_file) = &mut self.gateway.token_file
+            && token_file.is_relative()
+        {
+            *token_file = base.join(&*token_file);
+        }
+        for path in [
+            &mut self.agent.api_key_file,
+            &mut self.agent.ca_file,
+            &mut self.daemon.state_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
     fn resolve_token(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
-        if let Some(token) = from_env.filter(|token| !token.trim().is_empty()) {
-            self.gateway.token = Some(Secret(token.trim().to_owned()));
+        if let Some(token) = from_env.filter(|token| !token.is_empty()) {
+            check_token(&token).map_err(|problem| {
+                invalid("environment", TOKEN_ENV, &format!("the token {problem}"))
+            })?;
+            self.gateway.token = Some(Secret(token));
             return Ok(());
         }
         if let Some(path) = &self.gateway.token_file {
@@ -314,19 +520,47 @@ impl Config {
                     "set either token or token_file, not both",
                 ));
             }
-            let text = fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "token file",
                 path: path.clone(),
                 source,
             })?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(invalid(
+            // Editors and `echo` end files with a newline; anything else is part of the token.
+            let token = text.strip_suffix('\n').map_or(text.as_str(), |rest| {
+                rest.strip_suffix('\r').unwrap_or(rest)
+            });
+            check_token(token).map_err(|problem| {
+                invalid(
                     origin,
                     "[gateway] token_file",
+                    &format!("the token in {} {problem}", path.display()),
+                )
+            })?;
+            self.gateway.token = Some(Secret(token.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn resolve_api_key(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
+        if let Some(key) = from_env.filter(|key| !key.trim().is_empty()) {
+            self.agent.api_key = Some(Secret(key.trim().to_owned()));
+            return Ok(());
+        }
+        if let Some(path) = &self.agent.api_key_file {
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "API key file",
+                path: path.clone(),
+                source,
+            })?;
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "[agent] api_key_file",
                     &format!("{} is empty", path.display()),
                 ));
             }
-            self.gateway.token = Some(Secret(token.to_owned()));
+            self.agent.api_key = Some(Secret(key.to_owned()));
         }
         Ok(())
     }
@@ -361,7 +595,10 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if daemon.memory_warn_mb >= daemon.memory_limit_mb {
+        if daemon.memory_warn_mb >= daemon.memory_limit_mb
+            && daemon.memory_warn_mb != AUTO_MB
+            && daemon.memory_limit_mb != AUTO_MB
+        {
             return Err(invalid(
                 origin,
                 "[daemon] memory_warn_mb",
@@ -404,13 +641,19 @@ impl Config {
                 "must be at most 3600",
             ));
         }
-        if !(self.agent.budget_usd.is_finite() && self.agent.budget_usd >= 0.0) {
+        if self.agent.budget_usd.is_some() {
             return Err(invalid(
                 origin,
                 "[agent] budget_usd",
-                "must be a number >= 0",
+                "was a lifetime limit and is replaced by the daily limit [cost] daily_budget_usd; \
+                 move the value there (it now resets every UTC midnight)",
             ));
         }
+        self.cost
+            .validate()
+            .map_err(|(key, message)| invalid(origin, &key, &message))?;
+        crate::provider::validate(&self.agent)
+            .map_err(|(key, message)| invalid(origin, key, &message))?;
         if !matches!(
             daemon.log_level.as_str(),
             "off" | "error" | "warn" | "info" | "debug" | "trace"
@@ -422,12 +665,85 @@ impl Config {
             ));
         }
         if let Some(token) = &gateway.token
-            && token.expose().trim().is_empty()
+            && let Err(problem) = check_token(token.expose())
         {
-            return Err(invalid(origin, "[gateway] token", "must not be empty"));
+            return Err(invalid(
+                origin,
+                "[gateway] token",
+                &format!("the token {problem}"),
+            ));
         }
         Ok(())
     }
+}
+
+/// Reads a UTF-8 file of at most [`MAX_FILE_BYTES`], so `/dev/zero` or a log file passed by
+/// mistake fails at once instead of filling memory.
+fn read_capped(path: &Path) -> io::Result<String> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE_BYTES} bytes (1 MiB); is it the right file?"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// Checks a gateway token; the error completes "the token …" and never quotes the token.
+///
+/// A token travels in an `Authorization` header and in a `bearer.<token>` WebSocket
+/// subprotocol, so it must be printable ASCII without spaces; a control character, NUL or
+/// line break would be accepted here and then match no request ever.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if let Some((index, byte)) = token
+        .bytes()
+        .enumerate()
+        .find(|(_, byte)| !byte.is_ascii_graphic())
+    {
+        let what = match byte {
+            0 => "a NUL byte",
+            b' ' | b'\t' => "whitespace",
+            b'\r' | b'\n' => "a line break",
+            byte if byte.is_ascii_control() => "a control character",
+            _ => "a non-ASCII character",
+        };
+        return Err(format!(
+            "contains {what} at byte {index}; use printable ASCII without spaces"
+        ));
+    }
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "is {} bytes long; use at least {MIN_TOKEN_BYTES} (for example `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
+pub fn log_env_override() -> Option<String> {
+    std::env::var(LOG_ENV)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Returns `JOURNAL_STREAM` (`<device>:<inode>`), which systemd sets when stderr is the
+/// journal.
+pub fn journal_stream() -> Option<String> {
+    std::env::var("JOURNAL_STREAM").ok()
+}
+
+/// Returns the level for a validated `[daemon] log_level` value.
+pub fn level_filter(log_level: &str) -> Option<log::LevelFilter> {
+    log_level.parse().ok()
 }
 
 fn invalid(origin: &str, key: &str, message: &str) -> Error {
@@ -487,7 +803,7 @@ mod tests {
         let config = parse(
             "[daemon]\nmemory_warn_mb = 300\nmemory_limit_mb = 400\nhealth_port = 9100\n\
              monitor_interval_secs = 2\nbind = \"0.0.0.0\"\n[gateway]\nport = 8080\n\
-             token = \"s3cret\"\n[prometheus]\nenabled = false\n",
+             token = \"s3cret-s3cret-s3cret\"\n[prometheus]\nenabled = false\n",
         )
         .unwrap();
         config.validate("test").unwrap();
@@ -497,7 +813,10 @@ mod tests {
         assert_eq!(config.gateway_addr().unwrap().port(), 8080);
         assert!(!config.single_listener());
         assert!(!config.prometheus.enabled);
-        assert_eq!(config.gateway.token.unwrap().expose(), "s3cret");
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "s3cret-s3cret-s3cret"
+        );
     }
 
     #[test]
@@ -598,7 +917,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("blufio-config-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let token_path = dir.join("token");
-        fs::write(&token_path, "from-file\n").unwrap();
+        fs::write(&token_path, "from-file-0123456789\n").unwrap();
         let config_path = dir.join("blufio.toml");
         fs::write(
             &config_path,
@@ -609,13 +928,79 @@ mod tests {
         )
         .unwrap();
         let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
-        assert_eq!(config.gateway.token.unwrap().expose(), "from-file");
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "from-file-0123456789"
+        );
         let config = Config::load_with_env(Some(&config_path), |name| {
-            (name == TOKEN_ENV).then(|| "from-env".to_owned())
+            (name == TOKEN_ENV).then(|| "from-env-0123456789".to_owned())
         })
         .unwrap();
-        assert_eq!(config.gateway.token.unwrap().expose(), "from-env");
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "from-env-0123456789"
+        );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn provider_key_comes_from_env_then_api_key_file() {
+        let dir = std::env::temp_dir().join(format!("blufio-config-key-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let key_path = dir.join("api_key");
+        fs::write(&key_path, "sk-from-file\n").unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(
+            &config_path,
+            format!(
+                "[agent]\nprovider = \"anthropic\"\napi_key_file = {:?}\n",
+                key_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
+        assert_eq!(config.agent.api_key.unwrap().expose(), "sk-from-file");
+        let config = Config::load_with_env(Some(&config_path), |name| {
+            (name == ANTHROPIC_KEY_ENV).then(|| "sk-from-env".to_owned())
+        })
+        .unwrap();
+        assert_eq!(
+            config.agent.api_key.clone().unwrap().expose(),
+            "sk-from-env"
+        );
+        assert!(!format!("{config:?}").contains("sk-from-env"));
+        // The other provider's variable is not read.
+        let error = Config::load_with_env(Some(&config_path), |name| {
+            (name == OPENAI_KEY_ENV).then(|| "sk-other".to_owned())
+        })
+        .map(|config| config.agent.api_key.unwrap().expose().to_owned())
+        .unwrap();
+        assert_eq!(error, "sk-from-file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_old_lifetime_budget_key_is_refused_with_directions() {
+        let config = parse("[agent]\nbudget_usd = 5.0\n").unwrap();
+        let message = config.validate("f").unwrap_err().to_string();
+        assert!(message.contains("[agent] budget_usd"), "{message}");
+        assert!(message.contains("[cost] daily_budget_usd"), "{message}");
+    }
+
+    #[test]
+    fn cost_prices_parse_per_model() {
+        let config = parse(
+            "[cost]\ndaily_budget_usd = 2.5\n[cost.models.\"llama3.2\"]\n\
+             input_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.2\n",
+        )
+        .unwrap();
+        config.validate("f").unwrap();
+        assert_eq!(config.cost.daily_budget_usd, 2.5);
+        assert_eq!(config.cost.price("llama3.2").output_usd_per_mtok, 0.2);
+        let message = parse("[cost.models.\"x\"]\ninput_usd_per_mtok = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("output_usd_per_mtok"), "{message}");
     }
 
     #[test]
@@ -631,7 +1016,7 @@ mod tests {
             format!("{:?}", config.gateway),
             format!("{:?}", defaults.gateway)
         );
-        assert_eq!(config.agent.budget_usd, defaults.agent.budget_usd);
+        assert_eq!(config.cost.daily_budget_usd, defaults.cost.daily_budget_usd);
     }
 
     #[test]
@@ -643,8 +1028,190 @@ mod tests {
     }
 
     #[test]
+    fn auto_thresholds_follow_the_cgroup_limit_or_the_defaults() {
+        let text = "[daemon]\nmemory_warn_mb = \"auto\"\nmemory_limit_mb = \"auto\"\n";
+        let mut config = parse(text).unwrap();
+        config.validate("f").unwrap();
+        let notes = config.resolve_auto_memory(Some(1 << 30));
+        assert_eq!(config.daemon.memory_limit_mb, 768);
+        assert_eq!(config.daemon.memory_warn_mb, 614);
+        assert_eq!(notes.len(), 2);
+        assert!(notes[0].contains("cgroup limit 1024 MiB"), "{notes:?}");
+        config.validate("f").unwrap();
+
+        let mut config = parse(text).unwrap();
+        config.resolve_auto_memory(None);
+        assert_eq!(config.daemon.memory_limit_mb, 200);
+        assert_eq!(config.daemon.memory_warn_mb, 150);
+
+        // An explicit limit below the cgroup's 60%: warn goes to 80% of the limit.
+        let mut config =
+            parse("[daemon]\nmemory_warn_mb = \"auto\"\nmemory_limit_mb = 100\n").unwrap();
+        config.resolve_auto_memory(Some(1 << 30));
+        assert_eq!(config.daemon.memory_warn_mb, 80);
+        config.validate("f").unwrap();
+    }
+
+    #[test]
+    fn memory_thresholds_reject_other_words() {
+        let message = parse("[daemon]\nmemory_limit_mb = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("memory_limit_mb"), "{message}");
+        assert!(message.contains("auto"), "{message}");
+    }
+
+    #[test]
+    fn config_show_is_valid_toml_without_secrets() {
+        let mut config =
+            parse("[gateway]\ntoken = \"hunter2\"\n[daemon]\nbind = \"::\"\n").unwrap();
+        config.gateway.token_file = None;
+        let text = config.to_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("token = \"<redacted>\""), "{text}");
+        assert!(text.contains("# token_file is not set"), "{text}");
+        let again = parse(&text).unwrap();
+        assert_eq!(again.daemon.bind, "::");
+        assert_eq!(format!("{:?}", again.agent), format!("{:?}", config.agent));
+    }
+
+    #[test]
+    fn default_file_is_the_example_file() {
+        let example =
+            fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"))
+                .unwrap();
+        assert_eq!(DEFAULT_FILE, example);
+        let config = parse(DEFAULT_FILE).unwrap();
+        assert_eq!(
+            config.to_toml(),
+            Config::default().to_toml(),
+            "blufio.example.toml differs from Config::default()"
+        );
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let config = parse("[gateway]\ntoken = \"hunter2\"\n").unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("blufio-config-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn token_rules_reject_control_characters_whitespace_and_short_tokens() {
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token("~!@#$%^&*()_+-=[]{}|;:,.<>/?0123").is_ok());
+        let cases = [
+            ("", "is empty"),
+            ("short", "is 5 bytes long; use at least 16"),
+            ("0123456789\0abcdef", "contains a NUL byte at byte 10"),
+            ("0123456789\nabcdef", "contains a line break at byte 10"),
+            ("0123456789 abcdef", "contains whitespace at byte 10"),
+            (" 0123456789abcdef", "contains whitespace at byte 0"),
+            (
+                "0123456789\x1babcdef",
+                "contains a control character at byte 10",
+            ),
+            (
+                "0123456789\u{e9}abcdef",
+                "contains a non-ASCII character at byte 10",
+            ),
+        ];
+        for (token, expected) in cases {
+            let problem = check_token(token).unwrap_err();
+            assert!(problem.starts_with(expected), "{token:?}: {problem}");
+        }
+    }
+
+    #[test]
+    fn token_errors_name_their_source_and_never_the_token() {
+        let config = parse("[gateway]\ntoken = \"tiny-secret\"\n").unwrap();
+        let message = config.validate("blufio.toml").unwrap_err().to_string();
+        assert!(
+            message.starts_with("blufio.toml: [gateway] token: the token is 11 bytes long"),
+            "{message}"
+        );
+        assert!(!message.contains("tiny-secret"), "{message}");
+
+        let error = Config::load_with_env(None, |name| {
+            (name == TOKEN_ENV).then(|| "multi\nline-secret-value".to_owned())
+        })
+        .unwrap_err();
+        let message = error.to_string();
+        assert!(error.is_config());
+        assert!(
+            message
+                .starts_with("environment: BLUFIO_GATEWAY_TOKEN: the token contains a line break"),
+            "{message}"
+        );
+        assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[test]
+    fn token_file_is_relative_to_the_config_and_loses_one_trailing_newline() {
+        let dir = temp_dir("relative");
+        fs::write(dir.join("token"), "relative-token-0123456789\r\n").unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(&config_path, "[gateway]\ntoken_file = \"token\"\n").unwrap();
+        let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
+        assert_eq!(
+            config.gateway.token.unwrap().expose(),
+            "relative-token-0123456789"
+        );
+        assert_eq!(config.gateway.token_file, Some(dir.join("token")));
+
+        // A second newline is not "the" trailing newline: the token would never match.
+        fs::write(dir.join("token"), "relative-token-0123456789\n\n").unwrap();
+        let message = Config::load_with_env(Some(&config_path), no_env)
+            .unwrap_err()
+            .to_string();
+        let expected = format!(
+            "[gateway] token_file: the token in {} contains a line break at byte 25",
+            dir.join("token").display()
+        );
+        assert!(message.contains(&expected), "{message}");
+        assert!(!message.contains("relative-token"), "{message}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_token_file_is_named_as_a_token_file() {
+        let dir = temp_dir("unreadable");
+        let config_path = dir.join("blufio.toml");
+        fs::write(&config_path, "[gateway]\ntoken_file = \"missing\"\n").unwrap();
+        let error = Config::load_with_env(Some(&config_path), no_env).unwrap_err();
+        assert!(error.is_config());
+        assert_eq!(
+            error.to_string(),
+            format!("cannot read token file {}", dir.join("missing").display())
+        );
+        assert!(std::error::Error::source(&error).is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_past_one_mib_are_refused_without_reading_them_whole() {
+        let error = Config::load_with_env(Some(Path::new("/dev/zero")), no_env).unwrap_err();
+        assert!(error.is_config());
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert!(cause.contains("larger than 1048576 bytes"), "{cause}");
+
+        let dir = temp_dir("big-token");
+        let token_path = dir.join("token");
+        fs::write(&token_path, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let config_path = dir.join("blufio.toml");
+        fs::write(&config_path, "[gateway]\ntoken_file = \"token\"\n").unwrap();
+        let error = Config::load_with_env(Some(&config_path), no_env).unwrap_err();
+        assert!(
+            error.to_string().starts_with("cannot read token file"),
+            "{error}"
+        );
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert!(cause.contains("larger than"), "{cause}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

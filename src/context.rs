@@ -7,21 +7,27 @@
 
 use std::{
     fmt,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use blufio_platform::{ProcessReader, RssReader};
+use blufio_platform::{CgroupReader, ProcessReader, RssReader};
 use trillium::Swansong;
 
 use crate::{
     agent::Agent,
-    config::Config,
+    budget::Budget,
+    cgroup::CgroupMonitor,
+    config::{Config, Provider},
     connection::{Connections, derived_max_connections},
     error::Error,
     heap::AllocatorHeap,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
     metrics::Metrics,
+    notify::{Notifier, NotifySettings},
+    provider::ProviderAgent,
+    readiness::{self, NotReady, Phase, PhaseCell},
     sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
 };
 
@@ -37,6 +43,8 @@ pub struct Context {
     pub sessions: Sessions,
     /// The agent that answers messages, if any.
     pub agent: Option<Arc<dyn Agent>>,
+    /// Today's spend against `[cost] daily_budget_usd`.
+    pub budget: Budget,
     /// The graceful-shutdown signal of the listeners: once fired, no new connection is
     /// accepted and in-flight requests drain.
     pub shutdown: Swansong,
@@ -46,6 +54,13 @@ pub struct Context {
     process: Option<ProcessReader>,
     started: Instant,
     started_at: SystemTime,
+    /// Notifications to the service manager (a no-op without one).
+    pub notifier: Notifier,
+    phase: PhaseCell,
+    live: RwLock<Arc<Config>>,
+    config_path: Option<PathBuf>,
+    /// The daemon's own cgroup memory limit and usage.
+    pub cgroup: CgroupMonitor,
     /// Open client connections, their limits and the heap charged to them.
     pub connections: Connections,
 }
@@ -80,7 +95,33 @@ impl Context {
             rss: None,
             shed_hooks: Vec::new(),
             agent: None,
+            notify: None,
+            config_path: None,
+            cgroup: None,
         }
+    }
+
+    /// Returns the configuration as last (re)loaded: what the token check, the agent timeout
+    /// and the log level read. Settings that need a restart keep their running values here.
+    pub fn live(&self) -> Arc<Config> {
+        match self.live.read() {
+            Ok(live) => Arc::clone(&live),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the live configuration (on reload).
+    pub(crate) fn set_live(&self, config: Config) {
+        let config = Arc::new(config);
+        match self.live.write() {
+            Ok(mut live) => *live = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    /// Returns the configuration file a reload re-reads (`None`: built-in defaults).
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
     }
 
     /// Opens a session through admission control.
@@ -129,6 +170,51 @@ impl Context {
         }
     }
 
+    /// Returns where the daemon is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Moves the daemon to `phase` (draining is final).
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.set(phase);
+    }
+
+    /// Returns whether the daemon should get new traffic (`GET /ready`).
+    ///
+    /// # Errors
+    ///
+    /// Returns why not: starting, draining, or refusing sessions above the memory limit.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        readiness::check(self.phase(), self.memory.rejecting())
+    }
+
+    /// Returns a one-line summary for the service manager's status (`STATUS=`).
+    pub fn status_line(&self) -> String {
+        let mib = |bytes: Option<u64>| {
+            bytes.map_or("n/a".to_owned(), |bytes| {
+                format!("{:.1} MiB", bytes as f64 / 1048576.0)
+            })
+        };
+        let sample = self.memory.sample();
+        let heap = sample.and_then(|s| s.heap).map(|heap| heap.allocated_bytes);
+        let rss = sample.and_then(|s| s.rss_bytes);
+        let pressure = self.memory.pressure();
+        let state = if pressure.rejecting {
+            "refusing new sessions"
+        } else if pressure.under_pressure {
+            "memory pressure"
+        } else {
+            "ok"
+        };
+        format!(
+            "heap {}, rss {}, {} sessions, {state}",
+            mib(heap),
+            mib(rss),
+            self.sessions.active()
+        )
+    }
+
     /// Returns true while under memory pressure, refusing new sessions, or with the resident
     /// set above `memory_limit_mb`.
     pub fn degraded(&self) -> bool {
@@ -144,6 +230,9 @@ pub struct ContextBuilder {
     rss: Option<Box<dyn RssSource>>,
     shed_hooks: Vec<(String, ShedHook)>,
     agent: Option<Arc<dyn Agent>>,
+    notify: Option<NotifySettings>,
+    config_path: Option<PathBuf>,
+    cgroup: Option<Option<CgroupReader>>,
 }
 
 impl fmt::Debug for ContextBuilder {
@@ -183,13 +272,56 @@ impl ContextBuilder {
         self
     }
 
+    /// Notifies the service manager at `settings` (from [`Config::notify_settings`]).
+    pub fn with_notify(mut self, settings: Option<NotifySettings>) -> ContextBuilder {
+        self.notify = settings;
+        self
+    }
+
+    /// Names the configuration file a reload (SIGHUP) re-reads.
+    pub fn with_config_path(mut self, path: Option<PathBuf>) -> ContextBuilder {
+        self.config_path = path;
+        self
+    }
+
+    /// Reads cgroup memory through `reader` instead of finding this process's cgroup
+    /// (`None`: no cgroup).
+    pub fn with_cgroup_reader(mut self, reader: Option<CgroupReader>) -> ContextBuilder {
+        self.cgroup = Some(reader);
+        self
+    }
+
     /// Builds the context.
     ///
     /// # Errors
     ///
     /// Returns an error when a production source or the metrics recorder cannot be set up.
     pub fn build(self) -> Result<Arc<Context>, Error> {
-        let config = self.config;
+        let mut config = self.config;
+        // `CgroupReader::new` looks for this process's cgroup (it is not a default value).
+        let reader = match self.cgroup {
+            Some(reader) => reader,
+            None => CgroupReader::new(),
+        };
+        let cgroup = CgroupMonitor::new(reader);
+        let cgroup_limit = cgroup.limit_bytes();
+        let notes = config.resolve_auto_memory(cgroup_limit);
+        for note in &notes {
+            log::info!("{note}");
+        }
+        if !notes.is_empty() {
+            config.validate("memory thresholds")?;
+        }
+        if let Some(limit) = cgroup_limit
+            && config.memory_limit_bytes() > limit
+        {
+            log::warn!(
+                "memory_limit_mb {} MiB is above the cgroup memory limit {} MiB: the kernel \
+                 would kill blufio before it sheds load; lower it or set memory_limit_mb = \"auto\"",
+                config.daemon.memory_limit_mb,
+                limit / (1024 * 1024)
+            );
+        }
         let heap = match self.heap {
             Some(heap) => heap,
             None => Box::new(AllocatorHeap::new()?),
@@ -209,10 +341,25 @@ impl ContextBuilder {
             }
         };
         let metrics = Metrics::new()?;
-        let budget = config.agent.budget_usd;
-        metrics
-            .budget_remaining_usd
-            .set(if budget > 0.0 { budget } else { f64::INFINITY });
+        let budget = Budget::open(
+            &config.cost,
+            config.daemon.state_dir.as_deref(),
+            metrics.budget_remaining_usd.clone(),
+            SystemTime::now(),
+        )?;
+        let agent = match (self.agent, config.agent.provider) {
+            (Some(agent), _) => Some(agent),
+            (None, Provider::Anthropic | Provider::OpenAi) => {
+                Some(Arc::new(ProviderAgent::new(&config)?) as Arc<dyn Agent>)
+            }
+            (None, _) => None,
+        };
+        if agent.is_some() && budget.path().is_none() && budget.daily_usd() > 0.0 {
+            log::warn!(
+                "no [daemon] state_dir: today's spend is kept in memory only and a restart \
+                 resets the daily budget"
+            );
+        }
         let thresholds = Thresholds {
             warn_bytes: config.memory_warn_bytes(),
             limit_bytes: config.memory_limit_bytes(),
@@ -221,9 +368,10 @@ impl ContextBuilder {
             Limits::from_config(&config.gateway),
             metrics.active_sessions.clone(),
         );
-        if let Some(agent) = &self.agent {
+        if let Some(agent) = &agent {
             for model in agent.models() {
                 metrics.register_model(&model);
+                budget.register_model(&model);
             }
         }
         let max_connections = match config.daemon.max_connections {
@@ -241,18 +389,28 @@ impl ContextBuilder {
             metrics.open_connections.clone(),
             metrics.connection_memory_bytes.clone(),
         );
+        let live = RwLock::new(Arc::new(config.clone()));
         Ok(Arc::new(Context {
             connections,
             memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
             sessions,
             metrics,
-            agent: self.agent,
+            agent,
+            budget,
             shutdown: Swansong::new(),
             closing: Swansong::new(),
             process,
             started: Instant::now(),
             started_at: SystemTime::now(),
             config,
+            notifier: self
+                .notify
+                .as_ref()
+                .map_or_else(Notifier::disabled, Notifier::connect),
+            phase: PhaseCell::default(),
+            live,
+            config_path: self.config_path,
+            cgroup,
         }))
     }
 }

@@ -18,7 +18,9 @@ use crate::{
     context::Context,
     error::Error,
     http::{self, Scope},
-    listener, memory, tasks,
+    listener, memory,
+    readiness::Phase,
+    reload, tasks,
 };
 
 /// How long WebSockets get to send their close frames before the listeners stop.
@@ -67,6 +69,10 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
         (health_addr, gateway_addr)
     };
 
+    // Every listener is bound and the first sample taken: now the daemon is ready.
+    ctx.set_phase(Phase::Serving);
+    ctx.notifier.ready(&ctx.status_line());
+
     let tasks_ctx = Arc::clone(&ctx);
     let tasks = thread::Builder::new()
         .name("blufio-tasks".to_owned())
@@ -103,6 +109,8 @@ impl Daemon {
     /// Stops accepting connections, lets in-flight requests finish for up to `grace`, and
     /// stops the background tasks. Returns true when everything drained in time.
     pub async fn shut_down(mut self, grace: Duration) -> bool {
+        self.ctx.set_phase(Phase::Draining);
+        self.ctx.notifier.stopping();
         let deadline = async_io::Timer::after(grace);
         // First long-lived work: background tasks stop and WebSockets send 1001 while the
         // listeners still run; then the listeners stop and in-flight requests drain.
@@ -149,7 +157,8 @@ async fn blocking_join(handle: thread::JoinHandle<()>) -> thread::Result<()> {
 }
 
 /// Runs a daemon until SIGTERM or SIGINT, then drains it for `[daemon] shutdown_grace_secs`.
-/// A second signal exits at once, without draining.
+/// A second signal exits at once, without draining. SIGHUP reloads the configuration
+/// ([`crate::reload::reload`]); SIGUSR1 and SIGUSR2 are logged and ignored, never fatal.
 ///
 /// # Errors
 ///
@@ -157,22 +166,29 @@ async fn blocking_join(handle: thread::JoinHandle<()>) -> thread::Result<()> {
 pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
     use async_signal::{Signal, Signals};
 
-    // Registered before the listeners open, so an early SIGTERM is not lost.
-    let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(|source| Error::Io {
+    // Registered before the listeners open, so an early signal is neither lost nor fatal.
+    let mut signals = Signals::new([
+        Signal::Term,
+        Signal::Int,
+        Signal::Hup,
+        Signal::Usr1,
+        Signal::Usr2,
+    ])
+    .map_err(|source| Error::Io {
         context: "cannot register signal handlers".to_owned(),
         source,
     })?;
     let grace = Duration::from_secs(ctx.config.daemon.shutdown_grace_secs);
-    let daemon = spawn(ctx)?;
+    let daemon = spawn(Arc::clone(&ctx))?;
     async_io::block_on(async {
-        let first = signals.next().await;
+        let first = next_stop_signal(&mut signals, Some(&ctx)).await;
         log::info!(
             "received {}; draining for up to {grace:?} (send it again to exit at once)",
             signal_name(first)
         );
         let drain = async { Some(daemon.shut_down(grace).await) };
         let second = async {
-            let signal = signals.next().await;
+            let signal = next_stop_signal(&mut signals, None).await;
             log::warn!(
                 "received {} again; exiting without draining",
                 signal_name(signal)
@@ -186,6 +202,32 @@ pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
         }
     });
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT, reloading on SIGHUP (while `ctx` is given, that is before
+/// draining) and logging the signals that are ignored.
+async fn next_stop_signal(
+    signals: &mut async_signal::Signals,
+    ctx: Option<&Arc<Context>>,
+) -> Option<std::io::Result<async_signal::Signal>> {
+    use async_signal::Signal;
+
+    loop {
+        let signal = signals.next().await;
+        match signal {
+            Some(Ok(Signal::Hup)) => match ctx {
+                // A refused reload is logged by `reload` and changes nothing.
+                Some(ctx) => {
+                    log::info!("received SIGHUP; reloading the configuration");
+                    let _ = reload::reload(ctx);
+                }
+                None => log::info!("received SIGHUP while draining; ignored"),
+            },
+            Some(Ok(Signal::Usr1)) => log::info!("received SIGUSR1; ignored"),
+            Some(Ok(Signal::Usr2)) => log::info!("received SIGUSR2; ignored"),
+            other => return other,
+        }
+    }
 }
 
 fn signal_name(signal: Option<std::io::Result<async_signal::Signal>>) -> &'static str {

@@ -64,6 +64,23 @@ pub enum Error {
     Allocator(String),
     /// The metrics recorder could not be set up.
     Metrics(String),
+    /// A file the configuration points to (such as `[gateway] token_file`) could not be read.
+    FileRead {
+        /// What the file is for, as an operator calls it ("token file").
+        what: &'static str,
+        /// The file, resolved against the configuration file's directory.
+        path: PathBuf,
+        /// Why reading failed.
+        source: io::Error,
+    },
+    /// State kept across restarts (the spend file) is unreadable or corrupt; the daemon
+    /// refuses to start rather than forget it.
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl Error {
@@ -71,7 +88,11 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Error::ConfigRead { .. } | Error::ConfigSyntax { .. } | Error::ConfigInvalid { .. }
+            Error::ConfigRead { .. }
+                | Error::ConfigSyntax { .. }
+                | Error::ConfigInvalid { .. }
+                | Error::FileRead { .. }
+                | Error::State { .. }
         )
     }
 }
@@ -107,6 +128,10 @@ impl fmt::Display for Error {
             Error::Io { context, .. } => write!(f, "{context}"),
             Error::Allocator(message) => write!(f, "allocator: {message}"),
             Error::Metrics(message) => write!(f, "metrics: {message}"),
+            Error::FileRead { what, path, .. } => {
+                write!(f, "cannot read {what} {}", path.display())
+            }
+            Error::State { path, message } => write!(f, "{}: {message}", path.display()),
         }
     }
 }
@@ -116,7 +141,8 @@ impl std::error::Error for Error {
         match self {
             Error::ConfigRead { source, .. }
             | Error::Bind { source, .. }
-            | Error::Io { source, .. } => Some(source),
+            | Error::Io { source, .. }
+            | Error::FileRead { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -2,15 +2,21 @@
 //! with its timeout, history, token and cost accounting, latency.
 //!
 //! It knows nothing of HTTP; the callers map [`MessageError`] to statuses or error frames.
+//! A streamed exchange ([`exchange_stream`]) sends deltas through a [`DeltaSender`]; when
+//! its future is dropped (the client went away), the upstream call is dropped with it, the
+//! history is left unchanged, and whatever the stream produced is still charged.
 
-use std::{fmt, time::Instant};
+use std::{
+    fmt,
+    time::{Duration, Instant, SystemTime},
+};
 
 use futures_lite::FutureExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    agent::{AgentError, Usage},
+    agent::{AgentError, DeltaSender, Usage},
     context::Context,
     metrics::{Channel, ErrorKind, TokenType},
     sessions::{Role, Session, Turn},
@@ -24,6 +30,9 @@ pub struct IncomingMessage {
     pub session_id: Option<String>,
     /// The message text.
     pub content: String,
+    /// Stream the reply as deltas (`text/event-stream` over HTTP, delta frames over `/ws`).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// Why a message got no reply.
@@ -31,8 +40,11 @@ pub struct IncomingMessage {
 pub enum MessageError {
     /// No agent is configured.
     NoAgent,
-    /// The agent budget is spent.
-    BudgetExhausted,
+    /// Today's budget is spent.
+    BudgetExhausted {
+        /// Time until the next UTC midnight.
+        retry_after: Duration,
+    },
     /// The agent failed.
     Agent(AgentError),
 }
@@ -42,8 +54,10 @@ impl MessageError {
     pub fn code(&self) -> &'static str {
         match self {
             MessageError::NoAgent => "no_agent",
-            MessageError::BudgetExhausted => "budget_exhausted",
+            MessageError::BudgetExhausted { .. } => "budget_exhausted",
             MessageError::Agent(AgentError::Upstream(_)) => "agent_upstream",
+            MessageError::Agent(AgentError::Rejected { .. }) => "agent_rejected",
+            MessageError::Agent(AgentError::Malformed(_)) => "agent_malformed",
             MessageError::Agent(AgentError::Timeout) => "agent_timeout",
             MessageError::Agent(AgentError::RateLimited { .. }) => "rate_limited",
         }
@@ -53,10 +67,11 @@ impl MessageError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             MessageError::NoAgent => ErrorKind::NoAgent,
-            MessageError::BudgetExhausted | MessageError::Agent(AgentError::RateLimited { .. }) => {
-                ErrorKind::AgentRateLimit
-            }
+            MessageError::BudgetExhausted { .. } => ErrorKind::BudgetExhausted,
+            MessageError::Agent(AgentError::RateLimited { .. }) => ErrorKind::AgentRateLimit,
             MessageError::Agent(AgentError::Upstream(_)) => ErrorKind::AgentUpstream,
+            MessageError::Agent(AgentError::Rejected { .. }) => ErrorKind::AgentRejected,
+            MessageError::Agent(AgentError::Malformed(_)) => ErrorKind::AgentMalformed,
             MessageError::Agent(AgentError::Timeout) => ErrorKind::AgentTimeout,
         }
     }
@@ -66,12 +81,15 @@ impl fmt::Display for MessageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MessageError::NoAgent => f.write_str("no agent is configured ([agent] provider)"),
-            MessageError::BudgetExhausted => {
-                f.write_str("the agent budget is spent ([agent] budget_usd)")
-            }
+            MessageError::BudgetExhausted { .. } => f.write_str(
+                "today's budget is spent ([cost] daily_budget_usd); it refills at 00:00 UTC",
+            ),
             // Upstream details can carry provider internals; the log has them, clients do not.
             MessageError::Agent(AgentError::Upstream(_)) => {
                 f.write_str("the agent's upstream failed")
+            }
+            MessageError::Agent(AgentError::Malformed(_)) => {
+                f.write_str("the agent's upstream answered malformed data")
             }
             MessageError::Agent(error) => write!(f, "{error}"),
         }
@@ -120,18 +138,63 @@ pub async fn exchange(
     content: String,
     channel: Channel,
 ) -> Result<MessageReply, MessageError> {
+    run(ctx, session, content, channel, None).await
+}
+
+/// Like [`exchange`], sending the reply's text through `deltas` as the agent produces it.
+///
+/// Dropping the future cancels the agent call; the history stays unchanged and the tokens
+/// the stream reported (or an estimate from the text sent) are still charged.
+///
+/// # Errors
+///
+/// As [`exchange`].
+pub async fn exchange_stream(
+    ctx: &Context,
+    session: &Session,
+    content: String,
+    channel: Channel,
+    deltas: &DeltaSender,
+) -> Result<MessageReply, MessageError> {
+    run(ctx, session, content, channel, Some(deltas)).await
+}
+
+async fn run(
+    ctx: &Context,
+    session: &Session,
+    content: String,
+    channel: Channel,
+    deltas: Option<&DeltaSender>,
+) -> Result<MessageReply, MessageError> {
     let received = Instant::now();
     ctx.metrics.count_message(channel);
     session.touch();
-    let result = call_agent(ctx, session, &content).await;
+    let mut unfinished = deltas.map(|deltas| Unfinished {
+        ctx,
+        deltas,
+        prompt_chars: session
+            .history()
+            .iter()
+            .map(|turn| turn.content.chars().count() as u64)
+            .sum::<u64>()
+            + content.chars().count() as u64,
+        armed: true,
+    });
+    let result = call_agent(ctx, session, &content, deltas).await;
     ctx.metrics
         .response_latency
         .record(received.elapsed().as_secs_f64());
+    if let Some(unfinished) = &mut unfinished {
+        unfinished.finish(result.is_ok());
+    }
     let reply = match result {
         Ok(reply) => reply,
         Err(error) => {
             ctx.metrics.count_error(error.kind());
-            if let MessageError::Agent(AgentError::Upstream(detail)) = &error {
+            if let MessageError::Agent(
+                AgentError::Upstream(detail) | AgentError::Malformed(detail),
+            ) = &error
+            {
                 log::warn!("agent upstream failed: {detail}");
             }
             return Err(error);
@@ -140,7 +203,7 @@ pub async fn exchange(
     if let Some(usage) = &reply.usage {
         account(ctx, usage);
     }
-    let limits = *ctx.sessions.limits();
+    let limits = ctx.sessions.limits();
     session.push(
         Turn {
             role: Role::User,
@@ -166,22 +229,31 @@ async fn call_agent(
     ctx: &Context,
     session: &Session,
     content: &str,
+    deltas: Option<&DeltaSender>,
 ) -> Result<crate::agent::Reply, MessageError> {
     let agent = ctx.agent.as_ref().ok_or(MessageError::NoAgent)?;
-    let budget = ctx.config.agent.budget_usd;
-    if budget > 0.0 && ctx.metrics.cost_usd() >= budget {
-        return Err(MessageError::BudgetExhausted);
-    }
-    let timeout = std::time::Duration::from_secs(ctx.config.agent.timeout_secs);
+    ctx.budget
+        .check(SystemTime::now())
+        .map_err(|exhausted| MessageError::BudgetExhausted {
+            retry_after: exhausted.retry_after,
+        })?;
+    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let call = match deltas {
+        Some(deltas) => agent.reply_stream(ctx, session, content, deltas),
+        None => agent.reply(ctx, session, content),
+    };
     // A panicking agent must not take the connection task (or an executor thread) with it:
     // the client gets 502 and the daemon keeps serving.
-    let reply = std::panic::AssertUnwindSafe(agent.reply(ctx, session, content))
+    let reply = std::panic::AssertUnwindSafe(call)
         .catch_unwind()
         .or(async {
             async_io::Timer::after(timeout).await;
             Ok(Err(AgentError::Timeout))
         })
         .await;
+    if let Ok(reply) = &reply {
+        agent.record(reply.as_ref().map(|_| ()));
+    }
     match reply {
         Ok(reply) => reply.map_err(MessageError::Agent),
         Err(_) => {
@@ -194,22 +266,93 @@ async fn call_agent(
     }
 }
 
-/// Counts tokens and cost and updates the remaining budget.
+/// Counts tokens and charges the cost to today's budget.
 fn account(ctx: &Context, usage: &Usage) {
     ctx.metrics
         .count_tokens(&usage.model, TokenType::Input, usage.input_tokens);
     ctx.metrics
         .count_tokens(&usage.model, TokenType::Output, usage.output_tokens);
-    let cost = if usage.cost_usd.is_finite() && usage.cost_usd > 0.0 {
-        usage.cost_usd
-    } else {
-        0.0
-    };
-    let spent = ctx.metrics.add_cost_usd(cost);
-    let budget = ctx.config.agent.budget_usd;
-    if budget > 0.0 {
-        ctx.metrics
-            .budget_remaining_usd
-            .set((budget - spent).max(0.0));
+    if let Err(error) = ctx
+        .budget
+        .spend(&usage.model, usage.cost_usd, SystemTime::now())
+    {
+        log::error!(
+            "cannot save today's spend to {}: {error} (it is counted in memory)",
+            ctx.budget
+                .path()
+                .map_or_else(String::new, |path| path.display().to_string())
+        );
+        ctx.metrics.count_error(ErrorKind::Internal);
+    }
+}
+
+/// Charges what a stream produced when it does not finish normally: the client went away
+/// (the future is dropped) or the upstream failed after sending text.
+struct Unfinished<'a> {
+    ctx: &'a Context,
+    deltas: &'a DeltaSender,
+    prompt_chars: u64,
+    armed: bool,
+}
+
+impl Unfinished<'_> {
+    /// Records time to first token; charges the partial stream unless it `succeeded` (then
+    /// the reply's usage is charged instead).
+    fn finish(&mut self, succeeded: bool) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        let progress = self.deltas.progress();
+        if let Some(first) = progress.first_delta_after {
+            self.ctx
+                .metrics
+                .time_to_first_token
+                .record(first.as_secs_f64());
+        }
+        if succeeded {
+            return;
+        }
+        let produced = progress.sent_chars > 0 || progress.output_tokens.is_some();
+        if !produced {
+            return;
+        }
+        let model = progress
+            .model
+            .or_else(|| {
+                self.ctx
+                    .agent
+                    .as_ref()
+                    .and_then(|agent| agent.models().into_iter().next())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let input_tokens = progress
+            .input_tokens
+            .unwrap_or_else(|| crate::provider::estimate_tokens(self.prompt_chars));
+        let output_tokens = progress
+            .output_tokens
+            .unwrap_or_else(|| crate::provider::estimate_tokens(progress.sent_chars));
+        let usage = Usage {
+            cost_usd: self
+                .ctx
+                .config
+                .cost
+                .cost_usd(&model, input_tokens, output_tokens),
+            model,
+            input_tokens,
+            output_tokens,
+        };
+        log::info!(
+            "stream ended early; charging {} input and {} output tokens",
+            usage.input_tokens,
+            usage.output_tokens
+        );
+        account(self.ctx, &usage);
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        self.finish(false);
     }
 }

@@ -28,9 +28,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod budget;
+pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod context;
+pub mod cost;
 mod daemon;
 pub mod deadline;
 pub mod error;
@@ -38,8 +42,13 @@ pub mod gateway;
 pub mod heap;
 pub mod http;
 mod listener;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
+pub mod provider;
+pub mod readiness;
+pub mod reload;
 pub mod request_target;
 pub mod sessions;
 mod tasks;

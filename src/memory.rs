@@ -243,7 +243,8 @@ const PRESSURE_WARNING_INTERVAL: Duration = Duration::from_secs(300);
 pub struct MemoryMonitor {
     heap: Box<dyn HeapSource>,
     rss: Box<dyn RssSource>,
-    thresholds: Thresholds,
+    // Behind a lock so a reload can change them.
+    thresholds: Mutex<Thresholds>,
     shed_hooks: Vec<(String, ShedHook)>,
     state: Mutex<MonitorState>,
     rejecting: AtomicBool,
@@ -263,7 +264,7 @@ impl fmt::Debug for MemoryMonitor {
         f.debug_struct("MemoryMonitor")
             .field("heap", &self.heap)
             .field("rss", &self.rss)
-            .field("thresholds", &self.thresholds)
+            .field("thresholds", &self.thresholds())
             .field("shed_hooks", &self.shed_hooks.len())
             .finish_non_exhaustive()
     }
@@ -280,7 +281,7 @@ impl MemoryMonitor {
         MemoryMonitor {
             heap,
             rss,
-            thresholds,
+            thresholds: Mutex::new(thresholds),
             shed_hooks,
             state: Mutex::new(MonitorState {
                 sample: None,
@@ -316,7 +317,18 @@ impl MemoryMonitor {
 
     /// Returns the thresholds.
     pub fn thresholds(&self) -> Thresholds {
-        self.thresholds
+        match self.thresholds.lock() {
+            Ok(thresholds) => *thresholds,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the thresholds (on reload); they apply from the next tick.
+    pub fn set_thresholds(&self, thresholds: Thresholds) {
+        match self.thresholds.lock() {
+            Ok(mut current) => *current = thresholds,
+            Err(poisoned) => *poisoned.into_inner() = thresholds,
+        }
     }
 
     /// Returns the allocator's name and page size.
@@ -346,6 +358,7 @@ pub fn tick(ctx: &Context) {
     let monitor = &ctx.memory;
     let metrics = &ctx.metrics;
     let previous = monitor.lock().sample;
+    let thresholds = monitor.thresholds();
 
     let heap = match monitor.heap.read() {
         Ok(heap) => heap,
@@ -392,10 +405,10 @@ pub fn tick(ctx: &Context) {
     let connection_bytes = ctx.connections.memory_bytes();
     let session_heap = heap.map(|heap| heap.allocated_bytes.saturating_sub(connection_bytes));
     if let Some(heap) = heap
-        && heap.allocated_bytes > monitor.thresholds.warn_bytes
+        && heap.allocated_bytes > thresholds.warn_bytes
         && connection_bytes > 0
     {
-        let target = monitor.thresholds.warn_bytes / 10 * 9;
+        let target = thresholds.warn_bytes / 10 * 9;
         let excess = heap.allocated_bytes.saturating_sub(target);
         let closed = ctx.connections.shed(excess.min(connection_bytes));
         if closed > 0 {
@@ -408,8 +421,8 @@ pub fn tick(ctx: &Context) {
             );
         }
     }
-    let rss_over_limit = rss_bytes.is_some_and(|rss| rss > monitor.thresholds.limit_bytes);
-    let rss_over_warn = rss_bytes.is_some_and(|rss| rss > monitor.thresholds.warn_bytes);
+    let rss_over_limit = rss_bytes.is_some_and(|rss| rss > thresholds.limit_bytes);
+    let rss_over_warn = rss_bytes.is_some_and(|rss| rss > thresholds.warn_bytes);
     let was_over = monitor
         .rss_over_limit
         .swap(rss_over_limit, Ordering::AcqRel);
@@ -417,7 +430,7 @@ pub fn tick(ctx: &Context) {
         log::warn!(
             "resident memory {} MiB is above memory_limit_mb {} MiB; purging on every tick",
             rss_bytes.unwrap_or(0) / (1024 * 1024),
-            monitor.thresholds.limit_bytes / (1024 * 1024)
+            thresholds.limit_bytes / (1024 * 1024)
         );
     }
 
@@ -425,7 +438,7 @@ pub fn tick(ctx: &Context) {
         let mut state = monitor.lock();
         state.sample = Some(sample);
         let (pressure, transition) = match session_heap {
-            Some(session_heap) => state.pressure.next(session_heap, monitor.thresholds),
+            Some(session_heap) => state.pressure.next(session_heap, thresholds),
             None => (state.pressure, Transition::default()),
         };
         state.pressure = pressure;
@@ -450,7 +463,6 @@ pub fn tick(ctx: &Context) {
         .set(if pressure.rejecting { 1.0 } else { 0.0 });
 
     let heap_mib = session_heap.unwrap_or(0) / (1024 * 1024);
-    let thresholds = monitor.thresholds;
     if warn {
         log::warn!(
             "memory pressure: heap {heap_mib} MiB is above memory_warn_mb {} MiB; purging and shedding",

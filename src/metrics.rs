@@ -59,6 +59,15 @@ pub enum ErrorKind {
     NoAgent,
     /// Something failed inside blufio.
     Internal,
+    /// A WebSocket client broke the protocol (bad framing, a text frame that is not UTF-8);
+    /// the connection was closed with 1002 or 1007.
+    WebSocketProtocol,
+    /// The model provider refused a request (a 4xx other than 429).
+    AgentRejected,
+    /// The model provider answered something that is not its documented JSON.
+    AgentMalformed,
+    /// The daily budget is spent.
+    BudgetExhausted,
     /// A connection opened with the HTTP/2 preface, which blufio does not serve.
     Http2Refused,
     /// A connection was refused at `max_connections` or `max_connections_per_ip`.
@@ -77,7 +86,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 23] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -90,6 +99,10 @@ impl ErrorKind {
         ErrorKind::AgentRateLimit,
         ErrorKind::NoAgent,
         ErrorKind::Internal,
+        ErrorKind::WebSocketProtocol,
+        ErrorKind::AgentRejected,
+        ErrorKind::AgentMalformed,
+        ErrorKind::BudgetExhausted,
         ErrorKind::Http2Refused,
         ErrorKind::ConnectionLimit,
         ErrorKind::AcceptFailed,
@@ -114,6 +127,10 @@ impl ErrorKind {
             ErrorKind::AgentRateLimit => "agent_rate_limit",
             ErrorKind::NoAgent => "no_agent",
             ErrorKind::Internal => "internal",
+            ErrorKind::WebSocketProtocol => "websocket_protocol",
+            ErrorKind::AgentRejected => "agent_rejected",
+            ErrorKind::AgentMalformed => "agent_malformed",
+            ErrorKind::BudgetExhausted => "budget_exhausted",
             ErrorKind::Http2Refused => "http2_refused",
             ErrorKind::ConnectionLimit => "connection_limit",
             ErrorKind::AcceptFailed => "accept_failed",
@@ -191,7 +208,8 @@ pub struct Metrics {
     shed_pressure: Counter,
     shed_idle: Counter,
     tokens: Mutex<HashMap<(String, TokenType), Counter>>,
-    cost_usd: Mutex<f64>,
+    /// `blufio_time_to_first_token_seconds` (streamed replies).
+    pub time_to_first_token: Histogram,
     /// `blufio_open_connections`.
     pub open_connections: Gauge,
     /// `blufio_connection_memory_bytes`.
@@ -216,6 +234,11 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("blufio_response_latency_seconds".to_owned()),
+                LATENCY_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_time_to_first_token_seconds".to_owned()),
                 LATENCY_BUCKETS,
             )
             .map_err(|error| Error::Metrics(error.to_string()))?
@@ -256,7 +279,7 @@ impl Metrics {
             shed_idle: registry
                 .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
             tokens: Mutex::new(HashMap::new()),
-            cost_usd: Mutex::new(0.0),
+            time_to_first_token: registry.histogram("blufio_time_to_first_token_seconds"),
             open_connections: registry.gauge("blufio_open_connections"),
             connection_memory_bytes: registry.gauge("blufio_connection_memory_bytes"),
             recorder,
@@ -368,24 +391,6 @@ impl Metrics {
         self.count_tokens(model, TokenType::Output, 0);
     }
 
-    /// Returns the money spent so far, in US dollars.
-    pub fn cost_usd(&self) -> f64 {
-        match self.cost_usd.lock() {
-            Ok(total) => *total,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    /// Adds to the money spent and returns the total, in US dollars.
-    pub fn add_cost_usd(&self, cost: f64) -> f64 {
-        let mut total = match self.cost_usd.lock() {
-            Ok(total) => total,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *total += cost;
-        *total
-    }
-
     /// Drains histogram buffers; the memory monitor calls this on every tick so buffers do not
     /// grow while nobody scrapes.
     pub fn run_upkeep(&self) {
@@ -446,7 +451,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("blufio_active_sessions", "Sessions open now."),
     (
         "blufio_budget_remaining_usd",
-        "Agent budget left, in US dollars (+Inf when unlimited).",
+        "Agent budget left today (UTC day), in US dollars (+Inf when unlimited).",
     ),
     (
         "blufio_response_latency_seconds",
@@ -478,6 +483,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     ("blufio_errors_total", "Errors, by type."),
     (
+        "blufio_time_to_first_token_seconds",
+        "Time from a streamed message's arrival to its first text delta, in seconds.",
+    ),
+    (
         "blufio_sessions_shed_total",
         "Sessions trimmed or closed to free memory or after idling, by reason.",
     ),
@@ -497,7 +506,7 @@ fn registry_describe(recorder: &PrometheusRecorder) {
         let help = SharedString::const_str(help);
         if name.ends_with("_total") {
             recorder.describe_counter(key, None, help);
-        } else if *name == "blufio_response_latency_seconds" {
+        } else if name.ends_with("_seconds") {
             recorder.describe_histogram(key, None, help);
         } else {
             recorder.describe_gauge(key, None, help);

@@ -271,14 +271,15 @@ pub struct Sessions {
 struct Registry {
     map: Mutex<HashMap<String, Arc<Session>>>,
     live: Arc<LiveCounter>,
-    limits: Limits,
+    // Behind a lock so a reload can change them while sessions are open.
+    limits: Mutex<Limits>,
 }
 
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sessions")
             .field("active", &self.active())
-            .field("limits", &self.inner.limits)
+            .field("limits", &self.limits())
             .finish()
     }
 }
@@ -301,7 +302,7 @@ impl Sessions {
                     count: AtomicU64::new(0),
                     gauge,
                 }),
-                limits,
+                limits: Mutex::new(limits),
             }),
         }
     }
@@ -312,8 +313,20 @@ impl Sessions {
     }
 
     /// Returns the limits.
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
+    pub fn limits(&self) -> Limits {
+        match self.inner.limits.lock() {
+            Ok(limits) => *limits,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the limits (on reload); open sessions keep their histories until their next
+    /// message, and a lower `max_sessions` closes no session, it only refuses new ones.
+    pub fn set_limits(&self, limits: Limits) {
+        match self.inner.limits.lock() {
+            Ok(mut current) => *current = limits,
+            Err(poisoned) => *poisoned.into_inner() = limits,
+        }
     }
 
     /// Opens a session unless admission control refuses it. `memory_rejecting` is the memory
@@ -332,7 +345,7 @@ impl Sessions {
         }
         let mut map = self.lock();
         // Counting live sessions (not map entries) also covers sessions being torn down.
-        if self.active() >= self.inner.limits.max_sessions {
+        if self.active() >= self.limits().max_sessions {
             return Err(Rejected::SessionLimit);
         }
         let now = unix_now();
@@ -383,7 +396,7 @@ impl Sessions {
     /// Closes HTTP sessions idle longer than the idle timeout; returns how many were closed.
     pub fn evict_idle(&self, ctx: &Context) -> u64 {
         let now = Instant::now();
-        let timeout = self.inner.limits.idle_timeout;
+        let timeout = self.limits().idle_timeout;
         let evicted: Vec<Arc<Session>> = {
             let mut map = self.lock();
             let ids: Vec<String> = map
@@ -411,7 +424,7 @@ impl Sessions {
         let mut idle: Vec<(Duration, Arc<Session>)> = sessions
             .into_iter()
             .map(|session| (session.idle_for(now), session))
-            .filter(|(idle_for, _)| *idle_for >= shed_idle_after(&self.inner.limits))
+            .filter(|(idle_for, _)| *idle_for >= shed_idle_after(&self.limits()))
             .collect();
         let mut trimmed = 0;
         for (_, session) in &idle {
@@ -419,7 +432,7 @@ impl Sessions {
             if trim(
                 &mut state,
                 SHED_KEEP_MESSAGES,
-                self.inner.limits.max_history_bytes,
+                self.limits().max_history_bytes,
             ) {
                 trimmed += 1;
             }
@@ -589,7 +602,7 @@ mod tests {
     fn history_drops_oldest_beyond_message_and_byte_limits() {
         let (sessions, _) = registry(10);
         let guard = sessions.open(SessionKind::Http, false).unwrap();
-        let limits = *sessions.limits();
+        let limits = sessions.limits();
         for text in ["a", "bb", "ccc", "dddd"] {
             guard.session().push(
                 Turn {

@@ -16,6 +16,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+mod cgroup;
 #[cfg(all(target_os = "linux", not(feature = "force-fallback")))]
 #[path = "linux.rs"]
 mod imp;
@@ -28,8 +29,19 @@ mod imp;
 ))]
 #[path = "fallback.rs"]
 mod imp;
+mod journal;
+mod notify;
 
 use std::io;
+
+pub use crate::{
+    cgroup::{
+        CgroupMemory, CgroupPaths, CgroupReader, CgroupVersion, parse_bytes, parse_limit,
+        parse_proc_cgroup,
+    },
+    journal::{parse_journal_stream, stderr_is_journal},
+    notify::{NotifySocket, monotonic_usec},
+};
 
 /// Reads this process's resident set size.
 #[derive(Debug)]

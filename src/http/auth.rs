@@ -40,7 +40,9 @@ impl BearerAuthHandler {
 
 impl Handler for BearerAuthHandler {
     async fn run(&self, conn: Conn) -> Conn {
-        let Some(expected) = &self.ctx.config.gateway.token else {
+        // The live configuration: a reload (SIGHUP) can rotate the token.
+        let live = self.ctx.live();
+        let Some(expected) = &live.gateway.token else {
             return response::error(
                 &self.ctx,
                 conn,

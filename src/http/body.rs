@@ -3,6 +3,11 @@
 //! A declared `Content-Length` above the limit is refused before a byte of the body is read;
 //! a chunked body is refused as soon as it passes the limit (trillium enforces it while
 //! reading), so an oversized body is never buffered whole.
+//!
+//! JSON is UTF-8 (RFC 8259): the body is parsed from its bytes, so invalid UTF-8 is refused
+//! with 400 `invalid_json` instead of being replaced, whatever charset the client claims.
+//! serde_json's recursion limit (128) turns deeply nested input into the same 400 rather
+//! than a stack overflow.
 
 use serde::de::DeserializeOwned;
 use trillium::{Conn, KnownHeaderName, Status};
@@ -22,7 +27,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large(ctx, conn, limit));
     }
-    let body = match conn.request_body_string().await {
+    let body = match conn.request_body().read_bytes().await {
         Ok(body) => body,
         Err(trillium::Error::ReceivedBodyTooLong(_)) => return Err(too_large(ctx, conn, limit)),
         // A chunked body passing the limit surfaces as an I/O error of kind `Unsupported`.
@@ -40,7 +45,20 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
             ));
         }
     };
-    match serde_json::from_str(&body) {
+    if let Err(error) = std::str::from_utf8(&body) {
+        return Err(response::error(
+            ctx,
+            conn,
+            Status::BadRequest,
+            ErrorKind::BadRequest,
+            "invalid_json",
+            format!(
+                "the body is not UTF-8 (invalid byte at offset {})",
+                error.valid_up_to()
+            ),
+        ));
+    }
+    match serde_json::from_slice(&body) {
         Ok(value) => Ok((conn, value)),
         Err(error) => Err(response::error(
             ctx,

@@ -102,9 +102,44 @@ fn details(ctx: &Context) -> Value {
         "max_sessions": ctx.sessions.limits().max_sessions,
         "agent": if ctx.agent.is_some() { "configured" } else { "none" },
         "errors": errors,
+        "memory_cgroup_limit_bytes": ctx.cgroup.limit_bytes(),
+        "memory_cgroup_usage_bytes": ctx.cgroup.latest().and_then(|m| m.usage_bytes),
+        "ready": ctx.readiness().err().map_or("ready", |reason| reason.as_str()),
     });
     if let Value::Object(extra) = extra {
         body.extend(extra);
     }
+    body.insert("budget".into(), budget(ctx));
+    if let Some(upstream) = ctx.agent.as_ref().and_then(|agent| agent.upstream()) {
+        body.insert("upstream".into(), upstream_json(&upstream));
+    }
     Value::Object(body)
+}
+
+/// Today's spend; `remaining_usd` is null without a limit.
+fn budget(ctx: &Context) -> Value {
+    let now = std::time::SystemTime::now();
+    let remaining = ctx.budget.remaining_usd(now);
+    json!({
+        "daily_usd": ctx.budget.daily_usd(),
+        "spent_today_usd": ctx.budget.spent_today_usd(now),
+        "remaining_usd": remaining.is_finite().then_some(remaining),
+        "persisted": ctx.budget.path().is_some(),
+    })
+}
+
+/// The provider's state: never the key, only whether one is set.
+fn upstream_json(upstream: &crate::agent::UpstreamStatus) -> Value {
+    let unix = |at: Option<std::time::SystemTime>| {
+        at.and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|since| since.as_secs())
+    };
+    json!({
+        "provider": upstream.provider,
+        "model": upstream.model,
+        "api_key": if upstream.api_key_set { "set" } else { "unset" },
+        "last_error": upstream.last_error,
+        "last_error_at_unix": unix(upstream.last_error_at),
+        "last_success_at_unix": unix(upstream.last_success_at),
+    })
 }

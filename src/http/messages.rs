@@ -8,7 +8,7 @@ use crate::{
     agent::AgentError,
     context::Context,
     gateway::{self, IncomingMessage, MessageError},
-    http::{body, response, sessions},
+    http::{body, response, sessions, stream},
     metrics::{Channel, ErrorKind},
     sessions::{SessionKind, is_session_id},
 };
@@ -57,6 +57,9 @@ impl Handler for MessagesHandler {
                 Err(rejected) => return sessions::rejection(ctx, conn, rejected),
             },
         };
+        if message.stream {
+            return stream::respond(ctx, conn, session, message.content, message_error).await;
+        }
         match gateway::exchange(ctx, &session, message.content, Channel::Http).await {
             Ok(reply) => response::json(conn, Status::Ok, &reply.to_json()),
             Err(error) => message_error(conn, &error),
@@ -67,8 +70,16 @@ impl Handler for MessagesHandler {
 fn message_error(mut conn: Conn, error: &MessageError) -> Conn {
     let status = match error {
         MessageError::NoAgent => Status::ServiceUnavailable,
-        MessageError::BudgetExhausted => Status::TooManyRequests,
-        MessageError::Agent(AgentError::Upstream(_)) => Status::BadGateway,
+        MessageError::BudgetExhausted { retry_after } => {
+            conn.insert_response_header(
+                KnownHeaderName::RetryAfter,
+                retry_after.as_secs().max(1).to_string(),
+            );
+            Status::TooManyRequests
+        }
+        MessageError::Agent(
+            AgentError::Upstream(_) | AgentError::Rejected { .. } | AgentError::Malformed(_),
+        ) => Status::BadGateway,
         MessageError::Agent(AgentError::Timeout) => Status::GatewayTimeout,
         MessageError::Agent(AgentError::RateLimited { retry_after }) => {
             if let Some(retry_after) = retry_after {

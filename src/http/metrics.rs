@@ -28,9 +28,13 @@ impl MetricsHandler {
 impl Handler for MetricsHandler {
     async fn run(&self, conn: Conn) -> Conn {
         let mut body = String::with_capacity(8 * 1024);
+        // A new UTC day refills the budget gauge even when no message arrives.
+        self.ctx.budget.refresh(std::time::SystemTime::now());
         self.ctx
             .metrics
             .render(&self.ctx.process_sample(), &mut body);
+        self.ctx.budget.render(&mut body);
+        self.ctx.cgroup.render(&mut body);
         conn.with_status(Status::Ok)
             .with_response_header(KnownHeaderName::ContentType, CONTENT_TYPE)
             .with_body(body)

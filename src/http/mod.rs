@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `GET, HEAD /health` | none | `health.rs` |
 //! | `GET, HEAD /metrics` | none | `metrics.rs` |
+//! | `GET, HEAD /ready` | none | `ready.rs` |
 //! | `GET /v1/health` | bearer | `health.rs` |
 //! | `POST, GET /v1/sessions`, `GET, DELETE /v1/sessions/:id` | bearer | `sessions.rs` |
 //! | `POST /v1/messages` | bearer | `messages.rs` |
@@ -16,8 +17,10 @@ mod body;
 pub mod health;
 pub mod messages;
 pub mod metrics;
+pub mod ready;
 pub(crate) mod response;
 pub mod sessions;
+mod stream;
 pub mod ws;
 
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use self::{
     health::{DetailedHealthHandler, HealthHandler},
     messages::MessagesHandler,
     metrics::MetricsHandler,
+    ready::ReadyHandler,
     sessions::{SessionAction, SessionsHandler},
 };
 
@@ -54,6 +58,11 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
             &[Method::Get, Method::Head],
             "/health",
             HealthHandler::new(Arc::clone(&ctx)),
+        );
+        router = router.any(
+            &[Method::Get, Method::Head],
+            "/ready",
+            ReadyHandler::new(Arc::clone(&ctx)),
         );
         router = if ctx.config.prometheus.enabled {
             router.any(

@@ -5,6 +5,18 @@
 //! frames carry the same JSON as `POST /v1/messages`; replies and errors come back as text
 //! frames. The server pings more often than the connection deadline so quiet clients stay
 //! connected, and closes with 1001 ("going away") on shutdown.
+//!
+//! A client that breaks the protocol gets the close code RFC 6455 names for it, counted in
+//! `blufio_errors_total`: 1002 for bad framing (an unmasked frame, reserved bits, a
+//! fragmented control frame), 1007 for a text frame that is not UTF-8, 1009 for a message or
+//! frame over `max_message_bytes` (refused from its header, before the payload is read).
+//! Text that is UTF-8 but not the expected JSON is an application error: it gets an error
+//! frame and the connection stays open.
+//!
+//! A frame with `"stream": true` is answered with `{"type": "delta", "session_id", "delta"}`
+//! frames, then `{"type": "done", "session_id", "content", "usage"}` (or `{"type": "error",
+//! "error", "message"}`); see `stream.rs`. A send that fails mid-stream cancels the upstream
+//! call.
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,13 +26,20 @@ use serde_json::{Value, json};
 use trillium::{Conn, Handler, KnownHeaderName, Status};
 use trillium_websockets::{
     Message, WebSocket, WebSocketConfig, WebSocketConn, WebSocketHandler,
-    tungstenite::protocol::{CloseFrame, frame::coding::CloseCode},
+    tungstenite::{
+        self,
+        error::ProtocolError,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
 };
 
 use crate::{
     context::Context,
     gateway::{self, IncomingMessage},
-    http::{response, sessions},
+    http::{
+        response, sessions,
+        stream::{ReplyStream, StreamEvent, ws_frame},
+    },
     metrics::{Channel, ErrorKind},
     sessions::{Session, SessionGuard, SessionKind},
 };
@@ -119,8 +138,10 @@ impl WebSocketHandler for SessionSocket {
             let outcome = match event {
                 Event::Ping => conn.send(Message::Ping(Vec::new().into())).await,
                 Event::Inbound(Some(Ok(Message::Text(text)))) => {
-                    let reply = on_text(ctx, guard.session(), text.as_str()).await;
-                    conn.send_string(reply.to_string()).await
+                    match on_text(ctx, guard.session(), text.as_str(), &mut conn).await {
+                        TextOutcome::Frame(reply) => conn.send_string(reply.to_string()).await,
+                        TextOutcome::Streamed(outcome) => outcome,
+                    }
                 }
                 Event::Inbound(Some(Ok(Message::Binary(_)))) => {
                     ctx.metrics.count_error(ErrorKind::BadRequest);
@@ -131,6 +152,14 @@ impl WebSocketHandler for SessionSocket {
                 Event::Inbound(Some(Ok(_))) => Ok(()),
                 Event::Inbound(Some(Err(error))) => {
                     log::debug!("websocket error: {error}");
+                    if let Some((code, kind, reason)) = close_for(&error) {
+                        ctx.metrics.count_error(kind);
+                        let frame = CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        };
+                        let _ = conn.send(Message::Close(Some(frame))).await;
+                    }
                     break;
                 }
             };
@@ -147,15 +176,73 @@ impl WebSocketHandler for SessionSocket {
     }
 }
 
-async fn on_text(ctx: &Context, session: &Arc<Session>, text: &str) -> Value {
+/// What a text frame led to: one reply frame to send, or a stream already sent.
+enum TextOutcome {
+    Frame(Value),
+    Streamed(Result<(), trillium_websockets::Error>),
+}
+
+async fn on_text(
+    ctx: &Arc<Context>,
+    session: &Arc<Session>,
+    text: &str,
+    conn: &mut WebSocketConn,
+) -> TextOutcome {
+    match parse_frame(ctx, session, text) {
+        Ok(message) if message.stream => {
+            let frames = stream_frames(ctx, session, message.content, conn);
+            // Shutdown drops the stream (cancelling the upstream call); the loop then closes.
+            TextOutcome::Streamed(ctx.closing.interrupt(frames).await.unwrap_or(Ok(())))
+        }
+        Ok(message) => TextOutcome::Frame(
+            match gateway::exchange(ctx, session, message.content, Channel::WebSocket).await {
+                Ok(reply) => reply.to_json(),
+                Err(error) => error_frame(error.code(), &error.to_string()),
+            },
+        ),
+        Err(frame) => TextOutcome::Frame(frame),
+    }
+}
+
+/// Sends a streamed reply as delta frames and a final frame.
+async fn stream_frames(
+    ctx: &Arc<Context>,
+    session: &Arc<Session>,
+    content: String,
+    conn: &mut WebSocketConn,
+) -> Result<(), trillium_websockets::Error> {
+    let mut stream = ReplyStream::new(
+        Arc::clone(ctx),
+        Arc::clone(session),
+        content,
+        Channel::WebSocket,
+    );
+    while let Some(event) = stream.next().await {
+        if let StreamEvent::Heartbeat = event {
+            // A ping reveals a departed client without a frame the client must parse.
+            conn.send(Message::Ping(Vec::new().into())).await?;
+            continue;
+        }
+        conn.send_string(ws_frame(&event, session.id()).to_string())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Parses and checks a text frame; `Err` is the error frame to send back.
+fn parse_frame(
+    ctx: &Context,
+    session: &Arc<Session>,
+    text: &str,
+) -> Result<IncomingMessage, Value> {
     let message: IncomingMessage = match serde_json::from_str(text) {
         Ok(message) => message,
         Err(error) => {
             ctx.metrics.count_error(ErrorKind::BadRequest);
-            return error_frame(
+            return Err(error_frame(
                 "invalid_json",
                 &format!("the frame is not the expected JSON: {error}"),
-            );
+            ));
         }
     };
     if message
@@ -164,18 +251,39 @@ async fn on_text(ctx: &Context, session: &Arc<Session>, text: &str) -> Value {
         .is_some_and(|id| id != session.id())
     {
         ctx.metrics.count_error(ErrorKind::BadRequest);
-        return error_frame(
+        return Err(error_frame(
             "session_mismatch",
             "a WebSocket is bound to its own session",
-        );
+        ));
     }
     if message.content.trim().is_empty() {
         ctx.metrics.count_error(ErrorKind::BadRequest);
-        return error_frame("bad_request", "content must not be empty");
+        return Err(error_frame("bad_request", "content must not be empty"));
     }
-    match gateway::exchange(ctx, session, message.content, Channel::WebSocket).await {
-        Ok(reply) => reply.to_json(),
-        Err(error) => error_frame(error.code(), &error.to_string()),
+    Ok(message)
+}
+
+/// Returns the close code, error kind and reason for a read error the client caused; `None`
+/// when the peer is gone (nothing can be sent) or the fault is not the client's.
+fn close_for(error: &tungstenite::Error) -> Option<(CloseCode, ErrorKind, &'static str)> {
+    match error {
+        tungstenite::Error::Capacity(_) => Some((
+            CloseCode::Size,
+            ErrorKind::PayloadTooLarge,
+            "message larger than [gateway] max_message_bytes",
+        )),
+        tungstenite::Error::Utf8(_) => Some((
+            CloseCode::Invalid,
+            ErrorKind::WebSocketProtocol,
+            "text frame is not UTF-8",
+        )),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        tungstenite::Error::Protocol(_) => Some((
+            CloseCode::Protocol,
+            ErrorKind::WebSocketProtocol,
+            "protocol error",
+        )),
+        _ => None,
     }
 }
 

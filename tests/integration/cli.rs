@@ -16,7 +16,7 @@ pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
 /// Returns a command running the `blufio` binary. Under `cargo xtask test-cross` the binary
 /// is foreign: cargo's runner variable for this target (qemu-user) is inherited from cargo, so
 /// it is used here too, since the host kernel cannot execute the binary by itself.
-fn blufio() -> Command {
+pub(crate) fn blufio() -> Command {
     let runner_var = format!(
         "CARGO_TARGET_{}_RUNNER",
         env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
@@ -84,7 +84,7 @@ fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc:
     }
 }
 
-fn wait(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..300 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
@@ -120,12 +120,23 @@ fn sigterm_drains_and_exits_zero() {
 }
 
 #[test]
-fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
+fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
     let port = free_port();
     let config = format!(
-        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token\"\n"
+        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token-0123456789\"\n"
     );
-    let (mut child, _addr, _lines) = start_binary(&config, "status");
+    let (mut child, addr, _lines) = start_binary(&config, "status");
+    let created = support::request(
+        addr,
+        "POST",
+        "/v1/sessions",
+        &[
+            ("Authorization", "Bearer status-token-0123456789"),
+            ("Content-Type", "application/json"),
+        ],
+        Some("{}"),
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
     let path = temp_dir("status").join("blufio.toml");
     let output = blufio()
         .args(["status", "--config"])
@@ -134,19 +145,188 @@ fn status_reports_a_running_daemon_and_fails_for_a_missing_one() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains(": healthy"), "{stdout}");
-    assert!(stdout.contains("admission       accepting"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("blufio at http://{addr}: healthy")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("% of warn"), "{stdout}");
+    assert!(
+        stdout.contains("thresholds   warn 150.0 MiB, limit 200.0 MiB"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  cgroup       "), "{stdout}");
+    assert!(
+        stdout.contains("admission accepting; readiness ready"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sessions     1 of 1000"), "{stdout}");
+    assert!(
+        stdout.contains("budget       $0.00 of $10.00 spent today (UTC)"),
+        "{stdout}"
+    );
+    // Not a terminal: no bar.
+    assert!(!stdout.contains("[#"), "{stdout}");
     assert!(!stdout.contains("status-token"));
+
+    let output = blufio()
+        .args(["status", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let document: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(document["status"], "healthy");
+    assert_eq!(document["detailed"], true);
+    assert_eq!(document["active_sessions"], 1);
+    assert_eq!(document["admission"], "accepting");
+    assert_eq!(document["memory_limit_bytes"], 200 * 1024 * 1024);
+    assert!(document["memory_heap_bytes"].as_u64().unwrap() > 0);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let output = blufio()
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("blufio is not running at"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"right-token-0123456789\"\n"
+    );
+    let (mut child, addr, _lines) = start_binary(&config, "status-token");
+    let wrong = temp_dir("status-token").join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"wrong-token-0123456789\"\n"),
+    )
+    .unwrap();
+    let output = blufio()
+        .args(["status", "--config"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refused the configured gateway token"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong-token"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let output = blufio()
+        .args([
+            "health",
+            "--url",
+            &format!("http://{addr}/health"),
+            "--timeout",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains(": 200 healthy"));
+    let output = blufio()
+        .args(["health", "--config"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
     child.kill().unwrap();
     child.wait().unwrap();
 
+    let output = blufio()
+        .args(["health", "--url", &format!("http://{addr}/health")])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr)
+            .trim()
+            .lines()
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn status_against_a_garbage_stream_stops_at_the_bound() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let chunk = [b'x'; 65536];
+                while stream.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let path = temp_dir("garbage").join("blufio.toml");
+    std::fs::write(
+        &path,
+        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
+    )
+    .unwrap();
     let output = blufio()
         .args(["status", "--config"])
         .arg(&path)
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach blufio"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not an HTTP reply"), "{stderr}");
+}
+
+#[test]
+fn config_default_is_the_example_file_and_show_redacts_secrets() {
+    let output = blufio().args(["config", "default"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"))
+            .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), example);
+
+    let dir = temp_dir("config-show");
+    let path = dir.join("blufio.toml");
+    std::fs::write(
+        &path,
+        "[daemon]\nhealth_port = 9100\n[gateway]\ntoken = \"hunter2-secret-0123\"\n",
+    )
+    .unwrap();
+    let output = blufio()
+        .args(["config", "show", "--config"])
+        .arg(&path)
+        .env_remove("BLUFIO_GATEWAY_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("token = \"<redacted>\""), "{shown}");
+    assert!(shown.contains("health_port = 9100"), "{shown}");
+    assert!(shown.contains("memory_limit_mb = 200"), "{shown}");
+    assert!(shown.contains("[agent]"), "{shown}");
+
+    for command in [&["check-config"][..], &["config", "check"][..]] {
+        let output = blufio()
+            .args(command)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{command:?}");
+        assert!(String::from_utf8_lossy(&output.stdout).contains(": ok"));
+    }
 }
 
 #[test]
@@ -210,4 +390,115 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
 fn unknown_command_is_a_usage_error() {
     let output = blufio().arg("frobnicate").output().unwrap();
     assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn status_exits_1_when_the_daemon_reports_degraded() {
+    // A stand-in answering /health the way a daemon under memory pressure does.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            let body = r#"{"status":"degraded","uptime_secs":7,"memory_heap_bytes":220000000,"memory_rss_bytes":260000000,"active_sessions":3}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let path = temp_dir("degraded").join("blufio.toml");
+    std::fs::write(
+        &path,
+        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
+    )
+    .unwrap();
+    let output = blufio()
+        .args(["status", "--config"])
+        .arg(&path)
+        .env_remove("BLUFIO_GATEWAY_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(": degraded"), "{stdout}");
+    assert!(stdout.contains("sessions     3"), "{stdout}");
+}
+
+/// Runs the binary with stderr in a file, optionally announcing that file as the journal,
+/// until it has logged that it listens; returns what it wrote.
+fn log_lines_with_journal(name: &str, announce_journal: bool) -> String {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = temp_dir(name);
+    let port = free_port();
+    let config_path = dir.join("blufio.toml");
+    std::fs::write(
+        &config_path,
+        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
+    )
+    .unwrap();
+    let log_path = dir.join("stderr.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let identity = log_file.metadata().unwrap();
+    let mut command = blufio();
+    command
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("BLUFIO_LOG", "info")
+        .env_remove("BLUFIO_GATEWAY_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    if announce_journal {
+        command.env(
+            "JOURNAL_STREAM",
+            format!("{}:{}", identity.dev(), identity.ino()),
+        );
+    } else {
+        command.env_remove("JOURNAL_STREAM");
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline {
+        text = std::fs::read_to_string(&log_path).unwrap();
+        if text.contains("listening on") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    text
+}
+
+#[test]
+fn log_lines_carry_syslog_priorities_only_when_stderr_is_the_journal() {
+    let journal = log_lines_with_journal("journal-on", true);
+    assert!(journal.contains("listening on"), "{journal}");
+    let warning = journal
+        .lines()
+        .find(|line| line.contains("no gateway token configured"))
+        .unwrap_or_else(|| panic!("no token warning in {journal}"));
+    assert!(warning.starts_with("<4>blufio"), "{warning}");
+    let listening = journal
+        .lines()
+        .find(|line| line.contains("listening on"))
+        .unwrap();
+    assert!(listening.starts_with("<6>blufio"), "{listening}");
+
+    let terminal = log_lines_with_journal("journal-off", false);
+    assert!(terminal.contains("listening on"), "{terminal}");
+    assert!(
+        terminal.lines().all(|line| !line.starts_with('<')),
+        "{terminal}"
+    );
 }

@@ -168,7 +168,7 @@ fn without_an_agent_messages_get_503_and_sessions_still_work() {
 #[test]
 fn spending_the_budget_turns_messages_into_429() {
     let mut config = Config::for_tests();
-    config.agent.budget_usd = 1.0;
+    config.cost.daily_budget_usd = 1.0;
     let daemon = start_gateway(config);
     for _ in 0..2 {
         assert_eq!(

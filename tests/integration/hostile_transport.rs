@@ -529,11 +529,18 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
 
     terminate(&mut child);
     let logged: Vec<String> = lines.iter().collect();
+    // One line per episode, not per failure: the backlog the flood leaves may start a second
+    // short episode after the first recovery, but never one line per failed accept.
     let episodes = logged
         .iter()
-        .filter(|line| line.contains("accept failed"))
+        .filter(|line| line.contains("accept failed") && !line.contains("more like this"))
         .count();
-    assert_eq!(episodes, 1, "{logged:#?}");
+    assert!((1..=3).contains(&episodes), "{logged:#?}");
+    assert!(
+        (episodes as f64) < failures,
+        "{failures} failures, {logged:#?}"
+    );
+    assert!(logged.len() < 30, "{logged:#?}");
     assert!(
         logged.iter().any(|line| line.contains("accept recovered")),
         "{logged:#?}"

@@ -2,14 +2,20 @@
 //! to them over real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cgroup;
 mod cli;
+mod fake_provider;
 mod gateway;
 mod health;
+mod hostile_input;
 mod hostile_transport;
 mod isolation;
 mod metrics;
 mod pressure;
 mod prometheus;
+mod providers;
+mod ready;
 mod routing;
+mod service;
 mod support;
 mod websocket;

@@ -26,7 +26,7 @@ const EVERY_METRIC: &[(&str, &str)] = &[
 #[test]
 fn metrics_pass_a_strict_parser_and_contain_every_metric() {
     let mut config = Config::for_tests();
-    config.agent.budget_usd = 2.5;
+    config.cost.daily_budget_usd = 2.5;
     let daemon = support::start(config);
     // Touch a labelled series so tokens render (registered per model by agents).
     daemon.ctx.metrics.register_model("test-model");

@@ -1,0 +1,227 @@
+//! Streamed replies: `POST /v1/messages` with `"stream": true` (server-sent events) and the
+//! `/ws` delta frames share [`ReplyStream`].
+//!
+//! No task is spawned: the stream owns the gateway's exchange future and polls it whenever
+//! the response body (or the WebSocket loop) asks for more. When the client goes away,
+//! trillium drops the body, which drops the exchange and with it the upstream request.
+//!
+//! Event shapes (SSE `event:` name, then the `data:` JSON):
+//!
+//! | event | data |
+//! |---|---|
+//! | `delta` | `{"delta": "text"}`, one per upstream text delta, in order |
+//! | `done` | the non-streamed reply: `{"session_id", "content", "usage"}` |
+//! | `error` | `{"error": code, "message": text}` after the stream started |
+//!
+//! While the upstream is silent, a comment line (`: keep-alive`) goes out every
+//! [`HEARTBEAT`]: proxies keep the connection, and a client that left is noticed (only a
+//! write reveals it) so the upstream call is cancelled within seconds.
+//!
+//! An error before the first delta (no agent, budget spent, upstream refused) is answered
+//! as a plain JSON error with its status instead, as without streaming.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
+
+use async_io::Timer;
+use futures_lite::{AsyncRead, Stream};
+use serde_json::{Value, json};
+use trillium::{Body, Conn, KnownHeaderName, Status};
+
+use crate::{
+    agent::DeltaSender,
+    context::Context,
+    gateway::{self, MessageError, MessageReply},
+    metrics::Channel,
+    sessions::Session,
+};
+
+/// Deltas buffered between the upstream and a slow client, at most; the upstream read
+/// waits beyond that (back-pressure, so a slow client cannot make the daemon buffer a reply).
+const DELTA_BUFFER: usize = 32;
+
+/// How often a silent stream writes something, so a departed client is noticed.
+pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
+type Exchange = Pin<Box<dyn Future<Output = Result<MessageReply, MessageError>> + Send>>;
+
+/// One thing a streamed reply says.
+#[derive(Debug)]
+pub(crate) enum StreamEvent {
+    /// A piece of text.
+    Delta(String),
+    /// The end: the whole reply, or why it failed.
+    Finished(Result<MessageReply, MessageError>),
+    /// Nothing happened for [`HEARTBEAT`]; write something the client ignores.
+    Heartbeat,
+}
+
+/// A streamed exchange: drives the gateway and yields its deltas and final result.
+pub(crate) struct ReplyStream {
+    exchange: Option<Exchange>,
+    deltas: Pin<Box<async_channel::Receiver<String>>>,
+    result: Option<Result<MessageReply, MessageError>>,
+    heartbeat: Timer,
+}
+
+impl ReplyStream {
+    /// Starts (lazily: nothing happens until polled) a streamed exchange.
+    pub(crate) fn new(
+        ctx: Arc<Context>,
+        session: Arc<Session>,
+        content: String,
+        channel: Channel,
+    ) -> ReplyStream {
+        let (sender, deltas) = async_channel::bounded(DELTA_BUFFER);
+        let exchange = Box::pin(async move {
+            let sender = DeltaSender::new(sender);
+            gateway::exchange_stream(&ctx, &session, content, channel, &sender).await
+        });
+        ReplyStream {
+            exchange: Some(exchange),
+            deltas: Box::pin(deltas),
+            result: None,
+            heartbeat: Timer::interval(HEARTBEAT),
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<StreamEvent>> {
+        if let Some(exchange) = &mut self.exchange
+            && let Poll::Ready(result) = exchange.as_mut().poll(cx)
+        {
+            self.result = Some(result);
+            self.exchange = None;
+        }
+        match self.deltas.as_mut().poll_next(cx) {
+            Poll::Ready(Some(text)) => {
+                self.heartbeat.set_interval(HEARTBEAT);
+                Poll::Ready(Some(StreamEvent::Delta(text)))
+            }
+            // The sender lives inside the exchange, so a closed channel means it finished.
+            Poll::Ready(None) => Poll::Ready(self.result.take().map(StreamEvent::Finished)),
+            Poll::Pending => match Pin::new(&mut self.heartbeat).poll_next(cx) {
+                Poll::Ready(_) => Poll::Ready(Some(StreamEvent::Heartbeat)),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    /// Returns the next event; `None` after the final one.
+    pub(crate) async fn next(&mut self) -> Option<StreamEvent> {
+        futures_lite::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+}
+
+/// Answers a streamed `POST /v1/messages`: waits for the first event, then either answers
+/// a JSON error (nothing was streamed yet) or starts the event stream.
+pub(crate) async fn respond(
+    ctx: &Arc<Context>,
+    conn: Conn,
+    session: Arc<Session>,
+    content: String,
+    on_error: impl FnOnce(Conn, &MessageError) -> Conn,
+) -> Conn {
+    let mut stream = ReplyStream::new(Arc::clone(ctx), session, content, Channel::Http);
+    // Until the first real event nothing is committed, so an early failure keeps its status.
+    let first = loop {
+        match stream.next().await {
+            Some(StreamEvent::Heartbeat) => {}
+            Some(StreamEvent::Finished(Err(error))) => return on_error(conn, &error),
+            Some(event) => break event,
+            None => return conn.with_status(Status::InternalServerError).halt(),
+        }
+    };
+    let mut body = SseBody {
+        stream,
+        buffer: Vec::new(),
+        offset: 0,
+        ended: false,
+    };
+    body.buffer = sse_frame(&first);
+    conn.with_status(Status::Ok)
+        .with_response_header(KnownHeaderName::ContentType, "text/event-stream")
+        .with_response_header(KnownHeaderName::CacheControl, "no-store")
+        // Reverse proxies (nginx) would otherwise hold deltas back.
+        .with_response_header("x-accel-buffering", "no")
+        .with_body(Body::new_streaming(body, None))
+        .halt()
+}
+
+/// Returns the JSON a `/ws` client receives for an event (see the module docs of `ws.rs`).
+pub(crate) fn ws_frame(event: &StreamEvent, session_id: &str) -> Value {
+    match event {
+        StreamEvent::Delta(text) => {
+            json!({ "type": "delta", "session_id": session_id, "delta": text })
+        }
+        StreamEvent::Finished(Ok(reply)) => {
+            let mut frame = reply.to_json();
+            if let Value::Object(map) = &mut frame {
+                map.insert("type".into(), json!("done"));
+            }
+            frame
+        }
+        StreamEvent::Finished(Err(error)) => {
+            json!({ "type": "error", "error": error.code(), "message": error.to_string() })
+        }
+        StreamEvent::Heartbeat => json!({ "type": "heartbeat" }),
+    }
+}
+
+fn sse_frame(event: &StreamEvent) -> Vec<u8> {
+    let (name, data) = match event {
+        StreamEvent::Heartbeat => return b": keep-alive\n\n".to_vec(),
+        StreamEvent::Delta(text) => ("delta", json!({ "delta": text })),
+        StreamEvent::Finished(Ok(reply)) => ("done", reply.to_json()),
+        StreamEvent::Finished(Err(error)) => (
+            "error",
+            json!({ "error": error.code(), "message": error.to_string() }),
+        ),
+    };
+    // JSON never contains a raw newline, so one `data:` line carries it.
+    format!("event: {name}\ndata: {data}\n\n").into_bytes()
+}
+
+/// The response body of a streamed reply.
+struct SseBody {
+    stream: ReplyStream,
+    buffer: Vec<u8>,
+    offset: usize,
+    ended: bool,
+}
+
+impl AsyncRead for SseBody {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            let pending = this.buffer.get(this.offset..).unwrap_or_default();
+            if !pending.is_empty() {
+                let count = pending.len().min(out.len());
+                if let (Some(target), Some(source)) = (out.get_mut(..count), pending.get(..count)) {
+                    target.copy_from_slice(source);
+                }
+                this.offset += count;
+                return Poll::Ready(Ok(count));
+            }
+            if this.ended {
+                return Poll::Ready(Ok(0));
+            }
+            match this.stream.poll_event(cx) {
+                Poll::Ready(Some(event)) => {
+                    this.buffer = sse_frame(&event);
+                    this.offset = 0;
+                }
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

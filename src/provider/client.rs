@@ -1,0 +1,81 @@
+//! The HTTP(S) client the providers share: trillium-client on trillium-smol, with rustls
+//! (ring provider, webpki root bundle) behind the `tls` feature.
+//!
+//! Roots ship in the binary (webpki-roots) rather than coming from the host's store: a
+//! Raspberry Pi image or a minimal container may have an outdated store or none, and the
+//! bundle keeps the binary's behaviour the same everywhere. `[agent] ca_file` replaces the
+//! bundle with the operator's CA for a private endpoint. Only HTTP/1.1 is offered over ALPN:
+//! the daemon sends one request at a time per connection, and it keeps the tested path the
+//! production path. Connections are pooled and reused by trillium-client.
+
+use std::path::Path;
+
+use trillium_client::Client;
+
+/// Builds the client.
+///
+/// # Errors
+///
+/// Returns a message naming the problem when `ca_file` cannot be read or holds no
+/// certificate.
+pub(crate) fn build(ca_file: Option<&Path>) -> Result<Client, String> {
+    let tcp = trillium_smol::ClientConfig::new().with_nodelay(true);
+    #[cfg(feature = "tls")]
+    {
+        let tls = tls_config(ca_file)?;
+        Ok(Client::new(trillium_rustls::RustlsConfig::new(tls, tcp)))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        if let Some(path) = ca_file {
+            return Err(format!(
+                "{} is set but this build has no TLS (cargo feature `tls`)",
+                path.display()
+            ));
+        }
+        Ok(Client::new(tcp))
+    }
+}
+
+/// Returns true when this build can talk HTTPS.
+pub(crate) const fn has_tls() -> bool {
+    cfg!(feature = "tls")
+}
+
+#[cfg(feature = "tls")]
+fn tls_config(ca_file: Option<&Path>) -> Result<trillium_rustls::RustlsClientConfig, String> {
+    use std::sync::Arc;
+
+    use trillium_rustls::rustls::{
+        ClientConfig, RootCertStore,
+        crypto::ring,
+        pki_types::{CertificateDer, pem::PemObject},
+    };
+
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            for certificate in CertificateDer::pem_slice_iter(&pem) {
+                let certificate = certificate.map_err(|error| {
+                    format!("{} is not a PEM certificate file: {error}", path.display())
+                })?;
+                roots.add(certificate).map_err(|error| {
+                    format!("{} holds an unusable certificate: {error}", path.display())
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{} holds no PEM certificate", path.display()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS setup failed: {error}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config.into())
+}

@@ -1,0 +1,610 @@
+//! The built-in model providers (`[agent] provider = "anthropic" | "openai"`): one
+//! [`ProviderAgent`] that sends the session history to the upstream API, retries what is
+//! worth retrying, streams replies, and prices the usage.
+//!
+//! Failure policy: `429`, `529` (and other non-standard statuses, which the HTTP client
+//! cannot parse) and `5xx` answers and connection failures are retried
+//! (at most [`MAX_ATTEMPTS`] calls) with exponential backoff and jitter, honouring a
+//! `retry-after` in seconds up to [`MAX_RETRY_WAIT`]; other `4xx` answers are not retried.
+//! The upstream's body is never passed on to clients or logged (it may echo the request).
+//! The API key goes only into the request header; it is never logged or shown. Wire formats
+//! live in `anthropic.rs` and `openai.rs`, the event-stream parser in `sse.rs`, the HTTP
+//! client in `client.rs`.
+
+pub mod anthropic;
+mod client;
+pub mod openai;
+pub mod sse;
+
+use std::{
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use async_io::Timer;
+use futures_lite::AsyncReadExt;
+use trillium_client::{Client, Conn, KnownHeaderName, Url};
+
+use self::sse::{SseEvent, SseParser};
+use crate::{
+    agent::{Agent, AgentError, BoxFuture, DeltaSender, Reply, UpstreamStatus, Usage},
+    config::{AgentConfig, Config, Provider, Secret},
+    context::Context,
+    cost::CostConfig,
+    error::Error,
+    sessions::{Session, Turn},
+};
+
+/// Calls to the upstream for one message, at most (the first try and two retries).
+pub const MAX_ATTEMPTS: u32 = 3;
+/// The longest wait between two calls; a `retry-after` beyond it is returned to the client.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(20);
+/// The first retry waits about this long; each further retry doubles it.
+const BACKOFF_BASE: Duration = Duration::from_millis(400);
+/// The largest reply read from the upstream (a non-streamed body, or a stream's text).
+const MAX_REPLY_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest event-stream line or event read from the upstream.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// The model asked when `[agent] model` is not set and the provider is `anthropic`.
+pub const DEFAULT_ANTHROPIC_MODEL: &str = "claude-sonnet-4-5";
+
+/// A reply as a provider's wire format reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Parsed {
+    pub(crate) content: String,
+    pub(crate) model: Option<String>,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
+}
+
+/// One thing a streamed event says.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum StreamItem {
+    Delta(String),
+    Usage {
+        model: Option<String>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    },
+    Done,
+    Failed(String),
+    Nothing,
+}
+
+/// Returns the provider's public API root.
+fn default_base_url(provider: Provider) -> &'static str {
+    match provider {
+        Provider::OpenAi => "https://api.openai.com",
+        _ => "https://api.anthropic.com",
+    }
+}
+
+/// Checks the `[agent]` keys a provider needs; the error names the key.
+pub(crate) fn validate(agent: &AgentConfig) -> Result<(), (&'static str, String)> {
+    if !matches!(agent.provider, Provider::Anthropic | Provider::OpenAi) {
+        return Ok(());
+    }
+    let name = agent.provider.as_str();
+    endpoint(agent).map_err(|message| ("[agent] base_url", message))?;
+    if agent.provider == Provider::Anthropic && agent.api_key.is_none() {
+        return Err((
+            "[agent] api_key_file",
+            "provider \"anthropic\" needs an API key: set ANTHROPIC_API_KEY or api_key_file"
+                .to_owned(),
+        ));
+    }
+    if agent.provider == Provider::OpenAi && agent.model.is_none() {
+        return Err((
+            "[agent] model",
+            "provider \"openai\" needs a model (for example \"gpt-4o-mini\", or \"llama3.2\" \
+             on Ollama)"
+                .to_owned(),
+        ));
+    }
+    if agent
+        .model
+        .as_deref()
+        .is_some_and(|model| model.trim().is_empty())
+    {
+        return Err(("[agent] model", "must not be empty".to_owned()));
+    }
+    if agent.max_tokens == 0 {
+        return Err(("[agent] max_tokens", "must be greater than 0".to_owned()));
+    }
+    if agent.ca_file.is_some() && !client::has_tls() {
+        return Err((
+            "[agent] ca_file",
+            format!("provider {name:?}: this build has no TLS (cargo feature `tls`)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Returns the endpoint URL: `{base_url}/v1/messages` or `{base_url}/v1/chat/completions`.
+fn endpoint(agent: &AgentConfig) -> Result<Url, String> {
+    let base = agent
+        .base_url
+        .as_deref()
+        .unwrap_or(default_base_url(agent.provider));
+    let url = Url::parse(base).map_err(|error| format!("{base:?} is not a URL: {error}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" if client::has_tls() => {}
+        "https" => {
+            return Err(format!(
+                "{base:?} needs TLS, which this build lacks (cargo feature `tls`)"
+            ));
+        }
+        other => return Err(format!("{base:?}: scheme {other:?} is not http or https")),
+    }
+    if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{base:?} needs a host and no user or password (keys go in api_key_file)"
+        ));
+    }
+    let path = match agent.provider {
+        Provider::OpenAi => "v1/chat/completions",
+        _ => "v1/messages",
+    };
+    let mut root = url.as_str().trim_end_matches('/').to_owned();
+    root.push('/');
+    Url::parse(&root)
+        .and_then(|root| root.join(path))
+        .map_err(|error| format!("{base:?}: {error}"))
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    last_error: Option<(String, SystemTime)>,
+    last_success: Option<SystemTime>,
+}
+
+/// The Anthropic or OpenAI-compatible agent.
+pub struct ProviderAgent {
+    provider: Provider,
+    client: Client,
+    endpoint: Url,
+    model: String,
+    max_tokens: u32,
+    system: Option<String>,
+    api_key: Option<Secret>,
+    cost: CostConfig,
+    health: Mutex<Health>,
+}
+
+impl std::fmt::Debug for ProviderAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderAgent")
+            .field("provider", &self.provider)
+            .field("endpoint", &self.endpoint.as_str())
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProviderAgent {
+    /// Builds the agent `config` describes (`[agent] provider` must be `anthropic` or
+    /// `openai`).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::ConfigInvalid`] naming the key when the provider settings are
+    /// unusable (no key, bad URL, unreadable `ca_file`).
+    pub fn new(config: &Config) -> Result<ProviderAgent, Error> {
+        let agent = &config.agent;
+        let invalid = |key: &str, message: String| Error::ConfigInvalid {
+            origin: "configuration".to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if !matches!(agent.provider, Provider::Anthropic | Provider::OpenAi) {
+            return Err(invalid(
+                "[agent] provider",
+                format!("{:?} is not a model provider", agent.provider.as_str()),
+            ));
+        }
+        validate(agent).map_err(|(key, message)| invalid(key, message))?;
+        let endpoint = endpoint(agent).map_err(|message| invalid("[agent] base_url", message))?;
+        let client = client::build(agent.ca_file.as_deref())
+            .map_err(|message| invalid("[agent] ca_file", message))?;
+        let model = agent
+            .model
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ANTHROPIC_MODEL.to_owned());
+        Ok(ProviderAgent {
+            provider: agent.provider,
+            client,
+            endpoint,
+            model,
+            max_tokens: agent.max_tokens,
+            system: agent.system.clone(),
+            api_key: agent.api_key.clone(),
+            cost: config.cost.clone(),
+            health: Mutex::new(Health::default()),
+        })
+    }
+
+    fn body(&self, history: &[Turn], message: &str, stream: bool) -> String {
+        let build = match self.provider {
+            Provider::OpenAi => openai::request_body,
+            _ => anthropic::request_body,
+        };
+        let system = self.system.as_deref();
+        build(
+            &self.model,
+            self.max_tokens,
+            system,
+            history,
+            message,
+            stream,
+        )
+        .to_string()
+    }
+
+    fn request(&self, body: String, stream: bool) -> Conn {
+        let mut conn = self
+            .client
+            .post(self.endpoint.clone())
+            .with_request_header(KnownHeaderName::ContentType, "application/json")
+            .with_body(body);
+        if stream {
+            // A streamed response is never drained for reuse: closing the connection is how
+            // a departed client cancels the upstream generation.
+            conn = conn
+                .with_request_header(KnownHeaderName::Accept, "text/event-stream")
+                .with_request_header(KnownHeaderName::Connection, "close");
+        }
+        match (self.provider, &self.api_key) {
+            (Provider::OpenAi, Some(key)) => conn.with_request_header(
+                KnownHeaderName::Authorization,
+                format!("Bearer {}", key.expose()),
+            ),
+            (Provider::OpenAi, None) => conn,
+            (_, key) => conn
+                .with_request_header(
+                    "x-api-key",
+                    key.as_ref()
+                        .map_or(String::new(), |key| key.expose().to_owned()),
+                )
+                .with_request_header("anthropic-version", anthropic::VERSION),
+        }
+    }
+
+    /// Sends the request, retrying 429, 5xx and connection failures; returns a 2xx conn.
+    async fn send(&self, body: String, stream: bool) -> Result<Conn, AgentError> {
+        let mut attempt = 1;
+        loop {
+            let (error, hint) = match self.request(body.clone(), stream).await {
+                Ok(conn) => {
+                    let status = conn.status().map_or(0, |status| status as u16);
+                    match status {
+                        200..=299 => return Ok(conn),
+                        429 => {
+                            let hint = retry_after(&conn);
+                            (AgentError::RateLimited { retry_after: hint }, hint)
+                        }
+                        500..=599 => (
+                            AgentError::Upstream(format!("HTTP {status}")),
+                            retry_after(&conn),
+                        ),
+                        _ => return Err(AgentError::Rejected { status }),
+                    }
+                }
+                // trillium's status type has no 529 (Anthropic's "overloaded") and other
+                // non-standard codes; they fail parsing and are retried like a 5xx.
+                Err(trillium_client::Error::InvalidStatus) => (
+                    AgentError::Upstream(
+                        "non-standard HTTP status (such as 529 overloaded)".to_owned(),
+                    ),
+                    None,
+                ),
+                Err(error) => (
+                    AgentError::Upstream(format!("cannot reach the provider: {error}")),
+                    None,
+                ),
+            };
+            let delay = backoff(attempt, hint, jitter());
+            if attempt >= MAX_ATTEMPTS || delay > MAX_RETRY_WAIT {
+                return Err(error);
+            }
+            log::warn!(
+                "{} upstream: {error}; retrying in {} ms (attempt {attempt} of {MAX_ATTEMPTS})",
+                self.provider.as_str(),
+                delay.as_millis()
+            );
+            Timer::after(delay).await;
+            attempt += 1;
+        }
+    }
+
+    fn parse_reply(&self, body: &str) -> Result<Parsed, String> {
+        match self.provider {
+            Provider::OpenAi => openai::parse_reply(body),
+            _ => anthropic::parse_reply(body),
+        }
+    }
+
+    fn parse_event(&self, event: &SseEvent) -> Result<Vec<StreamItem>, String> {
+        match self.provider {
+            Provider::OpenAi => openai::parse_event(event),
+            _ => anthropic::parse_event(event).map(|item| vec![item]),
+        }
+    }
+
+    fn usage(&self, model: Option<String>, input: u64, output: u64) -> Usage {
+        let model = model.unwrap_or_else(|| self.model.clone());
+        Usage {
+            cost_usd: self.cost.cost_usd(&model, input, output),
+            model,
+            input_tokens: input,
+            output_tokens: output,
+        }
+    }
+
+    async fn complete(&self, history: &[Turn], message: &str) -> Result<Reply, AgentError> {
+        let mut conn = self.send(self.body(history, message, false), false).await?;
+        let body = conn
+            .response_body()
+            .with_max_len(MAX_REPLY_BYTES)
+            .read_string()
+            .await
+            .map_err(|error| AgentError::Upstream(format!("cannot read the reply: {error}")))?;
+        let parsed = self.parse_reply(&body).map_err(AgentError::Malformed)?;
+        let input = parsed
+            .input_tokens
+            .unwrap_or_else(|| estimate_prompt_tokens(history, message));
+        let output = parsed
+            .output_tokens
+            .unwrap_or_else(|| estimate_tokens(parsed.content.chars().count() as u64));
+        Ok(Reply {
+            usage: Some(self.usage(parsed.model, input, output)),
+            content: parsed.content,
+        })
+    }
+
+    async fn stream(
+        &self,
+        history: &[Turn],
+        message: &str,
+        deltas: &DeltaSender,
+    ) -> Result<Reply, AgentError> {
+        let mut conn = self.send(self.body(history, message, true), true).await?;
+        let mut body = conn.response_body();
+        let mut parser = SseParser::new(MAX_EVENT_BYTES);
+        let mut buffer = vec![0; 8 * 1024];
+        let mut events = Vec::new();
+        let mut content = String::new();
+        let (mut model, mut input, mut output) = (None, None, None);
+        let mut done = false;
+        while !done {
+            let read = body.read(&mut buffer).await.map_err(|error| {
+                AgentError::Upstream(format!("the reply stream broke: {error}"))
+            })?;
+            if read == 0 {
+                return Err(AgentError::Upstream(
+                    "the reply stream ended before its final event".to_owned(),
+                ));
+            }
+            let chunk = buffer.get(..read).unwrap_or_default();
+            parser
+                .push(chunk, &mut events)
+                .map_err(|error| AgentError::Malformed(error.to_string()))?;
+            for event in events.drain(..) {
+                for item in self.parse_event(&event).map_err(AgentError::Malformed)? {
+                    match item {
+                        StreamItem::Delta(text) => {
+                            if content.len() + text.len() > MAX_REPLY_BYTES as usize {
+                                return Err(AgentError::Malformed(format!(
+                                    "the streamed reply is longer than {MAX_REPLY_BYTES} bytes"
+                                )));
+                            }
+                            content.push_str(&text);
+                            if deltas.send(&text).await.is_err() {
+                                return Err(AgentError::Upstream(
+                                    "the client went away mid-stream".to_owned(),
+                                ));
+                            }
+                        }
+                        StreamItem::Usage {
+                            model: reported_model,
+                            input_tokens,
+                            output_tokens,
+                        } => {
+                            deltas.report_usage(
+                                reported_model.as_deref(),
+                                input_tokens,
+                                output_tokens,
+                            );
+                            model = reported_model.or(model);
+                            input = input_tokens.or(input);
+                            output = output_tokens.or(output);
+                        }
+                        StreamItem::Done => done = true,
+                        StreamItem::Failed(kind) => {
+                            return Err(AgentError::Upstream(format!(
+                                "the reply stream reported an error: {kind}"
+                            )));
+                        }
+                        StreamItem::Nothing => {}
+                    }
+                }
+            }
+        }
+        let input = input.unwrap_or_else(|| estimate_prompt_tokens(history, message));
+        let output = output.unwrap_or_else(|| estimate_tokens(content.chars().count() as u64));
+        Ok(Reply {
+            usage: Some(self.usage(model, input, output)),
+            content,
+        })
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        match self.health.lock() {
+            Ok(health) => health,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+impl Agent for ProviderAgent {
+    fn reply<'a>(
+        &'a self,
+        _ctx: &'a Context,
+        session: &'a Session,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+        Box::pin(async move { self.complete(&session.history(), message).await })
+    }
+
+    fn reply_stream<'a>(
+        &'a self,
+        _ctx: &'a Context,
+        session: &'a Session,
+        message: &'a str,
+        deltas: &'a DeltaSender,
+    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+        Box::pin(async move { self.stream(&session.history(), message, deltas).await })
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec![self.model.clone()]
+    }
+
+    fn upstream(&self) -> Option<UpstreamStatus> {
+        let health = self.lock_health();
+        Some(UpstreamStatus {
+            provider: self.provider.as_str(),
+            model: self.model.clone(),
+            api_key_set: self.api_key.is_some(),
+            last_error: health.last_error.as_ref().map(|(error, _)| error.clone()),
+            last_error_at: health.last_error.as_ref().map(|(_, at)| *at),
+            last_success_at: health.last_success,
+        })
+    }
+
+    fn record(&self, outcome: Result<(), &AgentError>) {
+        let mut health = self.lock_health();
+        match outcome {
+            Ok(()) => health.last_success = Some(SystemTime::now()),
+            Err(error) => health.last_error = Some((error.to_string(), SystemTime::now())),
+        }
+    }
+}
+
+/// Reads `retry-after` in seconds (the form both providers send); dates are ignored.
+fn retry_after(conn: &Conn) -> Option<Duration> {
+    conn.response_headers()
+        .get_str(KnownHeaderName::RetryAfter)
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+        .map(|seconds| Duration::from_secs_f64(seconds.min(86_400.0)))
+}
+
+/// Returns the wait before call `attempt + 1`: `retry-after` when given, else
+/// `BACKOFF_BASE * 2^(attempt-1)` scaled by `jitter` (0.5 to 1.5).
+fn backoff(attempt: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    if let Some(wait) = retry_after {
+        return wait;
+    }
+    let exponent = attempt.saturating_sub(1).min(6);
+    BACKOFF_BASE
+        .saturating_mul(1 << exponent)
+        .mul_f64(jitter.clamp(0.5, 1.5))
+}
+
+/// Returns a factor between 0.5 and 1.5, so clients retrying together spread out.
+fn jitter() -> f64 {
+    let mut byte = [0u8; 1];
+    match getrandom::fill(&mut byte) {
+        Ok(()) => 0.5 + f64::from(byte[0]) / 255.0,
+        Err(_) => 1.0,
+    }
+}
+
+/// Estimates tokens from characters (about four per token in English text), for upstreams
+/// that report no usage.
+pub fn estimate_tokens(chars: u64) -> u64 {
+    chars.div_ceil(4)
+}
+
+fn estimate_prompt_tokens(history: &[Turn], message: &str) -> u64 {
+    let chars: usize = history
+        .iter()
+        .map(|turn| turn.content.chars().count())
+        .sum::<usize>()
+        + message.chars().count();
+    estimate_tokens(chars as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(provider: Provider, base_url: Option<&str>) -> AgentConfig {
+        AgentConfig {
+            provider,
+            base_url: base_url.map(str::to_owned),
+            api_key: Some(Secret::new("k")),
+            model: Some("m".to_owned()),
+            ..AgentConfig::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_join_the_api_path_to_the_base_url() {
+        let url = |provider, base| endpoint(&agent(provider, base)).unwrap().to_string();
+        assert_eq!(
+            url(Provider::Anthropic, None),
+            "https://api.anthropic.com/v1/messages"
+        );
+        assert_eq!(
+            url(Provider::OpenAi, Some("http://127.0.0.1:11434/")),
+            "http://127.0.0.1:11434/v1/chat/completions"
+        );
+        assert_eq!(
+            url(Provider::OpenAi, Some("http://gpu.lan/proxy")),
+            "http://gpu.lan/proxy/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn unusable_settings_name_their_key() {
+        for bad in ["not a url", "ftp://x", "http://user:pw@host"] {
+            let (key, _) = validate(&agent(Provider::OpenAi, Some(bad))).unwrap_err();
+            assert_eq!(key, "[agent] base_url", "{bad}");
+        }
+        let mut anthropic = agent(Provider::Anthropic, None);
+        anthropic.api_key = None;
+        assert_eq!(validate(&anthropic).unwrap_err().0, "[agent] api_key_file");
+        let mut openai = agent(Provider::OpenAi, None);
+        openai.api_key = None;
+        validate(&openai).unwrap();
+        openai.model = None;
+        assert_eq!(validate(&openai).unwrap_err().0, "[agent] model");
+        validate(&agent(Provider::Echo, Some("not a url"))).unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_honours_retry_after() {
+        assert_eq!(backoff(1, None, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff(2, None, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff(3, None, 0.5), Duration::from_millis(800));
+        assert_eq!(
+            backoff(30, None, 1.5),
+            Duration::from_millis(400 * 64 * 3 / 2)
+        );
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(3)), 1.0),
+            Duration::from_secs(3)
+        );
+        let factor = jitter();
+        assert!((0.5..=1.5).contains(&factor));
+    }
+
+    #[test]
+    fn estimates_round_up_to_whole_tokens() {
+        assert_eq!(estimate_tokens(0), 0);
+        assert_eq!(estimate_tokens(1), 1);
+        assert_eq!(estimate_tokens(8), 2);
+    }
+}
