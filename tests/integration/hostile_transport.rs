@@ -454,10 +454,20 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
         ),
     )
     .unwrap();
+    // Under `cargo xtask test-cross` the binary is foreign: run it through cargo's runner
+    // (qemu-user), as the CLI tests do; `$RUNNER` is empty otherwise.
+    let runner_var = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
+    );
     let mut child = Command::new("bash")
-        .args(["-c", "ulimit -n 256 && exec \"$0\" serve --config \"$1\""])
+        .args([
+            "-c",
+            "ulimit -n 256 && exec $RUNNER \"$0\" serve --config \"$1\"",
+        ])
         .arg(cli::BINARY)
         .arg(&path)
+        .env("RUNNER", std::env::var(runner_var).unwrap_or_default())
         .env("BLUFIO_LOG", "info")
         .env_remove("BLUFIO_GATEWAY_TOKEN")
         .stdin(Stdio::null())
