@@ -77,6 +77,11 @@ pub struct DaemonConfig {
     /// Directory for state that must survive restarts (today's spend); none keeps it in
     /// memory only.
     pub state_dir: Option<PathBuf>,
+    /// Open client connections across all listeners; `0` derives it from the file-descriptor
+    /// soft limit (see [`crate::connection::derived_max_connections`]).
+    pub max_connections: usize,
+    /// Open client connections from one IP address on one listener.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for DaemonConfig {
@@ -91,6 +96,8 @@ impl Default for DaemonConfig {
             request_timeout_secs: 30,
             log_level: "info".to_owned(),
             state_dir: None,
+            max_connections: 0,
+            max_connections_per_ip: 64,
         }
     }
 }
@@ -619,6 +626,10 @@ impl Config {
             ),
             ("[gateway] max_history_bytes", gateway.max_history_bytes),
             ("[gateway] max_message_bytes", gateway.max_message_bytes),
+            (
+                "[daemon] max_connections_per_ip",
+                daemon.max_connections_per_ip as u64,
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(origin, key, "must be greater than 0"));

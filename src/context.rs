@@ -20,6 +20,7 @@ use crate::{
     budget::Budget,
     cgroup::CgroupMonitor,
     config::{Config, Provider},
+    connection::{Connections, derived_max_connections},
     error::Error,
     heap::AllocatorHeap,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
@@ -60,6 +61,8 @@ pub struct Context {
     config_path: Option<PathBuf>,
     /// The daemon's own cgroup memory limit and usage.
     pub cgroup: CgroupMonitor,
+    /// Open client connections, their limits and the heap charged to them.
+    pub connections: Connections,
 }
 
 impl fmt::Debug for Context {
@@ -212,10 +215,11 @@ impl Context {
         )
     }
 
-    /// Returns true while under memory pressure or refusing new sessions.
+    /// Returns true while under memory pressure, refusing new sessions, or with the resident
+    /// set above `memory_limit_mb`.
     pub fn degraded(&self) -> bool {
         let pressure = self.memory.pressure();
-        pressure.under_pressure || pressure.rejecting
+        pressure.under_pressure || pressure.rejecting || self.memory.rss_over_limit()
     }
 }
 
@@ -370,8 +374,24 @@ impl ContextBuilder {
                 budget.register_model(&model);
             }
         }
+        let max_connections = match config.daemon.max_connections {
+            0 => derived_max_connections(
+                process
+                    .as_ref()
+                    .and_then(|reader| reader.sample().ok())
+                    .and_then(|sample| sample.max_fds),
+            ),
+            configured => configured,
+        };
+        let connections = Connections::new(
+            max_connections,
+            config.daemon.max_connections_per_ip,
+            metrics.open_connections.clone(),
+            metrics.connection_memory_bytes.clone(),
+        );
         let live = RwLock::new(Arc::new(config.clone()));
         Ok(Arc::new(Context {
+            connections,
             memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
             sessions,
             metrics,

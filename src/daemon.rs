@@ -10,26 +10,21 @@ use std::{
 
 use async_executor::Executor;
 use futures_lite::{FutureExt, StreamExt, future};
-use trillium::HttpConfig;
-use trillium_smol::async_net;
+use trillium_server_common::RuntimeTrait;
+use trillium_smol::{SmolRuntime, async_net};
 
 use crate::{
+    connection,
     context::Context,
-    deadline::DeadlineAcceptor,
     error::Error,
     http::{self, Scope},
-    memory,
+    listener, memory,
     readiness::Phase,
     reload, tasks,
 };
 
 /// How long WebSockets get to send their close frames before the listeners stop.
 const CLOSING_BUDGET: Duration = Duration::from_secs(2);
-
-/// Request headers a connection's map has room for before it grows (trillium's default: 32).
-const REQUEST_HEADER_CAPACITY: usize = 8;
-/// Response headers a connection's map has room for before it grows (trillium's default: 32).
-const RESPONSE_HEADER_CAPACITY: usize = 8;
 
 /// A running daemon: its listeners and background tasks.
 #[derive(Debug)]
@@ -263,30 +258,21 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
     })
 }
 
-/// Starts serving on `listener`; the server stops when `ctx.shutdown` fires, so its handle
-/// is not kept.
+/// Starts serving on `listener` with blufio's own accept loop (`listener.rs`); it stops when
+/// `ctx.shutdown` fires, so no handle is kept.
 fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<(), Error> {
     let addr = local_addr(&listener)?;
     let listener = async_net::TcpListener::try_from(listener)
         .map_err(|source| Error::Bind { addr, source })?;
-    let mut http_config = HttpConfig::default();
-    // Bodies above the limit are refused while being read, never buffered whole.
-    http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
-    // Header maps are allocated per connection at this size and kept while it is open; the
-    // default (32 + 32) costs about 20 KiB per idle keep-alive connection. Probes and API
-    // clients send and get fewer than ten headers; larger requests grow the map as needed.
-    http_config
-        .set_request_header_initial_capacity(REQUEST_HEADER_CAPACITY)
-        .set_response_header_initial_capacity(RESPONSE_HEADER_CAPACITY);
-    trillium_smol::config()
-        .with_prebound_server(listener)
-        .without_signals()
-        .with_nodelay()
-        .with_swansong(ctx.shutdown.clone())
-        .with_http_config(http_config)
-        .with_acceptor(DeadlineAcceptor::new(Duration::from_secs(
-            ctx.config.daemon.request_timeout_secs,
-        )))
-        .spawn(http::handler(Arc::clone(ctx), scope));
+    let kind = match scope {
+        Scope::Probes => connection::Listener::Probes,
+        Scope::All | Scope::Gateway => connection::Listener::Gateway,
+    };
+    let ctx = Arc::clone(ctx);
+    SmolRuntime::default().spawn_detached(async move {
+        let mut handler = http::handler(Arc::clone(&ctx), scope);
+        let http_context = listener::http_context(&ctx, &mut handler).await;
+        listener::accept_loop(ctx, listener, kind, http_context, Arc::new(handler)).await;
+    });
     Ok(())
 }

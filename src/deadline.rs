@@ -6,6 +6,12 @@
 //! makes no progress for `[daemon] request_timeout_secs` fails with `TimedOut` and the
 //! connection closes. Idle keep-alive connections close the same way. WebSockets stay open
 //! because the gateway pings them more often than the deadline.
+//!
+//! A stall deadline alone lets a client drip one byte just before each deadline and hold a
+//! head open for hours, so a transport made with [`DeadlineTransport::tracked`] also enforces
+//! whole-phase deadlines from the connection's [`Tracked`] phase: a head must be complete
+//! within the timeout of its first byte, and a body within the timeout of its head. It also
+//! charges head bytes to the connection registry until the head is parsed.
 
 use std::{
     future::Future,
@@ -15,10 +21,14 @@ use std::{
     time::Duration,
 };
 
+use std::{sync::Arc, time::Instant};
+
 use async_io::Timer;
 use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 use trillium_server_common::Acceptor;
+
+use crate::connection::{Phase, Tracked};
 
 /// Wraps accepted connections in [`DeadlineTransport`].
 #[derive(Debug, Clone, Copy)]
@@ -38,12 +48,7 @@ impl<Input: Transport> Acceptor<Input> for DeadlineAcceptor {
     type Error = std::convert::Infallible;
 
     async fn accept(&self, input: Input) -> Result<Self::Output, Self::Error> {
-        Ok(DeadlineTransport {
-            inner: input,
-            timeout: self.timeout,
-            read_deadline: None,
-            write_deadline: None,
-        })
+        Ok(DeadlineTransport::new(input, self.timeout))
     }
 
     fn is_secure(&self) -> bool {
@@ -58,6 +63,71 @@ pub struct DeadlineTransport<T> {
     timeout: Duration,
     read_deadline: Option<Timer>,
     write_deadline: Option<Timer>,
+    tracked: Option<Arc<Tracked>>,
+    phase: Option<(Phase, Instant, Timer)>,
+    expired: Option<Phase>,
+}
+
+impl<T> DeadlineTransport<T> {
+    /// Wraps `inner` with the stall deadline only.
+    pub fn new(inner: T, timeout: Duration) -> DeadlineTransport<T> {
+        DeadlineTransport {
+            inner,
+            timeout,
+            read_deadline: None,
+            write_deadline: None,
+            tracked: None,
+            phase: None,
+            expired: None,
+        }
+    }
+
+    /// Wraps `inner` with the stall deadline and the head and body deadlines of `tracked`.
+    pub fn tracked(inner: T, timeout: Duration, tracked: Arc<Tracked>) -> DeadlineTransport<T> {
+        DeadlineTransport {
+            tracked: Some(tracked),
+            ..DeadlineTransport::new(inner, timeout)
+        }
+    }
+
+    /// Returns the phase whose whole-phase deadline closed the connection, if one did.
+    pub fn expired(&self) -> Option<Phase> {
+        self.expired
+    }
+
+    /// Checks the whole-phase deadline before a read: an error once the head (or body) has
+    /// taken longer than the timeout in total, however the bytes were spaced.
+    fn check_phase(&mut self, cx: &mut TaskContext<'_>) -> Option<io::Error> {
+        let tracked = self.tracked.as_ref()?;
+        let phase = tracked.phase();
+        if !matches!(phase, Phase::Head | Phase::Busy) {
+            self.phase = None;
+            return None;
+        }
+        let timeout = self.timeout;
+        let (_, started, timer) = match &mut self.phase {
+            Some(current) if current.0 == phase => current,
+            slot => {
+                let now = Instant::now();
+                slot.insert((phase, now, Timer::at(now + timeout)))
+            }
+        };
+        let fired = started.elapsed() >= timeout || Pin::new(timer).poll(cx).is_ready();
+        if !fired {
+            return None;
+        }
+        let what = if phase == Phase::Head {
+            "request head"
+        } else {
+            "request body"
+        };
+        log::debug!("closing connection: {what} not complete within {timeout:?}");
+        self.expired = Some(phase);
+        Some(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} not complete within {timeout:?}"),
+        ))
+    }
 }
 
 /// Polls `result`; while it is pending, arms `deadline` and fails once it fires.
@@ -97,7 +167,23 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(error) = this.check_phase(cx) {
+            return Poll::Ready(Err(error));
+        }
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Some(tracked), Poll::Ready(Ok(read))) = (&this.tracked, &result)
+            && *read > 0
+        {
+            match tracked.phase() {
+                // The first byte of a request starts its head, and with it the head deadline.
+                Phase::Idle => {
+                    tracked.set_phase(Phase::Head);
+                    tracked.add_head_bytes(*read as u64);
+                }
+                Phase::Head => tracked.add_head_bytes(*read as u64),
+                Phase::Busy | Phase::Upgraded => {}
+            }
+        }
         with_deadline(result, &mut this.read_deadline, this.timeout, cx, "read")
     }
 }

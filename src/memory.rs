@@ -263,6 +263,8 @@ pub struct MemoryMonitor {
     shed_hooks: Vec<(String, ShedHook)>,
     state: Mutex<MonitorState>,
     rejecting: AtomicBool,
+    rss_over_limit: AtomicBool,
+    rss_failing: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -302,7 +304,15 @@ impl MemoryMonitor {
                 last_warning: None,
             }),
             rejecting: AtomicBool::new(false),
+            rss_over_limit: AtomicBool::new(false),
+            rss_failing: AtomicBool::new(false),
         }
+    }
+
+    /// Returns true while the resident set is above `memory_limit_mb` (heap aside): the
+    /// daemon then reports itself degraded and purges on every tick until it falls back.
+    pub fn rss_over_limit(&self) -> bool {
+        self.rss_over_limit.load(Ordering::Acquire)
     }
 
     /// Returns the latest sample (`None` only before the first tick).
@@ -378,9 +388,19 @@ pub fn tick(ctx: &Context) {
         }
     };
     let rss_bytes = match monitor.rss.resident_bytes() {
-        Ok(rss) => rss,
+        Ok(rss) => {
+            if monitor.rss_failing.swap(false, Ordering::AcqRel) {
+                log::warn!("memory monitor: RSS reads work again");
+            }
+            rss
+        }
         Err(error) => {
-            log::error!("memory monitor: RSS read failed: {error}");
+            // Once per episode: out of file descriptors, every tick would fail the same way.
+            if !monitor.rss_failing.swap(true, Ordering::AcqRel) {
+                log::error!(
+                    "memory monitor: RSS read failed: {error} (logged once until it recovers)"
+                );
+            }
             metrics.count_error(ErrorKind::MemoryMonitor);
             previous.and_then(|sample| sample.rss_bytes)
         }
@@ -398,11 +418,46 @@ pub fn tick(ctx: &Context) {
         metrics.set_rss(rss);
     }
 
+    // Heap charged to open connections is their cause's, not the sessions': it must neither
+    // trip admission nor make the monitor trim or close authenticated users' sessions. When it
+    // is what pushes the heap past the warn threshold, connections are shed instead.
+    let connection_bytes = ctx.connections.memory_bytes();
+    let session_heap = heap.map(|heap| heap.allocated_bytes.saturating_sub(connection_bytes));
+    if let Some(heap) = heap
+        && heap.allocated_bytes > thresholds.warn_bytes
+        && connection_bytes > 0
+    {
+        let target = thresholds.warn_bytes / 10 * 9;
+        let excess = heap.allocated_bytes.saturating_sub(target);
+        let closed = ctx.connections.shed(excess.min(connection_bytes));
+        if closed > 0 {
+            log::warn!(
+                "memory pressure from connections: heap {} MiB, {} MiB charged to {} open \
+                 connections; closing {closed} (incomplete heads first)",
+                heap.allocated_bytes / (1024 * 1024),
+                connection_bytes / (1024 * 1024),
+                ctx.connections.open(),
+            );
+        }
+    }
+    let rss_over_limit = rss_bytes.is_some_and(|rss| rss > thresholds.limit_bytes);
+    let rss_over_warn = rss_bytes.is_some_and(|rss| rss > thresholds.warn_bytes);
+    let was_over = monitor
+        .rss_over_limit
+        .swap(rss_over_limit, Ordering::AcqRel);
+    if rss_over_limit && !was_over {
+        log::warn!(
+            "resident memory {} MiB is above memory_limit_mb {} MiB; purging on every tick",
+            rss_bytes.unwrap_or(0) / (1024 * 1024),
+            thresholds.limit_bytes / (1024 * 1024)
+        );
+    }
+
     let (pressure, transition, warn) = {
         let mut state = monitor.lock();
         state.sample = Some(sample);
-        let (pressure, transition) = match heap {
-            Some(heap) => state.pressure.next(heap.allocated_bytes, thresholds),
+        let (pressure, transition) = match session_heap {
+            Some(session_heap) => state.pressure.next(session_heap, thresholds),
             None => (state.pressure, Transition::default()),
         };
         state.pressure = pressure;
@@ -426,7 +481,7 @@ pub fn tick(ctx: &Context) {
         .admission_rejecting
         .set(if pressure.rejecting { 1.0 } else { 0.0 });
 
-    let heap_mib = heap.map_or(0, |heap| heap.allocated_bytes / (1024 * 1024));
+    let heap_mib = session_heap.unwrap_or(0) / (1024 * 1024);
     if warn {
         log::warn!(
             "memory pressure: heap {heap_mib} MiB is above memory_warn_mb {} MiB; purging and shedding",
@@ -447,6 +502,10 @@ pub fn tick(ctx: &Context) {
     }
     if warn {
         relieve(ctx);
+    } else if rss_over_warn {
+        // Resident memory can stay high after a burst long after the heap has shrunk (freed
+        // pages the allocator keeps): returning them is the relief, not shedding sessions.
+        purge(ctx);
     }
     metrics.run_upkeep();
 }
@@ -458,6 +517,11 @@ fn relieve(ctx: &Context) {
         log::debug!("memory pressure: running shed hook {name}");
         hook();
     }
+    purge(ctx);
+}
+
+/// Returns unused pages of every arena to the OS.
+fn purge(ctx: &Context) {
     let started = Instant::now();
     match ctx.memory.heap.purge() {
         Ok(()) => {

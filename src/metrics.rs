@@ -68,11 +68,25 @@ pub enum ErrorKind {
     AgentMalformed,
     /// The daily budget is spent.
     BudgetExhausted,
+    /// A connection opened with the HTTP/2 preface, which blufio does not serve.
+    Http2Refused,
+    /// A connection was refused at `max_connections` or `max_connections_per_ip`.
+    ConnectionLimit,
+    /// Accepting a connection failed (out of file descriptors, usually).
+    AcceptFailed,
+    /// A request head was not complete within `request_timeout_secs` of its first byte.
+    HeadTimeout,
+    /// A request body was not complete within `request_timeout_secs` of its head.
+    BodyTimeout,
+    /// A request head was larger than the parser allows (answered 431).
+    HeaderTooLarge,
+    /// A connection was closed to relieve memory pressure it caused.
+    ConnectionShed,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 23] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -89,6 +103,13 @@ impl ErrorKind {
         ErrorKind::AgentRejected,
         ErrorKind::AgentMalformed,
         ErrorKind::BudgetExhausted,
+        ErrorKind::Http2Refused,
+        ErrorKind::ConnectionLimit,
+        ErrorKind::AcceptFailed,
+        ErrorKind::HeadTimeout,
+        ErrorKind::BodyTimeout,
+        ErrorKind::HeaderTooLarge,
+        ErrorKind::ConnectionShed,
     ];
 
     /// Returns the label value.
@@ -110,6 +131,13 @@ impl ErrorKind {
             ErrorKind::AgentRejected => "agent_rejected",
             ErrorKind::AgentMalformed => "agent_malformed",
             ErrorKind::BudgetExhausted => "budget_exhausted",
+            ErrorKind::Http2Refused => "http2_refused",
+            ErrorKind::ConnectionLimit => "connection_limit",
+            ErrorKind::AcceptFailed => "accept_failed",
+            ErrorKind::HeadTimeout => "head_timeout",
+            ErrorKind::BodyTimeout => "body_timeout",
+            ErrorKind::HeaderTooLarge => "header_too_large",
+            ErrorKind::ConnectionShed => "connection_shed",
         }
     }
 }
@@ -182,6 +210,10 @@ pub struct Metrics {
     tokens: Mutex<HashMap<(String, TokenType), Counter>>,
     /// `blufio_time_to_first_token_seconds` (streamed replies).
     pub time_to_first_token: Histogram,
+    /// `blufio_open_connections`.
+    pub open_connections: Gauge,
+    /// `blufio_connection_memory_bytes`.
+    pub connection_memory_bytes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -248,6 +280,8 @@ impl Metrics {
                 .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
             tokens: Mutex::new(HashMap::new()),
             time_to_first_token: registry.histogram("blufio_time_to_first_token_seconds"),
+            open_connections: registry.gauge("blufio_open_connections"),
+            connection_memory_bytes: registry.gauge("blufio_connection_memory_bytes"),
             recorder,
             handle,
         };
@@ -455,6 +489,14 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "blufio_sessions_shed_total",
         "Sessions trimmed or closed to free memory or after idling, by reason.",
+    ),
+    (
+        "blufio_open_connections",
+        "Client connections open now, all listeners.",
+    ),
+    (
+        "blufio_connection_memory_bytes",
+        "Heap attributed to open client connections (a fixed cost each plus buffered head bytes).",
     ),
 ];
 

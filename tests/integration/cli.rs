@@ -11,7 +11,7 @@ use std::{
 
 use crate::support;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
+pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
 
 /// Returns a command running the `blufio` binary. Under `cargo xtask test-cross` the binary
 /// is foreign: cargo's runner variable for this target (qemu-user) is inherited from cargo, so

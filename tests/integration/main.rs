@@ -8,6 +8,7 @@ mod fake_provider;
 mod gateway;
 mod health;
 mod hostile_input;
+mod hostile_transport;
 mod isolation;
 mod metrics;
 mod pressure;

@@ -1,0 +1,216 @@
+//! Absolute-form request targets (`GET http://host/health HTTP/1.1`) turned into origin form
+//! before trillium-http parses them.
+//!
+//! RFC 9112 §3.2.2 says a server must accept the absolute form and ignore `Host` in favour of
+//! the target's authority. trillium-http 1.6.1 refuses such a request with 400 whenever the
+//! authority and `Host` differ, so [`RequestTargetTransport`] (outside the deadline transport,
+//! which still sees every byte as it arrives) rewrites the request line of each request that
+//! starts on a fresh read: blufio serves no virtual hosts, so the authority
+//! carries nothing it needs. Pipelined requests that trillium has already buffered are left as
+//! they are. It does not validate anything else: the parser does.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use trillium::Transport;
+
+use crate::connection::{Phase, Tracked};
+
+/// A request line longer than this is passed through untouched (the parser will refuse it).
+const MAX_LINE: usize = 8 * 1024;
+
+/// Rewrites absolute-form request targets to origin form; see the module docs.
+#[derive(Debug)]
+pub struct RequestTargetTransport<T> {
+    inner: T,
+    tracked: Arc<Tracked>,
+    line: Vec<u8>,
+    pending: Vec<u8>,
+    /// The request count when the last request line was taken; a new one starts after it.
+    line_taken_at: Option<u64>,
+}
+
+impl<T> RequestTargetTransport<T> {
+    /// Wraps `inner`; `tracked` tells where each request starts.
+    pub fn new(inner: T, tracked: Arc<Tracked>) -> RequestTargetTransport<T> {
+        RequestTargetTransport {
+            inner,
+            tracked,
+            line: Vec::new(),
+            pending: Vec::new(),
+            line_taken_at: None,
+        }
+    }
+
+    fn serve_pending(&mut self, buf: &mut [u8]) -> usize {
+        let count = self.pending.len().min(buf.len());
+        if let (Some(out), Some(from)) = (buf.get_mut(..count), self.pending.get(..count)) {
+            out.copy_from_slice(from);
+        }
+        self.pending.drain(..count);
+        count
+    }
+}
+
+/// Returns the origin form of `line` when its target is in absolute form, else `None`.
+pub fn origin_form(line: &[u8]) -> Option<Vec<u8>> {
+    let mut parts = line.splitn(3, |byte| *byte == b' ');
+    let (method, target, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    // Only a request line: a method token and an HTTP version, never a header line such as
+    // `Referer: http://… x` that a pipelined head might put at the start of a read.
+    if method.is_empty()
+        || !method.iter().all(u8::is_ascii_uppercase)
+        || !rest.starts_with(b"HTTP/")
+    {
+        return None;
+    }
+    let lower: Vec<u8> = target.iter().take(8).map(u8::to_ascii_lowercase).collect();
+    let after_scheme = if lower.starts_with(b"http://") {
+        target.get(7..)?
+    } else if lower.starts_with(b"https://") {
+        target.get(8..)?
+    } else {
+        return None;
+    };
+    let path = match after_scheme
+        .iter()
+        .position(|byte| matches!(byte, b'/' | b'?'))
+    {
+        Some(start) => {
+            let path = after_scheme.get(start..)?;
+            if path.starts_with(b"?") {
+                [b"/".as_slice(), path].concat()
+            } else {
+                path.to_vec()
+            }
+        }
+        None => b"/".to_vec(),
+    };
+    Some([method, b" ", &path, b" ", rest].concat())
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            return Poll::Ready(Ok(this.serve_pending(buf)));
+        }
+        // A request line is taken once per request: after the previous one reached its handler
+        // (the count moved on), and not from a body or a WebSocket.
+        let requests = this.tracked.requests();
+        let phase = this.tracked.phase();
+        if matches!(phase, Phase::Idle | Phase::Head) && this.line_taken_at != Some(requests) {
+            {
+                // Collect the request line, then hand it on (rewritten if absolute-form).
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let read = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                        Poll::Ready(Ok(read)) => read,
+                    };
+                    this.line
+                        .extend_from_slice(chunk.get(..read).unwrap_or_default());
+                    let end = this.line.windows(2).position(|pair| pair == b"\r\n");
+                    if read == 0 || end.is_some() || this.line.len() > MAX_LINE {
+                        let mut line = std::mem::take(&mut this.line);
+                        if let Some(end) = end
+                            && let Some(rewritten) = line.get(..end).and_then(origin_form)
+                        {
+                            line.splice(..end, rewritten);
+                        }
+                        this.pending = line;
+                        this.line_taken_at = Some(requests);
+                        return Poll::Ready(Ok(this.serve_pending(buf)));
+                    }
+                }
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for RequestTargetTransport<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+impl<T: Transport> Transport for RequestTargetTransport<T> {
+    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
+        self.inner.set_linger(linger)
+    }
+
+    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
+        self.inner.set_nodelay(nodelay)
+    }
+
+    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
+        self.inner.set_ip_ttl(ttl)
+    }
+
+    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
+        self.inner.peer_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_form;
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let cases: [(&[u8], &[u8]); 4] = [
+            (
+                b"GET http://example.com/health HTTP/1.1",
+                b"GET /health HTTP/1.1",
+            ),
+            (b"GET HTTPS://example.com:8443 HTTP/1.1", b"GET / HTTP/1.1"),
+            (b"GET http://u@h?x=1 HTTP/1.1", b"GET /?x=1 HTTP/1.1"),
+            (
+                b"POST http://h/v1/messages?a HTTP/1.1",
+                b"POST /v1/messages?a HTTP/1.1",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(origin_form(line).as_deref(), Some(expected));
+        }
+    }
+
+    #[test]
+    fn other_forms_are_left_alone() {
+        for line in [
+            b"GET /health HTTP/1.1".as_slice(),
+            b"OPTIONS * HTTP/1.1",
+            b"CONNECT example.com:443 HTTP/1.1",
+            b"PRI * HTTP/2.0",
+            b"GET http://nospace",
+            b"Referer: http://example.com/ HTTP/1.1",
+            b"GET http://example.com/ x",
+        ] {
+            assert_eq!(origin_form(line), None);
+        }
+    }
+}
