@@ -9,6 +9,7 @@
 mod dist;
 mod setup_cross;
 mod smoke;
+mod soak;
 mod target;
 mod test_cross;
 mod tidy;
@@ -48,6 +49,13 @@ const TASKS: &[(&str, &str, &str)] = &[
          /metrics and SIGTERM",
     ),
     (
+        "soak",
+        "[--minutes N] [--seconds N] [--binary PATH]",
+        "run the release binary (built unless --binary is given) under mixed and hostile load \
+         (default 5 minutes), sample memory into target/soak/ (CSV, SVG) and fail if RSS or heap \
+         end above max(8 MiB, 25%) over their value after warm-up",
+    ),
+    (
         "tidy",
         "",
         "check that every .rs file starts with //! and src/http has no .unwrap()",
@@ -64,6 +72,7 @@ fn main() -> ExitCode {
         Some("setup-cross") => setup_cross::run(&root, &rest),
         Some("test-cross") => test_cross::run(&root, &rest),
         Some("smoke") => smoke::run(&root, &rest),
+        Some("soak") => soak::run(&root, &rest),
         Some("tidy") => tidy::run(&root, &rest),
         Some("help" | "-h" | "--help") => {
             println!("{}", usage());

@@ -225,7 +225,7 @@ fn extract_binary(archive: &Path, destination: &Path) -> Result<PathBuf> {
 }
 
 /// Returns a port that was free a moment ago: bind port 0, read the port, release it.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(|error| format!("cannot bind 127.0.0.1:0: {error}"))?;
     Ok(listener.local_addr()?.port())
@@ -248,14 +248,14 @@ pub fn config_text(port: u16) -> String {
 
 /// An HTTP response: status code and decoded body.
 #[derive(Debug)]
-struct Response {
-    status: u16,
-    body: Vec<u8>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
 }
 
 /// Sends `GET path` and reads the whole response; `Connection: close` makes end of stream the
 /// end of the response.
-fn get(address: SocketAddr, path: &str) -> Result<Response> {
+pub(crate) fn get(address: SocketAddr, path: &str) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT)?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -328,7 +328,7 @@ fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Returns the value of the first sample of `name` in Prometheus text format.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| {
@@ -343,7 +343,7 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
 }
 
 /// Returns VmRSS in kB of a process, from /proc/<pid>/status.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn vm_rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -354,7 +354,7 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn terminate(child: &Child) -> Result<()> {
+pub(crate) fn terminate(child: &Child) -> Result<()> {
     let pid = libc::pid_t::try_from(child.id())?;
     // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is our own
     // child, which has not been reaped yet, so it cannot name a recycled process.
@@ -370,7 +370,7 @@ fn terminate(child: &Child) -> Result<()> {
     }
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
