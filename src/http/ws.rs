@@ -148,7 +148,7 @@ impl WebSocketHandler for SessionSocket {
 }
 
 async fn on_text(ctx: &Context, session: &Arc<Session>, text: &str) -> Value {
-    let message: IncomingMessage = match serde_json::from_str(text) {
+    let message: IncomingMessage = match gateway::parse_message(text) {
         Ok(message) => message,
         Err(error) => {
             ctx.metrics.count_error(ErrorKind::BadRequest);
