@@ -240,6 +240,21 @@ impl Config {
         })
     }
 
+    /// Parses and validates TOML text as [`Config::load`] does, without the environment: the
+    /// whole path from file text to a `Config` the daemon accepts, and what the config fuzz
+    /// target runs. `path` names the file in errors.
+    ///
+    /// # Errors
+    ///
+    /// Returns a configuration error naming the file, line, column and key.
+    pub fn parse_validated(text: &str, path: &Path) -> Result<Config, Error> {
+        let mut config = Config::parse(text, path)?;
+        let origin = path.display().to_string();
+        config.resolve_token(&origin, None)?;
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
     /// Returns a configuration for tests and embedding hosts: loopback, ephemeral ports (one
     /// listener), no token, defaults elsewhere.
     pub fn for_tests() -> Config {
@@ -456,6 +471,21 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn parse_validated_rejects_what_load_rejects() {
+        let path = Path::new("/etc/blufio.toml");
+        let error = Config::parse_validated(
+            "[daemon]\nmemory_warn_mb = 300\nmemory_limit_mb = 200\n",
+            path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("/etc/blufio.toml"), "{error}");
+        assert!(error.contains("memory_warn_mb"), "{error}");
+        let config = Config::parse_validated("[gateway]\nmax_sessions = 7\n", path).unwrap();
+        assert_eq!(config.gateway.max_sessions, 7);
     }
 
     #[test]

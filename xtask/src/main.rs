@@ -7,6 +7,7 @@
 //! shell scripts and no global state: each task gets the project root as an argument.
 
 mod dist;
+mod fuzz;
 mod setup_cross;
 mod smoke;
 mod soak;
@@ -31,6 +32,12 @@ const TASKS: &[(&str, &str, &str)] = &[
         "[--target TRIPLE]... [--toolchain cargo|cross|build-std]",
         "build release archives and SHA256SUMS into target/dist (default: x86_64, aarch64 and \
          armv7 Linux); --toolchain skips the automatic choice for every listed target",
+    ),
+    (
+        "fuzz",
+        "[--seconds N] [--sanitizer none|address] [TARGET]...",
+        "run each cargo-fuzz target in fuzz/ for N seconds (default 30) from the seeds in \
+         fuzz/corpus and report execs; needs `cargo install cargo-fuzz --locked`",
     ),
     (
         "setup-cross",
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
     let root = project_root();
     let result = match task.as_deref() {
         Some("dist") => dist::run(&root, &rest),
+        Some("fuzz") => fuzz::run(&root, &rest),
         Some("setup-cross") => setup_cross::run(&root, &rest),
         Some("test-cross") => test_cross::run(&root, &rest),
         Some("smoke") => smoke::run(&root, &rest),
