@@ -12,7 +12,11 @@ use std::{
     time::Duration,
 };
 
-use blufio::{Config, Context, Error, agent::EchoAgent, config::Provider};
+use blufio::{
+    Config, Context, Error,
+    agent::{DelayedEchoAgent, EchoAgent},
+    config::Provider,
+};
 
 pub const USAGE: &str = "\
 usage: blufio [serve] [--config PATH]
@@ -111,6 +115,10 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             init_logger(&config.log_filter());
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
+                Provider::Echo if config.agent.echo_delay_ms > 0 => {
+                    let delay = Duration::from_millis(config.agent.echo_delay_ms);
+                    Context::builder(config).with_agent(DelayedEchoAgent::new(delay))
+                }
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
             };
             blufio::run(builder.build()?)?;

@@ -138,6 +138,9 @@ pub struct AgentConfig {
     pub budget_usd: f64,
     /// Seconds the agent gets to answer before the client gets 504.
     pub timeout_secs: u64,
+    /// Milliseconds the echo agent waits before it answers (at most 60000). For testing: it
+    /// keeps requests in flight, e.g. to check that shutdown completes them.
+    pub echo_delay_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -146,6 +149,7 @@ impl Default for AgentConfig {
             provider: Provider::None,
             budget_usd: 10.0,
             timeout_secs: 120,
+            echo_delay_ms: 0,
         }
     }
 }
@@ -406,6 +410,13 @@ impl Config {
                 origin,
                 "[daemon] monitor_interval_secs",
                 "must be at most 3600",
+            ));
+        }
+        if self.agent.echo_delay_ms > 60_000 {
+            return Err(invalid(
+                origin,
+                "[agent] echo_delay_ms",
+                "must be at most 60000",
             ));
         }
         if !(self.agent.budget_usd.is_finite() && self.agent.budget_usd >= 0.0) {

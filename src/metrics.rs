@@ -164,6 +164,8 @@ pub struct Metrics {
     shed_idle: Counter,
     tokens: Mutex<HashMap<(String, TokenType), Counter>>,
     cost_usd: Mutex<f64>,
+    /// `blufio_monitor_ticks_total`.
+    pub monitor_ticks: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -225,6 +227,7 @@ impl Metrics {
                 .counter("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
             tokens: Mutex::new(HashMap::new()),
             cost_usd: Mutex::new(0.0),
+            monitor_ticks: registry.counter("blufio_monitor_ticks_total", &[]),
             recorder,
             handle,
         };
@@ -446,6 +449,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "blufio_sessions_shed_total",
         "Sessions trimmed or closed to free memory or after idling, by reason.",
+    ),
+    (
+        "blufio_monitor_ticks_total",
+        "Memory monitor ticks run; after a pause (SIGSTOP) it skips missed ticks, never bursts.",
     ),
 ];
 

@@ -40,7 +40,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// Picks a port the OS says is free right now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -50,7 +50,10 @@ fn free_port() -> u16 {
 
 /// Starts the binary and waits for its "listening on" log line (no sleeping and retrying).
 #[allow(clippy::zombie_processes)] // The caller waits for the child.
-fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc::Receiver<String>) {
+pub(crate) fn start_binary(
+    config: &str,
+    name: &str,
+) -> (Child, std::net::SocketAddr, mpsc::Receiver<String>) {
     let dir = temp_dir(name);
     let path = dir.join("blufio.toml");
     std::fs::write(&path, config).unwrap();
@@ -84,7 +87,7 @@ fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc:
     }
 }
 
-fn wait(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..300 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;

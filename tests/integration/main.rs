@@ -11,4 +11,5 @@ mod pressure;
 mod prometheus;
 mod routing;
 mod support;
+mod time;
 mod websocket;
