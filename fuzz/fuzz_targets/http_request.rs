@@ -5,7 +5,8 @@
 //! `HttpContext::run` loop trillium-server-common uses for a TCP connection, and captures what
 //! the daemon writes back. No sockets and no threads per input. Invariants: no panic; every
 //! response starts with an HTTP/1.x status line with a valid code; no input makes the daemon
-//! answer 500 (an internal error); a response that says it is JSON is JSON.
+//! answer 500 (an internal error); an error with a body is JSON; a response that says it is
+//! JSON is JSON.
 #![no_main]
 
 use std::{

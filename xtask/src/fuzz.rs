@@ -3,8 +3,8 @@
 //!
 //! The fuzz crate is its own workspace, so the normal build never compiles it. cargo-fuzz
 //! passes nightly-only flags; on the stable toolchain this task sets `RUSTC_BOOTSTRAP=1`, and the
-//! default sanitizer is `none` (the targets assert their own invariants; AddressSanitizer adds
-//! little to safe Rust and halves the speed). Each target reads the committed seeds in
+//! default sanitizer is `none` (the targets assert their own invariants, and AddressSanitizer adds
+//! little to safe Rust). Each target reads the committed seeds in
 //! `fuzz/corpus/<target>/` and writes what it learns to `target/fuzz-corpus/<target>/`, so a run
 //! never dirties the repository. A crash fails the task and leaves the input in
 //! `fuzz/artifacts/<target>/`. It does not minimise crashes or merge corpora; `cargo fuzz tmin`
