@@ -188,7 +188,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     let report = check_bound(&samples, warmup)?;
     println!(
-        "soak: {} requests ok, {} failed (hostile clients count as failed when refused)",
+        "soak: {} load rounds ok, {} failed (an unexpected status or an I/O error)",
         stats.ok.load(Ordering::Relaxed),
         stats.failed.load(Ordering::Relaxed)
     );
