@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use async_io::Timer;
+
 use crate::{context::Context, sessions::Session};
 
 /// A boxed future, so [`Agent`] stays object-safe.
@@ -268,5 +270,37 @@ impl Agent for EchoAgent {
 
     fn models(&self) -> Vec<String> {
         vec!["echo".to_owned()]
+    }
+}
+
+/// The echo agent with a delay before each reply (`[agent] echo_delay_ms`): keeps requests in
+/// flight for tests of shutdown and deadlines. Not meant for production.
+#[derive(Debug, Clone, Copy)]
+pub struct DelayedEchoAgent {
+    delay: Duration,
+}
+
+impl DelayedEchoAgent {
+    /// Creates an echo agent that waits `delay` before answering.
+    pub fn new(delay: Duration) -> DelayedEchoAgent {
+        DelayedEchoAgent { delay }
+    }
+}
+
+impl Agent for DelayedEchoAgent {
+    fn reply<'a>(
+        &'a self,
+        ctx: &'a Context,
+        session: &'a Session,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+        Box::pin(async move {
+            Timer::after(self.delay).await;
+            EchoAgent.reply(ctx, session, message).await
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        EchoAgent.models()
     }
 }

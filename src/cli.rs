@@ -14,7 +14,7 @@ use std::{
 
 use blufio::{
     Config, Context, Error,
-    agent::EchoAgent,
+    agent::{DelayedEchoAgent, EchoAgent},
     client::{self, ProbeError},
     config::Provider,
     logging::RedactingLogger,
@@ -202,6 +202,10 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             let logger = init_logger(&config, secrets);
             let builder = match config.agent.provider {
                 Provider::None => Context::builder(config),
+                Provider::Echo if config.agent.echo_delay_ms > 0 => {
+                    let delay = Duration::from_millis(config.agent.echo_delay_ms);
+                    Context::builder(config).with_agent(DelayedEchoAgent::new(delay))
+                }
                 Provider::Echo => Context::builder(config).with_agent(EchoAgent),
                 // The context builds the provider agent from the configuration.
                 Provider::Anthropic | Provider::OpenAi => Context::builder(config),

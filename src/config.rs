@@ -182,6 +182,9 @@ pub struct AgentConfig {
     /// The resolved API key (environment, then `api_key_file`); never read from TOML.
     #[serde(skip)]
     pub api_key: Option<Secret>,
+    /// Milliseconds the echo agent waits before it answers (at most 60000). For testing: it
+    /// keeps requests in flight, e.g. to check that shutdown completes them.
+    pub echo_delay_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -197,6 +200,7 @@ impl Default for AgentConfig {
             ca_file: None,
             api_key_file: None,
             api_key: None,
+            echo_delay_ms: 0,
         }
     }
 }
@@ -351,6 +355,21 @@ impl Config {
                 message: error.message().trim().to_owned(),
             }
         })
+    }
+
+    /// Parses and validates TOML text as [`Config::load`] does, without the environment: the
+    /// whole path from file text to a `Config` the daemon accepts, and what the config fuzz
+    /// target runs. `path` names the file in errors.
+    ///
+    /// # Errors
+    ///
+    /// Returns a configuration error naming the file, line, column and key.
+    pub fn parse_validated(text: &str, path: &Path) -> Result<Config, Error> {
+        let mut config = Config::parse(text, path)?;
+        let origin = path.display().to_string();
+        config.resolve_token(&origin, None)?;
+        config.validate(&origin)?;
+        Ok(config)
     }
 
     /// Returns a configuration for tests and embedding hosts: loopback, ephemeral ports (one
@@ -641,6 +660,13 @@ impl Config {
                 "must be at most 3600",
             ));
         }
+        if self.agent.echo_delay_ms > 60_000 {
+            return Err(invalid(
+                origin,
+                "[agent] echo_delay_ms",
+                "must be at most 60000",
+            ));
+        }
         if self.agent.budget_usd.is_some() {
             return Err(invalid(
                 origin,
@@ -783,6 +809,21 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn parse_validated_rejects_what_load_rejects() {
+        let path = Path::new("/etc/blufio.toml");
+        let error = Config::parse_validated(
+            "[daemon]\nmemory_warn_mb = 300\nmemory_limit_mb = 200\n",
+            path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("/etc/blufio.toml"), "{error}");
+        assert!(error.contains("memory_warn_mb"), "{error}");
+        let config = Config::parse_validated("[gateway]\nmax_sessions = 7\n", path).unwrap();
+        assert_eq!(config.gateway.max_sessions, 7);
     }
 
     #[test]

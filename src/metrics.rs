@@ -214,6 +214,8 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// `blufio_connection_memory_bytes`.
     pub connection_memory_bytes: Gauge,
+    /// `blufio_monitor_ticks_total`.
+    pub monitor_ticks: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -282,6 +284,7 @@ impl Metrics {
             time_to_first_token: registry.histogram("blufio_time_to_first_token_seconds"),
             open_connections: registry.gauge("blufio_open_connections"),
             connection_memory_bytes: registry.gauge("blufio_connection_memory_bytes"),
+            monitor_ticks: registry.counter("blufio_monitor_ticks_total", &[]),
             recorder,
             handle,
         };
@@ -497,6 +500,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "blufio_connection_memory_bytes",
         "Heap attributed to open client connections (a fixed cost each plus buffered head bytes).",
+    ),
+    (
+        "blufio_monitor_ticks_total",
+        "Memory monitor ticks run; after a pause (SIGSTOP) it skips missed ticks, never bursts.",
     ),
 ];
 

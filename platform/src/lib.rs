@@ -32,6 +32,14 @@ mod imp;
 mod journal;
 mod notify;
 
+/// The pure parsers of Linux `/proc` text, public only for the fuzz targets in `fuzz/`; not
+/// part of the API.
+#[doc(hidden)]
+#[cfg(all(target_os = "linux", not(feature = "force-fallback")))]
+pub mod proc_text {
+    pub use crate::imp::{Stat, Statm, parse_boot_time, parse_stat, parse_statm};
+}
+
 use std::io;
 
 pub use crate::{

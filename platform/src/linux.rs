@@ -75,13 +75,15 @@ impl ProcessReader {
 
 /// The two fields of `/proc/self/statm` that blufio uses, already in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Statm {
-    pub(crate) virtual_bytes: u64,
-    pub(crate) resident_bytes: u64,
+pub struct Statm {
+    /// Virtual size in bytes.
+    pub virtual_bytes: u64,
+    /// Resident size in bytes.
+    pub resident_bytes: u64,
 }
 
 /// Parses `/proc/self/statm` ("size resident shared text lib data dt", in pages).
-pub(crate) fn parse_statm(text: &str, page_size: u64) -> io::Result<Statm> {
+pub fn parse_statm(text: &str, page_size: u64) -> io::Result<Statm> {
     let mut fields = text.split_ascii_whitespace();
     let mut next_pages = |name: &str| -> io::Result<u64> {
         let field = fields
@@ -106,15 +108,18 @@ pub(crate) fn parse_statm(text: &str, page_size: u64) -> io::Result<Statm> {
 
 /// The fields of `/proc/self/stat` that blufio uses, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stat {
-    pub(crate) utime_ticks: u64,
-    pub(crate) stime_ticks: u64,
-    pub(crate) start_time_ticks: u64,
+pub struct Stat {
+    /// User CPU time.
+    pub utime_ticks: u64,
+    /// System CPU time.
+    pub stime_ticks: u64,
+    /// Start time after boot.
+    pub start_time_ticks: u64,
 }
 
 /// Parses `/proc/self/stat`. The command name (field 2) may contain spaces and parentheses,
 /// so fields are counted from the last `)`.
-pub(crate) fn parse_stat(text: &str) -> io::Result<Stat> {
+pub fn parse_stat(text: &str) -> io::Result<Stat> {
     let after_comm = text
         .rfind(')')
         .and_then(|end| text.get(end + 1..))
@@ -137,7 +142,7 @@ pub(crate) fn parse_stat(text: &str) -> io::Result<Stat> {
 }
 
 /// Finds the `btime` line (boot time, seconds since the epoch) in `/proc/stat`.
-pub(crate) fn parse_boot_time(text: &str) -> Option<u64> {
+pub fn parse_boot_time(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|line| line.strip_prefix("btime "))
         .and_then(|value| value.trim().parse().ok())

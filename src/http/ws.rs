@@ -235,7 +235,7 @@ fn parse_frame(
     session: &Arc<Session>,
     text: &str,
 ) -> Result<IncomingMessage, Value> {
-    let message: IncomingMessage = match serde_json::from_str(text) {
+    let message: IncomingMessage = match gateway::parse_message(text) {
         Ok(message) => message,
         Err(error) => {
             ctx.metrics.count_error(ErrorKind::BadRequest);

@@ -50,7 +50,10 @@ pub(crate) fn free_port() -> u16 {
 
 /// Starts the binary and waits for its "listening on" log line (no sleeping and retrying).
 #[allow(clippy::zombie_processes)] // The caller waits for the child.
-fn start_binary(config: &str, name: &str) -> (Child, std::net::SocketAddr, mpsc::Receiver<String>) {
+pub(crate) fn start_binary(
+    config: &str,
+    name: &str,
+) -> (Child, std::net::SocketAddr, mpsc::Receiver<String>) {
     let dir = temp_dir(name);
     let path = dir.join("blufio.toml");
     std::fs::write(&path, config).unwrap();

@@ -18,4 +18,5 @@ mod ready;
 mod routing;
 mod service;
 mod support;
+mod time;
 mod websocket;

@@ -8,8 +8,10 @@
 
 mod bench;
 mod dist;
+mod fuzz;
 mod setup_cross;
 mod smoke;
+mod soak;
 mod target;
 mod test_cross;
 mod tidy;
@@ -40,6 +42,12 @@ const TASKS: &[(&str, &str, &str)] = &[
          armv7 Linux); --toolchain skips the automatic choice for every listed target",
     ),
     (
+        "fuzz",
+        "[--seconds N] [--sanitizer none|address] [TARGET]...",
+        "run each cargo-fuzz target in fuzz/ for N seconds (default 30) from the seeds in \
+         fuzz/corpus and report execs; needs `cargo install cargo-fuzz --locked`",
+    ),
+    (
         "setup-cross",
         "",
         "install the Debian cross compilers, qemu-user, rustup targets and rust-src (idempotent)",
@@ -56,6 +64,13 @@ const TASKS: &[(&str, &str, &str)] = &[
          /metrics and SIGTERM",
     ),
     (
+        "soak",
+        "[--minutes N] [--seconds N] [--binary PATH]",
+        "run the release binary (built unless --binary is given) under mixed and hostile load \
+         (default 5 minutes), sample memory into target/soak/ (CSV, SVG) and fail if RSS or heap \
+         end above max(8 MiB, 25%) over their value after warm-up",
+    ),
+    (
         "tidy",
         "",
         "check that every .rs file starts with //! and src/http has no .unwrap()",
@@ -70,9 +85,11 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("bench") => bench::run(&root, &rest),
         Some("dist") => dist::run(&root, &rest),
+        Some("fuzz") => fuzz::run(&root, &rest),
         Some("setup-cross") => setup_cross::run(&root, &rest),
         Some("test-cross") => test_cross::run(&root, &rest),
         Some("smoke") => smoke::run(&root, &rest),
+        Some("soak") => soak::run(&root, &rest),
         Some("tidy") => tidy::run(&root, &rest),
         Some("help" | "-h" | "--help") => {
             println!("{}", usage());

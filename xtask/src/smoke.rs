@@ -248,14 +248,14 @@ pub fn config_text(port: u16) -> String {
 
 /// An HTTP response: status code and decoded body.
 #[derive(Debug)]
-struct Response {
-    status: u16,
-    body: Vec<u8>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
 }
 
 /// Sends `GET path` and reads the whole response; `Connection: close` makes end of stream the
 /// end of the response.
-fn get(address: SocketAddr, path: &str) -> Result<Response> {
+pub(crate) fn get(address: SocketAddr, path: &str) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT)?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -328,7 +328,7 @@ fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Returns the value of the first sample of `name` in Prometheus text format.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| {
@@ -343,7 +343,7 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
 }
 
 /// Returns VmRSS in kB of a process, from /proc/<pid>/status.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn vm_rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
