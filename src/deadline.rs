@@ -66,7 +66,14 @@ pub struct DeadlineTransport<T> {
     tracked: Option<Arc<Tracked>>,
     phase: Option<(Phase, Instant, Timer)>,
     expired: Option<Phase>,
+    head_reads: u32,
 }
+
+/// Most reads one request head may take. trillium-http 1.6.1 doubles its head buffer before
+/// every read of a head, so a client dripping a head byte by byte grew it geometrically (a
+/// 50-byte drip reached 471 MiB); six reads bound it at 64 KiB. Clients send a head in one or
+/// two segments.
+const MAX_HEAD_READS: u32 = 6;
 
 impl<T> DeadlineTransport<T> {
     /// Wraps `inner` with the stall deadline only.
@@ -79,6 +86,7 @@ impl<T> DeadlineTransport<T> {
             tracked: None,
             phase: None,
             expired: None,
+            head_reads: 0,
         }
     }
 
@@ -179,8 +187,20 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
                 Phase::Idle => {
                     tracked.set_phase(Phase::Head);
                     tracked.add_head_bytes(*read as u64);
+                    this.head_reads = 1;
                 }
-                Phase::Head => tracked.add_head_bytes(*read as u64),
+                Phase::Head => {
+                    tracked.add_head_bytes(*read as u64);
+                    this.head_reads += 1;
+                    if this.head_reads > MAX_HEAD_READS {
+                        log::debug!("closing connection: request head in too many pieces");
+                        this.expired = Some(Phase::Head);
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("request head arrived in more than {MAX_HEAD_READS} reads"),
+                        )));
+                    }
+                }
                 Phase::Busy | Phase::Upgraded => {}
             }
         }

@@ -572,3 +572,26 @@ fn terminate(child: &mut std::process::Child) {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn a_head_dripped_a_byte_at_a_time_is_closed_after_a_few_reads() {
+    let daemon = support::start(Config::for_tests());
+    let mut stream = std::net::TcpStream::connect(daemon.addr()).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let head =
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut sent = 0;
+    for byte in head {
+        if std::io::Write::write_all(&mut stream, &[*byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    // The connection is closed long before the head would be complete (each read of a head
+    // doubled trillium-http's buffer).
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut rest);
+    assert!(sent < head.len(), "the whole dripped head was accepted");
+    assert_eq!(daemon.get("/health").status, 200);
+}
