@@ -278,8 +278,15 @@ async fn drive<H: Handler>(
             let conn = Conn::from(conn);
             let conn = handler.run(conn).await;
             let conn = handler.before_send(conn).await;
-            tracked.set_phase(Phase::Idle);
-            conn.into_inner()
+            let conn = conn.into_inner();
+            // Marked before the 101 is written: once the client sees it, the connection is a
+            // WebSocket and must never look idle (and sheddable) to the memory monitor.
+            tracked.set_phase(if conn.should_upgrade() {
+                Phase::Upgraded
+            } else {
+                Phase::Idle
+            });
+            conn
         },
     )
     .await;
