@@ -26,6 +26,8 @@ pub const LOG_ENV: &str = "BLUFIO_LOG";
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// Shortest gateway token accepted, in bytes.
 pub const MIN_TOKEN_BYTES: usize = 16;
+/// The most `[daemon] workers`; more threads than this only add stacks and allocator caches.
+pub const MAX_WORKERS: usize = 64;
 
 /// The whole configuration, as loaded and validated.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -82,6 +84,9 @@ pub struct DaemonConfig {
     pub max_connections: usize,
     /// Open client connections from one IP address on one listener.
     pub max_connections_per_ip: usize,
+    /// Threads running the daemon's tasks; `0` is one per CPU, at most
+    /// [`crate::runtime::AUTO_WORKERS_MAX`].
+    pub workers: usize,
 }
 
 impl Default for DaemonConfig {
@@ -98,6 +103,7 @@ impl Default for DaemonConfig {
             state_dir: None,
             max_connections: 0,
             max_connections_per_ip: 64,
+            workers: 0,
         }
     }
 }
@@ -652,6 +658,13 @@ impl Config {
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(origin, key, "must be greater than 0"));
+        }
+        if daemon.workers > MAX_WORKERS {
+            return Err(invalid(
+                origin,
+                "[daemon] workers",
+                &format!("must be at most {MAX_WORKERS} (0 picks one per CPU)"),
+            ));
         }
         if daemon.monitor_interval_secs > 3600 {
             return Err(invalid(

@@ -8,10 +8,11 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
+use async_executor::Executor;
 use blufio_platform::{CgroupReader, ProcessReader, RssReader};
 use trillium::Swansong;
 
@@ -28,6 +29,7 @@ use crate::{
     notify::{Notifier, NotifySettings},
     provider::ProviderAgent,
     readiness::{self, NotReady, Phase, PhaseCell},
+    runtime::Runtime,
     sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
 };
 
@@ -63,6 +65,10 @@ pub struct Context {
     pub cgroup: CgroupMonitor,
     /// Open client connections, their limits and the heap charged to them.
     pub connections: Connections,
+    /// The handle on this daemon's executor (see [`crate::runtime`]).
+    pub runtime: Runtime,
+    /// The executor itself, until [`crate::spawn`] takes it to start the worker threads.
+    executor: Mutex<Option<Arc<Executor<'static>>>>,
 }
 
 impl fmt::Debug for Context {
@@ -140,6 +146,14 @@ impl Context {
     /// Returns [`Rejected`] above `memory_limit_mb` or at `max_sessions`.
     pub fn open_session(&self, kind: SessionKind) -> Result<SessionGuard, Rejected> {
         self.sessions.open(kind, self.memory.rejecting())
+    }
+
+    /// Hands the executor to the daemon starting on this context; `None` the second time.
+    pub(crate) fn take_executor(&self) -> Option<Arc<Executor<'static>>> {
+        match self.executor.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
     }
 
     /// Returns seconds since the context was built.
@@ -341,6 +355,7 @@ impl ContextBuilder {
             }
         };
         let metrics = Metrics::new()?;
+        let (runtime, executor) = Runtime::new();
         let budget = Budget::open(
             &config.cost,
             config.daemon.state_dir.as_deref(),
@@ -350,7 +365,7 @@ impl ContextBuilder {
         let agent = match (self.agent, config.agent.provider) {
             (Some(agent), _) => Some(agent),
             (None, Provider::Anthropic | Provider::OpenAi) => {
-                Some(Arc::new(ProviderAgent::new(&config)?) as Arc<dyn Agent>)
+                Some(Arc::new(ProviderAgent::new(&config, runtime.clone())?) as Arc<dyn Agent>)
             }
             (None, _) => None,
         };
@@ -411,6 +426,8 @@ impl ContextBuilder {
             live,
             config_path: self.config_path,
             cgroup,
+            runtime,
+            executor: Mutex::new(Some(executor)),
         }))
     }
 }

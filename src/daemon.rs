@@ -4,14 +4,12 @@
 use std::{
     net::{SocketAddr, TcpListener},
     sync::Arc,
-    thread,
     time::Duration,
 };
 
-use async_executor::Executor;
-use futures_lite::{FutureExt, StreamExt, future};
-use trillium_server_common::RuntimeTrait;
-use trillium_smol::{SmolRuntime, async_net};
+use async_executor::Task;
+use futures_lite::{FutureExt, StreamExt};
+use trillium_smol::async_net;
 
 use crate::{
     connection,
@@ -20,7 +18,9 @@ use crate::{
     http::{self, Scope},
     listener, memory,
     readiness::Phase,
-    reload, tasks,
+    reload,
+    runtime::{Workers, worker_count},
+    tasks,
 };
 
 /// How long WebSockets get to send their close frames before the listeners stop.
@@ -32,16 +32,36 @@ pub struct Daemon {
     ctx: Arc<Context>,
     health_addr: SocketAddr,
     gateway_addr: SocketAddr,
-    tasks: Option<thread::JoinHandle<()>>,
+    tasks: Vec<Task<()>>,
+    workers: Option<Workers>,
 }
 
 /// Starts a daemon: takes the first memory sample, binds the listeners (so a busy port is an
 /// error here, not a panic later), then starts serving and the background tasks.
 ///
+/// The daemon runs on `[daemon] workers` threads of its own.
+///
 /// # Errors
 ///
-/// Returns [`Error::Bind`] when a port is taken and [`Error::Io`] when a thread cannot start.
+/// Returns [`Error::Bind`] when a port is taken and [`Error::Io`] when a thread cannot start
+/// or `ctx` already ran a daemon.
 pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
+    start(ctx, 0)
+}
+
+/// [`spawn`], with `lent` of the worker threads supplied by the caller, who runs the
+/// executor ([`Workers::executor`]) on them.
+fn start(ctx: Arc<Context>, lent: usize) -> Result<Daemon, Error> {
+    let executor = ctx.take_executor().ok_or_else(|| Error::Io {
+        context: "cannot start the daemon: this context already ran a daemon (build a new one)"
+            .to_owned(),
+        source: std::io::Error::other("executor already taken"),
+    })?;
+    let threads = worker_count(ctx.config.daemon.workers).saturating_sub(lent);
+    let workers = Workers::start(executor, threads).map_err(|source| Error::Io {
+        context: "cannot start the worker threads".to_owned(),
+        source,
+    })?;
     // The first /health must already have real numbers.
     memory::tick(&ctx);
     let config = &ctx.config;
@@ -73,20 +93,21 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
     ctx.set_phase(Phase::Serving);
     ctx.notifier.ready(&ctx.status_line());
 
-    let tasks_ctx = Arc::clone(&ctx);
-    let tasks = thread::Builder::new()
-        .name("blufio-tasks".to_owned())
-        .spawn(move || run_tasks(tasks_ctx))
-        .map_err(|source| Error::Io {
-            context: "cannot start the background task thread".to_owned(),
-            source,
-        })?;
+    // The background tasks end once `closing` fires.
+    let tasks = [
+        ctx.runtime.spawn_task(tasks::monitor(Arc::clone(&ctx))),
+        ctx.runtime.spawn_task(tasks::evict_idle(Arc::clone(&ctx))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
 
     Ok(Daemon {
         ctx,
         health_addr,
         gateway_addr,
-        tasks: Some(tasks),
+        tasks,
+        workers: Some(workers),
     })
 }
 
@@ -134,9 +155,13 @@ impl Daemon {
             false
         })
         .await;
-        if let Some(tasks) = self.tasks.take() {
-            // The tasks end as soon as `closing` fires; joining cannot block long.
-            let _ = blocking_join(tasks).await;
+        for task in std::mem::take(&mut self.tasks) {
+            // The tasks end as soon as `closing` fires.
+            task.await;
+        }
+        if let Some(workers) = self.workers.take() {
+            // What is still pending past the grace period is dropped with the executor.
+            workers.stop().await;
         }
         closed && drained
     }
@@ -145,15 +170,6 @@ impl Daemon {
     pub fn shut_down_blocking(self, grace: Duration) -> bool {
         async_io::block_on(self.shut_down(grace))
     }
-}
-
-async fn blocking_join(handle: thread::JoinHandle<()>) -> thread::Result<()> {
-    // Poll with short sleeps instead of a blocking join, so an executor thread awaiting this
-    // is never parked on another thread.
-    while !handle.is_finished() {
-        async_io::Timer::after(Duration::from_millis(5)).await;
-    }
-    handle.join()
 }
 
 /// Runs a daemon until SIGTERM or SIGINT, then drains it for `[daemon] shutdown_grace_secs`.
@@ -179,8 +195,13 @@ pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
         source,
     })?;
     let grace = Duration::from_secs(ctx.config.daemon.shutdown_grace_secs);
-    let daemon = spawn(Arc::clone(&ctx))?;
-    async_io::block_on(async {
+    // The main thread is one of the workers: it runs the executor while it waits for signals.
+    let daemon = start(Arc::clone(&ctx), 1)?;
+    let executor = daemon
+        .workers
+        .as_ref()
+        .map(|workers| Arc::clone(workers.executor()));
+    let main = async {
         let first = next_stop_signal(&mut signals, Some(&ctx)).await;
         log::info!(
             "received {}; draining for up to {grace:?} (send it again to exit at once)",
@@ -200,7 +221,11 @@ pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
             Some(false) => log::warn!("grace period over; closing remaining connections"),
             None => std::process::exit(1),
         }
-    });
+    };
+    match executor {
+        Some(executor) => async_io::block_on(executor.run(main)),
+        None => async_io::block_on(main),
+    }
     Ok(())
 }
 
@@ -238,15 +263,6 @@ fn signal_name(signal: Option<std::io::Result<async_signal::Signal>>) -> &'stati
     }
 }
 
-fn run_tasks(ctx: Arc<Context>) {
-    let executor = Executor::new();
-    let monitor = executor.spawn(tasks::monitor(Arc::clone(&ctx)));
-    let evictor = executor.spawn(tasks::evict_idle(Arc::clone(&ctx)));
-    async_io::block_on(executor.run(async {
-        future::zip(monitor, evictor).await;
-    }));
-}
-
 fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
 }
@@ -269,7 +285,8 @@ fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<(), 
         Scope::All | Scope::Gateway => connection::Listener::Gateway,
     };
     let ctx = Arc::clone(ctx);
-    SmolRuntime::default().spawn_detached(async move {
+    let runtime = ctx.runtime.clone();
+    runtime.spawn_detached(async move {
         let mut handler = http::handler(Arc::clone(&ctx), scope);
         let http_context = listener::http_context(&ctx, &mut handler).await;
         listener::accept_loop(ctx, listener, kind, http_context, Arc::new(handler)).await;

@@ -50,6 +50,7 @@ pub mod provider;
 pub mod readiness;
 pub mod reload;
 pub mod request_target;
+pub mod runtime;
 pub mod sessions;
 mod tasks;
 

@@ -19,8 +19,7 @@ use async_io::Timer;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use trillium::{Conn, Handler, Headers, HttpConfig, Info, KnownHeaderName, Swansong};
 use trillium_http::HttpContext;
-use trillium_server_common::RuntimeTrait;
-use trillium_smol::{SmolRuntime, SmolTransport, async_net};
+use trillium_smol::{SmolTransport, async_net};
 
 use crate::{
     connection::{ConnectionGuard, Episode, Listener, Phase, Refusal},
@@ -66,7 +65,7 @@ pub(crate) async fn http_context(ctx: &Context, handler: &mut impl Handler) -> A
     let mut context = HttpContext::new();
     context.set_config(http_config);
     context.set_swansong(ctx.shutdown.clone());
-    let mut info = Info::from(context).with_shared_state(SmolRuntime::default());
+    let mut info = Info::from(context).with_shared_state(ctx.runtime.clone());
     info.shared_state_entry::<Headers>()
         .or_default()
         .insert(KnownHeaderName::Server, "blufio");
@@ -82,7 +81,7 @@ pub(crate) async fn accept_loop<H: Handler>(
     http: Arc<HttpContext>,
     handler: Arc<H>,
 ) {
-    let runtime = SmolRuntime::default();
+    let runtime = ctx.runtime.clone();
     let swansong: Swansong = ctx.shutdown.clone();
     // Shutdown completes only once the loop has stopped and the listener is closed.
     let _running = swansong.guard();

@@ -111,6 +111,10 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
         new.daemon.request_timeout_secs != running.daemon.request_timeout_secs,
     );
     keep(
+        "[daemon] workers",
+        new.daemon.workers != running.daemon.workers,
+    );
+    keep(
         "[gateway] max_message_bytes",
         new.gateway.max_message_bytes != running.gateway.max_message_bytes,
     );
@@ -133,6 +137,7 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
     new.daemon.shutdown_grace_secs = running.daemon.shutdown_grace_secs;
     new.daemon.request_timeout_secs = running.daemon.request_timeout_secs;
     new.gateway.max_message_bytes = running.gateway.max_message_bytes;
+    new.daemon.workers = running.daemon.workers;
     new.prometheus.enabled = running.prometheus.enabled;
     new.agent.provider = running.agent.provider;
     new.agent.budget_usd = running.agent.budget_usd;

@@ -8,9 +8,43 @@
 //! the daemon sends one request at a time per connection, and it keeps the tested path the
 //! production path. Connections are pooled and reused by trillium-client.
 
-use std::path::Path;
+use std::{io, net::SocketAddr, path::Path};
 
 use trillium_client::Client;
+use trillium_server_common::{Connector, Destination, url::Url};
+use trillium_smol::{SmolTransport, SmolUdpSocket, async_net::TcpStream};
+
+use crate::runtime::Runtime;
+
+/// trillium-smol's TCP connector with the daemon's executor as its runtime: the stock one
+/// spawns on smol's process-wide executor, which would start threads of its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Tcp {
+    tcp: trillium_smol::ClientConfig,
+    runtime: Runtime,
+}
+
+impl Connector for Tcp {
+    type Runtime = Runtime;
+    type Transport = SmolTransport<TcpStream>;
+    type Udp = SmolUdpSocket;
+
+    fn runtime(&self) -> Runtime {
+        self.runtime.clone()
+    }
+
+    async fn connect(&self, url: &Url) -> io::Result<Self::Transport> {
+        self.tcp.connect(url).await
+    }
+
+    async fn connect_to(&self, destination: Destination) -> io::Result<Self::Transport> {
+        self.tcp.connect_to(destination).await
+    }
+
+    async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        self.tcp.resolve(host, port).await
+    }
+}
 
 /// Builds the client.
 ///
@@ -18,8 +52,11 @@ use trillium_client::Client;
 ///
 /// Returns a message naming the problem when `ca_file` cannot be read or holds no
 /// certificate.
-pub(crate) fn build(ca_file: Option<&Path>) -> Result<Client, String> {
-    let tcp = trillium_smol::ClientConfig::new().with_nodelay(true);
+pub(crate) fn build(ca_file: Option<&Path>, runtime: Runtime) -> Result<Client, String> {
+    let tcp = Tcp {
+        tcp: trillium_smol::ClientConfig::new().with_nodelay(true),
+        runtime,
+    };
     #[cfg(feature = "tls")]
     {
         let tls = tls_config(ca_file)?;

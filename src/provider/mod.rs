@@ -32,6 +32,7 @@ use crate::{
     context::Context,
     cost::CostConfig,
     error::Error,
+    runtime::Runtime,
     sessions::{Session, Turn},
 };
 
@@ -184,13 +185,14 @@ impl std::fmt::Debug for ProviderAgent {
 
 impl ProviderAgent {
     /// Builds the agent `config` describes (`[agent] provider` must be `anthropic` or
-    /// `openai`).
+    /// `openai`). Its HTTP client runs its background work (the connection pool's reaper) on
+    /// `runtime`, the daemon's executor.
     ///
     /// # Errors
     ///
     /// Returns [`Error::ConfigInvalid`] naming the key when the provider settings are
     /// unusable (no key, bad URL, unreadable `ca_file`).
-    pub fn new(config: &Config) -> Result<ProviderAgent, Error> {
+    pub fn new(config: &Config, runtime: Runtime) -> Result<ProviderAgent, Error> {
         let agent = &config.agent;
         let invalid = |key: &str, message: String| Error::ConfigInvalid {
             origin: "configuration".to_owned(),
@@ -205,7 +207,7 @@ impl ProviderAgent {
         }
         validate(agent).map_err(|(key, message)| invalid(key, message))?;
         let endpoint = endpoint(agent).map_err(|message| invalid("[agent] base_url", message))?;
-        let client = client::build(agent.ca_file.as_deref())
+        let client = client::build(agent.ca_file.as_deref(), runtime)
             .map_err(|message| invalid("[agent] ca_file", message))?;
         let model = agent
             .model

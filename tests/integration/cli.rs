@@ -122,6 +122,50 @@ fn sigterm_drains_and_exits_zero() {
     );
 }
 
+/// The names of the threads of process `pid`.
+#[cfg(target_os = "linux")]
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let comm = task.unwrap().path().join("comm");
+            std::fs::read_to_string(comm).unwrap().trim().to_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn two_workers_are_the_main_thread_and_one_more_even_with_a_provider_client() {
+    let port = free_port();
+    let dir = temp_dir("threads");
+    let key = dir.join("openai.key");
+    std::fs::write(&key, "sk-threads-0123456789").unwrap();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\nworkers = 2\n[gateway]\nport = {port}\n\
+         [agent]\nprovider = \"openai\"\nmodel = \"llama3.2\"\n\
+         base_url = \"http://127.0.0.1:9/v1\"\napi_key_file = \"{}\"\n",
+        key.display()
+    );
+    let (mut child, addr, _lines) = start_binary(&config, "threads");
+    for _ in 0..20 {
+        assert_eq!(
+            support::request(addr, "GET", "/health", &[], None).status,
+            200
+        );
+    }
+    // The provider's HTTP client has spawned its pool reapers by now: on the daemon's own
+    // executor, so no executor threads beyond the workers (and async-io's reactor thread).
+    assert_eq!(
+        thread_names(child.id()),
+        ["async-io", "blufio", "blufio-worker-0"]
+    );
+    child.kill().unwrap();
+    wait(&mut child);
+}
+
 #[test]
 fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
     let port = free_port();

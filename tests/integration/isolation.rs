@@ -79,3 +79,32 @@ fn two_daemons_in_one_process_never_see_each_others_numbers() {
     assert_eq!(calm.get("/health").status, 200);
     calm.stop();
 }
+
+#[test]
+fn a_daemon_s_tasks_run_on_its_own_executor_and_stop_with_it() {
+    use std::time::Duration;
+
+    let ctx = Context::new(Config::for_tests()).unwrap();
+    let daemon = blufio::spawn(Arc::clone(&ctx)).unwrap();
+    // One executor per context: a second daemon on it is refused.
+    let again = blufio::spawn(Arc::clone(&ctx)).unwrap_err();
+    assert!(
+        again.to_string().contains("already ran a daemon"),
+        "{again}"
+    );
+
+    // Host work spawned on the daemon's runtime runs on its workers...
+    let (sender, receiver) = async_channel::bounded::<&str>(1);
+    let held = sender.clone();
+    ctx.runtime.spawn_detached(async move {
+        sender.send("ran").await.unwrap();
+    });
+    assert_eq!(async_io::block_on(receiver.recv()), Ok("ran"));
+    // ...and what is still pending at shutdown is dropped with the executor.
+    ctx.runtime.spawn_detached(async move {
+        let _held = held;
+        futures_lite::future::pending::<()>().await;
+    });
+    assert!(daemon.shut_down_blocking(Duration::from_secs(5)));
+    assert!(async_io::block_on(receiver.recv()).is_err());
+}
