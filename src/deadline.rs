@@ -69,11 +69,16 @@ pub struct DeadlineTransport<T> {
     head_reads: u32,
 }
 
+/// The capacity of the buffer a connection's first request head is read into (the listener
+/// hands it to trillium-http with the bytes it peeked). Most heads (probes, scrapes, API
+/// calls) fit in one read of it.
+pub(crate) const HEAD_BUFFER_INITIAL: usize = 512;
+
 /// Most reads one request head may take. trillium-http 1.6.1 doubles its head buffer before
 /// every read of a head, so a client dripping a head byte by byte grew it geometrically (a
-/// 50-byte drip reached 471 MiB); six reads bound it at 64 KiB. Clients send a head in one or
-/// two segments.
-const MAX_HEAD_READS: u32 = 6;
+/// 50-byte drip reached 471 MiB); seven reads from [`HEAD_BUFFER_INITIAL`] bound it at
+/// 64 KiB, and still let a head of `head_max_len` (8 KiB) sent at once reach its 431.
+const MAX_HEAD_READS: u32 = 7;
 
 impl<T> DeadlineTransport<T> {
     /// Wraps `inner` with the stall deadline only.

@@ -24,7 +24,7 @@ use trillium_smol::{SmolTransport, async_net};
 use crate::{
     connection::{ConnectionGuard, Episode, Listener, Phase, Refusal},
     context::Context,
-    deadline::DeadlineTransport,
+    deadline::{DeadlineTransport, HEAD_BUFFER_INITIAL},
     metrics::ErrorKind,
     request_target::RequestTargetTransport,
 };
@@ -373,7 +373,9 @@ async fn write_and_close(mut writer: async_net::TcpStream, response: &[u8]) {
 async fn peek_preface<T: futures_lite::AsyncRead + Unpin>(
     transport: &mut T,
 ) -> io::Result<Vec<u8>> {
-    let mut peek = vec![0u8; HTTP2_PREFACE.len()];
+    // The peeked bytes start the buffer trillium-http reads the head into; its capacity is
+    // where that buffer's growth starts (see `deadline::MAX_HEAD_READS`).
+    let mut peek = [0u8; HTTP2_PREFACE.len()];
     let mut filled = 0;
     while filled < peek.len() {
         let Some(free) = peek.get_mut(filled..) else {
@@ -391,6 +393,7 @@ async fn peek_preface<T: futures_lite::AsyncRead + Unpin>(
             break;
         }
     }
-    peek.truncate(filled);
-    Ok(peek)
+    let mut initial = Vec::with_capacity(HEAD_BUFFER_INITIAL);
+    initial.extend_from_slice(peek.get(..filled).unwrap_or_default());
+    Ok(initial)
 }

@@ -48,6 +48,19 @@ impl<T> RequestTargetTransport<T> {
         }
     }
 
+    /// Hands on the collected line (rewritten when it ends at `end` in absolute form).
+    fn take_line(&mut self, end: Option<usize>, requests: u64, buf: &mut [u8]) -> usize {
+        let mut line = std::mem::take(&mut self.line);
+        if let Some(end) = end
+            && let Some(rewritten) = line.get(..end).and_then(origin_form)
+        {
+            line.splice(..end, rewritten);
+        }
+        self.pending = line;
+        self.line_taken_at = Some(requests);
+        self.serve_pending(buf)
+    }
+
     fn serve_pending(&mut self, buf: &mut [u8]) -> usize {
         let count = self.pending.len().min(buf.len());
         if let (Some(out), Some(from)) = (buf.get_mut(..count), self.pending.get(..count)) {
@@ -70,10 +83,14 @@ pub fn origin_form(line: &[u8]) -> Option<Vec<u8>> {
     {
         return None;
     }
-    let lower: Vec<u8> = target.iter().take(8).map(u8::to_ascii_lowercase).collect();
-    let after_scheme = if lower.starts_with(b"http://") {
+    let has_prefix = |prefix: &[u8]| {
+        target
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    };
+    let after_scheme = if has_prefix(b"http://") {
         target.get(7..)?
-    } else if lower.starts_with(b"https://") {
+    } else if has_prefix(b"https://") {
         target.get(8..)?
     } else {
         return None;
@@ -110,30 +127,42 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
         let requests = this.tracked.requests();
         let phase = this.tracked.phase();
         if matches!(phase, Phase::Idle | Phase::Head) && this.line_taken_at != Some(requests) {
-            {
-                // Collect the request line, then hand it on (rewritten if absolute-form).
-                let mut chunk = [0u8; 1024];
-                loop {
-                    let read = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                        Poll::Ready(Ok(read)) => read,
-                    };
-                    this.line
-                        .extend_from_slice(chunk.get(..read).unwrap_or_default());
-                    let end = this.line.windows(2).position(|pair| pair == b"\r\n");
-                    if read == 0 || end.is_some() || this.line.len() > MAX_LINE {
-                        let mut line = std::mem::take(&mut this.line);
-                        if let Some(end) = end
-                            && let Some(rewritten) = line.get(..end).and_then(origin_form)
-                        {
-                            line.splice(..end, rewritten);
-                        }
-                        this.pending = line;
+            // The common case: the whole request line arrives in this read and is already in
+            // origin form. It goes straight to the caller, without a copy or an allocation.
+            if this.line.is_empty() {
+                let read = match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                    Poll::Ready(Ok(read)) => read,
+                    other => return other,
+                };
+                let received = buf.get(..read).unwrap_or_default();
+                let end = received.windows(2).position(|pair| pair == b"\r\n");
+                match end.and_then(|end| received.get(..end)) {
+                    Some(line) if origin_form(line).is_none() => {
                         this.line_taken_at = Some(requests);
-                        return Poll::Ready(Ok(this.serve_pending(buf)));
+                        return Poll::Ready(Ok(read));
                     }
+                    _ if read == 0 => return Poll::Ready(Ok(0)),
+                    // Absolute form, or a line still incomplete: collect it below.
+                    _ => this.line.extend_from_slice(received),
                 }
+            }
+            // Collect the request line, then hand it on (rewritten if absolute-form).
+            let mut chunk = [0u8; 1024];
+            loop {
+                let end = this.line.windows(2).position(|pair| pair == b"\r\n");
+                if end.is_some() || this.line.len() > MAX_LINE {
+                    return Poll::Ready(Ok(this.take_line(end, requests, buf)));
+                }
+                let read = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Ready(Ok(read)) => read,
+                };
+                if read == 0 {
+                    return Poll::Ready(Ok(this.take_line(None, requests, buf)));
+                }
+                this.line
+                    .extend_from_slice(chunk.get(..read).unwrap_or_default());
             }
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

@@ -260,6 +260,20 @@ fn oversized_heads_get_431_json_instead_of_a_reset() {
 }
 
 #[test]
+fn a_large_head_sent_at_once_is_served_despite_the_head_read_cap() {
+    let daemon = support::start(Config::for_tests());
+    // Just under trillium's 8 KiB head limit: several doublings of the head buffer, each a
+    // read, yet well inside the read cap that stops dripped heads.
+    let head = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(7 * 1024)
+    );
+    let response = support::send_raw(daemon.addr(), head.as_bytes());
+    assert_eq!(response.status, 200, "{}", response.body);
+    daemon.stop();
+}
+
+#[test]
 fn absolute_form_targets_are_served() {
     let daemon = support::start(Config::for_tests());
     let addr = daemon.addr();
