@@ -11,6 +11,8 @@
 //! | `GET /ws` | bearer (header or subprotocol) | `ws.rs` |
 //!
 //! Unknown paths get 404 and known paths with another method 405 with `Allow`, both as JSON.
+//! The three probe routes are matched before trillium-router ([`handler`]); the rest go
+//! through it.
 
 pub mod auth;
 mod body;
@@ -52,34 +54,8 @@ pub enum Scope {
 
 /// Returns the handler for a listener serving `scope`.
 pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
+    let probes = (scope != Scope::Gateway).then(|| ProbeRoutes::new(&ctx));
     let mut router = Router::new().with_method_not_allowed();
-    if scope != Scope::Gateway {
-        router = router.any(
-            &[Method::Get, Method::Head],
-            "/health",
-            HealthHandler::new(Arc::clone(&ctx)),
-        );
-        router = router.any(
-            &[Method::Get, Method::Head],
-            "/ready",
-            ReadyHandler::new(Arc::clone(&ctx)),
-        );
-        router = if ctx.config.prometheus.enabled {
-            router.any(
-                &[Method::Get, Method::Head],
-                "/metrics",
-                MetricsHandler::new(Arc::clone(&ctx)),
-            )
-        } else {
-            router.any(
-                &[Method::Get, Method::Head],
-                "/metrics",
-                MetricsDisabledHandler {
-                    ctx: Arc::clone(&ctx),
-                },
-            )
-        };
-    }
     if scope != Scope::Probes {
         let auth = BearerAuthHandler::new(Arc::clone(&ctx));
         let sessions = |action| (auth.clone(), SessionsHandler::new(Arc::clone(&ctx), action));
@@ -104,7 +80,55 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
                 ),
             );
     }
-    (ServerHeaderHandler, router, FallbackHandler { ctx })
+    (ServerHeaderHandler, probes, router, FallbackHandler { ctx })
+}
+
+/// `/health`, `/ready` and `/metrics`, matched by plain comparison before the router: they
+/// are what load balancers, orchestrators and Prometheus call every few seconds, they take
+/// no parameters, and the router's per-request state and boxed handler futures were half of
+/// what a `/health` request allocated. Another method gets the router's 405 with `Allow`.
+#[derive(Debug)]
+struct ProbeRoutes {
+    health: HealthHandler,
+    ready: ReadyHandler,
+    metrics: Result<MetricsHandler, MetricsDisabledHandler>,
+}
+
+impl ProbeRoutes {
+    fn new(ctx: &Arc<Context>) -> ProbeRoutes {
+        ProbeRoutes {
+            health: HealthHandler::new(Arc::clone(ctx)),
+            ready: ReadyHandler::new(Arc::clone(ctx)),
+            metrics: if ctx.config.prometheus.enabled {
+                Ok(MetricsHandler::new(Arc::clone(ctx)))
+            } else {
+                Err(MetricsDisabledHandler {
+                    ctx: Arc::clone(ctx),
+                })
+            },
+        }
+    }
+}
+
+impl Handler for ProbeRoutes {
+    async fn run(&self, conn: Conn) -> Conn {
+        let path = conn.path();
+        if !matches!(path, "/health" | "/ready" | "/metrics") {
+            return conn;
+        }
+        if !matches!(conn.method(), Method::Get | Method::Head) {
+            // What the router does for a known path: the fallback writes the JSON.
+            return conn
+                .with_status(Status::MethodNotAllowed)
+                .with_response_header(KnownHeaderName::Allow, "GET, HEAD");
+        }
+        match (path, &self.metrics) {
+            ("/health", _) => self.health.run(conn).await,
+            ("/ready", _) => self.ready.run(conn).await,
+            (_, Ok(metrics)) => metrics.run(conn).await,
+            (_, Err(disabled)) => disabled.run(conn).await,
+        }
+    }
 }
 
 /// Names the server without versions: a version banner only helps pick an exploit.

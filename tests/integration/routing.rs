@@ -14,10 +14,19 @@ fn unknown_path_is_404_json() {
 #[test]
 fn wrong_method_is_405_with_allow() {
     let daemon = support::start(Config::for_tests());
-    let response = support::request(daemon.addr(), "POST", "/health", &[], Some("{}"));
-    response.assert_error(405, "method_not_allowed");
-    let allow = response.header("allow").unwrap();
-    assert!(allow.contains("GET") && allow.contains("HEAD"), "{allow}");
+    for path in ["/health", "/ready", "/metrics"] {
+        let response = support::request(daemon.addr(), "POST", path, &[], Some("{}"));
+        response.assert_error(405, "method_not_allowed");
+        let allow = response.header("allow").unwrap();
+        assert!(
+            allow.contains("GET") && allow.contains("HEAD"),
+            "{path}: {allow}"
+        );
+        // A query string does not change the route.
+        assert_eq!(daemon.get(&format!("{path}?probe=1")).status, 200, "{path}");
+    }
+    let sessions = support::request(daemon.addr(), "PUT", "/v1/sessions", &[], Some("{}"));
+    sessions.assert_error(405, "method_not_allowed");
     daemon.stop();
 }
 
