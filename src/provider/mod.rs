@@ -345,12 +345,16 @@ impl ProviderAgent {
 
     async fn complete(&self, history: &[Turn], message: &str) -> Result<Reply, AgentError> {
         let mut conn = self.send(self.body(history, message, false), false).await?;
+        // Bytes, not `read_string`: JSON is UTF-8 (RFC 8259), and decoding by the declared
+        // charset would link every encoding_rs table (about 150 KB of the binary).
         let body = conn
             .response_body()
             .with_max_len(MAX_REPLY_BYTES)
-            .read_string()
+            .read_bytes()
             .await
             .map_err(|error| AgentError::Upstream(format!("cannot read the reply: {error}")))?;
+        let body = String::from_utf8(body)
+            .map_err(|_| AgentError::Malformed("the reply is not UTF-8".to_owned()))?;
         let parsed = self.parse_reply(&body).map_err(AgentError::Malformed)?;
         let input = parsed
             .input_tokens

@@ -33,7 +33,7 @@ use crate::smoke::{free_port, terminate, wait_timeout};
 use crate::{Result, cargo, describe, run_output, run_status, target_dir};
 
 /// The bearer token of the benchmarked daemon.
-const TOKEN: &str = "bench-token";
+const TOKEN: &str = "bench-token-0123456789";
 /// Keep-alive connections of the throughput rows, as in the measurements.
 const CONNECTIONS: usize = 64;
 /// How long a side may take to answer its first `/health`.
@@ -706,12 +706,17 @@ impl Server {
                 command
             }
         };
+        // Kept in a file, so a server that exits early can say why.
+        let log = config.with_extension(match side {
+            Side::Blufio => "blufio.log",
+            Side::Floor => "floor.log",
+        });
         command
             .env_remove("BLUFIO_LOG")
             .env_remove("BLUFIO_GATEWAY_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(fs::File::create(&log)?);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let spawned = Instant::now();
         let child = command
@@ -728,7 +733,11 @@ impl Server {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
-                return Err(format!("`{}` exited early: {status}", describe(&command)).into());
+                let said = fs::read_to_string(&log).unwrap_or_default();
+                let said = said.lines().last().unwrap_or("nothing on stderr");
+                return Err(
+                    format!("`{}` exited early: {status}: {said}", describe(&command)).into(),
+                );
             }
             if spawned.elapsed() > STARTUP_TIMEOUT {
                 server.stop()?;
@@ -1464,7 +1473,7 @@ mod tests {
         let health = String::from_utf8(request_bytes("GET", "/health", "")).unwrap();
         assert_eq!(health, "GET /health HTTP/1.1\r\nHost: bench\r\n\r\n");
         let message = String::from_utf8(request_bytes("POST", "/v1/messages", "{}")).unwrap();
-        assert!(message.contains("Authorization: Bearer bench-token\r\n"));
+        assert!(message.contains("Authorization: Bearer bench-token-0123456789\r\n"));
         assert!(message.ends_with("Content-Length: 2\r\n\r\n{}"));
     }
 
