@@ -683,6 +683,17 @@ struct Server {
     cold_start: Duration,
 }
 
+impl Drop for Server {
+    /// A bench that fails midway must not leave its servers running (and their binaries
+    /// busy for the next run).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Server {
     /// Starts a side on a free port and waits for its first `200` to `/health`.
     fn start(
@@ -764,10 +775,12 @@ impl Server {
     }
 }
 
-/// One listener for everything, the echo agent, a token, room for the session row.
+/// One listener for everything, the echo agent, a token, room for the session row, and
+/// connection caps above the idle-connection row (all the load comes from one address).
 fn blufio_config(port: u16) -> String {
     format!(
-        "[daemon]\nbind = \"127.0.0.1\"\nhealth_port = {port}\nlog_level = \"warn\"\n\n\
+        "[daemon]\nbind = \"127.0.0.1\"\nhealth_port = {port}\nlog_level = \"warn\"\n\
+         max_connections = 20000\nmax_connections_per_ip = 20000\n\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 20000\n\n\
          [agent]\nprovider = \"echo\"\n"
     )
