@@ -725,6 +725,13 @@ fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
             "provider = \"openai\"\nmodel = \"m\"\nbase_url = \"localhost:11434\"\n",
             "[agent] base_url",
         ),
+        // Host names are ASCII only (the binary leaves out IDNA tables): the punycode form
+        // is the way to name an internationalised host.
+        (
+            "idn",
+            "provider = \"openai\"\nmodel = \"m\"\nbase_url = \"http://bücher.example/v1\"\n",
+            "[agent] base_url",
+        ),
     ] {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, format!("[agent]\n{agent}")).unwrap();
