@@ -61,12 +61,73 @@ impl<Input: Transport> Acceptor<Input> for DeadlineAcceptor {
 pub struct DeadlineTransport<T> {
     inner: T,
     timeout: Duration,
-    read_deadline: Option<Timer>,
-    write_deadline: Option<Timer>,
+    read_deadline: Stall,
+    write_deadline: Stall,
     tracked: Option<Arc<Tracked>>,
-    phase: Option<(Phase, Instant, Timer)>,
+    phase: Option<(Phase, Instant)>,
+    phase_timer: LazyTimer,
     expired: Option<Phase>,
     head_reads: u32,
+}
+
+/// A timer that is re-registered only when it fires, not every time its deadline moves.
+///
+/// Registering an async-io timer wakes the reactor thread (a syscall and a context switch),
+/// and every request moves three deadlines (read, write, phase). Deadlines only ever move
+/// later, so a timer armed for an earlier one may stay: when it fires, [`LazyTimer::expired`]
+/// finds the deadline not yet reached and arms it again, once per timeout at most.
+#[derive(Debug)]
+struct LazyTimer {
+    timer: Timer,
+    armed: Option<Instant>,
+}
+
+impl LazyTimer {
+    fn new() -> LazyTimer {
+        LazyTimer {
+            timer: Timer::never(),
+            armed: None,
+        }
+    }
+
+    /// Returns true once `deadline` has passed; otherwise makes sure the task is woken no
+    /// later than `deadline`.
+    fn expired(&mut self, deadline: Instant, cx: &mut TaskContext<'_>) -> bool {
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            match self.armed {
+                Some(at) if at > now && at <= deadline => {}
+                _ => {
+                    self.timer.set_at(deadline);
+                    self.armed = Some(deadline);
+                }
+            }
+            match Pin::new(&mut self.timer).poll(cx) {
+                Poll::Pending => return false,
+                // Fired for an earlier deadline: look again.
+                Poll::Ready(_) => self.armed = None,
+            }
+        }
+    }
+}
+
+/// The stall deadline of one direction: when the current wait for progress started.
+#[derive(Debug)]
+struct Stall {
+    waiting_since: Option<Instant>,
+    timer: LazyTimer,
+}
+
+impl Stall {
+    fn new() -> Stall {
+        Stall {
+            waiting_since: None,
+            timer: LazyTimer::new(),
+        }
+    }
 }
 
 /// The capacity of the buffer a connection's first request head is read into (the listener
@@ -86,10 +147,11 @@ impl<T> DeadlineTransport<T> {
         DeadlineTransport {
             inner,
             timeout,
-            read_deadline: None,
-            write_deadline: None,
+            read_deadline: Stall::new(),
+            write_deadline: Stall::new(),
             tracked: None,
             phase: None,
+            phase_timer: LazyTimer::new(),
             expired: None,
             head_reads: 0,
         }
@@ -118,15 +180,15 @@ impl<T> DeadlineTransport<T> {
             return None;
         }
         let timeout = self.timeout;
-        let (_, started, timer) = match &mut self.phase {
-            Some(current) if current.0 == phase => current,
-            slot => {
+        let started = match self.phase {
+            Some((current, started)) if current == phase => started,
+            _ => {
                 let now = Instant::now();
-                slot.insert((phase, now, Timer::at(now + timeout)))
+                self.phase = Some((phase, now));
+                now
             }
         };
-        let fired = started.elapsed() >= timeout || Pin::new(timer).poll(cx).is_ready();
-        if !fired {
+        if !self.phase_timer.expired(started + timeout, cx) {
             return None;
         }
         let what = if phase == Phase::Head {
@@ -143,31 +205,30 @@ impl<T> DeadlineTransport<T> {
     }
 }
 
-/// Polls `result`; while it is pending, arms `deadline` and fails once it fires.
+/// Polls `result`; while it is pending, fails once it has made no progress for `timeout`.
 fn with_deadline<R>(
     result: Poll<io::Result<R>>,
-    deadline: &mut Option<Timer>,
+    stall: &mut Stall,
     timeout: Duration,
     cx: &mut TaskContext<'_>,
     what: &str,
 ) -> Poll<io::Result<R>> {
     match result {
         Poll::Ready(result) => {
-            *deadline = None;
+            stall.waiting_since = None;
             Poll::Ready(result)
         }
         Poll::Pending => {
-            let timer = deadline.get_or_insert_with(|| Timer::after(timeout));
-            match Pin::new(timer).poll(cx) {
-                Poll::Ready(_) => {
-                    *deadline = None;
-                    log::debug!("closing connection: {what} stalled for {timeout:?}");
-                    Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("{what} stalled for {timeout:?}"),
-                    )))
-                }
-                Poll::Pending => Poll::Pending,
+            let since = *stall.waiting_since.get_or_insert_with(Instant::now);
+            if stall.timer.expired(since + timeout, cx) {
+                stall.waiting_since = None;
+                log::debug!("closing connection: {what} stalled for {timeout:?}");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{what} stalled for {timeout:?}"),
+                )))
+            } else {
+                Poll::Pending
             }
         }
     }

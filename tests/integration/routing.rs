@@ -104,6 +104,56 @@ fn a_client_that_stalls_mid_request_is_disconnected() {
 }
 
 #[test]
+fn a_busy_keep_alive_connection_outlives_the_timeout_and_an_idle_one_is_closed() {
+    use std::{
+        io::{Read, Write},
+        net::TcpStream,
+        time::{Duration, Instant},
+    };
+
+    let mut config = Config::for_tests();
+    config.daemon.request_timeout_secs = 1;
+    let daemon = support::start(config);
+    let mut stream = TcpStream::connect(daemon.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut get = |stream: &mut TcpStream| {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 1024];
+        while !response.ends_with(b"}") {
+            let read = stream.read(&mut buffer).unwrap();
+            assert!(read > 0, "closed after {} bytes", response.len());
+            response.extend_from_slice(&buffer[..read]);
+        }
+        assert!(response.starts_with(b"HTTP/1.1 200"));
+    };
+    // Each wait is shorter than the deadline, together they are three times longer: every
+    // wait starts its own deadline (the timer armed for an earlier one must not end this one).
+    let started = Instant::now();
+    for _ in 0..5 {
+        get(&mut stream);
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    get(&mut stream);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    // Then silence: the idle connection is closed about a second later.
+    let idle = Instant::now();
+    let mut buffer = [0u8; 64];
+    let read = stream.read(&mut buffer);
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(900) && idle.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        idle.elapsed()
+    );
+    daemon.stop();
+}
+
+#[test]
 fn responses_do_not_advertise_library_versions() {
     let daemon = support::start(Config::for_tests());
     let response = daemon.get("/health");
