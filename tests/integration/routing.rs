@@ -118,7 +118,7 @@ fn a_busy_keep_alive_connection_outlives_the_timeout_and_an_idle_one_is_closed()
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut get = |stream: &mut TcpStream| {
+    let get = |stream: &mut TcpStream| {
         stream
             .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
