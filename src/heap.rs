@@ -131,27 +131,7 @@ impl HeapSource for AllocatorHeap {
 
     #[cfg(feature = "jemalloc")]
     fn purge(&self) -> Result<(), Error> {
-        // `tikv_jemalloc_ctl::raw::write` would pass a non-null new value, which this entry
-        // rejects with EPERM: the purge must be called with all four pointers null.
-        // SAFETY: the name is NUL-terminated; null old/new pointers with zero lengths are
-        // what `arena.<i>.purge` expects.
-        #[allow(unsafe_code)]
-        let code = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                PURGE_ALL_ARENAS.as_ptr().cast(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if code == 0 {
-            Ok(())
-        } else {
-            Err(Error::Allocator(format!(
-                "arena.4096.purge failed with error code {code}"
-            )))
-        }
+        arena_command(PURGE_ALL_ARENAS)
     }
 
     #[cfg(not(feature = "jemalloc"))]
@@ -161,25 +141,7 @@ impl HeapSource for AllocatorHeap {
 
     #[cfg(feature = "jemalloc")]
     fn decay(&self) -> Result<(), Error> {
-        // SAFETY: as for the purge: a NUL-terminated name and null pointers with zero lengths,
-        // which is how `arena.<i>.decay` is called.
-        #[allow(unsafe_code)]
-        let code = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                DECAY_ALL_ARENAS.as_ptr().cast(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if code == 0 {
-            Ok(())
-        } else {
-            Err(Error::Allocator(format!(
-                "arena.4096.decay failed with error code {code}"
-            )))
-        }
+        arena_command(DECAY_ALL_ARENAS)
     }
 
     fn page_size(&self) -> Option<u64> {
@@ -192,6 +154,33 @@ impl HeapSource for AllocatorHeap {
         } else {
             "system"
         }
+    }
+}
+
+/// Runs a jemalloc `arena.<i>.<command>` entry; `name` is NUL-terminated.
+#[cfg(feature = "jemalloc")]
+fn arena_command(name: &[u8]) -> Result<(), Error> {
+    // `tikv_jemalloc_ctl::raw::write` would pass a non-null new value, which these entries
+    // reject with EPERM: they must be called with all four pointers null.
+    // SAFETY: `name` is NUL-terminated (the constants above); null old/new pointers with zero
+    // lengths are how `arena.<i>.purge` and `arena.<i>.decay` are called.
+    #[allow(unsafe_code)]
+    let code = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if code == 0 {
+        Ok(())
+    } else {
+        let name = String::from_utf8_lossy(name.strip_suffix(b"\0").unwrap_or(name));
+        Err(Error::Allocator(format!(
+            "{name} failed with error code {code}"
+        )))
     }
 }
 
