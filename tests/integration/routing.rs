@@ -67,21 +67,26 @@ fn separate_ports_split_probes_from_the_gateway() {
     daemon.stop();
 }
 
+/// A daemon with `request_timeout_secs = 1` and a client connected to it.
+fn one_second_timeout_connection() -> (support::TestDaemon, std::net::TcpStream) {
+    let mut config = Config::for_tests();
+    config.daemon.request_timeout_secs = 1;
+    let daemon = support::start(config);
+    let stream = std::net::TcpStream::connect(daemon.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    (daemon, stream)
+}
+
 #[test]
 fn a_client_that_stalls_mid_request_is_disconnected() {
     use std::{
         io::{Read, Write},
-        net::TcpStream,
         time::{Duration, Instant},
     };
 
-    let mut config = Config::for_tests();
-    config.daemon.request_timeout_secs = 1;
-    let daemon = support::start(config);
-    let mut stream = TcpStream::connect(daemon.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (daemon, mut stream) = one_second_timeout_connection();
     // Half a request head, then silence: a slowloris client.
     stream
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
@@ -111,13 +116,7 @@ fn a_busy_keep_alive_connection_outlives_the_timeout_and_an_idle_one_is_closed()
         time::{Duration, Instant},
     };
 
-    let mut config = Config::for_tests();
-    config.daemon.request_timeout_secs = 1;
-    let daemon = support::start(config);
-    let mut stream = TcpStream::connect(daemon.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (daemon, mut stream) = one_second_timeout_connection();
     let get = |stream: &mut TcpStream| {
         stream
             .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
