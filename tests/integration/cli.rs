@@ -162,10 +162,12 @@ fn two_workers_are_the_main_thread_and_one_more_even_with_a_provider_client() {
     }
     // The provider's HTTP client has spawned its pool reapers by now: on the daemon's own
     // executor, so no executor threads beyond the workers (and async-io's reactor thread).
-    // Besides the main thread: one worker and async-io's reactor.
-    assert_eq!(thread_names(child.id()), ["async-io", "blufio-worker-0"]);
+    let names = thread_names(child.id());
+    // Stopped before asserting, so a failure leaves no daemon behind.
     child.kill().unwrap();
     wait(&mut child);
+    // Besides the main thread: one worker and async-io's reactor.
+    assert_eq!(names, ["async-io", "blufio-worker-0"]);
 }
 
 #[test]
