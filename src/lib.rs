@@ -52,6 +52,7 @@ pub mod reload;
 pub mod request_target;
 pub mod runtime;
 pub mod sessions;
+pub mod state_dir;
 mod tasks;
 
 pub use crate::{
