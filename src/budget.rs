@@ -622,7 +622,8 @@ mod tests {
 
     #[test]
     fn spending_the_limit_exhausts_until_midnight_and_a_new_day_resets() {
-        let budget = Budget::open(&config(1.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
+        let budget =
+            Budget::open(&config(1.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
         budget.check(at(NOON)).unwrap();
         budget.spend("m", 0.6, at(NOON));
         budget.check(at(NOON)).unwrap();
@@ -639,7 +640,14 @@ mod tests {
     #[test]
     fn spend_survives_reopening_the_state_dir() {
         let dir = temp_dir("reopen");
-        let budget = Budget::open(&config(1.0), Some(&dir), gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
+        let budget = Budget::open(
+            &config(1.0),
+            Some(&dir),
+            gauge(),
+            ErrorCounter::noop(),
+            at(NOON),
+        )
+        .unwrap();
         budget.spend("m", 1.5, at(NOON));
         assert!(async_io::block_on(budget.settle(Duration::from_secs(10))));
         assert!(budget.persisted());
@@ -647,10 +655,24 @@ mod tests {
         let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
         assert!(text.contains("\"spent_usd\":1.5"), "{text}");
         assert!(!dir.join("spend.json.tmp").exists());
-        let budget = Budget::open(&config(1.0), Some(&dir), gauge(), ErrorCounter::noop(), at(NOON + 60)).unwrap();
+        let budget = Budget::open(
+            &config(1.0),
+            Some(&dir),
+            gauge(),
+            ErrorCounter::noop(),
+            at(NOON + 60),
+        )
+        .unwrap();
         assert!(budget.check(at(NOON + 60)).is_err());
         // Yesterday's file means nothing is spent today.
-        let budget = Budget::open(&config(1.0), Some(&dir), gauge(), ErrorCounter::noop(), at(NOON + 86_400)).unwrap();
+        let budget = Budget::open(
+            &config(1.0),
+            Some(&dir),
+            gauge(),
+            ErrorCounter::noop(),
+            at(NOON + 86_400),
+        )
+        .unwrap();
         assert_eq!(budget.spent_today_usd(at(NOON + 86_400)), 0.0);
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -664,7 +686,14 @@ mod tests {
             "{\"version\":2}",
         ] {
             fs::write(dir.join(STATE_FILE), text).unwrap();
-            let error = Budget::open(&config(1.0), Some(&dir), gauge(), ErrorCounter::noop(), at(NOON)).unwrap_err();
+            let error = Budget::open(
+                &config(1.0),
+                Some(&dir),
+                gauge(),
+                ErrorCounter::noop(),
+                at(NOON),
+            )
+            .unwrap_err();
             assert!(error.is_config());
             let message = error.to_string();
             assert!(message.contains("spend.json"), "{message}");
@@ -675,7 +704,8 @@ mod tests {
 
     #[test]
     fn cost_counters_render_per_model_with_escaped_labels() {
-        let budget = Budget::open(&config(0.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
+        let budget =
+            Budget::open(&config(0.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
         budget.register_model("a\"b");
         budget.spend("claude", 0.25, at(NOON));
         let mut out = String::new();
@@ -710,8 +740,14 @@ mod writer_tests {
         fs::create_dir_all(&dir).unwrap();
         let now = SystemTime::now();
         let config = CostConfig::default();
-        let budget = Budget::open(&config, Some(&dir), Gauge::noop(), ErrorCounter::noop(), now)
-            .unwrap();
+        let budget = Budget::open(
+            &config,
+            Some(&dir),
+            Gauge::noop(),
+            ErrorCounter::noop(),
+            now,
+        )
+        .unwrap();
         // A non-empty directory where the state file goes: the rename fails, as root too.
         let blocker = dir.join(STATE_FILE);
         fs::create_dir_all(blocker.join("in-the-way")).unwrap();

@@ -413,7 +413,9 @@ impl ContextBuilder {
                     .and_then(|reader| reader.sample().ok())
                     .and_then(|sample| sample.max_fds),
             ),
-            configured => configured,
+            // A cap the open-file limit cannot hold is raised toward the hard limit or
+            // clamped, with a warning naming both numbers.
+            configured => crate::fd_limit::fit(configured),
         };
         let connections = Connections::new(
             max_connections,

@@ -259,7 +259,7 @@ async fn next_stop_signal(
                 // A refused reload is logged by `reload` and changes nothing.
                 Some(ctx) => {
                     log::info!("received SIGHUP; reloading the configuration");
-                    let _ = reload::reload(ctx);
+                    let _ = reload::reload(ctx).await;
                 }
                 None => log::info!("received SIGHUP while draining; ignored"),
             },

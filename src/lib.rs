@@ -38,6 +38,7 @@ pub mod cost;
 mod daemon;
 pub mod deadline;
 pub mod error;
+pub mod fd_limit;
 pub mod gateway;
 pub mod heap;
 pub mod http;

@@ -170,7 +170,10 @@ mod tests {
     #[cfg(any(target_os = "linux", target_os = "macos"))]
     fn devices_and_fifos_are_refused_without_blocking() {
         let error = read_regular(Path::new("/dev/zero"), 100).unwrap_err();
-        assert_eq!(error.to_string(), "is a character device, not a regular file");
+        assert_eq!(
+            error.to_string(),
+            "is a character device, not a regular file"
+        );
         let dir = temp_dir("fifo");
         let fifo = dir.join("fifo");
         let status = std::process::Command::new("mkfifo")
@@ -180,7 +183,10 @@ mod tests {
         assert!(status.success());
         // Without O_NONBLOCK this open would wait for a writer forever.
         let error = read_regular(&fifo, 100).unwrap_err();
-        assert_eq!(error.to_string(), "is a FIFO (named pipe), not a regular file");
+        assert_eq!(
+            error.to_string(),
+            "is a FIFO (named pipe), not a regular file"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
