@@ -271,7 +271,8 @@ fn a_reload_meeting_a_fifo_token_file_is_refused_while_health_keeps_answering() 
     let config = dir.join("blufio.toml");
     std::fs::write(
         &config,
-        format!("{}token_file = \"token\"\n", port_config("")),
+        // One worker: a reload that blocked its thread would block every request.
+        format!("{}token_file = \"token\"\n", port_config("workers = 1")),
     )
     .unwrap();
     let daemon = serve(&config);
