@@ -60,7 +60,7 @@ impl fmt::Display for ReloadReport {
         if self.changed.is_empty() {
             f.write_str("nothing applied")?;
         } else {
-            write!(f, "applied {}", self.changed.join(", "))?;
+            write!(f, "changed {}", self.changed.join(", "))?;
         }
         if !self.needs_restart.is_empty() {
             write!(
@@ -302,7 +302,7 @@ mod tests {
         };
         assert_eq!(
             report.to_string(),
-            "applied [gateway] token; needs restart (running value kept): [gateway] port"
+            "changed [gateway] token; needs restart (running value kept): [gateway] port"
         );
         assert_eq!(ReloadReport::default().to_string(), "nothing changed");
     }

@@ -368,10 +368,18 @@ fn an_unwritable_state_dir_is_reported_leaves_no_temporary_file_and_recovers() {
         }
     };
     assert_eq!(post().status, 200);
+    let spend = state.join("spend.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spend.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first spend was never written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     wait_for(true);
 
     // A non-empty directory where spend.json goes: every rename fails, for root too.
-    let spend = state.join("spend.json");
     std::fs::remove_file(&spend).unwrap();
     std::fs::create_dir_all(spend.join("in-the-way")).unwrap();
     assert_eq!(post().status, 200, "the reply is still served and charged");
