@@ -3,11 +3,19 @@
 //!
 //! The state file (`<state_dir>/spend.json`) is replaced atomically: a temporary file is
 //! written and synced, renamed over the old one, and the directory is synced, so a crash or a
-//! power cut leaves either the old or the new file, never a torn one. A file that exists but
-//! cannot be read or parsed stops the daemon from starting: resetting it to zero would hand
-//! out a second day's budget, and an operator must look at it. Metrics only mirror this state:
-//! `blufio_budget_remaining_usd` is set from here, and `blufio_cost_usd_total{model}` (a float
-//! counter the `metrics` types cannot hold) is rendered from here.
+//! power cut leaves either the old or the new file, never a torn one. The writing happens on
+//! a thread of the budget's own (the spend writer), never on the daemon's executor: `spend`
+//! only updates memory and wakes the writer, which coalesces what piled up meanwhile. A write
+//! that fails (a read-only or full disk) removes its temporary file, is reported once per
+//! episode (an ERROR, `blufio_errors_total{type="state_write"}`, `persisted: false` in
+//! `/v1/health`) and is retried with the next reply and every few seconds until it succeeds.
+//!
+//! A file that exists but cannot be read or parsed stops the daemon from starting:
+//! resetting it to zero would hand out a second day's budget, and an operator must look at
+//! it. It is read like every other file (`config::read_capped`): a regular file of at most
+//! 1 MiB. Metrics only mirror this state: `blufio_budget_remaining_usd` is set from here, and
+//! `blufio_cost_usd_total{model}` (a float counter the `metrics` types cannot hold) is
+//! rendered from here.
 
 use std::{
     collections::BTreeMap,
@@ -15,17 +23,23 @@ use std::{
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use metrics::Gauge;
 use serde_json::{Value, json};
 
-use crate::{cost::CostConfig, error::Error};
+use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter};
 
 /// The state file's name inside `[daemon] state_dir`.
 pub const STATE_FILE: &str = "spend.json";
+
+/// How often the spend writer retries a failed write while no reply asks it to.
+pub const WRITE_RETRY: Duration = Duration::from_secs(5);
 
 /// Distinct models tracked in `blufio_cost_usd_total`; later ones share `model="other"`.
 const MAX_MODEL_LABELS: usize = 16;
@@ -35,11 +49,13 @@ const SECONDS_PER_DAY: u64 = 86_400;
 /// Today's spend against the daily limit.
 #[derive(Debug)]
 pub struct Budget {
-    daily_usd: f64,
+    /// The daily limit's `f64` bits: a reload changes it in place.
+    daily_usd: AtomicU64,
     path: Option<PathBuf>,
     day: Mutex<Day>,
     lifetime_by_model: Mutex<BTreeMap<String, f64>>,
     remaining_gauge: Gauge,
+    writer: Option<Arc<Writer>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,16 +74,18 @@ pub struct Exhausted {
 
 impl Budget {
     /// Opens the budget: reads today's spend from `<state_dir>/spend.json` when a state
-    /// directory is set (a missing file means nothing spent yet).
+    /// directory is set (a missing file means nothing spent yet) and starts the thread that
+    /// writes it. `state_errors` counts failed writes.
     ///
     /// # Errors
     ///
     /// Returns [`Error::State`] when the file exists but cannot be read or parsed, or the
-    /// directory cannot be created.
+    /// directory cannot be created, and [`Error::Io`] when the writer thread cannot start.
     pub fn open(
         config: &CostConfig,
         state_dir: Option<&Path>,
         remaining_gauge: Gauge,
+        state_errors: ErrorCounter,
         now: SystemTime,
     ) -> Result<Budget, Error> {
         let today = day_index(now);
@@ -82,35 +100,23 @@ impl Budget {
                 message: format!("cannot create the state directory: {error}"),
             })?;
         }
-        if let Some(path) = &path {
-            match fs::read_to_string(path) {
-                Ok(text) => {
-                    let stored = parse_state(&text).map_err(|message| Error::State {
-                        path: path.clone(),
-                        message: format!(
-                            "{message}; refusing to start rather than forget today's spend \
-                             (fix the file, or delete it to reset the spend to 0)"
-                        ),
-                    })?;
-                    if stored.index == today {
-                        day = stored;
-                    }
-                }
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    return Err(Error::State {
-                        path: path.clone(),
-                        message: format!("cannot read the spend state: {error}"),
-                    });
-                }
-            }
+        if let Some(path) = &path
+            && let Some(stored) = read_state(path)?
+            && stored.index == today
+        {
+            day = stored;
         }
+        let writer = match &path {
+            Some(path) => Some(Writer::start(path.clone(), state_errors)?),
+            None => None,
+        };
         let budget = Budget {
-            daily_usd: config.daily_budget_usd,
+            daily_usd: AtomicU64::new(config.daily_budget_usd.to_bits()),
             path,
             day: Mutex::new(day),
             lifetime_by_model: Mutex::new(BTreeMap::new()),
             remaining_gauge,
+            writer,
         };
         budget.refresh(now);
         Ok(budget)
@@ -118,12 +124,65 @@ impl Budget {
 
     /// Returns the daily limit in US dollars (0: no limit).
     pub fn daily_usd(&self) -> f64 {
-        self.daily_usd
+        f64::from_bits(self.daily_usd.load(Ordering::Relaxed))
+    }
+
+    /// Sets the daily limit (on reload); it applies to the next call at once.
+    pub fn set_daily_usd(&self, daily_usd: f64, now: SystemTime) {
+        self.daily_usd.store(daily_usd.to_bits(), Ordering::Relaxed);
+        self.refresh(now);
     }
 
     /// Returns the state file, if spend is persisted.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Returns true when today's spend is safely in the state file: a state directory is
+    /// set and the last write did not fail (a write may be under way).
+    pub fn persisted(&self) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(|writer| writer.lock().failing.is_none())
+    }
+
+    /// Returns why the last write of the state file failed, while it keeps failing.
+    pub fn write_error(&self) -> Option<String> {
+        self.writer
+            .as_ref()
+            .and_then(|writer| writer.lock().failing.clone())
+    }
+
+    /// Waits (without blocking a thread) until the spend writer has nothing left to write,
+    /// or `timeout` passes; returns true when everything is written. While writes fail, one
+    /// more is tried at once and its failure ends the wait. Called at shutdown so the last
+    /// reply's spend is on disk before the process exits.
+    pub async fn settle(&self, timeout: Duration) -> bool {
+        let Some(writer) = &self.writer else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let failures_before = {
+            let mut state = writer.lock();
+            state.retry_at = None;
+            writer.wake.notify_all();
+            state.failures
+        };
+        loop {
+            {
+                let state = writer.lock();
+                if state.pending.is_none() && !state.writing {
+                    return true;
+                }
+                if state.failures > failures_before && !state.writing {
+                    return false;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            async_io::Timer::after(Duration::from_millis(5)).await;
+        }
     }
 
     /// Returns what today has spent so far, in US dollars.
@@ -133,10 +192,11 @@ impl Budget {
 
     /// Returns what is left today (infinite without a limit).
     pub fn remaining_usd(&self, now: SystemTime) -> f64 {
-        if self.daily_usd <= 0.0 {
+        let daily_usd = self.daily_usd();
+        if daily_usd <= 0.0 {
             return f64::INFINITY;
         }
-        (self.daily_usd - self.today(now).spent_usd).max(0.0)
+        (daily_usd - self.today(now).spent_usd).max(0.0)
     }
 
     /// Updates `blufio_budget_remaining_usd` (a new UTC day resets it without any traffic).
@@ -151,7 +211,8 @@ impl Budget {
     /// Returns [`Exhausted`] with the time until the next UTC midnight.
     pub fn check(&self, now: SystemTime) -> Result<(), Exhausted> {
         self.refresh(now);
-        if self.daily_usd > 0.0 && self.today(now).spent_usd >= self.daily_usd {
+        let daily_usd = self.daily_usd();
+        if daily_usd > 0.0 && self.today(now).spent_usd >= daily_usd {
             return Err(Exhausted {
                 retry_after: until_midnight(now),
             });
@@ -159,13 +220,9 @@ impl Budget {
         Ok(())
     }
 
-    /// Adds `usd` spent on `model` today and persists the new total.
-    ///
-    /// # Errors
-    ///
-    /// Returns the I/O error when the state file cannot be written; the spend is counted in
-    /// memory all the same.
-    pub fn spend(&self, model: &str, usd: f64, now: SystemTime) -> io::Result<()> {
+    /// Adds `usd` spent on `model` today and hands the new total to the spend writer; it
+    /// never touches the disk itself (a failed write is the writer's to report and retry).
+    pub fn spend(&self, model: &str, usd: f64, now: SystemTime) {
         let usd = if usd.is_finite() && usd > 0.0 {
             usd
         } else {
@@ -180,9 +237,9 @@ impl Budget {
             };
             *lifetime.entry(label.to_owned()).or_insert(0.0) += usd;
         }
-        let result = {
-            // The lock is held while writing so two replies never race on the temporary file
-            // and the file never goes back in time.
+        {
+            // The writer is handed the total under the day's lock, so the file never goes
+            // back in time.
             let mut day = lock(&self.day);
             let today = day_index(now);
             if day.index != today {
@@ -192,13 +249,13 @@ impl Budget {
                 };
             }
             day.spent_usd += usd;
-            match &self.path {
-                Some(path) if usd > 0.0 => write_state(path, *day),
-                _ => Ok(()),
+            if let Some(writer) = &self.writer
+                && usd > 0.0
+            {
+                writer.submit(*day);
             }
-        };
+        }
         self.refresh(now);
-        result
     }
 
     /// Registers a model so its cost counter renders as 0 before the first reply.
@@ -296,14 +353,236 @@ fn parse_state(text: &str) -> Result<Day, String> {
     Ok(Day { index, spent_usd })
 }
 
-/// Replaces `path` atomically: temporary file, sync, rename, sync of the directory.
+/// Reads the state file; `None` when there is none yet.
+fn read_state(path: &Path) -> Result<Option<Day>, Error> {
+    let text = match crate::config::read_capped(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(Error::State {
+                path: path.to_owned(),
+                message: format!(
+                    "cannot read the spend state: {error}; refusing to start rather than \
+                     forget today's spend (replace it with the regular file blufio wrote, or \
+                     delete it to reset the spend to 0)"
+                ),
+            });
+        }
+    };
+    parse_state(&text)
+        .map(Some)
+        .map_err(|message| Error::State {
+            path: path.to_owned(),
+            message: format!(
+                "{message}; refusing to start rather than forget today's spend \
+                 (fix the file, or delete it to reset the spend to 0)"
+            ),
+        })
+}
+
+/// Checks the state files in `state_dir` as start-up would read them, creating and writing
+/// nothing (`blufio check-config`). Returns a line describing what was found.
+///
+/// # Errors
+///
+/// Returns [`Error::State`] when start-up would refuse the directory or the spend file.
+pub fn check_state_dir(state_dir: &Path, now: SystemTime) -> Result<String, Error> {
+    match fs::metadata(state_dir) {
+        Ok(metadata) if metadata.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::State {
+                path: state_dir.to_owned(),
+                message: "[daemon] state_dir is not a directory".to_owned(),
+            });
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Ok(format!(
+                "state: {} does not exist yet (created at start)",
+                state_dir.display()
+            ));
+        }
+        Err(error) => {
+            return Err(Error::State {
+                path: state_dir.to_owned(),
+                message: format!("cannot read the state directory: {error}"),
+            });
+        }
+    }
+    let path = state_dir.join(STATE_FILE);
+    Ok(match read_state(&path)? {
+        Some(day) if day.index == day_index(now) => format!(
+            "state: {} ok, ${} spent today",
+            path.display(),
+            day.spent_usd
+        ),
+        Some(_) => format!("state: {} ok, nothing spent today", path.display()),
+        None => format!("state: {} not written yet", path.display()),
+    })
+}
+
+/// The spend writer: a thread of the budget's own that saves the latest total, so no disk
+/// write (or its `fsync`) ever runs on the daemon's executor.
+#[derive(Debug)]
+struct Writer {
+    state: Mutex<WriterState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    /// The latest total not yet saved.
+    pending: Option<Day>,
+    /// A write is under way.
+    writing: bool,
+    /// While writes fail: no attempt before this instant unless a new total arrives.
+    retry_at: Option<Instant>,
+    /// Why the last write failed, while they fail.
+    failing: Option<String>,
+    /// Failed writes so far.
+    failures: u64,
+    /// The budget is gone: write what is pending once, then end.
+    closed: bool,
+}
+
+impl Writer {
+    fn start(path: PathBuf, errors: ErrorCounter) -> Result<Arc<Writer>, Error> {
+        let writer = Arc::new(Writer {
+            state: Mutex::new(WriterState::default()),
+            wake: Condvar::new(),
+        });
+        let shared = Arc::clone(&writer);
+        std::thread::Builder::new()
+            .name("blufio-spend".to_owned())
+            .spawn(move || shared.run(&path, &errors))
+            .map_err(|source| Error::Io {
+                context: "cannot start the spend writer thread".to_owned(),
+                source,
+            })?;
+        Ok(writer)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        lock(&self.state)
+    }
+
+    fn submit(&self, day: Day) {
+        let mut state = self.lock();
+        state.pending = Some(day);
+        // A new reply is a new chance: a failing disk is tried again at once.
+        state.retry_at = None;
+        self.wake.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_all();
+    }
+
+    fn run(&self, path: &Path, errors: &ErrorCounter) {
+        loop {
+            let day = {
+                let mut state = self.lock();
+                loop {
+                    let now = Instant::now();
+                    match (state.pending, state.retry_at) {
+                        (Some(_), None) => break,
+                        (Some(_), Some(at)) if at <= now || state.closed => break,
+                        (Some(_), Some(at)) => {
+                            state = self
+                                .wake
+                                .wait_timeout(state, at - now)
+                                .map_or_else(|poisoned| poisoned.into_inner().0, |(s, _)| s);
+                        }
+                        (None, _) if state.closed => return,
+                        (None, _) => {
+                            state = self
+                                .wake
+                                .wait(state)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        }
+                    }
+                }
+                state.writing = true;
+                state.pending.take()
+            };
+            let Some(day) = day else { continue };
+            let result = write_state(path, day);
+            let mut state = self.lock();
+            state.writing = false;
+            match result {
+                Ok(()) => {
+                    state.retry_at = None;
+                    if let Some(error) = state.failing.take() {
+                        log::info!(
+                            "today's spend is saved to {} again (the last failure: {error})",
+                            path.display()
+                        );
+                    }
+                }
+                Err(error) => {
+                    errors.increment();
+                    state.failures += 1;
+                    // A newer total that arrived meanwhile supersedes this one.
+                    if state.pending.is_none() {
+                        state.pending = Some(day);
+                    }
+                    state.retry_at = Some(Instant::now() + WRITE_RETRY);
+                    if state.failing.is_none() {
+                        log::error!(
+                            "cannot save today's spend to {}: {error}; it is counted in memory \
+                             and retried every {} s, but a restart now would forget it (is \
+                             the state directory read-only or full?)",
+                            path.display(),
+                            WRITE_RETRY.as_secs()
+                        );
+                    }
+                    state.failing = Some(error.to_string());
+                    if state.closed {
+                        return;
+                    }
+                }
+            }
+            self.wake.notify_all();
+        }
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        if let Some(writer) = &self.writer {
+            writer.close();
+        }
+    }
+}
+
+/// Replaces `path` atomically: temporary file, sync, rename, sync of the directory. A
+/// failure leaves no temporary file behind.
 fn write_state(path: &Path, day: Day) -> io::Result<()> {
     let temporary = path.with_extension("json.tmp");
-    let mut file = fs::File::create(&temporary)?;
-    file.write_all(render_state(day).as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temporary, path)?;
+    // A leftover from a crash (or anything else at that name) goes first; `create_new` then
+    // refuses to follow a symlink or to open a FIFO planted there.
+    match fs::remove_file(&temporary) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            return Err(io::Error::new(
+                error.kind(),
+                format!("cannot remove {}: {error}", temporary.display()),
+            ));
+        }
+        _ => {}
+    }
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(render_state(day).as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&temporary, path));
+    if let Err(error) = written {
+        let _ = fs::remove_file(&temporary);
+        return Err(error);
+    }
     if let Some(dir) = path.parent() {
         fs::File::open(dir)?.sync_all()?;
     }
@@ -343,11 +622,12 @@ mod tests {
 
     #[test]
     fn spending_the_limit_exhausts_until_midnight_and_a_new_day_resets() {
-        let budget = Budget::open(&config(1.0), None, gauge(), at(NOON)).unwrap();
+        let budget =
+            Budget::open(&config(1.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
         budget.check(at(NOON)).unwrap();
-        budget.spend("m", 0.6, at(NOON)).unwrap();
+        budget.spend("m", 0.6, at(NOON));
         budget.check(at(NOON)).unwrap();
-        budget.spend("m", 0.6, at(NOON)).unwrap();
+        budget.spend("m", 0.6, at(NOON));
         assert_eq!(
             budget.check(at(NOON)).unwrap_err().retry_after,
             Duration::from_secs(12 * 3600)
@@ -360,16 +640,39 @@ mod tests {
     #[test]
     fn spend_survives_reopening_the_state_dir() {
         let dir = temp_dir("reopen");
-        let budget = Budget::open(&config(1.0), Some(&dir), gauge(), at(NOON)).unwrap();
-        budget.spend("m", 1.5, at(NOON)).unwrap();
+        let budget = Budget::open(
+            &config(1.0),
+            Some(&dir),
+            gauge(),
+            ErrorCounter::noop(),
+            at(NOON),
+        )
+        .unwrap();
+        budget.spend("m", 1.5, at(NOON));
+        assert!(async_io::block_on(budget.settle(Duration::from_secs(10))));
+        assert!(budget.persisted());
         drop(budget);
         let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
         assert!(text.contains("\"spent_usd\":1.5"), "{text}");
         assert!(!dir.join("spend.json.tmp").exists());
-        let budget = Budget::open(&config(1.0), Some(&dir), gauge(), at(NOON + 60)).unwrap();
+        let budget = Budget::open(
+            &config(1.0),
+            Some(&dir),
+            gauge(),
+            ErrorCounter::noop(),
+            at(NOON + 60),
+        )
+        .unwrap();
         assert!(budget.check(at(NOON + 60)).is_err());
         // Yesterday's file means nothing is spent today.
-        let budget = Budget::open(&config(1.0), Some(&dir), gauge(), at(NOON + 86_400)).unwrap();
+        let budget = Budget::open(
+            &config(1.0),
+            Some(&dir),
+            gauge(),
+            ErrorCounter::noop(),
+            at(NOON + 86_400),
+        )
+        .unwrap();
         assert_eq!(budget.spent_today_usd(at(NOON + 86_400)), 0.0);
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -383,7 +686,14 @@ mod tests {
             "{\"version\":2}",
         ] {
             fs::write(dir.join(STATE_FILE), text).unwrap();
-            let error = Budget::open(&config(1.0), Some(&dir), gauge(), at(NOON)).unwrap_err();
+            let error = Budget::open(
+                &config(1.0),
+                Some(&dir),
+                gauge(),
+                ErrorCounter::noop(),
+                at(NOON),
+            )
+            .unwrap_err();
             assert!(error.is_config());
             let message = error.to_string();
             assert!(message.contains("spend.json"), "{message}");
@@ -394,9 +704,10 @@ mod tests {
 
     #[test]
     fn cost_counters_render_per_model_with_escaped_labels() {
-        let budget = Budget::open(&config(0.0), None, gauge(), at(NOON)).unwrap();
+        let budget =
+            Budget::open(&config(0.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
         budget.register_model("a\"b");
-        budget.spend("claude", 0.25, at(NOON)).unwrap();
+        budget.spend("claude", 0.25, at(NOON));
         let mut out = String::new();
         budget.render(&mut out);
         assert!(
@@ -412,5 +723,49 @@ mod tests {
             "{out}"
         );
         assert_eq!(budget.remaining_usd(at(NOON)), f64::INFINITY);
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file_is_reported_and_is_retried() {
+        let dir = std::env::temp_dir().join(format!(
+            "blufio-budget-failing-{}-{:?}",
+            std::process::id(),
+            SystemTime::now()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let now = SystemTime::now();
+        let config = CostConfig::default();
+        let budget = Budget::open(
+            &config,
+            Some(&dir),
+            Gauge::noop(),
+            ErrorCounter::noop(),
+            now,
+        )
+        .unwrap();
+        // A non-empty directory where the state file goes: the rename fails, as root too.
+        let blocker = dir.join(STATE_FILE);
+        fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+        budget.spend("m", 0.5, now);
+        assert!(!async_io::block_on(budget.settle(Duration::from_secs(10))));
+        assert!(!budget.persisted());
+        assert!(budget.write_error().is_some());
+        assert!(!dir.join("spend.json.tmp").exists(), "temporary file left");
+        fs::remove_dir_all(&blocker).unwrap();
+        // The pending total is written on a later attempt, without another reply.
+        let deadline = Instant::now() + WRITE_RETRY + Duration::from_secs(10);
+        while !budget.persisted() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(budget.persisted());
+        assert!(async_io::block_on(budget.settle(Duration::from_secs(10))));
+        let text = fs::read_to_string(&blocker).unwrap();
+        assert!(text.contains("\"spent_usd\":0.5"), "{text}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -159,6 +159,12 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
         }
         Command::CheckConfig(path) => {
             let config = Config::load(path.as_deref())?;
+            // The state files are read as start-up reads them: a corrupt spend file fails
+            // here, not at the next restart.
+            let state = match &config.daemon.state_dir {
+                Some(dir) => blufio::budget::check_state_dir(dir, std::time::SystemTime::now())?,
+                None => "state: no [daemon] state_dir (today's spend is kept in memory)".to_owned(),
+            };
             let origin = path.map_or("built-in defaults".to_owned(), |p| p.display().to_string());
             println!("{origin}: ok");
             println!(
@@ -187,6 +193,20 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
                     "NOT set"
                 }
             );
+            println!("{state}");
+            if config.daemon.max_connections > 0 {
+                let plan = blufio::fd_limit::check(config.daemon.max_connections);
+                if let Some(soft) = plan.raise_soft_to {
+                    println!(
+                        "connections: max_connections {} (the open-file soft limit is raised \
+                         to {soft} at start)",
+                        config.daemon.max_connections
+                    );
+                }
+                if let Some(warning) = plan.warning {
+                    eprintln!("blufio: warning: {warning}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(path) => {

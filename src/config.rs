@@ -5,8 +5,7 @@
 //! at all. Parse errors name the file, line, column and key; validation errors name the key.
 
 use std::{
-    fmt, fs,
-    io::{self, Read},
+    fmt, io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -716,19 +715,13 @@ impl Config {
     }
 }
 
-/// Reads a UTF-8 file of at most [`MAX_FILE_BYTES`], so `/dev/zero` or a log file passed by
-/// mistake fails at once instead of filling memory.
-fn read_capped(path: &Path) -> io::Result<String> {
-    let mut bytes = Vec::new();
-    fs::File::open(path)?
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("larger than {MAX_FILE_BYTES} bytes (1 MiB); is it the right file?"),
-        ));
-    }
+/// Reads a UTF-8 regular file of at most [`MAX_FILE_BYTES`]: the one way blufio reads a
+/// configuration, token, key or state file. A FIFO, a device or a directory is refused by
+/// name before anything is read (opening a FIFO would wait for a writer forever), and
+/// `/dev/zero`, a sparse file or a log file passed by mistake fails at once instead of
+/// filling memory.
+pub(crate) fn read_capped(path: &Path) -> io::Result<String> {
+    let bytes = blufio_platform::read_regular(path, MAX_FILE_BYTES)?;
     String::from_utf8(bytes)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
@@ -814,6 +807,8 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, Error> {
@@ -1248,11 +1243,11 @@ mod tests {
     }
 
     #[test]
-    fn files_past_one_mib_are_refused_without_reading_them_whole() {
+    fn devices_and_files_past_one_mib_are_refused_without_reading_them_whole() {
         let error = Config::load_with_env(Some(Path::new("/dev/zero")), no_env).unwrap_err();
         assert!(error.is_config());
         let cause = std::error::Error::source(&error).unwrap().to_string();
-        assert!(cause.contains("larger than 1048576 bytes"), "{cause}");
+        assert!(cause.contains("not a regular file"), "{cause}");
 
         let dir = temp_dir("big-token");
         let token_path = dir.join("token");

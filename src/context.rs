@@ -31,6 +31,7 @@ use crate::{
     readiness::{self, NotReady, Phase, PhaseCell},
     runtime::Runtime,
     sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
+    state_dir::StateLock,
 };
 
 /// One daemon's state.
@@ -69,6 +70,8 @@ pub struct Context {
     pub runtime: Runtime,
     /// The executor itself, until [`crate::spawn`] takes it to start the worker threads.
     executor: Mutex<Option<Arc<Executor<'static>>>>,
+    /// The hold on `[daemon] state_dir`, so no second daemon writes the same spend file.
+    state_lock: Option<StateLock>,
 }
 
 impl fmt::Debug for Context {
@@ -122,6 +125,14 @@ impl Context {
         match self.live.write() {
             Ok(mut live) => *live = config,
             Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    /// Releases `[daemon] state_dir` for another daemon (at the end of a shutdown, once the
+    /// spend is written).
+    pub(crate) fn release_state_dir(&self) {
+        if let Some(lock) = &self.state_lock {
+            lock.release();
         }
     }
 
@@ -356,10 +367,16 @@ impl ContextBuilder {
         };
         let metrics = Metrics::new()?;
         let (runtime, executor) = Runtime::new();
+        // Locked before the spend file is read, so two daemons never both trust it.
+        let state_lock = match &config.daemon.state_dir {
+            Some(dir) => Some(StateLock::acquire(dir)?),
+            None => None,
+        };
         let budget = Budget::open(
             &config.cost,
             config.daemon.state_dir.as_deref(),
             metrics.budget_remaining_usd.clone(),
+            metrics.error_handle(crate::metrics::ErrorKind::StateWrite),
             SystemTime::now(),
         )?;
         let agent = match (self.agent, config.agent.provider) {
@@ -396,7 +413,9 @@ impl ContextBuilder {
                     .and_then(|reader| reader.sample().ok())
                     .and_then(|sample| sample.max_fds),
             ),
-            configured => configured,
+            // A cap the open-file limit cannot hold is raised toward the hard limit or
+            // clamped, with a warning naming both numbers.
+            configured => crate::fd_limit::fit(configured),
         };
         let connections = Connections::new(
             max_connections,
@@ -428,6 +447,7 @@ impl ContextBuilder {
             cgroup,
             runtime,
             executor: Mutex::new(Some(executor)),
+            state_lock,
         }))
     }
 }

@@ -26,6 +26,9 @@ use crate::{
 /// How long WebSockets get to send their close frames before the listeners stop.
 const CLOSING_BUDGET: Duration = Duration::from_secs(2);
 
+/// How long a shutdown waits for the spend writer to save the last replies' spend.
+const SPEND_SETTLE: Duration = Duration::from_secs(5);
+
 /// A running daemon: its listeners and background tasks.
 #[derive(Debug)]
 pub struct Daemon {
@@ -163,6 +166,18 @@ impl Daemon {
             // What is still pending past the grace period is dropped with the executor.
             workers.stop().await;
         }
+        // The last replies' spend is on disk before the process exits or another daemon
+        // takes the state directory.
+        if !self.ctx.budget.settle(SPEND_SETTLE).await {
+            log::error!(
+                "today's spend could not be saved before exit{}",
+                self.ctx
+                    .budget
+                    .write_error()
+                    .map_or_else(String::new, |error| format!(": {error}"))
+            );
+        }
+        self.ctx.release_state_dir();
         closed && drained
     }
 
@@ -244,7 +259,7 @@ async fn next_stop_signal(
                 // A refused reload is logged by `reload` and changes nothing.
                 Some(ctx) => {
                     log::info!("received SIGHUP; reloading the configuration");
-                    let _ = reload::reload(ctx);
+                    let _ = reload::reload(ctx).await;
                 }
                 None => log::info!("received SIGHUP while draining; ignored"),
             },

@@ -331,18 +331,9 @@ fn account(ctx: &Context, usage: &Usage) {
         .count_tokens(&usage.model, TokenType::Input, usage.input_tokens);
     ctx.metrics
         .count_tokens(&usage.model, TokenType::Output, usage.output_tokens);
-    if let Err(error) = ctx
-        .budget
-        .spend(&usage.model, usage.cost_usd, SystemTime::now())
-    {
-        log::error!(
-            "cannot save today's spend to {}: {error} (it is counted in memory)",
-            ctx.budget
-                .path()
-                .map_or_else(String::new, |path| path.display().to_string())
-        );
-        ctx.metrics.count_error(ErrorKind::Internal);
-    }
+    // The spend writer saves it off the executor and reports a failing disk itself.
+    ctx.budget
+        .spend(&usage.model, usage.cost_usd, SystemTime::now());
 }
 
 /// Charges what a stream produced when it does not finish normally: the client went away

@@ -38,6 +38,7 @@ pub mod cost;
 mod daemon;
 pub mod deadline;
 pub mod error;
+pub mod fd_limit;
 pub mod gateway;
 pub mod heap;
 pub mod http;
@@ -52,6 +53,7 @@ pub mod reload;
 pub mod request_target;
 pub mod runtime;
 pub mod sessions;
+pub mod state_dir;
 mod tasks;
 
 pub use crate::{

@@ -35,6 +35,11 @@ const MAX_SITES: usize = 256;
 /// Longest example message kept per call site, in bytes.
 const MAX_EXAMPLE_BYTES: usize = 300;
 
+/// The target of records that answer an operator's own action (a reload): one per action,
+/// so they are never rate-limited; a second refused reload within a minute is an error like
+/// the first.
+pub const UNLIMITED_TARGET: &str = "blufio::operator";
+
 /// What replaces a secret.
 const REDACTED: &str = "<redacted>";
 
@@ -120,7 +125,7 @@ impl<L: Log> Log for RedactingLogger<L> {
             return;
         }
         let level = record.level();
-        if level > Level::Warn {
+        if level > Level::Warn || record.target() == UNLIMITED_TARGET {
             self.emit(
                 record,
                 level,

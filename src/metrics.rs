@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -82,11 +82,13 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// A connection was closed to relieve memory pressure it caused.
     ConnectionShed,
+    /// Today's spend could not be saved to `<state_dir>/spend.json` (retried until it can).
+    StateWrite,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 24] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -110,6 +112,7 @@ impl ErrorKind {
         ErrorKind::BodyTimeout,
         ErrorKind::HeaderTooLarge,
         ErrorKind::ConnectionShed,
+        ErrorKind::StateWrite,
     ];
 
     /// Returns the label value.
@@ -138,7 +141,31 @@ impl ErrorKind {
             ErrorKind::BodyTimeout => "body_timeout",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::ConnectionShed => "connection_shed",
+            ErrorKind::StateWrite => "state_write",
         }
+    }
+}
+
+/// One kind of `blufio_errors_total`, counted from wherever it is held.
+#[derive(Debug, Clone)]
+pub struct ErrorCounter {
+    counter: Counter,
+    count: Arc<AtomicU64>,
+}
+
+impl ErrorCounter {
+    /// Returns a handle that counts nowhere (for tests and hosts without metrics).
+    pub fn noop() -> ErrorCounter {
+        ErrorCounter {
+            counter: Counter::noop(),
+            count: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Counts one error.
+    pub fn increment(&self) {
+        self.counter.increment(1);
+        self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -203,7 +230,7 @@ pub struct Metrics {
     pub admission_rejecting: Gauge,
     /// `blufio_memory_purges_total`.
     pub memory_purges: Counter,
-    errors: Vec<(ErrorKind, Counter, AtomicU64)>,
+    errors: Vec<(ErrorKind, Counter, Arc<AtomicU64>)>,
     shed_trimmed: Counter,
     shed_pressure: Counter,
     shed_idle: Counter,
@@ -267,7 +294,7 @@ impl Metrics {
                 .map(|kind| {
                     let counter =
                         registry.counter("blufio_errors_total", &[("type", kind.as_str())]);
-                    (*kind, counter, AtomicU64::new(0))
+                    (*kind, counter, Arc::new(AtomicU64::new(0)))
                 })
                 .collect(),
             shed_trimmed: registry.counter(
@@ -337,6 +364,20 @@ impl Metrics {
             counter.increment(1);
             count.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Returns a handle that counts errors of `kind` from outside the daemon's tasks (the
+    /// spend writer's thread), in the same counter as [`Metrics::count_error`].
+    pub fn error_handle(&self, kind: ErrorKind) -> ErrorCounter {
+        let (counter, count) = self
+            .errors
+            .iter()
+            .find(|(candidate, _, _)| *candidate == kind)
+            .map_or_else(
+                || (Counter::noop(), Arc::new(AtomicU64::new(0))),
+                |(_, counter, count)| (counter.clone(), Arc::clone(count)),
+            );
+        ErrorCounter { counter, count }
     }
 
     /// Returns every error kind with its count so far (for `/v1/health`).

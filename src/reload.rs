@@ -1,36 +1,64 @@
 //! Reloading the configuration without a restart (SIGHUP, `systemctl reload`).
 //!
-//! The configuration file and the token file are read again and validated in full; an
-//! invalid file is refused with the same file:line:column message as at start-up and the
-//! running configuration stays. The gateway token, memory thresholds, session limits, the
-//! agent timeout and the log level change live, without dropping a connection or a session.
-//! Settings bound to a listener or fixed at start-up are reported as needing a restart and
-//! keep their running values. The log level is the `log` facade's maximum level, the one
-//! process-wide setting here: a host embedding several daemons shares it.
+//! The configuration file and the token file are read again, on a thread of their own and
+//! within a time bound, and validated in full; an invalid or unreadable file is refused with
+//! the same message as at start-up and the running configuration stays. The old and new
+//! configurations are compared key by key as serialized values, so every changed key is
+//! named: the gateway token, memory thresholds, session limits, the agent timeout, the log
+//! level and the daily budget apply at once, without dropping a connection or a session;
+//! every other key is reported as needing a restart and keeps its running value. The log
+//! level is the `log` facade's maximum level, the one process-wide setting here: a host
+//! embedding several daemons shares it.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
+
+use serde_json::Value;
 
 use crate::{
     config::{self, Config},
     context::Context,
     error::Error,
+    logging,
     memory::Thresholds,
     sessions::Limits,
 };
 
+/// How long reading and validating the files may take before the reload is refused. A
+/// regular file on a local disk takes microseconds; this bounds a hung network mount.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The keys a reload applies at once; every other changed key needs a restart. `apply_live`
+/// copies exactly these (a test checks that the two agree).
+const LIVE_KEYS: [&str; 11] = [
+    "[gateway] token",
+    "[gateway] token_file",
+    "[daemon] memory_warn_mb",
+    "[daemon] memory_limit_mb",
+    "[daemon] log_level",
+    "[gateway] max_sessions",
+    "[gateway] session_idle_timeout_secs",
+    "[gateway] max_history_messages",
+    "[gateway] max_history_bytes",
+    "[agent] timeout_secs",
+    "[cost] daily_budget_usd",
+];
+
 /// What a reload changed and what it could not.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadReport {
-    /// Keys that took effect.
-    pub changed: Vec<&'static str>,
+    /// Keys whose new value took effect.
+    pub changed: Vec<String>,
     /// Keys whose new value needs a restart; the running value is kept.
-    pub needs_restart: Vec<&'static str>,
+    pub needs_restart: Vec<String>,
 }
 
 impl fmt::Display for ReloadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.changed.is_empty() && self.needs_restart.is_empty() {
+            return f.write_str("nothing changed");
+        }
         if self.changed.is_empty() {
-            f.write_str("nothing changed")?;
+            f.write_str("nothing applied")?;
         } else {
             write!(f, "changed {}", self.changed.join(", "))?;
         }
@@ -48,27 +76,40 @@ impl fmt::Display for ReloadReport {
 /// Re-reads the configuration file the daemon started from and applies what can change live,
 /// telling the service manager `RELOADING=1` before and `READY=1` after.
 ///
+/// The files are read on a thread of their own, within [`LOAD_TIMEOUT`], so a file that
+/// stalls never stalls the executor (and with it `/health`, the gateway and every
+/// WebSocket). Every refused reload is logged as an error, never rate-limited.
+///
 /// # Errors
 ///
-/// Returns the configuration error when the new file is invalid; nothing changes then.
-pub fn reload(ctx: &Context) -> Result<ReloadReport, Error> {
+/// Returns the configuration error when the new file is invalid or cannot be read in
+/// time; nothing changes then.
+pub async fn reload(ctx: &Context) -> Result<ReloadReport, Error> {
     ctx.notifier.reloading();
     let origin = ctx
         .config_path()
         .map_or("built-in defaults".to_owned(), |path| {
             path.display().to_string()
         });
-    let outcome = match Config::load(ctx.config_path()) {
+    let outcome = match load_off_executor(ctx.config_path()).await {
         Ok(new) => {
             let report = apply(ctx, new);
             log::info!("reloaded {origin}: {report}");
-            for key in &report.needs_restart {
-                log::warn!("reload: {key} changed; needs restart (running value kept)");
+            if !report.needs_restart.is_empty() {
+                log::warn!(
+                    target: logging::UNLIMITED_TARGET,
+                    "reload: changed but needs a restart (running value kept): {}",
+                    report.needs_restart.join(", ")
+                );
             }
             Ok(report)
         }
         Err(error) => {
-            log::error!("reload refused, the running configuration stays: {error}");
+            log::error!(
+                target: logging::UNLIMITED_TARGET,
+                "reload refused, the running configuration stays: {}",
+                chain(&error)
+            );
             Err(error)
         }
     };
@@ -76,142 +117,269 @@ pub fn reload(ctx: &Context) -> Result<ReloadReport, Error> {
     outcome
 }
 
-/// Applies `new` over the running configuration; pure bookkeeping plus the live setters.
+/// Loads the configuration on a thread of its own and waits for it without blocking.
+async fn load_off_executor(path: Option<&Path>) -> Result<Config, Error> {
+    use futures_lite::FutureExt;
+
+    let (sender, receiver) = async_channel::bounded(1);
+    let owned = path.map(Path::to_path_buf);
+    let spawned = std::thread::Builder::new()
+        .name("blufio-reload".to_owned())
+        .spawn(move || {
+            let _ = sender.try_send(Config::load(owned.as_deref()));
+        });
+    let named = |source: std::io::Error| Error::ConfigRead {
+        path: path.map_or_else(|| "built-in defaults".into(), Path::to_path_buf),
+        source,
+    };
+    if let Err(source) = spawned {
+        return Err(named(source));
+    }
+    async {
+        receiver
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err(named(std::io::Error::other("the reading thread failed"))))
+    }
+    .or(async {
+        async_io::Timer::after(LOAD_TIMEOUT).await;
+        Err(named(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "reading took longer than {} s (a hung mount?)",
+                LOAD_TIMEOUT.as_secs()
+            ),
+        )))
+    })
+    .await
+}
+
+/// Returns the error and its causes on one line, as `main` prints them.
+fn chain(error: &Error) -> String {
+    let mut line = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    line
+}
+
+/// Applies `new` over the running configuration: names every changed key, applies the live
+/// ones and keeps the running value of the rest.
 fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
     let running = ctx.live();
-    let mut report = ReloadReport::default();
     // Flags a test or embedding host set in code are not in any file.
     new.allow_ephemeral_ports = running.allow_ephemeral_ports;
     new.separate_listeners = running.separate_listeners;
     for note in new.resolve_auto_memory(ctx.cgroup.limit_bytes()) {
         log::info!("{note}");
     }
-
-    let mut keep = |key: &'static str, differs: bool| {
-        if differs {
-            report.needs_restart.push(key);
-        }
-    };
-    keep("[daemon] bind", new.daemon.bind != running.daemon.bind);
-    keep(
-        "[daemon] health_port",
-        new.daemon.health_port != running.daemon.health_port,
-    );
-    keep("[gateway] port", new.gateway.port != running.gateway.port);
-    keep(
-        "[daemon] monitor_interval_secs",
-        new.daemon.monitor_interval_secs != running.daemon.monitor_interval_secs,
-    );
-    keep(
-        "[daemon] shutdown_grace_secs",
-        new.daemon.shutdown_grace_secs != running.daemon.shutdown_grace_secs,
-    );
-    keep(
-        "[daemon] request_timeout_secs",
-        new.daemon.request_timeout_secs != running.daemon.request_timeout_secs,
-    );
-    keep(
-        "[daemon] workers",
-        new.daemon.workers != running.daemon.workers,
-    );
-    keep(
-        "[gateway] max_message_bytes",
-        new.gateway.max_message_bytes != running.gateway.max_message_bytes,
-    );
-    keep(
-        "[prometheus] enabled",
-        new.prometheus.enabled != running.prometheus.enabled,
-    );
-    keep(
-        "[agent] provider",
-        new.agent.provider != running.agent.provider,
-    );
-    keep(
-        "[agent] budget_usd",
-        new.agent.budget_usd != running.agent.budget_usd,
-    );
-    new.daemon.bind.clone_from(&running.daemon.bind);
-    new.daemon.health_port = running.daemon.health_port;
-    new.gateway.port = running.gateway.port;
-    new.daemon.monitor_interval_secs = running.daemon.monitor_interval_secs;
-    new.daemon.shutdown_grace_secs = running.daemon.shutdown_grace_secs;
-    new.daemon.request_timeout_secs = running.daemon.request_timeout_secs;
-    new.gateway.max_message_bytes = running.gateway.max_message_bytes;
-    new.daemon.workers = running.daemon.workers;
-    new.prometheus.enabled = running.prometheus.enabled;
-    new.agent.provider = running.agent.provider;
-    new.agent.budget_usd = running.agent.budget_usd;
-
-    let mut changed = |key: &'static str, differs: bool| {
-        if differs {
-            report.changed.push(key);
-        }
-    };
-    changed(
-        "[gateway] token",
-        new.gateway.token != running.gateway.token,
-    );
-    changed(
-        "[daemon] memory_warn_mb",
-        new.daemon.memory_warn_mb != running.daemon.memory_warn_mb,
-    );
-    changed(
-        "[daemon] memory_limit_mb",
-        new.daemon.memory_limit_mb != running.daemon.memory_limit_mb,
-    );
-    changed(
-        "[gateway] max_sessions",
-        new.gateway.max_sessions != running.gateway.max_sessions,
-    );
-    changed(
-        "[gateway] session_idle_timeout_secs",
-        new.gateway.session_idle_timeout_secs != running.gateway.session_idle_timeout_secs,
-    );
-    changed(
-        "[gateway] max_history_messages",
-        new.gateway.max_history_messages != running.gateway.max_history_messages,
-    );
-    changed(
-        "[gateway] max_history_bytes",
-        new.gateway.max_history_bytes != running.gateway.max_history_bytes,
-    );
-    changed(
-        "[agent] timeout_secs",
-        new.agent.timeout_secs != running.agent.timeout_secs,
-    );
-    changed(
-        "[daemon] log_level",
-        new.daemon.log_level != running.daemon.log_level,
-    );
+    let report = classify(changed_keys(&running, &new));
+    let mut applied = (*running).clone();
+    apply_live(&mut applied, &new);
 
     ctx.memory.set_thresholds(Thresholds {
-        warn_bytes: new.memory_warn_bytes(),
-        limit_bytes: new.memory_limit_bytes(),
+        warn_bytes: applied.memory_warn_bytes(),
+        limit_bytes: applied.memory_limit_bytes(),
     });
-    ctx.sessions.set_limits(Limits::from_config(&new.gateway));
+    ctx.sessions
+        .set_limits(Limits::from_config(&applied.gateway));
+    ctx.budget
+        .set_daily_usd(applied.cost.daily_budget_usd, std::time::SystemTime::now());
     if config::log_env_override().is_none()
-        && let Some(level) = config::level_filter(&new.daemon.log_level)
+        && let Some(level) = config::level_filter(&applied.daemon.log_level)
     {
         log::set_max_level(level);
     }
-    ctx.set_live(new);
+    ctx.set_live(applied);
     report
+}
+
+/// Copies the values of [`LIVE_KEYS`] from `new` into `applied`.
+fn apply_live(applied: &mut Config, new: &Config) {
+    applied.gateway.token.clone_from(&new.gateway.token);
+    applied
+        .gateway
+        .token_file
+        .clone_from(&new.gateway.token_file);
+    applied.daemon.memory_warn_mb = new.daemon.memory_warn_mb;
+    applied.daemon.memory_limit_mb = new.daemon.memory_limit_mb;
+    applied.daemon.log_level.clone_from(&new.daemon.log_level);
+    applied.gateway.max_sessions = new.gateway.max_sessions;
+    applied.gateway.session_idle_timeout_secs = new.gateway.session_idle_timeout_secs;
+    applied.gateway.max_history_messages = new.gateway.max_history_messages;
+    applied.gateway.max_history_bytes = new.gateway.max_history_bytes;
+    applied.agent.timeout_secs = new.agent.timeout_secs;
+    applied.cost.daily_budget_usd = new.cost.daily_budget_usd;
+}
+
+/// Splits changed keys into applied and needing a restart.
+fn classify(keys: Vec<String>) -> ReloadReport {
+    let mut report = ReloadReport::default();
+    for key in keys {
+        if LIVE_KEYS.contains(&key.as_str()) {
+            report.changed.push(key);
+        } else {
+            report.needs_restart.push(key);
+        }
+    }
+    report
+}
+
+/// Returns every key whose value differs, found by comparing the two configurations as
+/// serialized values key by key, so a key added to `Config` later cannot be silently
+/// ignored. Secrets serialize redacted (and the API key not at all), so they are compared
+/// apart, by value, and named without it.
+fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
+    let mut keys = Vec::new();
+    let (before, after) = (leaves(running), leaves(new));
+    for key in before
+        .keys()
+        .chain(after.keys().filter(|k| !before.contains_key(*k)))
+    {
+        if before.get(key) != after.get(key) {
+            keys.push(key.clone());
+        }
+    }
+    if running.gateway.token != new.gateway.token && !keys.iter().any(|k| k == "[gateway] token") {
+        keys.push("[gateway] token".to_owned());
+    }
+    if running.agent.api_key != new.agent.api_key {
+        keys.push("[agent] api_key (from api_key_file or the environment)".to_owned());
+    }
+    keys
+}
+
+/// Flattens a configuration into `[section] key` → value; nested tables (such as
+/// `[cost.models."name"]`) become dotted keys.
+fn leaves(config: &Config) -> BTreeMap<String, Value> {
+    fn walk(section: &str, path: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
+        match value {
+            Value::Object(fields) if !fields.is_empty() => {
+                for (key, value) in fields {
+                    let quoted = if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        key.clone()
+                    } else {
+                        format!("{key:?}")
+                    };
+                    let path = if path.is_empty() {
+                        quoted
+                    } else {
+                        format!("{path}.{quoted}")
+                    };
+                    walk(section, &path, value, out);
+                }
+            }
+            _ => {
+                out.insert(format!("[{section}] {path}"), value.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if let Ok(Value::Object(sections)) = serde_json::to_value(config) {
+        for (section, fields) in &sections {
+            if let Value::Object(fields) = fields {
+                for (key, value) in fields {
+                    walk(section, key, value, &mut out);
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
 
     #[test]
     fn report_says_what_changed_and_what_needs_a_restart() {
         let report = ReloadReport {
-            changed: vec!["[gateway] token"],
-            needs_restart: vec!["[gateway] port"],
+            changed: vec!["[gateway] token".to_owned()],
+            needs_restart: vec!["[gateway] port".to_owned()],
         };
         assert_eq!(
             report.to_string(),
             "changed [gateway] token; needs restart (running value kept): [gateway] port"
         );
         assert_eq!(ReloadReport::default().to_string(), "nothing changed");
+    }
+
+    #[test]
+    fn every_changed_key_is_named_as_applied_or_needing_a_restart() {
+        let running = Config::default();
+        let mut new = Config::default();
+        new.cost.daily_budget_usd = 7.5;
+        new.agent.model = Some("other-model".to_owned());
+        new.agent.system = Some("be brief".to_owned());
+        new.daemon.max_connections = 10;
+        new.cost.models.insert(
+            "llama3.2".to_owned(),
+            crate::cost::ModelPrice {
+                input_usd_per_mtok: 1.0,
+                output_usd_per_mtok: 2.0,
+            },
+        );
+        new.gateway.token = Some(Secret::new("a-new-token-0123456789"));
+        new.agent.api_key = Some(Secret::new("sk-new"));
+        let report = classify(changed_keys(&running, &new));
+        assert_eq!(
+            report.changed,
+            ["[cost] daily_budget_usd", "[gateway] token"],
+            "{report}"
+        );
+        for key in [
+            "[agent] model",
+            "[agent] system",
+            "[daemon] max_connections",
+            "[cost] models.\"llama3.2\".input_usd_per_mtok",
+            "[cost] models.\"llama3.2\".output_usd_per_mtok",
+            "[agent] api_key (from api_key_file or the environment)",
+        ] {
+            assert!(
+                report.needs_restart.iter().any(|k| k == key),
+                "{key}: {report}"
+            );
+        }
+        let text = report.to_string();
+        assert!(
+            !text.contains("a-new-token") && !text.contains("sk-new"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_live_keys_are_exactly_the_ones_applied() {
+        let running = Config::default();
+        let mut new = Config::default();
+        new.gateway.token = Some(Secret::new("a-new-token-0123456789"));
+        new.gateway.token_file = Some("/etc/blufio/token".into());
+        new.daemon.memory_warn_mb = 1;
+        new.daemon.memory_limit_mb = 2;
+        new.daemon.log_level = "debug".to_owned();
+        new.gateway.max_sessions = 3;
+        new.gateway.session_idle_timeout_secs = 4;
+        new.gateway.max_history_messages = 5;
+        new.gateway.max_history_bytes = 6;
+        new.agent.timeout_secs = 7;
+        new.cost.daily_budget_usd = 8.0;
+        let changed = changed_keys(&running, &new);
+        let mut sorted = changed.clone();
+        sorted.sort();
+        let mut expected: Vec<String> = LIVE_KEYS.iter().map(|k| (*k).to_owned()).collect();
+        expected.sort();
+        assert_eq!(
+            sorted, expected,
+            "a live key without a test value, or the reverse"
+        );
+        let mut applied = running.clone();
+        apply_live(&mut applied, &new);
+        assert!(
+            changed_keys(&applied, &new).is_empty(),
+            "apply_live misses {:?}",
+            changed_keys(&applied, &new)
+        );
     }
 }

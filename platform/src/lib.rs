@@ -17,6 +17,8 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod cgroup;
+mod fd_limit;
+mod file;
 #[cfg(all(target_os = "linux", not(feature = "force-fallback")))]
 #[path = "linux.rs"]
 mod imp;
@@ -47,6 +49,8 @@ pub use crate::{
         CgroupMemory, CgroupPaths, CgroupReader, CgroupVersion, parse_bytes, parse_limit,
         parse_proc_cgroup,
     },
+    fd_limit::{FdLimits, fd_limits, set_fd_soft_limit},
+    file::{open_regular, read_regular, try_lock_exclusive},
     journal::{parse_journal_stream, stderr_is_journal},
     notify::{NotifySocket, monotonic_usec},
 };

@@ -170,7 +170,8 @@ fn budget(ctx: &Context) -> Value {
         "daily_usd": ctx.budget.daily_usd(),
         "spent_today_usd": ctx.budget.spent_today_usd(now),
         "remaining_usd": remaining.is_finite().then_some(remaining),
-        "persisted": ctx.budget.path().is_some(),
+        "persisted": ctx.budget.persisted(),
+        "state_error": ctx.budget.write_error(),
     })
 }
 

@@ -92,7 +92,8 @@ fn tls_config(ca_file: Option<&Path>) -> Result<trillium_rustls::RustlsClientCon
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = std::fs::read(path)
+            // Bounded and refusing FIFOs and devices, like every file blufio reads.
+            let pem = blufio_platform::read_regular(path, crate::config::MAX_FILE_BYTES)
                 .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
             for certificate in CertificateDer::pem_slice_iter(&pem) {
                 let certificate = certificate.map_err(|error| {

@@ -1,0 +1,138 @@
+//! The state directory's lock: one daemon per `[daemon] state_dir`, for the life of the
+//! process.
+//!
+//! Two daemons sharing a state directory would overwrite each other's spend without a word
+//! (the README's `/var/lib/blufio` is the natural setting for both). The first takes an
+//! exclusive `flock` on `<state_dir>/blufio.lock` and writes its pid there; a second, in
+//! another process or in the same one, is refused with the directory and that pid. The lock
+//! is the kernel's, so it goes away with the process however it ends, and a stale lock file
+//! left by a crash locks nothing. It does not protect the directory from other programs.
+
+use std::{
+    fmt,
+    fs::{self, File, OpenOptions},
+    io::{Read, Seek, Write},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use crate::error::Error;
+
+/// The lock file's name inside `[daemon] state_dir`.
+pub const LOCK_FILE: &str = "blufio.lock";
+
+/// Longest pid line read back from a lock file held by someone else.
+const MAX_PID_BYTES: u64 = 32;
+
+/// An exclusive hold on a state directory; released by [`StateLock::release`] or on drop.
+pub struct StateLock {
+    dir: PathBuf,
+    file: Mutex<Option<File>>,
+}
+
+impl fmt::Debug for StateLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateLock")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateLock {
+    /// Creates `dir` if needed and locks it for this daemon.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::State`] naming the directory, and the pid that holds it when another
+    /// daemon does, or what failed otherwise.
+    pub fn acquire(dir: &Path) -> Result<StateLock, Error> {
+        let state_error = |message: String| Error::State {
+            path: dir.to_owned(),
+            message,
+        };
+        fs::create_dir_all(dir)
+            .map_err(|error| state_error(format!("cannot create the state directory: {error}")))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = blufio_platform::open_regular(
+            &path,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )
+        .map_err(|error| state_error(format!("cannot open {LOCK_FILE}: {error}")))?;
+        let locked = blufio_platform::try_lock_exclusive(&file)
+            .map_err(|error| state_error(format!("cannot lock {LOCK_FILE}: {error}")))?;
+        if !locked {
+            let mut text = String::new();
+            let _ = (&mut file).take(MAX_PID_BYTES).read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) if pid == std::process::id() => {
+                    format!("another daemon in this process (pid {pid})")
+                }
+                Ok(pid) => format!("another blufio (pid {pid})"),
+                Err(_) => "another blufio".to_owned(),
+            };
+            return Err(state_error(format!(
+                "the state directory is in use by {holder}, which holds {LOCK_FILE}; two \
+                 daemons sharing it would overwrite each other's spend: give each its own \
+                 [daemon] state_dir"
+            )));
+        }
+        // The pid is for the operator and for the refusal above; the lock is the flock.
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        if let Err(error) = written {
+            log::warn!("cannot write the pid into {}: {error}", path.display());
+        }
+        Ok(StateLock {
+            dir: dir.to_owned(),
+            file: Mutex::new(Some(file)),
+        })
+    }
+
+    /// Returns the locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Releases the lock (at the end of a shutdown) so another daemon may take the directory.
+    pub fn release(&self) {
+        let mut file = match self.file.lock() {
+            Ok(file) => file,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Closing the file releases the flock.
+        file.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_directory_is_refused_until_released() {
+        let dir = std::env::temp_dir().join(format!(
+            "blufio-state-lock-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        let first = StateLock::acquire(&dir).unwrap();
+        let pid = fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+        let message = StateLock::acquire(&dir).unwrap_err().to_string();
+        assert!(message.starts_with(&dir.display().to_string()), "{message}");
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
+        first.release();
+        let again = StateLock::acquire(&dir).unwrap();
+        drop(again);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
