@@ -82,11 +82,13 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// A connection was closed to relieve memory pressure it caused.
     ConnectionShed,
+    /// A request came from a client blocked after repeated failed authentications (429).
+    AuthThrottled,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 24] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -110,6 +112,7 @@ impl ErrorKind {
         ErrorKind::BodyTimeout,
         ErrorKind::HeaderTooLarge,
         ErrorKind::ConnectionShed,
+        ErrorKind::AuthThrottled,
     ];
 
     /// Returns the label value.
@@ -138,6 +141,7 @@ impl ErrorKind {
             ErrorKind::BodyTimeout => "body_timeout",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::ConnectionShed => "connection_shed",
+            ErrorKind::AuthThrottled => "auth_throttled",
         }
     }
 }

@@ -46,6 +46,8 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
         // Lets the installed logger write the counts of repeated errors whose episode ended
         // quietly (see `logging.rs`); a no-op when no logger is installed.
         log::logger().flush();
+        // Ends quiet token-guessing and malformed-request episodes with their totals.
+        ctx.client_faults.sweep();
         wake_at = next_tick(start, wake_every, Instant::now()).min(tick_at);
     }
 }

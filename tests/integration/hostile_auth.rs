@@ -3,17 +3,20 @@
 //! nothing below the configured log level is ever printed.
 
 use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     process::{Child, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
+use blufio::{Config, client_fault::AUTH_FAILURE_LIMIT};
+
 use crate::{
     cli::{blufio, free_port, temp_dir, wait},
-    support,
+    prometheus,
+    support::{self, Response, start_gateway},
 };
 
 const TOKEN: &str = "hostile-auth-token-0123456789";
@@ -164,4 +167,112 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
     let exit = wait(&mut child);
     assert_eq!(exit.code(), Some(0), "{exit:?}");
     assert_eq!(debug_lines(&after), Vec::<&String>::new(), "{after:#?}");
+}
+
+/// Connects to `addr` from `source` (another loopback address, so one test has several
+/// clients), with a generous read timeout.
+fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let socket = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&socket, &SocketAddrV4::new(source, 0)).unwrap();
+    connect(&socket, &addr).unwrap();
+    let stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+/// Writes a keep-alive `GET /v1/health` with `token`.
+fn send_health(stream: &mut TcpStream, token: &str) {
+    let request =
+        format!("GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+}
+
+/// Reads one response off a keep-alive connection; `None` when it is closed first.
+fn read_response(stream: &mut TcpStream) -> Option<Response> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => raw.push(byte[0]),
+        }
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).ok()?;
+    raw.extend_from_slice(&body);
+    Some(support::parse_response(&raw))
+}
+
+/// Sends one `GET /v1/health` with `token` from `source` on a fresh connection.
+fn health_from(source: Ipv4Addr, addr: SocketAddr, token: &str) -> Response {
+    let mut stream = connect_from(source, addr);
+    send_health(&mut stream, token);
+    read_response(&mut stream).expect("a response")
+}
+
+/// Asserts the connection is closed by the daemon (EOF, not a timeout).
+fn assert_closed(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("the daemon closes the connection");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn guessing_tokens_gets_429_and_a_closed_connection_from_one_address_only() {
+    let daemon = start_gateway(Config::for_tests());
+    let addr = daemon.gateway_addr();
+    let guesser = Ipv4Addr::new(127, 0, 0, 5);
+    let mut stream = connect_from(guesser, addr);
+    for attempt in 1..AUTH_FAILURE_LIMIT {
+        send_health(&mut stream, &format!("guess-{attempt}"));
+        let response = read_response(&mut stream).expect("a 401 on the same connection");
+        response.assert_error(401, "unauthorized");
+        assert_eq!(response.header("connection"), None, "{response:?}");
+    }
+    // The tenth failure in a minute: 429, Retry-After, and the connection closes.
+    send_health(&mut stream, "guess-10");
+    let throttled = read_response(&mut stream).expect("a 429");
+    throttled.assert_error(429, "too_many_auth_failures");
+    assert_eq!(throttled.header("retry-after"), Some("60"), "{throttled:?}");
+    assert_eq!(
+        throttled.header("connection"),
+        Some("close"),
+        "{throttled:?}"
+    );
+    assert_closed(&mut stream);
+
+    // While blocked, the token is not even looked at: the right one gets 429 too.
+    let blocked = health_from(guesser, addr, support::TOKEN);
+    blocked.assert_error(429, "too_many_auth_failures");
+    let retry_after: u64 = blocked.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{blocked:?}");
+
+    // Another address is served, and its own failures are still plain 401s.
+    let other = Ipv4Addr::new(127, 0, 0, 6);
+    assert_eq!(health_from(other, addr, support::TOKEN).status, 200);
+    health_from(other, addr, "wrong").assert_error(401, "unauthorized");
+    // Probes need no token and are never throttled.
+    let mut probe = connect_from(guesser, addr);
+    probe
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut probe).unwrap().status, 200);
+
+    let metrics = prometheus::parse(&daemon.get_ok("/metrics"));
+    assert_eq!(
+        metrics.value("blufio_errors_total", &[("type", "auth_throttled")]),
+        Some(2.0)
+    );
+    daemon.stop();
 }
