@@ -718,6 +718,10 @@ mod tests {
             );
         }
         assert!(reports.is_empty(), "{reports:?}");
+        // Mistyped tokens leave no line when their episode ends, and are forgotten.
+        let quiet = start + Duration::from_secs(99 * 7 + 60);
+        assert_eq!(table.sweep(quiet), []);
+        assert!(table.is_empty());
     }
 
     #[test]
