@@ -3,20 +3,31 @@
 //! nothing below the configured log level is ever printed.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
+// Other loopback addresses than 127.0.0.1 exist by default on Linux only.
+#[cfg(target_os = "linux")]
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+};
 
+#[cfg(target_os = "linux")]
 use blufio::{Config, client_fault::AUTH_FAILURE_LIMIT};
 
 use crate::{
     cli::{blufio, free_port, temp_dir, wait},
+    support,
+};
+#[cfg(target_os = "linux")]
+use crate::{
     prometheus,
-    support::{self, Response, start_gateway},
+    support::{Response, start_gateway},
 };
 
 const TOKEN: &str = "hostile-auth-token-0123456789";
@@ -171,6 +182,7 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
 
 /// Connects to `addr` from `source` (another loopback address, so one test has several
 /// clients), with a generous read timeout.
+#[cfg(target_os = "linux")]
 fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
     let socket = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
@@ -184,6 +196,7 @@ fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
 }
 
 /// Writes a keep-alive `GET /v1/health` with `token`.
+#[cfg(target_os = "linux")]
 fn send_health(stream: &mut TcpStream, token: &str) {
     let request =
         format!("GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
@@ -191,6 +204,7 @@ fn send_health(stream: &mut TcpStream, token: &str) {
 }
 
 /// Reads one response off a keep-alive connection; `None` when it is closed first.
+#[cfg(target_os = "linux")]
 fn read_response(stream: &mut TcpStream) -> Option<Response> {
     let mut raw = Vec::new();
     let mut byte = [0u8; 1];
@@ -212,6 +226,7 @@ fn read_response(stream: &mut TcpStream) -> Option<Response> {
 }
 
 /// Sends one `GET /v1/health` with `token` from `source` on a fresh connection.
+#[cfg(target_os = "linux")]
 fn health_from(source: Ipv4Addr, addr: SocketAddr, token: &str) -> Response {
     let mut stream = connect_from(source, addr);
     send_health(&mut stream, token);
@@ -219,6 +234,7 @@ fn health_from(source: Ipv4Addr, addr: SocketAddr, token: &str) -> Response {
 }
 
 /// Asserts the connection is closed by the daemon (EOF, not a timeout).
+#[cfg(target_os = "linux")]
 fn assert_closed(stream: &mut TcpStream) {
     let mut rest = Vec::new();
     stream
@@ -275,4 +291,71 @@ fn guessing_tokens_gets_429_and_a_closed_connection_from_one_address_only() {
         Some(2.0)
     );
     daemon.stop();
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
+    );
+    let (mut child, addr, lines, _) = start_configured_binary(&config, "fault-episodes");
+
+    // One guesser, reconnecting whenever it is closed on.
+    let guesser = Ipv4Addr::new(127, 0, 0, 7);
+    let mut statuses = Vec::new();
+    let mut stream = connect_from(guesser, addr);
+    for attempt in 0..40 {
+        send_health(&mut stream, &format!("guess-{attempt}"));
+        let response = read_response(&mut stream).expect("a response");
+        statuses.push(response.status);
+        if response.header("connection") == Some("close") {
+            stream = connect_from(guesser, addr);
+        }
+    }
+    assert_eq!(statuses.iter().filter(|status| **status == 401).count(), 9);
+    assert_eq!(statuses.iter().filter(|status| **status == 429).count(), 31);
+
+    // A client sending heads the parser refuses.
+    let garbler = Ipv4Addr::new(127, 0, 0, 8);
+    for _ in 0..20 {
+        let mut stream = connect_from(garbler, addr);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            .unwrap();
+        let response = read_response(&mut stream).expect("the parser answers");
+        assert_eq!(response.status, 400, "{response:?}");
+    }
+    // Someone mistyping their token a few times.
+    let typist = Ipv4Addr::new(127, 0, 0, 9);
+    for _ in 0..3 {
+        assert_eq!(health_from(typist, addr, "typo").status, 401);
+    }
+
+    signal(&child, "-TERM");
+    let log = lines_until(&lines, "shut down");
+    assert_eq!(wait(&mut child).code(), Some(0));
+    let mentioning = |who: &str| -> Vec<&String> {
+        log.iter()
+            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
+            .collect()
+    };
+    let guessing = mentioning("127.0.0.7");
+    assert_eq!(guessing.len(), 1, "{log:#?}");
+    assert!(
+        guessing[0].starts_with("[WARN")
+            && guessing[0].contains("token guessing from 127.0.0.7: 10 failed authentications"),
+        "{guessing:?}"
+    );
+    let malformed = mentioning("127.0.0.8");
+    assert_eq!(malformed.len(), 1, "{log:#?}");
+    assert!(
+        malformed[0].starts_with("[INFO")
+            && malformed[0].contains("malformed request from 127.0.0.8 (bad_request)"),
+        "{malformed:?}"
+    );
+    assert_eq!(mentioning("127.0.0.9"), Vec::<&String>::new(), "{log:#?}");
+    assert_eq!(debug_lines(&log), Vec::<&String>::new(), "{log:#?}");
 }
