@@ -34,7 +34,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     sync::{
         Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -272,13 +272,25 @@ impl Entry {
 
     /// Ends the episodes that have been quiet for [`EPISODE`], returning their reports.
     fn end_quiet_episodes(&mut self, client: Client, now: Instant, reports: &mut Vec<Report>) {
+        self.end_episodes(client, now, EPISODE, reports);
+    }
+
+    /// Ends the episodes quiet for at least `quiet` (and, for guessing, no longer blocked,
+    /// unless `quiet` is zero: at exit everything ends).
+    fn end_episodes(
+        &mut self,
+        client: Client,
+        now: Instant,
+        quiet: Duration,
+        reports: &mut Vec<Report>,
+    ) {
         if let Some(guessing) = self.guessing
-            && self.blocked(now).is_none()
-            && now.saturating_duration_since(guessing.last) >= EPISODE
+            && (quiet.is_zero() || self.blocked(now).is_none())
+            && now.saturating_duration_since(guessing.last) >= quiet
         {
             self.guessing = None;
             if !guessing.announced {
-                return self.end_quiet_malformed(client, now, reports);
+                return self.end_malformed(client, now, quiet, reports);
             }
             reports.push(Report::GuessingEnded {
                 client,
@@ -287,12 +299,18 @@ impl Entry {
                 lasted: guessing.last.saturating_duration_since(guessing.started),
             });
         }
-        self.end_quiet_malformed(client, now, reports);
+        self.end_malformed(client, now, quiet, reports);
     }
 
-    fn end_quiet_malformed(&mut self, client: Client, now: Instant, reports: &mut Vec<Report>) {
+    fn end_malformed(
+        &mut self,
+        client: Client,
+        now: Instant,
+        quiet: Duration,
+        reports: &mut Vec<Report>,
+    ) {
         if let Some(malformed) = self.malformed
-            && now.saturating_duration_since(malformed.last) >= EPISODE
+            && now.saturating_duration_since(malformed.last) >= quiet
         {
             self.malformed = None;
             if malformed.counts.iter().sum::<u64>() > 1 {
@@ -470,6 +488,23 @@ impl FaultTable {
         reports
     }
 
+    /// Ends every open episode (at exit) and returns what to log, within the line budget.
+    pub fn finish(&mut self, now: Instant) -> Vec<Report> {
+        let mut ended = Vec::new();
+        for (client, entry) in &mut self.clients {
+            entry.end_episodes(*client, now, Duration::ZERO, &mut ended);
+        }
+        let mut reports = Vec::new();
+        for report in ended {
+            self.name(report, now, &mut reports);
+        }
+        let lines = std::mem::take(&mut self.omitted);
+        if lines > 0 {
+            reports.push(Report::Omitted { lines });
+        }
+        reports
+    }
+
     /// Returns `client`'s entry, first ending its quiet episodes and making room.
     fn entry(&mut self, client: Client, now: Instant, reports: &mut Vec<Report>) -> &mut Entry {
         if !self.clients.contains_key(&client) && self.clients.len() >= self.capacity {
@@ -538,8 +573,10 @@ impl FaultTable {
 #[derive(Debug)]
 pub struct ClientFaults {
     table: Mutex<FaultTable>,
-    /// Clients blocked at the last change; 0 lets every authenticated request skip the lock.
-    blocked: AtomicUsize,
+    base: Instant,
+    /// When the latest block ends, in milliseconds after `base`: past it no client is
+    /// blocked, and authenticated requests skip the lock.
+    blocks_end_millis: AtomicU64,
 }
 
 impl Default for ClientFaults {
@@ -553,8 +590,13 @@ impl ClientFaults {
     pub fn new() -> ClientFaults {
         ClientFaults {
             table: Mutex::new(FaultTable::new(MAX_CLIENTS)),
-            blocked: AtomicUsize::new(0),
+            base: Instant::now(),
+            blocks_end_millis: AtomicU64::new(0),
         }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX)
     }
 
     fn table(&self) -> MutexGuard<'_, FaultTable> {
@@ -564,17 +606,11 @@ impl ClientFaults {
 
     /// Checks a request to an authenticated route from `ip` before its token is looked at.
     pub fn check(&self, ip: IpAddr) -> Option<Blocked> {
-        if self.blocked.load(Ordering::Acquire) == 0 {
+        let now = Instant::now();
+        if self.millis(now) >= self.blocks_end_millis.load(Ordering::Acquire) {
             return None;
         }
-        let now = Instant::now();
-        let mut table = self.table();
-        let blocked = table.check(Client::of(ip), now);
-        if blocked.is_none() {
-            self.blocked
-                .store(table.blocked_count(now), Ordering::Release);
-        }
-        blocked
+        self.table().check(Client::of(ip), now)
     }
 
     /// Records a failed authentication from `ip`; `Some` when it starts a block.
@@ -585,8 +621,8 @@ impl ClientFaults {
             let mut table = self.table();
             let blocked = table.auth_failed(Client::of(ip), now, &mut reports);
             if blocked.is_some() {
-                self.blocked
-                    .store(table.blocked_count(now), Ordering::Release);
+                let end = self.millis(now + AUTH_BLOCK).saturating_add(1);
+                self.blocks_end_millis.fetch_max(end, Ordering::AcqRel);
             }
             blocked
         };
@@ -608,14 +644,14 @@ impl ClientFaults {
 
     /// Ends quiet episodes and logs their totals; run from the monitor tick.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        let reports = {
-            let mut table = self.table();
-            let reports = table.sweep(now);
-            self.blocked
-                .store(table.blocked_count(now), Ordering::Release);
-            reports
-        };
+        let reports = self.table().sweep(Instant::now());
+        write(&reports);
+    }
+
+    /// Logs the totals of every episode still open; run once when the daemon stops, so an
+    /// attack that lasted until shutdown is still summed up.
+    pub fn finish(&self) {
+        let reports = self.table().finish(Instant::now());
         write(&reports);
     }
 }
@@ -757,6 +793,39 @@ mod tests {
         );
         // Nothing left to remember: the client is forgotten.
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn at_exit_every_open_episode_is_summed_up() {
+        let mut table = FaultTable::new(MAX_CLIENTS);
+        let start = Instant::now();
+        let mut reports = Vec::new();
+        for _ in 0..12 {
+            table.auth_failed(v4(5), start, &mut reports);
+        }
+        assert!(table.check(v4(5), start).is_some());
+        table.malformed(v4(6), ErrorKind::BadRequest, start, &mut reports);
+        table.malformed(v4(6), ErrorKind::BadRequest, start, &mut reports);
+        // Mistyped, not guessing: nothing to say.
+        table.auth_failed(v4(7), start, &mut reports);
+        let mut ended = table.finish(start + Duration::from_secs(1));
+        ended.sort_by_key(|report| report.to_string());
+        assert_eq!(
+            ended,
+            [
+                Report::MalformedEnded {
+                    client: v4(6),
+                    counts: vec![(ErrorKind::BadRequest, 2)],
+                    lasted: Duration::ZERO
+                },
+                Report::GuessingEnded {
+                    client: v4(5),
+                    failures: 12,
+                    refused: 1,
+                    lasted: Duration::ZERO
+                },
+            ]
+        );
     }
 
     #[test]
