@@ -2,8 +2,8 @@
 //! malformed requests, which are reported. Neither left a line at `info` before, and token
 //! guessing was free: one connection could try tens of thousands of tokens a second.
 //!
-//! - **Token guessing.** [`AUTH_FAILURE_LIMIT`] failed authentications from one client within
-//!   [`AUTH_WINDOW`] block it for [`AUTH_BLOCK`]: every request it sends to an authenticated
+//! - **Token guessing.** `[gateway] auth_failure_limit` ([`AUTH_FAILURE_LIMIT`] by default)
+//!   failed authentications from one client within [`AUTH_WINDOW`] block it for [`AUTH_BLOCK`]: every request it sends to an authenticated
 //!   route is answered `429` with `Retry-After` and `Connection: close`, without looking at
 //!   its token (an answer that depended on the token would keep the guessing going at the
 //!   speed of new connections). Blocks do not grow while the client keeps knocking, so a
@@ -41,7 +41,8 @@ use std::{
 
 use crate::{logging, metrics::ErrorKind};
 
-/// Failed authentications from one client within [`AUTH_WINDOW`] that start a block.
+/// Failed authentications from one client within [`AUTH_WINDOW`] that start a block, by
+/// default (`[gateway] auth_failure_limit`).
 pub const AUTH_FAILURE_LIMIT: u32 = 10;
 
 /// The window failed authentications are counted in.
@@ -396,12 +397,13 @@ impl FaultTable {
         })
     }
 
-    /// Records a failed authentication from `client`: `Some` when it starts a block, with the
-    /// report to log.
+    /// Records a failed authentication from `client`: `Some` when it is the `limit`th within
+    /// [`AUTH_WINDOW`] and starts a block, with the report to log.
     pub fn auth_failed(
         &mut self,
         client: Client,
         now: Instant,
+        limit: u32,
         reports: &mut Vec<Report>,
     ) -> Option<Blocked> {
         let entry = self.entry(client, now, reports);
@@ -420,12 +422,12 @@ impl FaultTable {
         });
         guessing.failures = guessing.failures.saturating_add(1);
         guessing.last = now;
-        if entry.window_failures < AUTH_FAILURE_LIMIT {
+        if entry.window_failures < limit {
             return None;
         }
         let announce = !std::mem::replace(&mut guessing.announced, true);
-        // A new window starts with the block: once it ends, the client gets another
-        // AUTH_FAILURE_LIMIT tries before the next one.
+        // A new window starts with the block: once it ends, the client gets another `limit`
+        // tries before the next one.
         let within = now.saturating_duration_since(entry.window_start);
         let failures = entry.window_failures;
         entry.blocked_until = Some(now + AUTH_BLOCK);
@@ -613,13 +615,17 @@ impl ClientFaults {
         self.table().check(Client::of(ip), now)
     }
 
-    /// Records a failed authentication from `ip`; `Some` when it starts a block.
-    pub fn auth_failed(&self, ip: IpAddr) -> Option<Blocked> {
+    /// Records a failed authentication from `ip`; `Some` when it is the `limit`th within
+    /// [`AUTH_WINDOW`] and starts a block. A `limit` of 0 turns the throttle off.
+    pub fn auth_failed(&self, ip: IpAddr, limit: u32) -> Option<Blocked> {
+        if limit == 0 {
+            return None;
+        }
         let now = Instant::now();
         let mut reports = Vec::new();
         let blocked = {
             let mut table = self.table();
-            let blocked = table.auth_failed(Client::of(ip), now, &mut reports);
+            let blocked = table.auth_failed(Client::of(ip), now, limit, &mut reports);
             if blocked.is_some() {
                 let end = self.millis(now + AUTH_BLOCK).saturating_add(1);
                 self.blocks_end_millis.fetch_max(end, Ordering::AcqRel);
@@ -683,14 +689,14 @@ mod tests {
         let mut reports = Vec::new();
         for attempt in 0..9 {
             assert_eq!(
-                table.auth_failed(v4(5), at(attempt * 100), &mut reports),
+                table.auth_failed(v4(5), at(attempt * 100), AUTH_FAILURE_LIMIT, &mut reports),
                 None
             );
             assert_eq!(table.check(v4(5), at(attempt * 100)), None);
         }
         assert!(reports.is_empty(), "{reports:?}");
         assert_eq!(
-            table.auth_failed(v4(5), at(900), &mut reports),
+            table.auth_failed(v4(5), at(900), AUTH_FAILURE_LIMIT, &mut reports),
             Some(Blocked {
                 retry_after_secs: 60
             })
@@ -724,7 +730,10 @@ mod tests {
         );
         // Another address, even one failing itself, is unaffected.
         assert_eq!(table.check(v4(6), at(1_000)), None);
-        assert_eq!(table.auth_failed(v4(6), at(1_000), &mut reports), None);
+        assert_eq!(
+            table.auth_failed(v4(6), at(1_000), AUTH_FAILURE_LIMIT, &mut reports),
+            None
+        );
         // The block ends after a minute however hard the client knocked, and the next
         // failures are counted afresh (no second WARN within the same episode).
         assert_eq!(table.check(v4(5), at(60_900)), None);
@@ -732,11 +741,20 @@ mod tests {
         reports.clear();
         for attempt in 0..9 {
             assert_eq!(
-                table.auth_failed(v4(5), at(61_000 + attempt), &mut reports),
+                table.auth_failed(
+                    v4(5),
+                    at(61_000 + attempt),
+                    AUTH_FAILURE_LIMIT,
+                    &mut reports
+                ),
                 None
             );
         }
-        assert!(table.auth_failed(v4(5), at(61_010), &mut reports).is_some());
+        assert!(
+            table
+                .auth_failed(v4(5), at(61_010), AUTH_FAILURE_LIMIT, &mut reports)
+                .is_some()
+        );
         assert!(reports.is_empty(), "{reports:?}");
     }
 
@@ -748,7 +766,7 @@ mod tests {
         for attempt in 0..100 {
             let now = start + Duration::from_secs(attempt * 7);
             assert_eq!(
-                table.auth_failed(v4(7), now, &mut reports),
+                table.auth_failed(v4(7), now, AUTH_FAILURE_LIMIT, &mut reports),
                 None,
                 "{attempt}"
             );
@@ -767,7 +785,7 @@ mod tests {
         let at = |secs: u64| start + Duration::from_secs(secs);
         let mut reports = Vec::new();
         for _ in 0..10 {
-            table.auth_failed(v4(5), at(0), &mut reports);
+            table.auth_failed(v4(5), at(0), AUTH_FAILURE_LIMIT, &mut reports);
         }
         for second in 1..=20 {
             for _ in 0..1000 {
@@ -801,13 +819,13 @@ mod tests {
         let start = Instant::now();
         let mut reports = Vec::new();
         for _ in 0..12 {
-            table.auth_failed(v4(5), start, &mut reports);
+            table.auth_failed(v4(5), start, AUTH_FAILURE_LIMIT, &mut reports);
         }
         assert!(table.check(v4(5), start).is_some());
         table.malformed(v4(6), ErrorKind::BadRequest, start, &mut reports);
         table.malformed(v4(6), ErrorKind::BadRequest, start, &mut reports);
         // Mistyped, not guessing: nothing to say.
-        table.auth_failed(v4(7), start, &mut reports);
+        table.auth_failed(v4(7), start, AUTH_FAILURE_LIMIT, &mut reports);
         let mut ended = table.finish(start + Duration::from_secs(1));
         ended.sort_by_key(|report| report.to_string());
         assert_eq!(
@@ -883,13 +901,13 @@ mod tests {
         let start = Instant::now();
         let mut reports = Vec::new();
         for _ in 0..AUTH_FAILURE_LIMIT {
-            table.auth_failed(v4(1), start, &mut reports);
+            table.auth_failed(v4(1), start, AUTH_FAILURE_LIMIT, &mut reports);
         }
         for index in 0..10_000u32 {
             let [_, b, c, d] = (0x0a00_0000 + index).to_be_bytes();
             let client = Client::of(IpAddr::V4(Ipv4Addr::new(10, b, c, d)));
             let now = start + Duration::from_millis(u64::from(index));
-            table.auth_failed(client, now, &mut reports);
+            table.auth_failed(client, now, AUTH_FAILURE_LIMIT, &mut reports);
             assert!(table.len() <= 64);
         }
         assert!(
@@ -897,6 +915,22 @@ mod tests {
                 .check(v4(1), start + Duration::from_secs(11))
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_limit_of_zero_turns_the_throttle_off() {
+        let faults = ClientFaults::new();
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+        for _ in 0..100 {
+            assert_eq!(faults.auth_failed(ip, 0), None);
+            assert_eq!(faults.check(ip), None);
+        }
+        for _ in 1..3 {
+            assert_eq!(faults.auth_failed(ip, 3), None);
+        }
+        assert!(faults.auth_failed(ip, 3).is_some());
+        assert!(faults.check(ip).is_some());
+        assert_eq!(faults.check(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))), None);
     }
 
     #[test]

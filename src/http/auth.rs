@@ -68,7 +68,11 @@ impl Handler for BearerAuthHandler {
         if presented.is_some_and(|token| tokens_match(token, expected.expose())) {
             return conn;
         }
-        if let Some(blocked) = peer.and_then(|ip| self.ctx.client_faults.auth_failed(ip)) {
+        if let Some(blocked) = peer.and_then(|ip| {
+            self.ctx
+                .client_faults
+                .auth_failed(ip, live.gateway.auth_failure_limit)
+        }) {
             return too_many_failures(&self.ctx, conn, blocked);
         }
         response::error(
