@@ -20,6 +20,7 @@ use crate::{
     agent::Agent,
     budget::Budget,
     cgroup::CgroupMonitor,
+    client_fault::ClientFaults,
     config::{Config, Provider},
     connection::{Connections, derived_max_connections},
     error::Error,
@@ -66,6 +67,8 @@ pub struct Context {
     pub cgroup: CgroupMonitor,
     /// Open client connections, their limits and the heap charged to them.
     pub connections: Connections,
+    /// Failed authentications (throttled) and malformed requests (reported) per client.
+    pub client_faults: ClientFaults,
     /// The handle on this daemon's executor (see [`crate::runtime`]).
     pub runtime: Runtime,
     /// The executor itself, until [`crate::spawn`] takes it to start the worker threads.
@@ -426,6 +429,7 @@ impl ContextBuilder {
         let live = RwLock::new(Arc::new(config.clone()));
         Ok(Arc::new(Context {
             connections,
+            client_faults: ClientFaults::new(),
             memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
             sessions,
             metrics,

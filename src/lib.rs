@@ -31,6 +31,7 @@ pub mod agent;
 pub mod budget;
 pub mod cgroup;
 pub mod client;
+pub mod client_fault;
 pub mod config;
 pub mod connection;
 pub mod context;

@@ -326,7 +326,7 @@ async fn drive<H: Handler>(
         }
     };
     if peek.as_slice() == HTTP2_PREFACE {
-        ctx.metrics.count_error(ErrorKind::Http2Refused);
+        count_malformed(ctx, ip, ErrorKind::Http2Refused);
         log::debug!("refusing HTTP/2 prior-knowledge connection from {ip}");
         let response = json_response(
             505,
@@ -372,9 +372,15 @@ async fn drive<H: Handler>(
                 log::debug!("upgrade from {ip} without an upgrade handler");
             }
         }
+        // A head the handler never saw: trillium-http answered it itself (400, or 501 for an
+        // unknown method) and closed.
+        Ok(None) if tracked.phase() == Phase::Head => {
+            count_malformed(ctx, ip, ErrorKind::BadRequest);
+            log::debug!("malformed request head from {ip}; the parser answered it");
+        }
         Ok(None) | Err(trillium_http::Error::Closed) => {}
         Err(trillium_http::Error::HeadersTooLong) => {
-            ctx.metrics.count_error(ErrorKind::HeaderTooLarge);
+            count_malformed(ctx, ip, ErrorKind::HeaderTooLarge);
             log::debug!("request head from {ip} too large; answering 431");
             let response = json_response(
                 431,
@@ -394,11 +400,18 @@ async fn drive<H: Handler>(
         }
         Err(error) => {
             // Malformed framing the parser could not answer itself (smuggling attempts,
-            // bad lengths): per-client detail at debug, the count in the metrics.
-            ctx.metrics.count_error(ErrorKind::BadRequest);
+            // bad lengths): per-client detail at debug, the count in the metrics and the
+            // client's malformed-request episode.
+            count_malformed(ctx, ip, ErrorKind::BadRequest);
             log::debug!("http error from {ip}: {error}");
         }
     }
+}
+
+/// Counts a malformed request the handler never saw, in the metrics and for `ip`'s episode.
+fn count_malformed(ctx: &Context, ip: IpAddr, kind: ErrorKind) {
+    ctx.metrics.count_error(kind);
+    ctx.client_faults.malformed(ip, kind);
 }
 
 fn count_timeout(ctx: &Context, expired: Option<Phase>) {

@@ -14,17 +14,25 @@
 //! [`log::Log::flush`] writes the counts of windows that ended quietly, and
 //! [`RedactingLogger::finish`] (at exit) every count still open.
 //!
+//! Nothing below the configured level is ever written: a held-back record goes out at debug
+//! only when the level in force (the `log` facade's maximum, which a reload changes) lets
+//! debug through. Records whose target is [`ALWAYS_TARGET`] (or starts with
+//! `blufio::always::`) are never held back: they are for events an operator causes and must
+//! see every time, such as a refused reload, and are few by nature. Floods from clients must
+//! never use it.
+//!
 //! This module installs nothing: the binary builds the wrapper and installs it, the one
 //! process-wide hook blufio has.
 
 use std::{
     collections::HashMap,
+    fmt,
     hash::{DefaultHasher, Hash, Hasher},
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
-use log::{Level, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 /// How long one episode of a repeated warning or error lasts.
 pub const EPISODE: Duration = Duration::from_secs(60);
@@ -35,10 +43,10 @@ const MAX_SITES: usize = 256;
 /// Longest example message kept per call site, in bytes.
 const MAX_EXAMPLE_BYTES: usize = 300;
 
-/// The target of records that answer an operator's own action (a reload): one per action,
-/// so they are never rate-limited; a second refused reload within a minute is an error like
-/// the first.
-pub const UNLIMITED_TARGET: &str = "blufio::operator";
+/// The log target of records that are written every time, never held back by the
+/// per-call-site limiter: `log::error!(target: ALWAYS_TARGET, "reload refused: …")`.
+/// Sub-targets (`blufio::always::reload`) are exempt too.
+pub const ALWAYS_TARGET: &str = "blufio::always";
 
 /// What replaces a secret.
 const REDACTED: &str = "<redacted>";
@@ -58,11 +66,20 @@ const SECRET_PREFIXES: [&str; 2] = ["bearer.", "bearer "];
 
 /// A logger that redacts secrets and rate-limits repeated warnings and errors before handing
 /// records to `inner`.
-#[derive(Debug)]
 pub struct RedactingLogger<L> {
     inner: L,
     secrets: Vec<String>,
     limiter: Mutex<RateLimiter>,
+    max_level: Box<dyn Fn() -> LevelFilter + Send + Sync>,
+}
+
+impl<L: fmt::Debug> fmt::Debug for RedactingLogger<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedactingLogger")
+            .field("inner", &self.inner)
+            .field("max_level", &(self.max_level)())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<L: Log> RedactingLogger<L> {
@@ -73,7 +90,23 @@ impl<L: Log> RedactingLogger<L> {
             inner,
             secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
             limiter: Mutex::new(RateLimiter::new(EPISODE)),
+            max_level: Box::new(log::max_level),
         }
+    }
+
+    /// Reads the level in force from `max_level` instead of the `log` facade's maximum
+    /// (which `[daemon] log_level` and a reload set); for tests and embedding hosts.
+    pub fn with_max_level(
+        mut self,
+        max_level: impl Fn() -> LevelFilter + Send + Sync + 'static,
+    ) -> RedactingLogger<L> {
+        self.max_level = Box::new(max_level);
+        self
+    }
+
+    /// Returns whether a record at `level` may be written under the level in force.
+    fn level_allows(&self, level: Level) -> bool {
+        level <= (self.max_level)()
     }
 
     fn emit(&self, record: &Record<'_>, level: Level, text: &str) {
@@ -99,6 +132,9 @@ impl<L: Log> RedactingLogger<L> {
 
     fn write_summaries(&self, summaries: Vec<Summary>) {
         for summary in summaries {
+            if !self.level_allows(summary.level) {
+                continue;
+            }
             self.inner.log(
                 &Record::builder()
                     .args(format_args!("{}", summary.text()))
@@ -121,11 +157,13 @@ impl<L: Log> Log for RedactingLogger<L> {
     }
 
     fn log(&self, record: &Record<'_>) {
-        if !self.inner.enabled(record.metadata()) {
+        // The facade's macros check the level before calling, but `log::logger().log(…)`
+        // and the demotion below do not.
+        if !self.level_allows(record.level()) || !self.inner.enabled(record.metadata()) {
             return;
         }
         let level = record.level();
-        if level > Level::Warn || record.target() == UNLIMITED_TARGET {
+        if level > Level::Warn || is_always(record.target()) {
             self.emit(
                 record,
                 level,
@@ -154,12 +192,14 @@ impl<L: Log> Log for RedactingLogger<L> {
             }
             Admission::Suppressed => {
                 // Per-client detail stays available at debug level; it costs the formatting
-                // only when debug is on for this target.
+                // only when debug is on for this target. The inner logger alone cannot say:
+                // without `BLUFIO_LOG` it passes every level and the facade's maximum is the
+                // configured level, so both are asked.
                 let debug = Metadata::builder()
                     .level(Level::Debug)
                     .target(record.target())
                     .build();
-                if self.inner.enabled(&debug) {
+                if self.level_allows(Level::Debug) && self.inner.enabled(&debug) {
                     let text = redact(&record.args().to_string(), &self.secrets);
                     self.emit(record, Level::Debug, &text);
                 }
@@ -172,6 +212,13 @@ impl<L: Log> Log for RedactingLogger<L> {
         self.write_summaries(summaries);
         self.inner.flush();
     }
+}
+
+/// Returns whether records of `target` bypass the per-call-site limiter.
+fn is_always(target: &str) -> bool {
+    target
+        .strip_prefix(ALWAYS_TARGET)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
 }
 
 /// Identifies a call site without allocating.
@@ -605,7 +652,8 @@ mod tests {
                 max_level: Some(max_level),
                 ..Capture::default()
             };
-            let logger = RedactingLogger::new(capture.clone(), vec![TOKEN.to_owned()]);
+            let logger = RedactingLogger::new(capture.clone(), vec![TOKEN.to_owned()])
+                .with_max_level(move || max_level.to_level_filter());
             for client in 0..100 {
                 log_error(
                     &logger,
@@ -630,5 +678,143 @@ mod tests {
                 "{lines:?}"
             );
         }
+    }
+
+    fn log_at(logger: &dyn Log, level: Level, target: &str, message: &str) {
+        logger.log(
+            &Record::builder()
+                .args(format_args!("{message}"))
+                .level(level)
+                .target(target)
+                .file(Some("reload.rs"))
+                .line(Some(71))
+                .build(),
+        );
+    }
+
+    #[test]
+    fn held_back_lines_stay_hidden_below_the_level_in_force_also_after_it_changes() {
+        // The inner logger passes every level, as the binary's does without `BLUFIO_LOG`:
+        // the level in force is the facade's maximum, which a reload moves.
+        let capture = Capture {
+            max_level: Some(Level::Trace),
+            ..Capture::default()
+        };
+        let level = Arc::new(std::sync::atomic::AtomicUsize::new(
+            LevelFilter::Info as usize,
+        ));
+        let source = Arc::clone(&level);
+        let logger =
+            RedactingLogger::new(capture.clone(), Vec::new()).with_max_level(move || match source
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                4 => LevelFilter::Debug,
+                _ => LevelFilter::Info,
+            });
+        let debug_lines = || {
+            capture
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(level, _)| *level == Level::Debug)
+                .count()
+        };
+        for client in 0..37 {
+            log_error(&logger, &format!("memory pressure from 10.0.0.{client}"));
+        }
+        logger.log(
+            &Record::builder()
+                .args(format_args!("a debug line"))
+                .level(Level::Debug)
+                .target("blufio")
+                .build(),
+        );
+        assert_eq!(debug_lines(), 0, "{:?}", capture.lines);
+        // Raised to debug by a reload: the held-back detail shows.
+        level.store(
+            LevelFilter::Debug as usize,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        for client in 0..5 {
+            log_error(&logger, &format!("memory pressure from 10.0.1.{client}"));
+        }
+        assert_eq!(debug_lines(), 5, "{:?}", capture.lines);
+        // Back to info: hidden again.
+        level.store(
+            LevelFilter::Info as usize,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        for client in 0..5 {
+            log_error(&logger, &format!("memory pressure from 10.0.2.{client}"));
+        }
+        assert_eq!(debug_lines(), 5, "{:?}", capture.lines);
+        let errors = capture
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(level, _)| *level == Level::Error)
+            .count();
+        assert_eq!(errors, 1, "{:?}", capture.lines);
+    }
+
+    #[test]
+    fn records_for_the_always_target_are_never_held_back() {
+        let capture = Capture {
+            max_level: Some(Level::Trace),
+            ..Capture::default()
+        };
+        let logger = RedactingLogger::new(capture.clone(), vec![TOKEN.to_owned()])
+            .with_max_level(|| LevelFilter::Info);
+        for attempt in 0..3 {
+            log_at(
+                &logger,
+                Level::Error,
+                ALWAYS_TARGET,
+                &format!("reload refused ({attempt}): bad token {TOKEN}"),
+            );
+            log_at(
+                &logger,
+                Level::Error,
+                "blufio::always::reload",
+                &format!("reload refused, sub-target ({attempt})"),
+            );
+            // Only the exact target and its sub-targets are exempt.
+            log_at(
+                &logger,
+                Level::Error,
+                "blufio::alwaysish",
+                &format!("limited ({attempt})"),
+            );
+        }
+        let lines = capture.lines.lock().unwrap().clone();
+        let errors: Vec<&str> = lines
+            .iter()
+            .filter(|(level, _)| *level == Level::Error)
+            .map(|(_, line)| line.as_str())
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                "reload refused (0): bad token <redacted>",
+                "reload refused, sub-target (0)",
+                "limited (0)",
+                "reload refused (1): bad token <redacted>",
+                "reload refused, sub-target (1)",
+                "reload refused (2): bad token <redacted>",
+                "reload refused, sub-target (2)",
+            ]
+        );
+        assert!(lines.iter().all(|(level, _)| *level != Level::Debug));
+        // Below the level in force, even the exempt target is not written.
+        let quiet = Capture {
+            max_level: Some(Level::Trace),
+            ..Capture::default()
+        };
+        let logger =
+            RedactingLogger::new(quiet.clone(), Vec::new()).with_max_level(|| LevelFilter::Error);
+        log_at(&logger, Level::Warn, ALWAYS_TARGET, "a warning");
+        assert!(quiet.lines.lock().unwrap().is_empty());
     }
 }

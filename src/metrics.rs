@@ -84,11 +84,13 @@ pub enum ErrorKind {
     ConnectionShed,
     /// Today's spend could not be saved to `<state_dir>/spend.json` (retried until it can).
     StateWrite,
+    /// A request came from a client blocked after repeated failed authentications (429).
+    AuthThrottled,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 24] = [
+    pub const ALL: [ErrorKind; 25] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -113,6 +115,7 @@ impl ErrorKind {
         ErrorKind::HeaderTooLarge,
         ErrorKind::ConnectionShed,
         ErrorKind::StateWrite,
+        ErrorKind::AuthThrottled,
     ];
 
     /// Returns the label value.
@@ -142,6 +145,7 @@ impl ErrorKind {
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::ConnectionShed => "connection_shed",
             ErrorKind::StateWrite => "state_write",
+            ErrorKind::AuthThrottled => "auth_throttled",
         }
     }
 }

@@ -29,8 +29,9 @@ pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The keys a reload applies at once; every other changed key needs a restart. `apply_live`
 /// copies exactly these (a test checks that the two agree).
-const LIVE_KEYS: [&str; 11] = [
+const LIVE_KEYS: [&str; 12] = [
     "[gateway] token",
+    "[gateway] auth_failure_limit",
     "[gateway] token_file",
     "[daemon] memory_warn_mb",
     "[daemon] memory_limit_mb",
@@ -97,7 +98,7 @@ pub async fn reload(ctx: &Context) -> Result<ReloadReport, Error> {
             log::info!("reloaded {origin}: {report}");
             if !report.needs_restart.is_empty() {
                 log::warn!(
-                    target: logging::UNLIMITED_TARGET,
+                    target: logging::ALWAYS_TARGET,
                     "reload: changed but needs a restart (running value kept): {}",
                     report.needs_restart.join(", ")
                 );
@@ -106,7 +107,7 @@ pub async fn reload(ctx: &Context) -> Result<ReloadReport, Error> {
         }
         Err(error) => {
             log::error!(
-                target: logging::UNLIMITED_TARGET,
+                target: logging::ALWAYS_TARGET,
                 "reload refused, the running configuration stays: {}",
                 chain(&error)
             );
@@ -210,6 +211,7 @@ fn apply_live(applied: &mut Config, new: &Config) {
     applied.gateway.session_idle_timeout_secs = new.gateway.session_idle_timeout_secs;
     applied.gateway.max_history_messages = new.gateway.max_history_messages;
     applied.gateway.max_history_bytes = new.gateway.max_history_bytes;
+    applied.gateway.auth_failure_limit = new.gateway.auth_failure_limit;
     applied.agent.timeout_secs = new.agent.timeout_secs;
     applied.cost.daily_budget_usd = new.cost.daily_budget_usd;
 }

@@ -46,8 +46,13 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
         // Lets the installed logger write the counts of repeated errors whose episode ended
         // quietly (see `logging.rs`); a no-op when no logger is installed.
         log::logger().flush();
+        // Ends quiet token-guessing and malformed-request episodes with their totals.
+        ctx.client_faults.sweep();
         wake_at = next_tick(start, wake_every, Instant::now()).min(tick_at);
     }
+    // The daemon is stopping: sum up the token-guessing and malformed-request episodes still
+    // open, as the logger does for its held-back counts.
+    ctx.client_faults.finish();
 }
 
 /// Returns the first instant of the schedule `start + k·period` (k ≥ 1) that is after `now`.

@@ -4,13 +4,17 @@
 //! every protected route answers 503 with an explanation. Browsers cannot set headers on a
 //! WebSocket, so `/ws` also accepts the subprotocol `bearer.<token>`; a query-string token is
 //! never accepted because it ends up in access logs.
+//!
+//! Failed checks are counted per client ([`crate::client_fault`]): a client that fails too
+//! often is answered `429` with `Retry-After` and `Connection: close` for a while, before its
+//! token is looked at.
 
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 use trillium::{Conn, Handler, KnownHeaderName, Status};
 
-use crate::{context::Context, http::response, metrics::ErrorKind};
+use crate::{client_fault::Blocked, context::Context, http::response, metrics::ErrorKind};
 
 /// The WebSocket subprotocol prefix that carries a bearer token.
 pub const SUBPROTOCOL_PREFIX: &str = "bearer.";
@@ -52,6 +56,10 @@ impl Handler for BearerAuthHandler {
                 "no gateway token is configured; set [gateway] token_file or BLUFIO_GATEWAY_TOKEN",
             );
         };
+        let peer = conn.peer_ip();
+        if let Some(blocked) = peer.and_then(|ip| self.ctx.client_faults.check(ip)) {
+            return too_many_failures(&self.ctx, conn, blocked);
+        }
         let presented = bearer_token(&conn).or_else(|| {
             self.allow_subprotocol
                 .then(|| subprotocol_token(&conn))
@@ -59,6 +67,13 @@ impl Handler for BearerAuthHandler {
         });
         if presented.is_some_and(|token| tokens_match(token, expected.expose())) {
             return conn;
+        }
+        if let Some(blocked) = peer.and_then(|ip| {
+            self.ctx
+                .client_faults
+                .auth_failed(ip, live.gateway.auth_failure_limit)
+        }) {
+            return too_many_failures(&self.ctx, conn, blocked);
         }
         response::error(
             &self.ctx,
@@ -69,6 +84,26 @@ impl Handler for BearerAuthHandler {
             "a valid bearer token is required",
         )
     }
+}
+
+/// Answers a client blocked for failed authentications: 429, `Retry-After`, and the
+/// connection closed, so each further guess costs a new connection.
+fn too_many_failures(ctx: &Context, conn: Conn, blocked: Blocked) -> Conn {
+    response::error(
+        ctx,
+        conn.with_response_header(
+            KnownHeaderName::RetryAfter,
+            blocked.retry_after_secs.to_string(),
+        )
+        .with_response_header(KnownHeaderName::Connection, "close"),
+        Status::TooManyRequests,
+        ErrorKind::AuthThrottled,
+        "too_many_auth_failures",
+        format!(
+            "too many failed authentications from this address; retry in {} s",
+            blocked.retry_after_secs
+        ),
+    )
 }
 
 /// Returns the token of an `Authorization: Bearer <token>` header (scheme case-insensitive).

@@ -1,5 +1,7 @@
 //! JSON responses and errors: every answer carries a JSON body (or the metrics text), and
-//! every error is counted in `blufio_errors_total` under a fixed type label.
+//! every error is counted in `blufio_errors_total` under a fixed type label. Malformed
+//! requests are also counted per client, for the once-per-episode log line
+//! ([`crate::client_fault`]).
 
 use std::fmt;
 
@@ -28,6 +30,9 @@ pub(crate) fn error(
     message: impl fmt::Display,
 ) -> Conn {
     ctx.metrics.count_error(kind);
+    if let Some(ip) = conn.peer_ip() {
+        ctx.client_faults.malformed(ip, kind);
+    }
     json(
         conn,
         status,

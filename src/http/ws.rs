@@ -154,6 +154,9 @@ impl WebSocketHandler for SessionSocket {
                     log::debug!("websocket error: {error}");
                     if let Some((code, kind, reason)) = close_for(&error) {
                         ctx.metrics.count_error(kind);
+                        if let Some(ip) = conn.peer_ip() {
+                            ctx.client_faults.malformed(ip, kind);
+                        }
                         let frame = CloseFrame {
                             code,
                             reason: reason.into(),

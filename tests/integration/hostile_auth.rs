@@ -1,0 +1,377 @@
+//! Hostile clients against authentication and the log: token guessing is throttled per
+//! address and reported once per episode, malformed requests leave one line per episode, and
+//! nothing below the configured log level is ever printed.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+// Other loopback addresses than 127.0.0.1 exist by default on Linux only.
+#[cfg(target_os = "linux")]
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+};
+
+#[cfg(target_os = "linux")]
+use blufio::{Config, client_fault::AUTH_FAILURE_LIMIT};
+
+use crate::{
+    cli::{blufio, free_port, temp_dir, wait},
+    support,
+};
+#[cfg(target_os = "linux")]
+use crate::{
+    prometheus,
+    support::{Response, start_gateway},
+};
+
+const TOKEN: &str = "hostile-auth-token-0123456789";
+
+/// Starts the binary with `config` and without `BLUFIO_LOG`, so `[daemon] log_level` (and a
+/// reload of it) is what filters the log; returns the child, its address, its stderr lines
+/// and the config path (rewritten by reload tests).
+#[allow(clippy::zombie_processes)] // The caller waits for the child.
+fn start_configured_binary(
+    config: &str,
+    name: &str,
+) -> (Child, SocketAddr, mpsc::Receiver<String>, PathBuf) {
+    let path = temp_dir(name).join("blufio.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = blufio()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("BLUFIO_LOG")
+        .env_remove("BLUFIO_GATEWAY_TOKEN")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("OPENAI_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("daemon logs its address");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            let addr = rest.split(' ').next().unwrap().parse().unwrap();
+            return (child, addr, lines, path);
+        }
+    }
+}
+
+/// Collects stderr lines up to and including the first that contains `marker` (bounded).
+fn lines_until(lines: &mpsc::Receiver<String>, marker: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(remaining) {
+            Ok(line) => {
+                let done = line.contains(marker);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no line with {marker:?} within 30 s; saw {seen:#?}"),
+        }
+    }
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Sends `count` messages at once; each fails against the dead upstream after retries, so
+/// the provider's retry warning repeats from one call site.
+fn fail_messages(addr: SocketAddr, count: usize) {
+    let auth = format!("Bearer {TOKEN}");
+    std::thread::scope(|scope| {
+        for _ in 0..count {
+            scope.spawn(|| {
+                let response = support::request(
+                    addr,
+                    "POST",
+                    "/v1/messages",
+                    &[
+                        ("Authorization", auth.as_str()),
+                        ("Content-Type", "application/json"),
+                    ],
+                    Some(r#"{"content": "hello"}"#),
+                );
+                assert!(response.status >= 500, "{response:?}");
+            });
+        }
+    });
+}
+
+fn debug_lines(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|line| line.starts_with("[DEBUG") || line.starts_with("[TRACE"))
+        .collect()
+}
+
+#[test]
+fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a_reload() {
+    let port = free_port();
+    let dead_upstream = free_port();
+    let dir = temp_dir("log-level");
+    let key = dir.join("openai.key");
+    std::fs::write(&key, "sk-log-level-0123456789").unwrap();
+    let config = |level: &str| {
+        format!(
+            "[daemon]\nlog_level = \"{level}\"\nhealth_port = {port}\n\
+             [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
+             [agent]\nprovider = \"openai\"\nmodel = \"m\"\ntimeout_secs = 30\n\
+             base_url = \"http://127.0.0.1:{dead_upstream}/v1\"\napi_key_file = \"{}\"\n",
+            key.display()
+        )
+    };
+    let (mut child, addr, lines, path) = start_configured_binary(&config("info"), "log-level");
+
+    // At info: the retry warning repeats (three messages, two retries each), and its
+    // held-back repeats must not come out as DEBUG lines.
+    fail_messages(addr, 3);
+    std::fs::write(&path, config("debug")).unwrap();
+    signal(&child, "-HUP");
+    let at_info = lines_until(&lines, "reloaded");
+    assert!(
+        at_info
+            .iter()
+            .any(|line| line.starts_with("[WARN") && line.contains("retrying")),
+        "{at_info:#?}"
+    );
+    assert_eq!(debug_lines(&at_info), Vec::<&String>::new(), "{at_info:#?}");
+
+    // Raised to debug by a reload, debug lines do show (so the check above can fail).
+    fail_messages(addr, 2);
+    std::fs::write(&path, config("info")).unwrap();
+    signal(&child, "-HUP");
+    let at_debug = lines_until(&lines, "reloaded");
+    assert!(!debug_lines(&at_debug).is_empty(), "{at_debug:#?}");
+
+    // Lowered to info again by a reload: hidden again.
+    fail_messages(addr, 3);
+    signal(&child, "-TERM");
+    let after = lines_until(&lines, "shut down");
+    let exit = wait(&mut child);
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    assert_eq!(debug_lines(&after), Vec::<&String>::new(), "{after:#?}");
+}
+
+/// Connects to `addr` from `source` (another loopback address, so one test has several
+/// clients), with a generous read timeout.
+#[cfg(target_os = "linux")]
+fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let socket = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&socket, &SocketAddrV4::new(source, 0)).unwrap();
+    connect(&socket, &addr).unwrap();
+    let stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+/// Writes a keep-alive `GET /v1/health` with `token`.
+#[cfg(target_os = "linux")]
+fn send_health(stream: &mut TcpStream, token: &str) {
+    let request =
+        format!("GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+}
+
+/// Reads one response off a keep-alive connection; `None` when it is closed first.
+#[cfg(target_os = "linux")]
+fn read_response(stream: &mut TcpStream) -> Option<Response> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => raw.push(byte[0]),
+        }
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).ok()?;
+    raw.extend_from_slice(&body);
+    Some(support::parse_response(&raw))
+}
+
+/// Sends one `GET /v1/health` with `token` from `source` on a fresh connection.
+#[cfg(target_os = "linux")]
+fn health_from(source: Ipv4Addr, addr: SocketAddr, token: &str) -> Response {
+    let mut stream = connect_from(source, addr);
+    send_health(&mut stream, token);
+    read_response(&mut stream).expect("a response")
+}
+
+/// Asserts the connection is closed by the daemon (EOF, not a timeout).
+#[cfg(target_os = "linux")]
+fn assert_closed(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("the daemon closes the connection");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn guessing_tokens_gets_429_and_a_closed_connection_from_one_address_only() {
+    let daemon = start_gateway(Config::for_tests());
+    let addr = daemon.gateway_addr();
+    let guesser = Ipv4Addr::new(127, 0, 0, 5);
+    let mut stream = connect_from(guesser, addr);
+    for attempt in 1..AUTH_FAILURE_LIMIT {
+        send_health(&mut stream, &format!("guess-{attempt}"));
+        let response = read_response(&mut stream).expect("a 401 on the same connection");
+        response.assert_error(401, "unauthorized");
+        assert_eq!(response.header("connection"), None, "{response:?}");
+    }
+    // The tenth failure in a minute: 429, Retry-After, and the connection closes.
+    send_health(&mut stream, "guess-10");
+    let throttled = read_response(&mut stream).expect("a 429");
+    throttled.assert_error(429, "too_many_auth_failures");
+    assert_eq!(throttled.header("retry-after"), Some("60"), "{throttled:?}");
+    assert_eq!(
+        throttled.header("connection"),
+        Some("close"),
+        "{throttled:?}"
+    );
+    assert_closed(&mut stream);
+
+    // While blocked, the token is not even looked at: the right one gets 429 too.
+    let blocked = health_from(guesser, addr, support::TOKEN);
+    blocked.assert_error(429, "too_many_auth_failures");
+    let retry_after: u64 = blocked.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{blocked:?}");
+
+    // Another address is served, and its own failures are still plain 401s.
+    let other = Ipv4Addr::new(127, 0, 0, 6);
+    assert_eq!(health_from(other, addr, support::TOKEN).status, 200);
+    health_from(other, addr, "wrong").assert_error(401, "unauthorized");
+    // Probes need no token and are never throttled.
+    let mut probe = connect_from(guesser, addr);
+    probe
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut probe).unwrap().status, 200);
+
+    let metrics = prometheus::parse(&daemon.get_ok("/metrics"));
+    assert_eq!(
+        metrics.value("blufio_errors_total", &[("type", "auth_throttled")]),
+        Some(2.0)
+    );
+    daemon.stop();
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
+    );
+    let (mut child, addr, lines, _) = start_configured_binary(&config, "fault-episodes");
+
+    // One guesser, reconnecting whenever it is closed on.
+    let guesser = Ipv4Addr::new(127, 0, 0, 7);
+    let mut statuses = Vec::new();
+    let mut stream = connect_from(guesser, addr);
+    for attempt in 0..40 {
+        send_health(&mut stream, &format!("guess-{attempt}"));
+        let response = read_response(&mut stream).expect("a response");
+        statuses.push(response.status);
+        if response.header("connection") == Some("close") {
+            stream = connect_from(guesser, addr);
+        }
+    }
+    assert_eq!(statuses.iter().filter(|status| **status == 401).count(), 9);
+    assert_eq!(statuses.iter().filter(|status| **status == 429).count(), 31);
+
+    // A client sending heads the parser refuses.
+    let garbler = Ipv4Addr::new(127, 0, 0, 8);
+    for _ in 0..20 {
+        let mut stream = connect_from(garbler, addr);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            .unwrap();
+        let response = read_response(&mut stream).expect("the parser answers");
+        assert_eq!(response.status, 400, "{response:?}");
+    }
+    // Someone mistyping their token a few times.
+    let typist = Ipv4Addr::new(127, 0, 0, 9);
+    for _ in 0..3 {
+        assert_eq!(health_from(typist, addr, "typo").status, 401);
+    }
+
+    signal(&child, "-TERM");
+    let log = lines_until(&lines, "shut down");
+    assert_eq!(wait(&mut child).code(), Some(0));
+    let mentioning = |who: &str| -> Vec<&String> {
+        log.iter()
+            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
+            .collect()
+    };
+    // One WARN when the throttle starts, one INFO line of totals (here at exit).
+    let guessing = mentioning("127.0.0.7");
+    assert_eq!(guessing.len(), 2, "{log:#?}");
+    assert!(
+        guessing[0].starts_with("[WARN")
+            && guessing[0].contains("token guessing from 127.0.0.7: 10 failed authentications"),
+        "{guessing:?}"
+    );
+    assert!(
+        guessing[1].starts_with("[INFO")
+            && guessing[1].contains(
+                "token guessing from 127.0.0.7 stopped: 10 failed authentications and 30 \
+                 requests answered 429"
+            ),
+        "{guessing:?}"
+    );
+    // One INFO line at the first malformed request, the counts when the episode ends.
+    let malformed = mentioning("127.0.0.8");
+    assert_eq!(malformed.len(), 2, "{log:#?}");
+    assert!(
+        malformed[0].starts_with("[INFO")
+            && malformed[0].contains("malformed request from 127.0.0.8 (bad_request)"),
+        "{malformed:?}"
+    );
+    assert!(
+        malformed[1].starts_with("[INFO")
+            && malformed[1].contains("malformed requests from 127.0.0.8: 20 in the last")
+            && malformed[1].ends_with("(bad_request 20)"),
+        "{malformed:?}"
+    );
+    assert_eq!(mentioning("127.0.0.9"), Vec::<&String>::new(), "{log:#?}");
+    assert_eq!(debug_lines(&log), Vec::<&String>::new(), "{log:#?}");
+}
