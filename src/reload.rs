@@ -367,6 +367,7 @@ mod tests {
         new.gateway.max_history_bytes = 6;
         new.agent.timeout_secs = 7;
         new.cost.daily_budget_usd = 8.0;
+        new.gateway.auth_failure_limit = 9;
         let changed = changed_keys(&running, &new);
         let mut sorted = changed.clone();
         sorted.sort();
