@@ -9,6 +9,7 @@ mod gateway;
 mod health;
 mod hostile_input;
 mod hostile_transport;
+mod hostile_websocket;
 mod isolation;
 mod metrics;
 mod pressure;
