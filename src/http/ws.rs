@@ -128,6 +128,9 @@ impl Handler for LimitedWebSocket {
 
     async fn upgrade(&self, mut upgrade: Upgrade) {
         let tracked = upgrade.state_mut().take::<Arc<Tracked>>();
+        // The socket never reads its request headers again; the upgrade would keep them (and
+        // their allocations) for the socket's lifetime.
+        drop(upgrade.take_request_headers());
         let (buffer, transport) = upgrade.as_mut().buffer_and_transport_mut();
         // A placeholder for the moment the transport is out of its slot.
         let inner = std::mem::replace(
