@@ -263,7 +263,9 @@ impl WebSocketHandler for SessionSocket {
                 Event::Ping => conn.send(Message::Ping(Vec::new().into())).await,
                 Event::Reloaded => Ok(()),
                 Event::Inbound(Some(Ok(Message::Text(text)))) => {
-                    match on_text(ctx, guard.session(), text.as_str(), &mut conn).await {
+                    // Boxed: the exchange's future (the agent call, a stream) exists only while
+                    // a message is answered, instead of inline in every idle socket's future.
+                    match Box::pin(on_text(ctx, guard.session(), text.as_str(), &mut conn)).await {
                         TextOutcome::Frame(reply) => send_text(&mut conn, reply.to_string()).await,
                         TextOutcome::Streamed(outcome) => outcome,
                     }

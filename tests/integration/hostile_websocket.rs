@@ -415,15 +415,21 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
     let line = expect_log("reloaded");
     assert!(line.contains("[gateway] token"), "{line}");
     let started = Instant::now();
-    let frame = async_io::block_on(async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
+    let frame = async_io::block_on(futures_lite::future::or(
+        async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => continue,
+                    other => panic!("expected a close frame, got {other:?}"),
+                }
             }
-        }
-    });
+        },
+        async {
+            async_io::Timer::after(Duration::from_secs(10)).await;
+            panic!("the socket opened with the old token is still open 10 s after the reload");
+        },
+    ));
     assert_eq!(u16::from(frame.unwrap().code), 1008);
     assert!(
         started.elapsed() < Duration::from_secs(5),
