@@ -132,6 +132,17 @@ impl Tracked {
         self.head_bytes.fetch_add(bytes, Ordering::AcqRel);
         self.registry.charge_bytes(bytes);
     }
+
+    /// Charges `bytes` the connection holds outside a head (a WebSocket message being
+    /// assembled); the caller releases them with [`Tracked::release_bytes`].
+    pub fn charge_bytes(&self, bytes: u64) {
+        self.registry.charge_bytes(bytes);
+    }
+
+    /// Releases `bytes` charged with [`Tracked::charge_bytes`].
+    pub fn release_bytes(&self, bytes: u64) {
+        self.registry.release_bytes(bytes);
+    }
 }
 
 /// Holds a connection's place in the registry; dropping it releases the place.

@@ -62,6 +62,7 @@ pub struct Context {
     pub notifier: Notifier,
     phase: PhaseCell,
     live: RwLock<Arc<Config>>,
+    reloaded: event_listener::Event,
     config_path: Option<PathBuf>,
     /// The daemon's own cgroup memory limit and usage.
     pub cgroup: CgroupMonitor,
@@ -129,6 +130,14 @@ impl Context {
             Ok(mut live) => *live = config,
             Err(poisoned) => *poisoned.into_inner() = config,
         }
+        self.reloaded.notify(usize::MAX);
+    }
+
+    /// Returns a listener that resolves at the next reload; WebSockets hold one to compare the
+    /// token they authenticated with against the live one as soon as it may have changed.
+    /// Listen first, then read [`Context::live`], so no reload falls between the two.
+    pub fn next_reload(&self) -> event_listener::EventListener {
+        self.reloaded.listen()
     }
 
     /// Releases `[daemon] state_dir` for another daemon (at the end of a shutdown, once the
@@ -447,6 +456,7 @@ impl ContextBuilder {
                 .map_or_else(Notifier::disabled, Notifier::connect),
             phase: PhaseCell::default(),
             live,
+            reloaded: event_listener::Event::new(),
             config_path: self.config_path,
             cgroup,
             runtime,

@@ -365,7 +365,9 @@ async fn drive<H: Handler>(
     match result {
         Ok(Some(upgrade)) => {
             tracked.set_phase(Phase::Upgraded);
-            let upgrade = trillium::Upgrade::from(upgrade);
+            let mut upgrade = trillium::Upgrade::from(upgrade);
+            // The WebSocket charges the messages it assembles to this connection.
+            upgrade.state_mut().insert(Arc::clone(tracked));
             if handler.has_upgrade(&upgrade) {
                 handler.upgrade(upgrade).await;
             } else {

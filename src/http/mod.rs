@@ -24,6 +24,7 @@ pub(crate) mod response;
 pub mod sessions;
 mod stream;
 pub mod ws;
+mod ws_limit;
 
 use std::sync::Arc;
 

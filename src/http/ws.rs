@@ -11,34 +11,53 @@
 //! fragmented control frame), 1007 for a text frame that is not UTF-8, 1009 for a message or
 //! frame over `max_message_bytes` (refused from its header, before the payload is read).
 //! Text that is UTF-8 but not the expected JSON is an application error: it gets an error
-//! frame and the connection stays open.
+//! frame and the connection stays open. A message split into too many frames, or not complete
+//! within `request_timeout_secs`, is closed with 1009 or 1008 (see `ws_limit.rs`).
 //!
-//! A frame with `"stream": true` is answered with `{"type": "delta", "session_id", "delta"}`
-//! frames, then `{"type": "done", "session_id", "content", "usage"}` (or `{"type": "error",
-//! "error", "message"}`); see `stream.rs`. A send that fails mid-stream cancels the upstream
-//! call.
+//! Every frame the server sends is a JSON object with a `type`: `{"type": "reply",
+//! "session_id", "content", "usage"}` answers a message, `{"type": "error", "error",
+//! "message"}` reports a failure. A frame with `"stream": true` is answered with `{"type":
+//! "delta", "session_id", "delta"}` frames, then `{"type": "done", "session_id", "content",
+//! "usage"}` (or an error frame); see `stream.rs`. A send that fails mid-stream cancels the
+//! upstream call.
+//!
+//! An idle socket holds little: tungstenite's defaults read into 128 KiB allocated up front,
+//! here 1 KiB (see [`READ_BUFFER_BYTES`]), and replies go out in frames of at most
+//! [`REPLY_FRAME_BYTES`], so the write buffers a socket keeps after a long reply stay small.
+//! After a reload that changes the gateway token, sockets authenticated with the old token
+//! close with 1008.
 
 use std::{sync::Arc, time::Duration};
 
 use async_io::Timer;
 use futures_lite::{FutureExt, StreamExt};
-use serde_json::{Value, json};
-use trillium::{Conn, Handler, KnownHeaderName, Status};
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
+use trillium::{Conn, Handler, Info, KnownHeaderName, Status, Upgrade};
 use trillium_websockets::{
     Message, WebSocket, WebSocketConfig, WebSocketConn, WebSocketHandler,
     tungstenite::{
-        self,
+        self, Bytes,
         error::ProtocolError,
-        protocol::{CloseFrame, frame::coding::CloseCode},
+        protocol::{
+            CloseFrame,
+            frame::{
+                Frame,
+                coding::{CloseCode, Data, OpCode},
+            },
+        },
     },
 };
 
 use crate::{
+    config::Config,
+    connection::Tracked,
     context::Context,
     gateway::{self, IncomingMessage},
     http::{
         response, sessions,
         stream::{ReplyStream, StreamEvent, ws_frame},
+        ws_limit::{MessageLimit, MessageLimitTransport},
     },
     metrics::{Channel, ErrorKind},
     sessions::{Session, SessionGuard, SessionKind},
@@ -47,24 +66,86 @@ use crate::{
 /// The subprotocol the server selects; browsers offer it next to `bearer.<token>`.
 pub const SUBPROTOCOL: &str = "blufio.v1";
 
+/// Bytes each socket read takes into the buffer trillium-websockets allocates per socket for
+/// its lifetime (tungstenite's default, 128 KiB, was most of an idle socket's heap). tungstenite
+/// pulls 1 KiB at a time from it anyway, and grows its own buffer to a frame's length only
+/// while that frame arrives, so a larger read buffer only saves syscalls on large messages.
+pub const READ_BUFFER_BYTES: usize = 1024;
+
+/// Largest frame a reply is sent in. The write buffers keep the capacity of the largest frame
+/// they have held for the socket's lifetime, so a long reply goes out in fragments this size.
+pub const REPLY_FRAME_BYTES: usize = 4096;
+
 /// Returns the handler chain for `/ws` after authentication: admission, then the upgrade.
 pub fn handler(ctx: Arc<Context>) -> impl Handler {
     let limit = usize::try_from(ctx.config.gateway.max_message_bytes).unwrap_or(usize::MAX);
+    // Output is written out before each new frame is queued (`write_buffer_size` 0), so
+    // nothing accumulates behind a slow reader beyond the frame being written.
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
     (
         AdmissionHandler {
             ctx: Arc::clone(&ctx),
         },
-        WebSocket::new(SessionSocket { ctx })
-            .with_protocols(&[SUBPROTOCOL])
-            .with_protocol_config(config),
+        LimitedWebSocket {
+            timeout: Duration::from_secs(ctx.config.daemon.request_timeout_secs),
+            inner: WebSocket::new(SessionSocket { ctx })
+                .with_protocols(&[SUBPROTOCOL])
+                .with_protocol_config(config),
+        },
     )
 }
 
-/// The session a WebSocket holds, carried from admission into the upgrade.
-struct WsSession(SessionGuard);
+/// The session a WebSocket holds and the configuration it authenticated against, carried from
+/// admission into the upgrade.
+struct WsSession {
+    guard: SessionGuard,
+    authenticated: Arc<Config>,
+}
+
+/// trillium-websockets' handler with [`MessageLimitTransport`] slipped under tungstenite at
+/// the upgrade, so every inbound message is bounded in frames and time.
+struct LimitedWebSocket {
+    timeout: Duration,
+    inner: WebSocket<SessionSocket>,
+}
+
+impl Handler for LimitedWebSocket {
+    async fn run(&self, conn: Conn) -> Conn {
+        self.inner.run(conn).await
+    }
+
+    async fn init(&mut self, info: &mut Info) {
+        self.inner.init(info).await;
+    }
+
+    fn has_upgrade(&self, upgrade: &Upgrade) -> bool {
+        self.inner.has_upgrade(upgrade)
+    }
+
+    async fn upgrade(&self, mut upgrade: Upgrade) {
+        let tracked = upgrade.state_mut().take::<Arc<Tracked>>();
+        // The socket never reads its request headers again; the upgrade would keep them (and
+        // their allocations) for the socket's lifetime.
+        drop(upgrade.take_request_headers());
+        let (buffer, transport) = upgrade.as_mut().buffer_and_transport_mut();
+        // A placeholder for the moment the transport is out of its slot.
+        let inner = std::mem::replace(
+            transport,
+            Box::new(trillium_http::Synthetic::from(())) as Box<dyn trillium::Transport>,
+        );
+        *transport = Box::new(MessageLimitTransport::new(
+            inner,
+            buffer,
+            self.timeout,
+            tracked,
+        ));
+        self.inner.upgrade(upgrade).await;
+    }
+}
 
 /// Opens the session before the upgrade, so refusal is a 503 the client can read.
 #[derive(Debug)]
@@ -89,7 +170,11 @@ impl Handler for AdmissionHandler {
             );
         }
         match self.ctx.open_session(SessionKind::WebSocket) {
-            Ok(guard) => conn.with_state(WsSession(guard)),
+            // The token was checked against this configuration just before (auth runs first).
+            Ok(guard) => conn.with_state(WsSession {
+                guard,
+                authenticated: self.ctx.live(),
+            }),
             Err(rejected) => sessions::rejection(&self.ctx, conn, rejected),
         }
     }
@@ -102,6 +187,20 @@ struct SessionSocket {
 enum Event {
     Inbound(Option<Result<Message, trillium_websockets::tungstenite::Error>>),
     Ping,
+    Reloaded,
+}
+
+/// Returns whether the live configuration still accepts the token `authenticated` held, in
+/// time independent of where the tokens differ.
+fn token_still_valid(authenticated: &Config, live: &Config) -> bool {
+    match (&authenticated.gateway.token, &live.gateway.token) {
+        (Some(old), Some(new)) => old
+            .expose()
+            .as_bytes()
+            .ct_eq(new.expose().as_bytes())
+            .into(),
+        _ => false,
+    }
 }
 
 impl WebSocketHandler for SessionSocket {
@@ -111,7 +210,11 @@ impl WebSocketHandler for SessionSocket {
         &self,
         mut conn: WebSocketConn,
     ) -> Option<(WebSocketConn, Self::OutboundStream)> {
-        let Some(WsSession(guard)) = conn.take_state::<WsSession>() else {
+        let Some(WsSession {
+            guard,
+            mut authenticated,
+        }) = conn.take_state::<WsSession>()
+        else {
             log::error!("websocket upgraded without an admitted session");
             self.ctx.metrics.count_error(ErrorKind::Internal);
             return None;
@@ -123,10 +226,31 @@ impl WebSocketHandler for SessionSocket {
         // Half the connection deadline, so the client's pongs keep reads alive.
         let ping_every = Duration::from_secs(ctx.config.daemon.request_timeout_secs) / 2;
         loop {
-            let next = async { Event::Inbound(conn.next().await) }.or(async {
-                Timer::after(ping_every).await;
-                Event::Ping
-            });
+            // Listen before reading the live token, so a reload in between still wakes us.
+            let reloaded = ctx.next_reload();
+            let live = ctx.live();
+            if !Arc::ptr_eq(&live, &authenticated) {
+                if !token_still_valid(&authenticated, &live) {
+                    log::debug!("closing a websocket: the token it authenticated with changed");
+                    ctx.metrics.count_error(ErrorKind::Unauthorized);
+                    let frame = CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "the gateway token changed; reconnect with the new one".into(),
+                    };
+                    let _ = conn.send(Message::Close(Some(frame))).await;
+                    break;
+                }
+                authenticated = live;
+            }
+            let next = async { Event::Inbound(conn.next().await) }
+                .or(async {
+                    Timer::after(ping_every).await;
+                    Event::Ping
+                })
+                .or(async {
+                    reloaded.await;
+                    Event::Reloaded
+                });
             let Some(event) = ctx.closing.interrupt(next).await else {
                 let frame = CloseFrame {
                     code: CloseCode::Away,
@@ -137,16 +261,19 @@ impl WebSocketHandler for SessionSocket {
             };
             let outcome = match event {
                 Event::Ping => conn.send(Message::Ping(Vec::new().into())).await,
+                Event::Reloaded => Ok(()),
                 Event::Inbound(Some(Ok(Message::Text(text)))) => {
-                    match on_text(ctx, guard.session(), text.as_str(), &mut conn).await {
-                        TextOutcome::Frame(reply) => conn.send_string(reply.to_string()).await,
+                    // Boxed: the exchange's future (the agent call, a stream) exists only while
+                    // a message is answered, instead of inline in every idle socket's future.
+                    match Box::pin(on_text(ctx, guard.session(), text.as_str(), &mut conn)).await {
+                        TextOutcome::Frame(reply) => send_text(&mut conn, reply.to_string()).await,
                         TextOutcome::Streamed(outcome) => outcome,
                     }
                 }
                 Event::Inbound(Some(Ok(Message::Binary(_)))) => {
                     ctx.metrics.count_error(ErrorKind::BadRequest);
                     let reply = error_frame("bad_request", "send JSON in text frames");
-                    conn.send_string(reply.to_string()).await
+                    send_text(&mut conn, reply.to_string()).await
                 }
                 Event::Inbound(Some(Ok(Message::Close(_)))) | Event::Inbound(None) => break,
                 Event::Inbound(Some(Ok(_))) => Ok(()),
@@ -199,7 +326,7 @@ async fn on_text(
         }
         Ok(message) => TextOutcome::Frame(
             match gateway::exchange(ctx, session, message.content, Channel::WebSocket).await {
-                Ok(reply) => reply.to_json(),
+                Ok(reply) => typed("reply", reply.to_json()),
                 Err(error) => error_frame(error.code(), &error.to_string()),
             },
         ),
@@ -226,10 +353,39 @@ async fn stream_frames(
             conn.send(Message::Ping(Vec::new().into())).await?;
             continue;
         }
-        conn.send_string(ws_frame(&event, session.id()).to_string())
-            .await?;
+        send_text(conn, ws_frame(&event, session.id()).to_string()).await?;
     }
     Ok(())
+}
+
+/// Sends `text` as one message, in frames of at most [`REPLY_FRAME_BYTES`] (split on
+/// character boundaries, so each fragment is valid UTF-8 on its own too).
+async fn send_text(
+    conn: &mut WebSocketConn,
+    text: String,
+) -> Result<(), trillium_websockets::Error> {
+    if text.len() <= REPLY_FRAME_BYTES {
+        return conn.send(Message::text(text)).await;
+    }
+    let bytes = Bytes::from(text.into_bytes());
+    let mut start = 0;
+    let mut opcode = Data::Text;
+    while start < bytes.len() {
+        let mut end = (start + REPLY_FRAME_BYTES).min(bytes.len());
+        // Back off UTF-8 continuation bytes (10xxxxxx) to the start of a character; a
+        // character is at most 4 bytes, far less than a frame.
+        while bytes.get(end).is_some_and(|byte| byte & 0xc0 == 0x80) {
+            end -= 1;
+        }
+        let last = end == bytes.len();
+        let frame = Frame::message(bytes.slice(start..end), OpCode::Data(opcode), last);
+        // Each feed writes out the frame before it (no write buffer), so only one frame is
+        // ever queued.
+        conn.feed(Message::Frame(frame)).await?;
+        opcode = Data::Continue;
+        start = end;
+    }
+    conn.flush().await
 }
 
 /// Parses and checks a text frame; `Err` is the error frame to send back.
@@ -270,6 +426,18 @@ fn parse_frame(
 /// when the peer is gone (nothing can be sent) or the fault is not the client's.
 fn close_for(error: &tungstenite::Error) -> Option<(CloseCode, ErrorKind, &'static str)> {
     match error {
+        tungstenite::Error::Io(io) => match MessageLimit::of(io)? {
+            MessageLimit::TooManyFrames => Some((
+                CloseCode::Size,
+                ErrorKind::PayloadTooLarge,
+                "message split into too many frames",
+            )),
+            MessageLimit::TooSlow => Some((
+                CloseCode::Policy,
+                ErrorKind::BodyTimeout,
+                "message not complete within the request timeout",
+            )),
+        },
         tungstenite::Error::Capacity(_) => Some((
             CloseCode::Size,
             ErrorKind::PayloadTooLarge,
@@ -291,5 +459,15 @@ fn close_for(error: &tungstenite::Error) -> Option<(CloseCode, ErrorKind, &'stat
 }
 
 fn error_frame(code: &str, message: &str) -> Value {
-    json!({ "error": code, "message": message })
+    json!({ "type": "error", "error": code, "message": message })
+}
+
+/// Returns `fields` (an object) with `"type": kind` in front, so every frame names its kind.
+fn typed(kind: &str, fields: Value) -> Value {
+    let mut frame = Map::new();
+    frame.insert("type".into(), json!(kind));
+    if let Value::Object(fields) = fields {
+        frame.extend(fields);
+    }
+    Value::Object(frame)
 }

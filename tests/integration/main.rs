@@ -11,6 +11,7 @@ mod hostile_auth;
 mod hostile_files;
 mod hostile_input;
 mod hostile_transport;
+mod hostile_websocket;
 mod isolation;
 mod metrics;
 mod pressure;

@@ -11,8 +11,9 @@
 //! (median); `/health` and `/metrics` req/s, p50 and p99 at 64 keep-alive connections from a
 //! load generator here that sends each request in one write; `POST /v1/messages` with the echo
 //! agent; RSS after the load and after a pause; RSS with 10,000 idle keep-alive connections and
-//! 10,000 open sessions; and, from `cargo bench --bench alloc` (a counting allocator), the
-//! allocations per `/health` and the cost of one monitor tick.
+//! 10,000 open sessions; the heap each of 1,000 idle WebSockets holds; and, from `cargo bench
+//! --bench alloc` (a counting allocator), the allocations per `/health` and the cost of one
+//! monitor tick.
 //!
 //! It does not judge the numbers: the table is for people and `--json` for comparing commits.
 //! `--quick` is a smoke mode (short rounds, fewer connections, the allocation bench in the
@@ -40,6 +41,9 @@ const CONNECTIONS: usize = 64;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Sockets of the load generator wait this long for a response before the run fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than blufio's default `monitor_interval_secs` (5 s), so `/health` reports a heap
+/// sampled after the change being measured.
+const MONITOR_SAMPLE_WAIT: Duration = Duration::from_secs(6);
 
 /// How much of everything one run does.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +58,8 @@ struct Plan {
     idle_connections: usize,
     /// Sessions opened for the per-session row.
     sessions: usize,
+    /// Idle WebSockets held open for the per-socket heap row.
+    websockets: usize,
     /// The pause after the load before the "settled" RSS is read.
     settle: Duration,
 }
@@ -66,6 +72,7 @@ impl Plan {
             cold_starts: 7,
             idle_connections: 10_000,
             sessions: 10_000,
+            websockets: 1_000,
             settle: Duration::from_secs(10),
         }
     }
@@ -77,6 +84,7 @@ impl Plan {
             cold_starts: 5,
             idle_connections: 500,
             sessions: 500,
+            websockets: 200,
             settle: Duration::from_secs(1),
         }
     }
@@ -332,6 +340,24 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Unit::Bytes,
         per_connection_anon[0],
         per_connection_anon[1],
+    );
+
+    // Idle WebSockets (blufio only): heap, not RSS, because that is what the memory monitor
+    // weighs against `memory_warn_mb`. Each socket is one session too.
+    let websockets = plan.websockets.min(idle_connections);
+    thread::sleep(MONITOR_SAMPLE_WAIT);
+    let heap_before = heap_bytes(blufio.addr)?;
+    let sockets = open_idle_websockets(blufio.addr, websockets)?;
+    thread::sleep(MONITOR_SAMPLE_WAIT);
+    let heap_during = heap_bytes(blufio.addr)?;
+    drop(sockets);
+    report.push(
+        &format!("idle WebSocket heap per socket ({websockets} sockets, jemalloc allocated)"),
+        Unit::Bytes,
+        heap_before
+            .zip(heap_during)
+            .map(|(before, during)| (during - before) / websockets.max(1) as f64),
+        None,
     );
 
     blufio.stop()?;
@@ -1030,6 +1056,40 @@ fn open_idle_connections(addr: SocketAddr, count: usize) -> Result<Vec<Client>> 
         clients.push(client);
     }
     Ok(clients)
+}
+
+/// Upgrades `count` connections to `/ws` and leaves them idle, each holding its session.
+fn open_idle_websockets(addr: SocketAddr, count: usize) -> Result<Vec<TcpStream>> {
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.write_all(request.as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        // Byte by byte, so no frame after the head is consumed; the server sends none.
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte)? == 0 {
+                return Err("the server closed a /ws upgrade before answering".into());
+            }
+            head.push(byte[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            let status = String::from_utf8_lossy(&head[..head.len().min(12)]).into_owned();
+            return Err(format!(
+                "/ws answered `{status}` with {} sockets open",
+                sockets.len()
+            )
+            .into());
+        }
+        sockets.push(stream);
+    }
+    Ok(sockets)
 }
 
 /// Opens `count` sessions from 8 connections.
