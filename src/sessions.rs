@@ -393,6 +393,49 @@ impl Sessions {
         infos
     }
 
+    /// Returns up to `limit` snapshots in the order of [`Sessions::list`] (oldest first),
+    /// starting after the session keyed `after` (its `created_at` and id), and whether more
+    /// follow.
+    ///
+    /// Costs one pass over the registry keeping the `limit` smallest keys (no sort, no
+    /// snapshot of the rest), so a large registry does not make each page cost the whole
+    /// list.
+    pub fn page(&self, after: Option<(u64, &str)>, limit: usize) -> (Vec<SessionInfo>, bool) {
+        let keep = limit.saturating_add(1);
+        let selected: Vec<Arc<Session>> = {
+            let map = self.lock();
+            let mut smallest: std::collections::BinaryHeap<(u64, &str, PageEntry<'_>)> =
+                std::collections::BinaryHeap::with_capacity(keep.min(map.len()) + 1);
+            for session in map.values() {
+                let key = (session.created_at, session.id.as_str());
+                if after.is_some_and(|after| key <= after) {
+                    continue;
+                }
+                if smallest.len() < keep {
+                    smallest.push((key.0, key.1, PageEntry(session)));
+                } else if smallest
+                    .peek()
+                    .is_some_and(|(created_at, id, _)| key < (*created_at, *id))
+                {
+                    smallest.pop();
+                    smallest.push((key.0, key.1, PageEntry(session)));
+                }
+            }
+            smallest
+                .into_sorted_vec()
+                .into_iter()
+                .map(|(_, _, entry)| Arc::clone(entry.0))
+                .collect()
+        };
+        let more = selected.len() > limit;
+        let infos = selected
+            .iter()
+            .take(limit)
+            .map(|session| session.info())
+            .collect();
+        (infos, more)
+    }
+
     /// Closes HTTP sessions idle longer than the idle timeout; returns how many were closed.
     pub fn evict_idle(&self, ctx: &Context) -> u64 {
         let now = Instant::now();
@@ -464,6 +507,29 @@ impl Sessions {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+}
+
+/// A session in [`Sessions::page`]'s heap, ordered by the key beside it only.
+struct PageEntry<'a>(&'a Arc<Session>);
+
+impl PartialEq for PageEntry<'_> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PageEntry<'_> {}
+
+impl PartialOrd for PageEntry<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PageEntry<'_> {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
     }
 }
 
@@ -586,6 +652,35 @@ mod tests {
         assert!(sessions.close(&id));
         assert!(!sessions.close(&id));
         assert_eq!(sessions.active(), 0);
+    }
+
+    #[test]
+    fn pages_walk_every_session_once_in_list_order() {
+        let (sessions, _) = registry(100);
+        let guards: Vec<SessionGuard> = (0..23)
+            .map(|_| sessions.open(SessionKind::Http, false).unwrap())
+            .collect();
+        let all: Vec<String> = sessions.list().into_iter().map(|info| info.id).collect();
+        let mut walked = Vec::new();
+        let mut after: Option<(u64, String)> = None;
+        loop {
+            let (page, more) = sessions.page(
+                after
+                    .as_ref()
+                    .map(|(created_at, id)| (*created_at, id.as_str())),
+                5,
+            );
+            assert!(page.len() <= 5);
+            after = page.last().map(|info| (info.created_at, info.id.clone()));
+            walked.extend(page.into_iter().map(|info| info.id));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(walked, all);
+        let (page, more) = sessions.page(None, 23);
+        assert_eq!((page.len(), more), (23, false));
+        drop(guards);
     }
 
     #[test]
