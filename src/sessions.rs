@@ -8,8 +8,8 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    ops::Bound,
     fmt,
+    ops::Bound,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},

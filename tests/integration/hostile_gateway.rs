@@ -525,7 +525,8 @@ fn a_missing_ollama_model_is_named_with_the_pull_command_in_v1_health() {
 }
 
 /// Starts the binary on `config_text` with `ANTHROPIC_API_KEY` set; returns the child, its
-/// address, its log lines so far and the receiver of the rest.
+/// address, the receiver of its log lines and its config file.
+#[allow(clippy::zombie_processes)] // The caller waits for the child (`stop_binary`).
 fn start_binary_with_key(
     config_text: &str,
     name: &str,
