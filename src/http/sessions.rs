@@ -34,12 +34,19 @@ pub enum SessionAction {
 pub struct SessionsHandler {
     ctx: Arc<Context>,
     action: SessionAction,
+    /// Lets one list page be built at a time: clients looping on the list then wait parked,
+    /// not queued as runnable work ahead of the probes (the executor has two threads).
+    listing: Arc<async_lock::Semaphore>,
 }
 
 impl SessionsHandler {
     /// Creates the handler for one route.
     pub fn new(ctx: Arc<Context>, action: SessionAction) -> SessionsHandler {
-        SessionsHandler { ctx, action }
+        SessionsHandler {
+            ctx,
+            action,
+            listing: Arc::new(async_lock::Semaphore::new(1)),
+        }
     }
 }
 
@@ -51,7 +58,10 @@ impl Handler for SessionsHandler {
                 Err(conn) => conn,
                 Ok(conn) => create(ctx, conn),
             },
-            SessionAction::List => list(ctx, conn),
+            SessionAction::List => {
+                let _building = self.listing.acquire().await;
+                list(ctx, conn)
+            }
             SessionAction::Get => {
                 let session = conn
                     .param("id")
