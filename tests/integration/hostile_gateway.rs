@@ -460,6 +460,36 @@ fn shutdown_ends_a_stream_with_a_shutting_down_event() {
 }
 
 #[test]
+fn shutdown_before_a_stream_started_answers_503_shutting_down() {
+    let fake = FakeProvider::start();
+    fake.push([Scripted::Delayed(
+        Duration::from_secs(5),
+        Box::new(Scripted::ok("{}")),
+    )]);
+    let daemon = support::start(provider_config(Provider::Anthropic, &fake));
+    let mut stream = open_stream(
+        daemon.gateway_addr(),
+        r#"{"content": "hi", "stream": true}"#,
+    );
+    // The upstream call is under way (and silent) before shutdown starts.
+    let asked = Instant::now();
+    while fake.requests().is_empty() {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "the upstream was never called"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopping = std::thread::spawn(move || daemon.stop());
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let response = support::parse_response(&raw);
+    response.assert_error(503, "shutting_down");
+    assert_eq!(response.header("connection"), Some("close"));
+    stopping.join().unwrap();
+}
+
+#[test]
 fn session_bodies_with_fields_are_refused_and_failed_first_messages_leave_no_session() {
     let daemon = support::start_gateway(support::config_with_token(TOKEN));
     let pirate = daemon.authed(
