@@ -199,6 +199,9 @@ pub struct Usage {
     pub output_tokens: u64,
     /// What the reply cost, in US dollars.
     pub cost_usd: f64,
+    /// Whether the tokens were estimated from the text (the upstream reported none, or a
+    /// stream was cut before it did) rather than reported.
+    pub estimated: bool,
 }
 
 /// Why an agent could not answer.
@@ -230,7 +233,14 @@ impl fmt::Display for AgentError {
             AgentError::Timeout => f.write_str("agent timed out"),
             AgentError::RateLimited { .. } => f.write_str("agent is rate limited"),
             AgentError::Rejected { status } => {
-                write!(f, "the model provider refused the request (HTTP {status})")
+                write!(f, "the model provider refused the request (HTTP {status})")?;
+                // A hint that names no setting: clients are not operators; the log and
+                // `blufio status` say what to check.
+                match status {
+                    401 | 403 => f.write_str(": it did not accept the gateway's API key"),
+                    404 => f.write_str(": it does not know the model"),
+                    _ => Ok(()),
+                }
             }
             AgentError::Malformed(detail) => {
                 write!(f, "the model provider answered malformed data: {detail}")
@@ -263,6 +273,7 @@ impl Agent for EchoAgent {
                     input_tokens: message.split_whitespace().count() as u64,
                     output_tokens: message.split_whitespace().count() as u64,
                     cost_usd: 0.0,
+                    estimated: false,
                 }),
             })
         })

@@ -574,9 +574,16 @@ fn render_status(health: &Value, address: SocketAddr, detailed: bool, tty: bool)
     let spent = health["budget"]["spent_today_usd"].as_f64().unwrap_or(0.0);
     let budget = health["budget"]["daily_usd"].as_f64().unwrap_or(0.0);
     out.push_str(&if budget > 0.0 {
-        format!("  budget       ${spent:.2} of ${budget:.2} spent today (UTC)\n")
+        format!(
+            "  budget       ${} of ${} spent today (UTC)\n",
+            usd(spent),
+            usd(budget)
+        )
     } else {
-        format!("  budget       ${spent:.2} spent today (UTC), no limit\n")
+        format!(
+            "  budget       ${} spent today (UTC), no limit\n",
+            usd(spent)
+        )
     });
     out.push_str(&format!(
         "  allocator    {} (page size {})\n",
@@ -584,7 +591,70 @@ fn render_status(health: &Value, address: SocketAddr, detailed: bool, tty: bool)
         text(&health["allocator_page_size"])
     ));
     out.push_str(&format!("  agent        {}\n", text(&health["agent"])));
+    out.push_str(&upstream_lines(
+        &health["upstream"],
+        std::time::SystemTime::now(),
+    ));
     out
+}
+
+/// The provider, its model and its last error, from `/v1/health`'s `upstream`.
+fn upstream_lines(upstream: &Value, now: std::time::SystemTime) -> String {
+    if !upstream.is_object() {
+        return String::new();
+    }
+    let mut out = format!(
+        "  upstream     {}, model {}, API key {}\n",
+        text(&upstream["provider"]),
+        text(&upstream["model"]),
+        text(&upstream["api_key"])
+    );
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let ago = |at: &Value| {
+        at.as_u64()
+            .map(|at| format!("{} s ago", now.saturating_sub(at)))
+    };
+    let success = ago(&upstream["last_success_at_unix"]);
+    match upstream["last_error"].as_str() {
+        Some(error) => out.push_str(&format!(
+            "  last error   {}: {error}{}\n",
+            ago(&upstream["last_error_at_unix"]).unwrap_or_else(|| "at an unknown time".to_owned()),
+            success.map_or_else(
+                || " (no call has succeeded yet)".to_owned(),
+                |success| format!(" (last success {success})")
+            )
+        )),
+        None => out.push_str(&format!(
+            "  last error   none{}\n",
+            success.map_or_else(String::new, |success| format!(" (last success {success})"))
+        )),
+    }
+    out
+}
+
+/// Formats dollars with cents, and with three significant digits below a dollar (down to
+/// micro-dollars, the precision of `/v1/health`), so small spends do not show as `0.00`.
+fn usd(amount: f64) -> String {
+    if !amount.is_finite() || amount <= 0.0 {
+        return "0.00".to_owned();
+    }
+    if amount >= 0.995 {
+        return format!("{amount:.2}");
+    }
+    let magnitude = amount.log10().floor() as i32;
+    let decimals = (2 - magnitude).clamp(2, 6) as usize;
+    let text = format!("{amount:.decimals$}");
+    // Keep cents, drop zeros beyond them: 0.0500 is shown as 0.05.
+    let (whole, fraction) = text.split_once('.').unwrap_or((&text, ""));
+    let trimmed = fraction.trim_end_matches('0');
+    let fraction = if trimmed.len() < 2 {
+        fraction.get(..2).unwrap_or(fraction)
+    } else {
+        trimmed
+    };
+    format!("{whole}.{fraction}")
 }
 
 /// Probes `/health` once: exit 0 when it answers 200, else 1 with one line on stderr.
@@ -625,6 +695,28 @@ fn health(
         Err(error) => {
             eprintln!("blufio health: http://{addr}{path}: {error}");
             Ok(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollars_keep_three_significant_digits_below_one() {
+        for (amount, shown) in [
+            (0.0, "0.00"),
+            (0.000_593_999_999_999_999_9, "0.000594"),
+            (0.000_000_4, "0.00"),
+            (0.05, "0.05"),
+            (0.123_456, "0.123"),
+            (0.999, "1.00"),
+            (10.0, "10.00"),
+            (1234.5678, "1234.57"),
+            (f64::NAN, "0.00"),
+        ] {
+            assert_eq!(usd(amount), shown, "{amount}");
         }
     }
 }

@@ -103,6 +103,16 @@ impl CostConfig {
     }
 }
 
+/// Rounds US dollars to whole micro-dollars for display: sums of prices carry binary
+/// noise (`0.0005939999999999999`) that a JSON reader should not see. Spend is still kept
+/// and charged unrounded.
+pub fn micro_usd(usd: f64) -> f64 {
+    if !usd.is_finite() {
+        return 0.0;
+    }
+    (usd * 1_000_000.0).round() / 1_000_000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    agent::{AgentError, DeltaSender, Usage},
+    agent::{AgentError, DeltaSender, StreamProgress, Usage},
     context::Context,
+    cost::{CostConfig, micro_usd},
     metrics::{Channel, ErrorKind, TokenType},
     sessions::{Role, Session, Turn},
 };
@@ -177,7 +178,8 @@ impl MessageReply {
                     "model": usage.model,
                     "input_tokens": usage.input_tokens,
                     "output_tokens": usage.output_tokens,
-                    "cost_usd": usage.cost_usd,
+                    "cost_usd": micro_usd(usage.cost_usd),
+                    "estimated": usage.estimated,
                 }),
             );
         }
@@ -228,15 +230,11 @@ async fn run(
     let received = Instant::now();
     ctx.metrics.count_message(channel);
     session.touch();
+    let prompt = Prompt::measure(ctx.config.agent.system.as_deref(), session, &content);
     let mut unfinished = deltas.map(|deltas| Unfinished {
         ctx,
         deltas,
-        prompt_chars: session
-            .history()
-            .iter()
-            .map(|turn| turn.content.chars().count() as u64)
-            .sum::<u64>()
-            + content.chars().count() as u64,
+        prompt,
         armed: true,
     });
     let result = call_agent(ctx, session, &content, deltas).await;
@@ -259,9 +257,14 @@ async fn run(
             return Err(error);
         }
     };
-    if let Some(usage) = &reply.usage {
-        account(ctx, usage);
-    }
+    let usage = reply.usage.map(|usage| {
+        let ceiling = UsageCeiling::new(
+            prompt,
+            reply.content.len() as u64,
+            u64::from(ctx.config.agent.max_tokens),
+        );
+        charge(ctx, usage, ceiling)
+    });
     let limits = ctx.sessions.limits();
     session.push(
         Turn {
@@ -280,7 +283,7 @@ async fn run(
     Ok(MessageReply {
         session_id: session.id().to_owned(),
         content: reply.content,
-        usage: reply.usage,
+        usage,
     })
 }
 
@@ -325,6 +328,117 @@ async fn call_agent(
     }
 }
 
+/// What was sent to the agent for one exchange, measured for estimates and for the
+/// [`UsageCeiling`]: the system prompt, the history and the new message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Prompt {
+    chars: u64,
+    bytes: u64,
+    turns: u64,
+}
+
+impl Prompt {
+    fn measure(system: Option<&str>, session: &Session, content: &str) -> Prompt {
+        let history = session.history();
+        let texts = system
+            .into_iter()
+            .chain(history.iter().map(|turn| turn.content.as_str()))
+            .chain(std::iter::once(content));
+        let mut prompt = Prompt {
+            chars: 0,
+            bytes: 0,
+            turns: 0,
+        };
+        for text in texts {
+            prompt.chars += text.chars().count() as u64;
+            prompt.bytes += text.len() as u64;
+            prompt.turns += 1;
+        }
+        prompt
+    }
+}
+
+/// Tokens a chat template adds around each message (role markers, separators), at most.
+const TOKENS_PER_TURN: u64 = 16;
+/// Tokens an upstream may add to any prompt (its own preamble), at most.
+const TOKENS_PER_PROMPT: u64 = 512;
+
+/// The most one exchange can plausibly use, so an upstream reporting absurd usage (by bug or
+/// by malice) cannot charge the day's budget beyond what was actually sent and received.
+///
+/// Tokenizers in use are byte-level: a token covers at least one byte of text, so a text
+/// never has more tokens than bytes. Input is bounded by the prompt's bytes plus template
+/// overhead; output by the request's `max_tokens` (which the upstream must honour), or the
+/// reply's bytes for an agent that ignores it, plus one turn's overhead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UsageCeiling {
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+impl UsageCeiling {
+    fn new(prompt: Prompt, reply_bytes: u64, max_tokens: u64) -> UsageCeiling {
+        UsageCeiling {
+            input_tokens: prompt
+                .bytes
+                .saturating_add(prompt.turns.saturating_mul(TOKENS_PER_TURN))
+                .saturating_add(TOKENS_PER_PROMPT),
+            output_tokens: max_tokens.max(reply_bytes).saturating_add(TOKENS_PER_TURN),
+        }
+    }
+
+    /// Returns `usage` with its tokens held to the ceiling and its cost priced again, or
+    /// `None` when it is within the ceiling.
+    fn clamp(&self, usage: &Usage, cost: &CostConfig) -> Option<Usage> {
+        if usage.input_tokens <= self.input_tokens && usage.output_tokens <= self.output_tokens {
+            return None;
+        }
+        let input_tokens = usage.input_tokens.min(self.input_tokens);
+        let output_tokens = usage.output_tokens.min(self.output_tokens);
+        let price = cost.price(&usage.model);
+        let cost_usd = if price.input_usd_per_mtok > 0.0 || price.output_usd_per_mtok > 0.0 {
+            cost.cost_usd(&usage.model, input_tokens, output_tokens)
+        } else {
+            // An agent that prices its own model: scale its figure with the tokens.
+            let reported = usage.input_tokens.saturating_add(usage.output_tokens);
+            let kept = input_tokens.saturating_add(output_tokens);
+            usage.cost_usd * (kept as f64 / reported.max(1) as f64)
+        };
+        Some(Usage {
+            model: usage.model.clone(),
+            input_tokens,
+            output_tokens,
+            cost_usd,
+            estimated: usage.estimated,
+        })
+    }
+}
+
+/// Charges `usage`, held to `ceiling`, and returns what was charged. Usage beyond the
+/// ceiling is counted as `agent_malformed` and logged, not charged.
+fn charge(ctx: &Context, usage: Usage, ceiling: UsageCeiling) -> Usage {
+    let usage = match ceiling.clamp(&usage, &ctx.config.cost) {
+        None => usage,
+        Some(clamped) => {
+            ctx.metrics.count_error(ErrorKind::AgentMalformed);
+            log::warn!(
+                "model {}: the upstream reported {} input and {} output tokens (${}), more than \
+                 this exchange can use; charging {} and {} (${}) instead",
+                usage.model,
+                usage.input_tokens,
+                usage.output_tokens,
+                micro_usd(usage.cost_usd),
+                clamped.input_tokens,
+                clamped.output_tokens,
+                micro_usd(clamped.cost_usd),
+            );
+            clamped
+        }
+    };
+    account(ctx, &usage);
+    usage
+}
+
 /// Counts tokens and charges the cost to today's budget.
 fn account(ctx: &Context, usage: &Usage) {
     ctx.metrics
@@ -341,7 +455,7 @@ fn account(ctx: &Context, usage: &Usage) {
 struct Unfinished<'a> {
     ctx: &'a Context,
     deltas: &'a DeltaSender,
-    prompt_chars: u64,
+    prompt: Prompt,
     armed: bool,
 }
 
@@ -367,6 +481,7 @@ impl Unfinished<'_> {
         if !produced {
             return;
         }
+        let (input_tokens, output_tokens, estimated) = partial_tokens(&progress, self.prompt);
         let model = progress
             .model
             .or_else(|| {
@@ -376,12 +491,6 @@ impl Unfinished<'_> {
                     .and_then(|agent| agent.models().into_iter().next())
             })
             .unwrap_or_else(|| "unknown".to_owned());
-        let input_tokens = progress
-            .input_tokens
-            .unwrap_or_else(|| crate::provider::estimate_tokens(self.prompt_chars));
-        let output_tokens = progress
-            .output_tokens
-            .unwrap_or_else(|| crate::provider::estimate_tokens(progress.sent_chars));
         let usage = Usage {
             cost_usd: self
                 .ctx
@@ -391,14 +500,40 @@ impl Unfinished<'_> {
             model,
             input_tokens,
             output_tokens,
+            estimated,
         };
-        log::info!(
-            "stream ended early; charging {} input and {} output tokens",
-            usage.input_tokens,
-            usage.output_tokens
+        // Text is at most four bytes a character.
+        let ceiling = UsageCeiling::new(
+            self.prompt,
+            progress.sent_chars.saturating_mul(4),
+            u64::from(self.ctx.config.agent.max_tokens),
         );
-        account(self.ctx, &usage);
+        let usage = charge(self.ctx, usage, ceiling);
+        log::info!(
+            "stream ended early; charged {} input and {} output tokens{}",
+            usage.input_tokens,
+            usage.output_tokens,
+            if usage.estimated { " (estimated)" } else { "" }
+        );
     }
+}
+
+/// Returns the input and output tokens to charge for a stream that did not finish, and
+/// whether they are estimates.
+///
+/// Upstreams report output tokens at the start (Anthropic: 1) and at the end, so a cut
+/// stream's report lags what it delivered: at least an estimate of the text sent is charged.
+fn partial_tokens(progress: &StreamProgress, prompt: Prompt) -> (u64, u64, bool) {
+    let input = progress.input_tokens;
+    let delivered = crate::provider::estimate_tokens(progress.sent_chars);
+    let output = progress
+        .output_tokens
+        .filter(|reported| *reported >= delivered);
+    (
+        input.unwrap_or_else(|| crate::provider::estimate_tokens(prompt.chars)),
+        output.unwrap_or(delivered),
+        input.is_none() || output.is_none(),
+    )
 }
 
 impl Drop for Unfinished<'_> {
@@ -419,6 +554,86 @@ mod tests {
         assert_eq!(message.session_id.as_deref(), Some("abc"));
         let message = parse_message(r#"{"session_id":null,"content":"hi"}"#).unwrap();
         assert_eq!(message.session_id, None);
+    }
+
+    fn usage(model: &str, input_tokens: u64, output_tokens: u64, cost_usd: f64) -> Usage {
+        Usage {
+            model: model.to_owned(),
+            input_tokens,
+            output_tokens,
+            cost_usd,
+            estimated: false,
+        }
+    }
+
+    #[test]
+    fn usage_beyond_what_was_sent_and_received_is_held_to_the_ceiling() {
+        let prompt = Prompt {
+            chars: 100,
+            bytes: 120,
+            turns: 3,
+        };
+        let ceiling = UsageCeiling::new(prompt, 200, 1024);
+        assert_eq!(
+            ceiling,
+            UsageCeiling {
+                input_tokens: 120 + 3 * 16 + 512,
+                output_tokens: 1024 + 16,
+            }
+        );
+        let cost = CostConfig::default();
+        // Plausible usage passes untouched.
+        assert_eq!(
+            ceiling.clamp(&usage("claude-sonnet-4-5", 600, 1000, 0.0168), &cost),
+            None
+        );
+        // 10^18 tokens of a priced model: held to the ceiling and priced again.
+        let clamped = ceiling
+            .clamp(
+                &usage("claude-sonnet-4-5", 1e18 as u64, 1e18 as u64, 9e13),
+                &cost,
+            )
+            .unwrap();
+        assert_eq!((clamped.input_tokens, clamped.output_tokens), (680, 1040));
+        assert!((clamped.cost_usd - (680.0 * 3.0 + 1040.0 * 15.0) / 1e6).abs() < 1e-12);
+        // An agent pricing its own model: its figure shrinks with the tokens.
+        let clamped = ceiling
+            .clamp(&usage("own-model", 6800, 0, 10.0), &cost)
+            .unwrap();
+        assert_eq!(clamped.input_tokens, 680);
+        assert!((clamped.cost_usd - 1.0).abs() < 1e-12);
+        // A reply longer than max_tokens (an agent that ignores it) may cost its bytes.
+        let long = UsageCeiling::new(prompt, 5000, 1024);
+        assert_eq!(long.output_tokens, 5016);
+    }
+
+    #[test]
+    fn a_cut_stream_is_charged_at_least_the_text_it_delivered() {
+        let prompt = Prompt {
+            chars: 400,
+            bytes: 400,
+            turns: 2,
+        };
+        // Anthropic says 1 output token at the start; 40 characters went out.
+        let progress = StreamProgress {
+            input_tokens: Some(50),
+            output_tokens: Some(1),
+            sent_chars: 40,
+            ..StreamProgress::default()
+        };
+        assert_eq!(partial_tokens(&progress, prompt), (50, 10, true));
+        // A report ahead of the text is kept as reported.
+        let progress = StreamProgress {
+            output_tokens: Some(30),
+            ..progress
+        };
+        assert_eq!(partial_tokens(&progress, prompt), (50, 30, false));
+        // Nothing reported: both estimated, the prompt (system prompt included) by its size.
+        let progress = StreamProgress {
+            sent_chars: 8,
+            ..StreamProgress::default()
+        };
+        assert_eq!(partial_tokens(&progress, prompt), (100, 2, true));
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! `max_sessions` without touching the sessions already open.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     fmt,
+    ops::Bound,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -270,6 +271,11 @@ pub struct Sessions {
 
 struct Registry {
     map: Mutex<HashMap<String, Arc<Session>>>,
+    /// Every open session's listing key (`created_at`, id as a number), so a page of the
+    /// list costs its own length, not the registry's. Only [`Sessions::open`] adds to it;
+    /// entries of closed sessions are dropped lazily (see [`Sessions::page`]), so no path
+    /// that closes a session has to know about it.
+    order: Mutex<BTreeSet<(u64, u128)>>,
     live: Arc<LiveCounter>,
     // Behind a lock so a reload can change them while sessions are open.
     limits: Mutex<Limits>,
@@ -298,6 +304,7 @@ impl Sessions {
         Sessions {
             inner: Arc::new(Registry {
                 map: Mutex::new(HashMap::new()),
+                order: Mutex::new(BTreeSet::new()),
                 live: Arc::new(LiveCounter {
                     count: AtomicU64::new(0),
                     gauge,
@@ -362,6 +369,16 @@ impl Sessions {
             }),
             _live: LiveToken::new(&self.inner.live),
         });
+        if let Some(key) = order_key(now, &session.id) {
+            let mut order = lock_order(&self.inner);
+            order.insert(key);
+            // Closed sessions' keys are dropped when a page walks past them; without
+            // listings they would pile up, so past twice the open sessions they go at once
+            // (amortised over the insertions that doubled them).
+            if order.len() > map.len().saturating_mul(2).max(1024) {
+                order.retain(|(_, id)| map.contains_key(&format!("{id:032x}")));
+            }
+        }
         map.insert(session.id.clone(), Arc::clone(&session));
         Ok(SessionGuard {
             session,
@@ -391,6 +408,45 @@ impl Sessions {
                 .then_with(|| a.id.cmp(&b.id))
         });
         infos
+    }
+
+    /// Returns up to `limit` snapshots in the order of [`Sessions::list`] (oldest first),
+    /// starting after the session keyed `after` (its `created_at` and id), and whether more
+    /// follow.
+    ///
+    /// Walks the ordered index from `after`, so a page costs its own length however many
+    /// sessions are open (32 clients looping on a 10,000-session list must not starve the
+    /// probes).
+    pub fn page(&self, after: Option<(u64, &str)>, limit: usize) -> (Vec<SessionInfo>, bool) {
+        let start = match after {
+            Some((created_at, id)) => match order_key(created_at, id) {
+                Some(key) => Bound::Excluded(key),
+                None => return (Vec::new(), false),
+            },
+            None => Bound::Unbounded,
+        };
+        let mut selected = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        {
+            let map = self.lock();
+            let mut order = lock_order(&self.inner);
+            let mut closed = Vec::new();
+            for key in order.range((start, Bound::Unbounded)) {
+                match map.get(&format!("{:032x}", key.1)) {
+                    Some(_) if selected.len() == limit => {
+                        more = true;
+                        break;
+                    }
+                    Some(session) => selected.push(Arc::clone(session)),
+                    None => closed.push(*key),
+                }
+            }
+            for key in closed {
+                order.remove(&key);
+            }
+        }
+        let infos = selected.iter().map(|session| session.info()).collect();
+        (infos, more)
     }
 
     /// Closes HTTP sessions idle longer than the idle timeout; returns how many were closed.
@@ -464,6 +520,23 @@ impl Sessions {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+}
+
+/// Returns a session's key in the listing order, or `None` for an id that is not 32 hex
+/// digits (which no session has).
+fn order_key(created_at: u64, id: &str) -> Option<(u64, u128)> {
+    // Fixed-width lowercase hex orders as its number does, so the index keeps list order.
+    is_session_id(id)
+        .then(|| u128::from_str_radix(id, 16).ok())
+        .flatten()
+        .map(|id| (created_at, id))
+}
+
+fn lock_order(registry: &Registry) -> MutexGuard<'_, BTreeSet<(u64, u128)>> {
+    match registry.order.lock() {
+        Ok(order) => order,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -586,6 +659,44 @@ mod tests {
         assert!(sessions.close(&id));
         assert!(!sessions.close(&id));
         assert_eq!(sessions.active(), 0);
+    }
+
+    #[test]
+    fn pages_walk_every_session_once_in_list_order() {
+        let (sessions, _) = registry(100);
+        let guards: Vec<SessionGuard> = (0..23)
+            .map(|_| sessions.open(SessionKind::Http, false).unwrap())
+            .collect();
+        let all: Vec<String> = sessions.list().into_iter().map(|info| info.id).collect();
+        let mut walked = Vec::new();
+        let mut after: Option<(u64, String)> = None;
+        loop {
+            let (page, more) = sessions.page(
+                after
+                    .as_ref()
+                    .map(|(created_at, id)| (*created_at, id.as_str())),
+                5,
+            );
+            assert!(page.len() <= 5);
+            after = page.last().map(|info| (info.created_at, info.id.clone()));
+            walked.extend(page.into_iter().map(|info| info.id));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(walked, all);
+        let (page, more) = sessions.page(None, 23);
+        assert_eq!((page.len(), more), (23, false));
+        // Closed sessions are skipped, and the walk forgets their keys.
+        let closed: Vec<String> = all.iter().step_by(2).cloned().collect();
+        for id in &closed {
+            assert!(sessions.close(id));
+        }
+        let (page, more) = sessions.page(None, 100);
+        assert_eq!((page.len(), more), (11, false));
+        assert!(page.iter().all(|info| !closed.contains(&info.id)));
+        assert_eq!(lock_order(&sessions.inner).len(), 11);
+        drop(guards);
     }
 
     #[test]

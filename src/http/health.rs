@@ -11,7 +11,7 @@ use std::{fmt::Write as _, sync::Arc};
 use serde_json::{Map, Value, json};
 use trillium::{Conn, Handler, KnownHeaderName, Status};
 
-use crate::{context::Context, http::response};
+use crate::{context::Context, cost::micro_usd, http::response};
 
 /// Serves `GET /health`.
 #[derive(Debug, Clone)]
@@ -167,9 +167,9 @@ fn budget(ctx: &Context) -> Value {
     let now = std::time::SystemTime::now();
     let remaining = ctx.budget.remaining_usd(now);
     json!({
-        "daily_usd": ctx.budget.daily_usd(),
-        "spent_today_usd": ctx.budget.spent_today_usd(now),
-        "remaining_usd": remaining.is_finite().then_some(remaining),
+        "daily_usd": micro_usd(ctx.budget.daily_usd()),
+        "spent_today_usd": micro_usd(ctx.budget.spent_today_usd(now)),
+        "remaining_usd": remaining.is_finite().then(|| micro_usd(remaining)),
         "persisted": ctx.budget.persisted(),
         "state_error": ctx.budget.write_error(),
     })

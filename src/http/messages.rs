@@ -8,7 +8,10 @@ use crate::{
     agent::AgentError,
     context::Context,
     gateway::{self, IncomingMessage, MessageError},
-    http::{body, response, sessions, stream},
+    http::{
+        body, response, sessions,
+        stream::{self, MessageSession},
+    },
     metrics::{Channel, ErrorKind},
     sessions::{SessionKind, is_session_id},
 };
@@ -43,25 +46,37 @@ impl Handler for MessagesHandler {
                 "content must not be empty",
             );
         }
-        // The session is held for the whole exchange; a new one stays open afterwards.
+        // The session is held for the whole exchange. A new one stays open only when the
+        // reply names it: after a failure the client never learns its id, so it would
+        // linger as an orphan counting against `max_sessions`.
         let session = match &message.session_id {
             Some(id) => match Some(id.as_str())
                 .filter(|id| is_session_id(id))
                 .and_then(|id| ctx.sessions.get(id))
             {
-                Some(session) => session,
+                Some(session) => MessageSession::Existing(session),
                 None => return sessions::not_found(ctx, conn),
             },
             None => match ctx.open_session(SessionKind::Http) {
-                Ok(guard) => guard.keep(),
+                Ok(guard) => MessageSession::Opened(guard),
                 Err(rejected) => return sessions::rejection(ctx, conn, rejected),
             },
         };
         if message.stream {
             return stream::respond(ctx, conn, session, message.content, message_error).await;
         }
+        let (session, opened) = match session {
+            MessageSession::Existing(session) => (session, None),
+            MessageSession::Opened(guard) => (Arc::clone(guard.session()), Some(guard)),
+        };
         match gateway::exchange(ctx, &session, message.content, Channel::Http).await {
-            Ok(reply) => response::json(conn, Status::Ok, &reply.to_json()),
+            Ok(reply) => {
+                if let Some(opened) = opened {
+                    opened.keep();
+                }
+                response::json(conn, Status::Ok, &reply.to_json())
+            }
+            // Dropping `opened` closes the session the failed message opened.
             Err(error) => message_error(conn, &error),
         }
     }

@@ -38,7 +38,7 @@ use crate::{
     context::Context,
     gateway::{self, MessageError, MessageReply},
     metrics::Channel,
-    sessions::Session,
+    sessions::{Session, SessionGuard},
 };
 
 /// Deltas buffered between the upstream and a slow client, at most; the upstream read
@@ -59,6 +59,9 @@ pub(crate) enum StreamEvent {
     Finished(Result<MessageReply, MessageError>),
     /// Nothing happened for [`HEARTBEAT`]; write something the client ignores.
     Heartbeat,
+    /// The daemon is shutting down: the exchange was dropped (its partial output charged)
+    /// and this is the stream's last event.
+    ShuttingDown,
 }
 
 /// A streamed exchange: drives the gateway and yields its deltas and final result.
@@ -67,6 +70,8 @@ pub(crate) struct ReplyStream {
     deltas: Pin<Box<async_channel::Receiver<String>>>,
     result: Option<Result<MessageReply, MessageError>>,
     heartbeat: Timer,
+    /// Fires when the daemon starts shutting down; `None` once it has.
+    closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl ReplyStream {
@@ -77,20 +82,66 @@ impl ReplyStream {
         content: String,
         channel: Channel,
     ) -> ReplyStream {
+        ReplyStream::start(ctx, session, None, content, channel)
+    }
+
+    /// Like [`ReplyStream::new`] for the first message of a session opened for it: the
+    /// session stays open only if the reply completes (only the final event names it).
+    pub(crate) fn with_new_session(
+        ctx: Arc<Context>,
+        opened: SessionGuard,
+        content: String,
+        channel: Channel,
+    ) -> ReplyStream {
+        let session = Arc::clone(opened.session());
+        ReplyStream::start(ctx, session, Some(opened), content, channel)
+    }
+
+    fn start(
+        ctx: Arc<Context>,
+        session: Arc<Session>,
+        opened: Option<SessionGuard>,
+        content: String,
+        channel: Channel,
+    ) -> ReplyStream {
         let (sender, deltas) = async_channel::bounded(DELTA_BUFFER);
+        let closing = Box::pin(ctx.closing.shutting_down());
         let exchange = Box::pin(async move {
             let sender = DeltaSender::new(sender);
-            gateway::exchange_stream(&ctx, &session, content, channel, &sender).await
+            let result = gateway::exchange_stream(&ctx, &session, content, channel, &sender).await;
+            // A failed (or, by dropping, abandoned) first exchange closes its session.
+            if let (Ok(_), Some(opened)) = (&result, opened) {
+                opened.keep();
+            }
+            result
         });
         ReplyStream {
             exchange: Some(exchange),
             deltas: Box::pin(deltas),
             result: None,
             heartbeat: Timer::interval(HEARTBEAT),
+            closing: Some(closing),
         }
     }
 
     fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<StreamEvent>> {
+        // A reply can outlast any grace period: at shutdown the stream ends at once with a
+        // word the client can act on (retry elsewhere), instead of being cut mid-body when
+        // the grace period is over.
+        if let Some(closing) = &mut self.closing
+            && closing.as_mut().poll(cx).is_ready()
+        {
+            self.closing = None;
+            // A reply already complete is still delivered.
+            if self.exchange.is_some() {
+                // Dropping the exchange cancels the upstream call and charges what it produced.
+                self.exchange = None;
+                return Poll::Ready(Some(StreamEvent::ShuttingDown));
+            }
+        }
+        if self.closing.is_none() && self.exchange.is_none() && self.result.is_none() {
+            return Poll::Ready(None);
+        }
         if let Some(exchange) = &mut self.exchange
             && let Poll::Ready(result) = exchange.as_mut().poll(cx)
         {
@@ -117,24 +168,42 @@ impl ReplyStream {
     }
 }
 
+/// The session a `POST /v1/messages` talks in.
+#[derive(Debug)]
+pub(crate) enum MessageSession {
+    /// One the client named.
+    Existing(Arc<Session>),
+    /// One opened for this message, closed again unless the reply completes.
+    Opened(SessionGuard),
+}
+
 /// Answers a streamed `POST /v1/messages`: waits for the first event, then either answers
 /// a JSON error (nothing was streamed yet) or starts the event stream.
 pub(crate) async fn respond(
     ctx: &Arc<Context>,
     conn: Conn,
-    session: Arc<Session>,
+    session: MessageSession,
     content: String,
     on_error: impl FnOnce(Conn, &MessageError) -> Conn,
 ) -> Conn {
-    let mut stream = ReplyStream::new(Arc::clone(ctx), session, content, Channel::Http);
-    // Until the first real event nothing is committed, so an early failure keeps its status.
-    let first = loop {
-        match stream.next().await {
-            Some(StreamEvent::Heartbeat) => {}
-            Some(StreamEvent::Finished(Err(error))) => return on_error(conn, &error),
-            Some(event) => break event,
-            None => return conn.with_status(Status::InternalServerError).halt(),
+    let ctx_for_stream = Arc::clone(ctx);
+    let mut stream = match session {
+        MessageSession::Existing(session) => {
+            ReplyStream::new(ctx_for_stream, session, content, Channel::Http)
         }
+        MessageSession::Opened(opened) => {
+            ReplyStream::with_new_session(ctx_for_stream, opened, content, Channel::Http)
+        }
+    };
+    // Until the first event nothing is committed, so an early failure (no agent, budget
+    // spent, upstream refused at once) keeps its status. A silent upstream commits the
+    // stream at the first heartbeat: the client gets the headers and a keep-alive within
+    // [`HEARTBEAT`], and a later failure arrives as an `error` event.
+    let first = match stream.next().await {
+        Some(StreamEvent::Finished(Err(error))) => return on_error(conn, &error),
+        Some(StreamEvent::ShuttingDown) => return shutting_down(conn),
+        Some(event) => event,
+        None => return conn.with_status(Status::InternalServerError).halt(),
     };
     let mut body = SseBody {
         stream,
@@ -151,6 +220,21 @@ pub(crate) async fn respond(
         .with_body(Body::new_streaming(body, None))
         .halt()
 }
+
+/// Answers a stream that had not started when shutdown began (not counted as an error:
+/// neither the client nor the upstream did anything wrong).
+fn shutting_down(conn: Conn) -> Conn {
+    crate::http::response::json(
+        conn.with_response_header(KnownHeaderName::Connection, "close"),
+        Status::ServiceUnavailable,
+        &json!({ "error": SHUTTING_DOWN, "message": SHUTTING_DOWN_MESSAGE }),
+    )
+}
+
+/// The error code of a stream ended by shutdown.
+const SHUTTING_DOWN: &str = "shutting_down";
+const SHUTTING_DOWN_MESSAGE: &str =
+    "the server is shutting down; the reply was cut short (send the message again)";
 
 /// Returns the JSON a `/ws` client receives for an event (see the module docs of `ws.rs`).
 pub(crate) fn ws_frame(event: &StreamEvent, session_id: &str) -> Value {
@@ -169,6 +253,9 @@ pub(crate) fn ws_frame(event: &StreamEvent, session_id: &str) -> Value {
             json!({ "type": "error", "error": error.code(), "message": error.to_string() })
         }
         StreamEvent::Heartbeat => json!({ "type": "heartbeat" }),
+        StreamEvent::ShuttingDown => {
+            json!({ "type": "error", "error": SHUTTING_DOWN, "message": SHUTTING_DOWN_MESSAGE })
+        }
     }
 }
 
@@ -180,6 +267,10 @@ fn sse_frame(event: &StreamEvent) -> Vec<u8> {
         StreamEvent::Finished(Err(error)) => (
             "error",
             json!({ "error": error.code(), "message": error.to_string() }),
+        ),
+        StreamEvent::ShuttingDown => (
+            "error",
+            json!({ "error": SHUTTING_DOWN, "message": SHUTTING_DOWN_MESSAGE }),
         ),
     };
     // JSON never contains a raw newline, so one `data:` line carries it.

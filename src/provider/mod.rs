@@ -18,7 +18,7 @@ pub mod sse;
 
 use std::{
     sync::Mutex,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use async_io::Timer;
@@ -158,6 +158,58 @@ fn endpoint(agent: &AgentConfig) -> Result<Url, String> {
 struct Health {
     last_error: Option<(String, SystemTime)>,
     last_success: Option<SystemTime>,
+    /// The status of the refusal episode under way (logged once).
+    refusing: Option<u16>,
+}
+
+/// Why a call is retried.
+#[derive(Debug, Clone, PartialEq)]
+enum RetryCause {
+    RateLimited,
+    ServerError(u16),
+    Overloaded,
+    Unreachable(String),
+}
+
+impl RetryCause {
+    /// Returns the error a client gets when no retry is left (or worth waiting for).
+    fn into_error(self, retry_after: Option<Duration>) -> AgentError {
+        match self {
+            RetryCause::RateLimited => AgentError::RateLimited { retry_after },
+            RetryCause::ServerError(status) => AgentError::Upstream(format!("HTTP {status}")),
+            RetryCause::Overloaded => {
+                AgentError::Upstream("non-standard HTTP status (such as 529 overloaded)".to_owned())
+            }
+            RetryCause::Unreachable(error) => {
+                AgentError::Upstream(format!("cannot reach the provider: {error}"))
+            }
+        }
+    }
+}
+
+/// Returns what an operator should check when the upstream refuses calls with `status`.
+fn refusal_hint(provider: Provider, model: &str, status: u16) -> String {
+    let key_source = match provider {
+        Provider::OpenAi => crate::config::OPENAI_KEY_ENV,
+        _ => crate::config::ANTHROPIC_KEY_ENV,
+    };
+    match (status, provider) {
+        (401 | 403, _) => format!(
+            "check the API key ({key_source} or [agent] api_key_file): the provider did not \
+             accept it"
+        ),
+        (404, Provider::OpenAi) => format!(
+            "the provider does not know the model or the endpoint: on Ollama, run `ollama pull \
+             {model}`; otherwise check [agent] model and base_url"
+        ),
+        (404, _) => "the provider does not know the model or the endpoint: check [agent] \
+                     model and base_url"
+            .to_owned(),
+        (400 | 413 | 422, _) => "the provider found the request invalid: check [agent] model \
+                                 and max_tokens, or the conversation is too long for the model"
+            .to_owned(),
+        _ => "check the provider's status page and the [agent] settings".to_owned(),
+    }
 }
 
 /// The Anthropic or OpenAI-compatible agent.
@@ -273,49 +325,92 @@ impl ProviderAgent {
     }
 
     /// Sends the request, retrying 429, 5xx and connection failures; returns a 2xx conn.
-    async fn send(&self, body: String, stream: bool) -> Result<Conn, AgentError> {
+    ///
+    /// A wait that would end past `deadline` (when the gateway gives up on the call) is not
+    /// waited: the failure is returned at once, so a client told `retry-after` gets `429`
+    /// with it instead of a `504` after a wait that could not succeed.
+    async fn send(
+        &self,
+        body: String,
+        stream: bool,
+        deadline: Instant,
+    ) -> Result<Conn, AgentError> {
         let mut attempt = 1;
         loop {
-            let (error, hint) = match self.request(body.clone(), stream).await {
+            let (cause, hint) = match self.request(body.clone(), stream).await {
                 Ok(conn) => {
                     let status = conn.status().map_or(0, |status| status as u16);
                     match status {
                         200..=299 => return Ok(conn),
-                        429 => {
-                            let hint = retry_after(&conn);
-                            (AgentError::RateLimited { retry_after: hint }, hint)
+                        429 => (RetryCause::RateLimited, retry_after(&conn)),
+                        500..=599 => (RetryCause::ServerError(status), retry_after(&conn)),
+                        _ => {
+                            self.refused(status);
+                            return Err(AgentError::Rejected { status });
                         }
-                        500..=599 => (
-                            AgentError::Upstream(format!("HTTP {status}")),
-                            retry_after(&conn),
-                        ),
-                        _ => return Err(AgentError::Rejected { status }),
                     }
                 }
                 // trillium's status type has no 529 (Anthropic's "overloaded") and other
                 // non-standard codes; they fail parsing and are retried like a 5xx.
-                Err(trillium_client::Error::InvalidStatus) => (
-                    AgentError::Upstream(
-                        "non-standard HTTP status (such as 529 overloaded)".to_owned(),
-                    ),
-                    None,
-                ),
-                Err(error) => (
-                    AgentError::Upstream(format!("cannot reach the provider: {error}")),
-                    None,
-                ),
+                Err(trillium_client::Error::InvalidStatus) => (RetryCause::Overloaded, None),
+                Err(error) => (RetryCause::Unreachable(error.to_string()), None),
             };
             let delay = backoff(attempt, hint, jitter());
-            if attempt >= MAX_ATTEMPTS || delay > MAX_RETRY_WAIT {
-                return Err(error);
+            let past_deadline = Instant::now()
+                .checked_add(delay)
+                .is_none_or(|end| end >= deadline);
+            if attempt >= MAX_ATTEMPTS || delay > MAX_RETRY_WAIT || past_deadline {
+                return Err(cause.into_error(hint.or(past_deadline.then_some(delay))));
             }
-            log::warn!(
-                "{} upstream: {error}; retrying in {} ms (attempt {attempt} of {MAX_ATTEMPTS})",
-                self.provider.as_str(),
-                delay.as_millis()
-            );
+            self.log_retry(&cause, delay, attempt);
             Timer::after(delay).await;
             attempt += 1;
+        }
+    }
+
+    /// Logs a retry. Each cause has its own line, so the logger's per-line episode counts
+    /// ("12 more like this") never add server errors to the rate-limit line.
+    fn log_retry(&self, cause: &RetryCause, delay: Duration, attempt: u32) {
+        let provider = self.provider.as_str();
+        let wait = delay.as_millis();
+        match cause {
+            RetryCause::RateLimited => log::warn!(
+                "{provider} upstream rate limited the call (HTTP 429); retrying in {wait} ms \
+                 (attempt {attempt} of {MAX_ATTEMPTS})"
+            ),
+            RetryCause::ServerError(status) => log::warn!(
+                "{provider} upstream failed with a server error (HTTP {status}); retrying in \
+                 {wait} ms (attempt {attempt} of {MAX_ATTEMPTS})"
+            ),
+            RetryCause::Overloaded => log::warn!(
+                "{provider} upstream is overloaded (HTTP 529 or another non-standard status); \
+                 retrying in {wait} ms (attempt {attempt} of {MAX_ATTEMPTS})"
+            ),
+            RetryCause::Unreachable(error) => log::warn!(
+                "{provider} upstream cannot be reached ({error}); retrying in {wait} ms \
+                 (attempt {attempt} of {MAX_ATTEMPTS})"
+            ),
+        }
+    }
+
+    /// Logs the first refusal of an episode (until a call succeeds or the status changes)
+    /// with what the operator should check; the next calls are refused the same way, so
+    /// repeating it would only hide other lines.
+    fn refused(&self, status: u16) {
+        let first = {
+            let mut health = self.lock_health();
+            let first = health.refusing != Some(status);
+            health.refusing = Some(status);
+            first
+        };
+        if first {
+            log::warn!(
+                "{} upstream refused the call for model {:?} with HTTP {status}: {}; \
+                 further refusals are not logged until a call succeeds",
+                self.provider.as_str(),
+                self.model,
+                refusal_hint(self.provider, &self.model, status)
+            );
         }
     }
 
@@ -333,18 +428,36 @@ impl ProviderAgent {
         }
     }
 
-    fn usage(&self, model: Option<String>, input: u64, output: u64) -> Usage {
+    /// Prices the reported tokens, estimating from the text what the upstream left out.
+    fn usage(
+        &self,
+        model: Option<String>,
+        (input, output): (Option<u64>, Option<u64>),
+        (history, message, content): (&[Turn], &str, &str),
+    ) -> Usage {
         let model = model.unwrap_or_else(|| self.model.clone());
+        let estimated = input.is_none() || output.is_none();
+        let input = input
+            .unwrap_or_else(|| estimate_prompt_tokens(self.system.as_deref(), history, message));
+        let output = output.unwrap_or_else(|| estimate_tokens(content.chars().count() as u64));
         Usage {
             cost_usd: self.cost.cost_usd(&model, input, output),
             model,
             input_tokens: input,
             output_tokens: output,
+            estimated,
         }
     }
 
-    async fn complete(&self, history: &[Turn], message: &str) -> Result<Reply, AgentError> {
-        let mut conn = self.send(self.body(history, message, false), false).await?;
+    async fn complete(
+        &self,
+        history: &[Turn],
+        message: &str,
+        deadline: Instant,
+    ) -> Result<Reply, AgentError> {
+        let mut conn = self
+            .send(self.body(history, message, false), false, deadline)
+            .await?;
         // Bytes, not `read_string`: JSON is UTF-8 (RFC 8259), and decoding by the declared
         // charset would link every encoding_rs table (about 150 KB of the binary).
         let body = conn
@@ -356,14 +469,13 @@ impl ProviderAgent {
         let body = String::from_utf8(body)
             .map_err(|_| AgentError::Malformed("the reply is not UTF-8".to_owned()))?;
         let parsed = self.parse_reply(&body).map_err(AgentError::Malformed)?;
-        let input = parsed
-            .input_tokens
-            .unwrap_or_else(|| estimate_prompt_tokens(history, message));
-        let output = parsed
-            .output_tokens
-            .unwrap_or_else(|| estimate_tokens(parsed.content.chars().count() as u64));
+        let usage = self.usage(
+            parsed.model,
+            (parsed.input_tokens, parsed.output_tokens),
+            (history, message, &parsed.content),
+        );
         Ok(Reply {
-            usage: Some(self.usage(parsed.model, input, output)),
+            usage: Some(usage),
             content: parsed.content,
         })
     }
@@ -373,8 +485,11 @@ impl ProviderAgent {
         history: &[Turn],
         message: &str,
         deltas: &DeltaSender,
+        deadline: Instant,
     ) -> Result<Reply, AgentError> {
-        let mut conn = self.send(self.body(history, message, true), true).await?;
+        let mut conn = self
+            .send(self.body(history, message, true), true, deadline)
+            .await?;
         let mut body = conn.response_body();
         let mut parser = SseParser::new(MAX_EVENT_BYTES);
         let mut buffer = vec![0; 8 * 1024];
@@ -436,10 +551,9 @@ impl ProviderAgent {
                 }
             }
         }
-        let input = input.unwrap_or_else(|| estimate_prompt_tokens(history, message));
-        let output = output.unwrap_or_else(|| estimate_tokens(content.chars().count() as u64));
+        let usage = self.usage(model, (input, output), (history, message, &content));
         Ok(Reply {
-            usage: Some(self.usage(model, input, output)),
+            usage: Some(usage),
             content,
         })
     }
@@ -455,21 +569,26 @@ impl ProviderAgent {
 impl Agent for ProviderAgent {
     fn reply<'a>(
         &'a self,
-        _ctx: &'a Context,
+        ctx: &'a Context,
         session: &'a Session,
         message: &'a str,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(async move { self.complete(&session.history(), message).await })
+        let deadline = call_deadline(ctx);
+        Box::pin(async move { self.complete(&session.history(), message, deadline).await })
     }
 
     fn reply_stream<'a>(
         &'a self,
-        _ctx: &'a Context,
+        ctx: &'a Context,
         session: &'a Session,
         message: &'a str,
         deltas: &'a DeltaSender,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(async move { self.stream(&session.history(), message, deltas).await })
+        let deadline = call_deadline(ctx);
+        Box::pin(async move {
+            self.stream(&session.history(), message, deltas, deadline)
+                .await
+        })
     }
 
     fn models(&self) -> Vec<String> {
@@ -491,10 +610,24 @@ impl Agent for ProviderAgent {
     fn record(&self, outcome: Result<(), &AgentError>) {
         let mut health = self.lock_health();
         match outcome {
-            Ok(()) => health.last_success = Some(SystemTime::now()),
+            Ok(()) => {
+                health.last_success = Some(SystemTime::now());
+                health.refusing = None;
+            }
+            Err(AgentError::Rejected { status }) => {
+                let hint = refusal_hint(self.provider, &self.model, *status);
+                health.last_error = Some((format!("HTTP {status}: {hint}"), SystemTime::now()));
+            }
             Err(error) => health.last_error = Some((error.to_string(), SystemTime::now())),
         }
     }
+}
+
+/// Returns when the gateway gives up on a call starting now (`[agent] timeout_secs`).
+fn call_deadline(ctx: &Context) -> Instant {
+    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or(now)
 }
 
 /// Reads `retry-after` in seconds (the form both providers send); dates are ignored.
@@ -533,12 +666,14 @@ pub fn estimate_tokens(chars: u64) -> u64 {
     chars.div_ceil(4)
 }
 
-fn estimate_prompt_tokens(history: &[Turn], message: &str) -> u64 {
+/// Estimates what the upstream was sent: the system prompt, the history and the message.
+fn estimate_prompt_tokens(system: Option<&str>, history: &[Turn], message: &str) -> u64 {
     let chars: usize = history
         .iter()
         .map(|turn| turn.content.chars().count())
         .sum::<usize>()
-        + message.chars().count();
+        + message.chars().count()
+        + system.map_or(0, |system| system.chars().count());
     estimate_tokens(chars as u64)
 }
 

@@ -40,6 +40,8 @@ pub enum Scripted {
         gap: Duration,
         hang: bool,
     },
+    /// Says nothing at all (not even a status line) for a while, then answers as the inner one.
+    Delayed(Duration, Box<Scripted>),
 }
 
 impl Scripted {
@@ -237,6 +239,11 @@ fn serve<S: Read + Write>(stream: S, shared: &Shared) {
             .or_else(|| shared.fallback.lock().unwrap().clone())
             .expect("the fake provider has an answer scripted");
         let stream = reader.get_mut();
+        let mut answer = answer;
+        while let Scripted::Delayed(wait, inner) = answer {
+            std::thread::sleep(wait);
+            answer = *inner;
+        }
         let keep_going = match answer {
             Scripted::Body {
                 status,
@@ -253,6 +260,7 @@ fn serve<S: Read + Write>(stream: S, shared: &Shared) {
                 }
                 false
             }
+            Scripted::Delayed(..) => unreachable!("unwrapped above"),
         };
         if !keep_going || close {
             return;

@@ -44,6 +44,7 @@ impl Agent for PricedAgent {
                     input_tokens: 1,
                     output_tokens: 1,
                     cost_usd: REPLY_USD,
+                    estimated: false,
                 }),
             })
         })

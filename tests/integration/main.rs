@@ -9,6 +9,7 @@ mod gateway;
 mod health;
 mod hostile_auth;
 mod hostile_files;
+mod hostile_gateway;
 mod hostile_input;
 mod hostile_transport;
 mod hostile_websocket;

@@ -242,6 +242,7 @@ impl blufio::Agent for ScriptedAgent {
                     input_tokens: 10 + history.len() as u64,
                     output_tokens: 5,
                     cost_usd,
+                    estimated: false,
                 })
             };
             match message {
