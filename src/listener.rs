@@ -28,7 +28,7 @@ use crate::{
     context::Context,
     deadline::{DeadlineTransport, HEAD_BUFFER_INITIAL},
     metrics::ErrorKind,
-    request_target::RequestTargetTransport,
+    request_target::{self, RequestTargetTransport},
 };
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -317,6 +317,10 @@ async fn drive<H: Handler>(
     {
         None => return,
         Some(Ok(peek)) => peek,
+        Some(Err(error)) if request_target::is_request_line_too_long(&error) => {
+            answer_uri_too_long(ctx, writer, ip).await;
+            return;
+        }
         Some(Err(error)) => {
             if error.kind() == io::ErrorKind::TimedOut {
                 count_timeout(ctx, Some(tracked.phase()));
@@ -384,6 +388,11 @@ async fn drive<H: Handler>(
             );
             write_and_close(writer, &response).await;
         }
+        Err(trillium_http::Error::Io(error))
+            if request_target::is_request_line_too_long(&error) =>
+        {
+            answer_uri_too_long(ctx, writer, ip).await;
+        }
         Err(trillium_http::Error::Io(error)) => {
             // A timeout while a head or body was arriving is that phase's deadline (whole or
             // stalled); any other I/O error means the peer left.
@@ -399,6 +408,22 @@ async fn drive<H: Handler>(
             log::debug!("http error from {ip}: {error}");
         }
     }
+}
+
+/// Answers a request line longer than the head limit with a JSON 414 and closes.
+async fn answer_uri_too_long(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
+    ctx.metrics.count_error(ErrorKind::UriTooLong);
+    log::debug!("request line from {ip} too long; answering 414");
+    let response = json_response(
+        414,
+        "URI Too Long",
+        "uri_too_long",
+        &format!(
+            "the request line is longer than the server accepts ({} bytes)",
+            request_target::MAX_LINE
+        ),
+    );
+    write_and_close(writer, &response).await;
 }
 
 fn count_timeout(ctx: &Context, expired: Option<Phase>) {
@@ -446,7 +471,7 @@ async fn peek_preface<T: futures_lite::AsyncRead + Unpin>(
     transport: &mut T,
 ) -> io::Result<Vec<u8>> {
     // The peeked bytes start the buffer trillium-http reads the head into; its capacity is
-    // where that buffer's growth starts (see `deadline::MAX_HEAD_READS`).
+    // where that buffer's growth starts (see `deadline::HeadReads`).
     let mut peek = [0u8; HTTP2_PREFACE.len()];
     let mut filled = 0;
     while filled < peek.len() {

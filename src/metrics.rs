@@ -82,11 +82,16 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// A connection was closed to relieve memory pressure it caused.
     ConnectionShed,
+    /// A request line was longer than the head limit (answered 414).
+    UriTooLong,
+    /// A connection with an incomplete head (or none yet) was closed at `max_connections` to
+    /// make room for a new one.
+    ConnectionEvicted,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 25] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -110,6 +115,8 @@ impl ErrorKind {
         ErrorKind::BodyTimeout,
         ErrorKind::HeaderTooLarge,
         ErrorKind::ConnectionShed,
+        ErrorKind::UriTooLong,
+        ErrorKind::ConnectionEvicted,
     ];
 
     /// Returns the label value.
@@ -138,6 +145,8 @@ impl ErrorKind {
             ErrorKind::BodyTimeout => "body_timeout",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::ConnectionShed => "connection_shed",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::ConnectionEvicted => "connection_evicted",
         }
     }
 }
