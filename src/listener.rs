@@ -24,7 +24,7 @@ use trillium_http::HttpContext;
 use trillium_smol::{SmolTransport, async_net};
 
 use crate::{
-    connection::{ConnectionGuard, Episode, Listener, Phase, Refusal},
+    connection::{ConnectionGuard, EVICTION_SLACK, Episode, Listener, Phase, Refusal},
     context::Context,
     deadline::{DeadlineTransport, HEAD_BUFFER_INITIAL},
     metrics::ErrorKind,
@@ -37,6 +37,10 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The first pause after a failed `accept`; it doubles up to [`ACCEPT_BACKOFF_MAX`].
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How often, and at most how long, the accept loop waits for connections closed to make room.
+const EVICTION_WAIT_STEP: Duration = Duration::from_millis(1);
+const EVICTION_WAIT_MAX: Duration = Duration::from_millis(100);
 
 /// How long a refusal or error response may take to write before the socket is dropped.
 const REFUSAL_WRITE_BUDGET: Duration = Duration::from_secs(1);
@@ -88,7 +92,18 @@ pub(crate) async fn accept_loop<H: Handler>(
     // Shutdown completes only once the loop has stopped and the listener is closed.
     let _running = swansong.guard();
     let mut failures: Option<(Instant, u64, Duration)> = None;
-    while let Some(accepted) = swansong.interrupt(listener.accept()).await {
+    loop {
+        // Connections closed to make room hold their descriptors until they have closed; while
+        // too many are closing, new connections wait in the kernel's backlog (briefly) rather
+        // than be refused, so a burst of attackers cannot crowd a probe out.
+        let mut waited = Duration::ZERO;
+        while ctx.connections.evicting() >= EVICTION_SLACK && waited < EVICTION_WAIT_MAX {
+            Timer::after(EVICTION_WAIT_STEP).await;
+            waited += EVICTION_WAIT_STEP;
+        }
+        let Some(accepted) = swansong.interrupt(listener.accept()).await else {
+            break;
+        };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             // Per-client failures: the peer went away between SYN and accept.
@@ -129,13 +144,19 @@ pub(crate) async fn accept_loop<H: Handler>(
             Episode::Quiet => {}
             Episode::Started => log::warn!(
                 "connection limit reached (max_connections {}, max_connections_per_ip {}); \
-                 refusing new connections with 503",
+                 closing the oldest incomplete heads of the busiest addresses to make room, \
+                 refusing with 503 when there is none",
                 ctx.connections.max_connections(),
                 ctx.connections.max_per_ip()
             ),
-            Episode::Ended { refused, lasted } => {
-                log::warn!("accepting connections again after refusing {refused} in {lasted:.1?}")
-            }
+            Episode::Ended {
+                refused,
+                evicted,
+                lasted,
+            } => log::warn!(
+                "below the connection limit again after {lasted:.1?}: {evicted} connections \
+                 closed to make room, {refused} refused"
+            ),
         }
         match admitted {
             Ok(guard) => {
@@ -291,8 +312,13 @@ async fn serve_connection<H: Handler>(
     )));
     let shed = async {
         guard.shed().await;
-        ctx.metrics.count_error(ErrorKind::ConnectionShed);
-        log::debug!("closing connection from {ip}: shed under memory pressure");
+        if guard.tracked().evicted() {
+            ctx.metrics.count_error(ErrorKind::ConnectionEvicted);
+            log::debug!("closing connection from {ip}: evicted at the connection limit");
+        } else {
+            ctx.metrics.count_error(ErrorKind::ConnectionShed);
+            log::debug!("closing connection from {ip}: shed under memory pressure");
+        }
     };
     drive(&ctx, transport, writer, ip, &guard, &http, &handler)
         .or(shed)

@@ -169,12 +169,14 @@ fn a_slow_head_flood_at_the_cap_leaves_room_for_probes_and_real_clients() {
         thread::sleep(Duration::from_millis(10));
     }
 
+    // Probes through the flood, for a second and a half of re-dialling.
     let mut statuses = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         for path in ["/health", "/ready", "/metrics"] {
             let response = support::request(addr, "GET", path, &[], None);
             statuses.push((path, response.status, response.body));
         }
+        thread::sleep(Duration::from_millis(300));
     }
     let authed = daemon.authed(TOKEN, "GET", "/v1/health", None);
     kept_alive

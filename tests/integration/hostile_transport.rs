@@ -208,9 +208,30 @@ fn hold(daemon: &TestDaemon, addr: SocketAddr, count: usize, expected: usize) ->
 
 #[test]
 fn a_flood_past_max_connections_gets_503_json_and_health_still_answers() {
-    let daemon = support::start(flood_config(40, 1000));
+    let daemon = start_gateway(flood_config(40, 1000));
     let gateway_share = 40 - blufio::connection::PROBE_RESERVE;
-    let _held = hold(&daemon, daemon.gateway_addr(), gateway_share, gateway_share);
+    // Requests in progress (the scripted agent sleeps 3 s): connections that nothing may close
+    // to make room, unlike idle ones or incomplete heads (see `hostile_edge.rs`).
+    let gateway = daemon.gateway_addr();
+    let _busy: Vec<_> = (0..gateway_share)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {TOKEN}");
+                let headers = [
+                    ("Authorization", auth.as_str()),
+                    ("Content-Type", "application/json"),
+                ];
+                support::request(
+                    gateway,
+                    "POST",
+                    "/v1/messages",
+                    &headers,
+                    Some(r#"{"content":"slow"}"#),
+                )
+            })
+        })
+        .collect();
+    support::wait_for_active_sessions(&daemon, gateway_share as u64);
     let mut refused = connect(daemon.gateway_addr());
     let raw = read_to_close(&mut refused);
     assert_json_error(&raw, 503, "connection_limit");
