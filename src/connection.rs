@@ -380,6 +380,16 @@ impl Connections {
         self.shared.lock().total
     }
 
+    /// Returns how many kept-alive connections wait idle for their next request.
+    pub fn idle_kept_alive(&self) -> usize {
+        self.shared
+            .lock()
+            .open
+            .values()
+            .filter(|tracked| tracked.phase() == Phase::Idle && tracked.requests() > 0)
+            .count()
+    }
+
     /// Returns how many connections closed to make room have not finished closing.
     pub fn evicting(&self) -> usize {
         self.shared.lock().evicting

@@ -28,6 +28,7 @@ use crate::{
     context::Context,
     deadline::{DeadlineTransport, HEAD_BUFFER_INITIAL},
     metrics::ErrorKind,
+    readiness,
     request_target::{self, RequestTargetTransport},
 };
 
@@ -41,6 +42,10 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often, and at most how long, the accept loop waits for connections closed to make room.
 const EVICTION_WAIT_STEP: Duration = Duration::from_millis(1);
 const EVICTION_WAIT_MAX: Duration = Duration::from_millis(100);
+
+/// How long a connection accepted before shutdown may take to send its first byte once the
+/// listeners have stopped.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a refusal or error response may take to write before the socket is dropped.
 const REFUSAL_WRITE_BUDGET: Duration = Duration::from_secs(1);
@@ -102,6 +107,7 @@ pub(crate) async fn accept_loop<H: Handler>(
             waited += EVICTION_WAIT_STEP;
         }
         let Some(accepted) = swansong.interrupt(listener.accept()).await else {
+            take_backlog(&ctx, &listener, kind, &http, &handler).await;
             break;
         };
         let (stream, peer) = match accepted {
@@ -171,6 +177,40 @@ pub(crate) async fn accept_loop<H: Handler>(
                 runtime.spawn_detached(refuse(stream, refusal));
             }
         }
+    }
+}
+
+/// Takes the connections the kernel has already completed when the listener stops (closing
+/// it would reset them, and their requests with them) and serves their first request, which
+/// gets `Connection: close`. Later clients find the port closed before they send anything.
+async fn take_backlog<H: Handler>(
+    ctx: &Arc<Context>,
+    listener: &async_net::TcpListener,
+    kind: Listener,
+    http: &Arc<HttpContext>,
+    handler: &Arc<H>,
+) {
+    let mut taken = 0;
+    while let Some(Ok((stream, peer))) = futures_lite::future::poll_once(listener.accept()).await {
+        let ip = unmap(peer.ip());
+        match ctx.connections.admit(kind, ip).0 {
+            Ok(guard) => {
+                let serve = serve_connection(
+                    Arc::clone(ctx),
+                    stream,
+                    ip,
+                    guard,
+                    Arc::clone(http),
+                    Arc::clone(handler),
+                );
+                ctx.runtime.spawn_detached(serve);
+            }
+            Err(refusal) => ctx.runtime.spawn_detached(refuse(stream, refusal)),
+        }
+        taken += 1;
+    }
+    if taken > 0 {
+        log::debug!("took {taken} connections from the backlog at shutdown");
     }
 }
 
@@ -335,10 +375,18 @@ async fn drive<H: Handler>(
     handler: &Arc<H>,
 ) {
     let tracked = guard.tracked();
-    // Like trillium-http's own first read, waiting for a first byte ends at shutdown.
-    let peek = match http
-        .swansong()
-        .interrupt(peek_preface(&mut transport))
+    // The drain waits for this connection's first request as it does for the requests
+    // trillium-http runs (it holds its own guard from here on).
+    let drain_guard = ctx.shutdown.guard();
+    // Waiting for a first byte ends at shutdown, but not at once: a client whose connection
+    // was accepted is sending its request, and closing now would reset it.
+    let shut_down = async {
+        ctx.shutdown.interrupt(std::future::pending::<()>()).await;
+        Timer::after(FIRST_REQUEST_GRACE).await;
+        None
+    };
+    let peek = match async { Some(peek_preface(&mut transport).await) }
+        .or(shut_down)
         .await
     {
         None => return,
@@ -379,7 +427,14 @@ async fn drive<H: Handler>(
             let conn = Conn::from(conn);
             let conn = handler.run(conn).await;
             let conn = handler.before_send(conn).await;
-            let conn = conn.into_inner();
+            let mut conn = conn.into_inner();
+            // From the start of the drain every response closes its connection, so that no
+            // client sends another request on a connection about to close (trillium-http does
+            // so itself only once the listeners stop, after WebSockets have closed).
+            if ctx.phase() == readiness::Phase::Draining && !conn.should_upgrade() {
+                conn.response_headers_mut()
+                    .insert(KnownHeaderName::Connection, "close");
+            }
             // Marked before the 101 is written: once the client sees it, the connection is a
             // WebSocket and must never look idle (and sheddable) to the memory monitor.
             tracked.set_phase(if conn.should_upgrade() {
@@ -391,6 +446,8 @@ async fn drive<H: Handler>(
         },
     )
     .await;
+    // An upgraded connection is a WebSocket, which `closing` ends: the drain does not wait.
+    drop(drain_guard);
 
     match result {
         Ok(Some(upgrade)) => {

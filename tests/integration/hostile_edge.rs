@@ -409,7 +409,8 @@ struct Tally {
     responses: u64,
     /// Requests written in full that got no response (a reset, or a close before it).
     dropped: u64,
-    /// Keep-alive responses to requests sent after some client had seen the drain.
+    /// Keep-alive responses to requests sent after the drain was seen (`/ready` said so, or
+    /// some client got `Connection: close`).
     kept_alive_in_drain: u64,
 }
 
@@ -496,6 +497,19 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
         .status()
         .unwrap();
     assert!(status.success());
+    // `/ready` turns 503 when the drain begins: any request sent after that must be answered
+    // with `Connection: close`.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) && !drain_seen.load(Ordering::Acquire) {
+        let Ok(mut probe) = TcpStream::connect(addr) else {
+            break;
+        };
+        let _ = probe.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if read_response(&mut probe).is_some_and(|response| response.status == 503) {
+            drain_seen.store(true, Ordering::Release);
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
     let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     assert_eq!(cli::wait(&mut child).code(), Some(0));
     let responses: u64 = tallies.iter().map(|t| t.responses).sum();
