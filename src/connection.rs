@@ -425,9 +425,9 @@ impl Connections {
             .saturating_sub(PROBE_RESERVE.min(self.max_connections / 2))
             .max(1);
         let key = (listener, ip);
-        let at_limit = counts.total - counts.evicting >= self.max_connections
+        let at_limit = counts.total.saturating_sub(counts.evicting) >= self.max_connections
             || (listener == Listener::Gateway
-                && counts.gateway - counts.evicting_gateway >= gateway_cap);
+                && counts.gateway.saturating_sub(counts.evicting_gateway) >= gateway_cap);
         let refusal = if counts.per_ip.get(&key).copied().unwrap_or(0) >= self.max_per_ip {
             Some(Refusal::PerIp)
         } else if !at_limit {
