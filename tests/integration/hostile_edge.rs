@@ -443,8 +443,15 @@ fn keep_posting(addr: SocketAddr, index: usize, drain_seen: &AtomicBool) -> Tall
         stream
             .set_read_timeout(Some(Duration::from_secs(15)))
             .unwrap();
+        let mut reused = false;
         loop {
             let after_drain = drain_seen.load(Ordering::Acquire);
+            // As HTTP client pools do, a kept-alive connection the server has closed is not
+            // reused: a request sent on it never reached the daemon.
+            if reused && !still_waiting(&stream) {
+                break;
+            }
+            reused = true;
             if stream.write_all(request.as_bytes()).is_err() {
                 // Closed before the request left: it never reached the daemon.
                 break;
