@@ -100,6 +100,7 @@ pub struct Tracked {
     id: u64,
     key: (Listener, IpAddr),
     evicted: AtomicBool,
+    responding: AtomicBool,
     phase: AtomicU8,
     head_bytes: AtomicU64,
     requests: AtomicU64,
@@ -116,6 +117,17 @@ impl Tracked {
             3 => Phase::Upgraded,
             _ => Phase::Idle,
         }
+    }
+
+    /// Marks whether a response is being written: the phase is already `Idle` then (the
+    /// handler has returned), yet the connection is not waiting for anything from the client.
+    pub fn set_responding(&self, responding: bool) {
+        self.responding.store(responding, Ordering::Release);
+    }
+
+    /// Returns whether a response is being written (see [`Tracked::set_responding`]).
+    pub fn responding(&self) -> bool {
+        self.responding.load(Ordering::Acquire)
     }
 
     /// Returns whether admission closed this connection to make room for another.
@@ -203,8 +215,8 @@ impl Counts {
     /// Picks the connection to close so that a new one on `listener` fits: one that costs its
     /// sender little and holds a slot for nothing, an incomplete head or a connection that has
     /// sent nothing yet, from the address holding the most connections, oldest first; an idle
-    /// kept-alive connection only when none is left. Never a request in progress or a
-    /// WebSocket, and never a connection already being closed.
+    /// kept-alive connection only when none is left. Never a request in progress, a response
+    /// being written or a WebSocket, and never a connection already being closed.
     fn eviction_candidate(&self, listener: Listener) -> Option<&Arc<Tracked>> {
         let busiest = self
             .per_ip
@@ -219,6 +231,7 @@ impl Counts {
                 continue;
             }
             let rank = match tracked.phase() {
+                Phase::Idle if tracked.responding() => continue,
                 Phase::Head => 0,
                 Phase::Idle if tracked.requests() == 0 => 0,
                 Phase::Idle => 1,
@@ -386,7 +399,9 @@ impl Connections {
             .lock()
             .open
             .values()
-            .filter(|tracked| tracked.phase() == Phase::Idle && tracked.requests() > 0)
+            .filter(|tracked| {
+                tracked.phase() == Phase::Idle && tracked.requests() > 0 && !tracked.responding()
+            })
             .count()
     }
 
@@ -488,6 +503,7 @@ impl Connections {
             id,
             key,
             evicted: AtomicBool::new(false),
+            responding: AtomicBool::new(false),
             phase: AtomicU8::new(Phase::Idle as u8),
             head_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -597,9 +613,13 @@ mod tests {
     fn at_the_limit_the_oldest_head_of_the_busiest_address_makes_room() {
         let connections = registry(40, 100);
         let cap = 40 - PROBE_RESERVE;
-        let busy_ones: Vec<_> = (0..cap - 4)
+        let busy_ones: Vec<_> = (0..cap - 5)
             .map_while(|_| busy(&connections, Listener::Gateway, OTHER))
             .collect();
+        let streaming = connections.admit(Listener::Gateway, OTHER).0.unwrap();
+        streaming.tracked().set_phase(Phase::Busy);
+        streaming.tracked().set_phase(Phase::Idle);
+        streaming.tracked().set_responding(true);
         let kept_alive = connections.admit(Listener::Gateway, IP).0.unwrap();
         kept_alive.tracked().set_phase(Phase::Busy);
         kept_alive.tracked().set_phase(Phase::Idle);
@@ -622,12 +642,14 @@ mod tests {
             newcomers.push(busy(&connections, Listener::Gateway, IP).unwrap());
             assert!(next.tracked().evicted());
         }
-        // Requests in progress are never closed: with nothing left to close, 503.
+        // Requests in progress and responses being written are never closed: with nothing left
+        // to close, 503.
         assert_eq!(
             connections.admit(Listener::Gateway, IP).0.unwrap_err(),
             Refusal::Global
         );
         assert!(busy_ones.iter().all(|guard| !guard.tracked().evicted()));
+        assert!(!streaming.tracked().evicted());
     }
 
     #[test]

@@ -342,6 +342,12 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
         if let Some(error) = this.check_phase(cx) {
             return Poll::Ready(Err(error));
         }
+        if let Some(tracked) = &this.tracked
+            && tracked.responding()
+        {
+            // trillium-http reads again only once the response is out.
+            tracked.set_responding(false);
+        }
         let in_head = this
             .tracked
             .as_ref()

@@ -437,6 +437,9 @@ async fn drive<H: Handler>(
             }
             // Marked before the 101 is written: once the client sees it, the connection is a
             // WebSocket and must never look idle (and sheddable) to the memory monitor.
+            // The response is written after this returns: until the next read, the connection
+            // is not idle, whatever its phase says (see `DeadlineTransport`).
+            tracked.set_responding(true);
             tracked.set_phase(if conn.should_upgrade() {
                 Phase::Upgraded
             } else {
