@@ -95,11 +95,18 @@ struct HeadReads {
 }
 
 impl HeadReads {
-    /// Starts a new head.
-    fn restart(&mut self) {
-        self.tail = 0;
-        self.content = false;
-        self.released_empty = false;
+    /// Starts a new head with the bytes of its first read (which is returned as it is).
+    fn start(&mut self, first: &[u8]) {
+        // Per request, so no byte loop: the tail, and whether any byte is content (usually
+        // the first one).
+        self.tail = first
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .fold(0, |tail, byte| (tail << 8) | u32::from(*byte));
+        self.content = first.iter().any(|byte| !matches!(byte, b'\r' | b'\n'));
+        self.released_empty = !self.content && first.windows(4).any(|four| four == b"\r\n\r\n");
     }
 
     /// Feeds received head bytes; returns true when they end the head.
@@ -364,8 +371,7 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
                 // deadline. This first read is returned as it is: most heads arrive whole.
                 tracked.set_phase(Phase::Head);
                 tracked.add_head_bytes(*read as u64);
-                this.head.restart();
-                this.head.scan(buf.get(..*read).unwrap_or_default());
+                this.head.start(buf.get(..*read).unwrap_or_default());
             }
             result
         };
@@ -590,12 +596,19 @@ mod tests {
     #[test]
     fn empty_lines_before_a_request_release_one_short_read_at_most() {
         let mut reads = HeadReads::default();
-        reads.restart();
+        reads.start(b"\r\n");
         // The parser skips these, so each end of "head" here would be a read for nothing.
-        assert!(reads.scan(b"\r\n\r\n"));
+        assert!(reads.scan(b"\r\n"));
         assert!(!reads.scan(b"\r\n"));
         assert!(!reads.scan(b"\r\n\r\n"));
         assert!(!reads.scan(b"GET / HTTP/1.1\r\n"));
+        assert!(reads.scan(b"\r\n"));
+        // A first read that ends a head of empty lines already was that one short read.
+        reads.start(b"\r\n\r\n");
+        assert!(!reads.scan(b"\r\n"));
+        // A head split after its first read ends where its CRLF CRLF arrives, across reads.
+        reads.start(b"GET / HTTP/1.1\r\nHost: x\r");
+        assert!(!reads.scan(b"\n"));
         assert!(reads.scan(b"\r\n"));
     }
 }
