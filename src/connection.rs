@@ -130,6 +130,11 @@ impl Tracked {
         self.responding.load(Ordering::Acquire)
     }
 
+    /// Returns the client's address.
+    pub fn ip(&self) -> IpAddr {
+        self.key.1
+    }
+
     /// Returns whether admission closed this connection to make room for another.
     pub fn evicted(&self) -> bool {
         self.evicted.load(Ordering::Acquire)

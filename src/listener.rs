@@ -169,7 +169,11 @@ pub(crate) async fn accept_loop<H: Handler>(
                 let ctx = Arc::clone(&ctx);
                 let http = Arc::clone(&http);
                 let handler = Arc::clone(&handler);
-                runtime.spawn_detached(serve_connection(ctx, stream, ip, guard, http, handler));
+                // Taken here, not in the task: shutdown must not find the count at zero
+                // between this accept and the task's first poll.
+                let drain = ctx.shutdown.guard();
+                let serve = serve_connection(ctx, stream, guard, drain, http, handler);
+                runtime.spawn_detached(serve);
             }
             Err(refusal) => {
                 ctx.metrics.count_error(ErrorKind::ConnectionLimit);
@@ -198,8 +202,8 @@ async fn take_backlog<H: Handler>(
                 let serve = serve_connection(
                     Arc::clone(ctx),
                     stream,
-                    ip,
                     guard,
+                    ctx.shutdown.guard(),
                     Arc::clone(http),
                     Arc::clone(handler),
                 );
@@ -333,14 +337,17 @@ impl<T: trillium::Transport> trillium::Transport for Boxed<T> {
 }
 
 /// Drives one admitted connection until it closes, is shed, or the listener shuts down.
-async fn serve_connection<H: Handler>(
+/// `drain` (a guard on `ctx.shutdown`) makes the drain wait for the connection's requests;
+/// it is released before a WebSocket takes over the connection.
+async fn serve_connection<H: Handler, D>(
     ctx: Arc<Context>,
     stream: async_net::TcpStream,
-    ip: IpAddr,
     guard: ConnectionGuard,
+    drain: D,
     http: Arc<HttpContext>,
     handler: Arc<H>,
 ) {
+    let ip = guard.tracked().ip();
     let _ = stream.set_nodelay(true);
     // A second handle on the socket, to answer after trillium-http has given up on it.
     let writer = stream.clone();
@@ -360,24 +367,22 @@ async fn serve_connection<H: Handler>(
             log::debug!("closing connection from {ip}: shed under memory pressure");
         }
     };
-    drive(&ctx, transport, writer, ip, &guard, &http, &handler)
+    drive(&ctx, transport, writer, &guard, drain, &http, &handler)
         .or(shed)
         .await;
 }
 
-async fn drive<H: Handler>(
+async fn drive<H: Handler, D>(
     ctx: &Context,
     mut transport: ConnectionTransport,
     writer: async_net::TcpStream,
-    ip: IpAddr,
     guard: &ConnectionGuard,
+    drain: D,
     http: &Arc<HttpContext>,
     handler: &Arc<H>,
 ) {
     let tracked = guard.tracked();
-    // The drain waits for this connection's first request as it does for the requests
-    // trillium-http runs (it holds its own guard from here on).
-    let drain_guard = ctx.shutdown.guard();
+    let ip = tracked.ip();
     // Waiting for a first byte ends at shutdown, but not at once: a client whose connection
     // was accepted is sending its request, and closing now would reset it.
     let shut_down = async {
@@ -450,7 +455,7 @@ async fn drive<H: Handler>(
     )
     .await;
     // An upgraded connection is a WebSocket, which `closing` ends: the drain does not wait.
-    drop(drain_guard);
+    drop(drain);
 
     match result {
         Ok(Some(upgrade)) => {

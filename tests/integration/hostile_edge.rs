@@ -328,6 +328,7 @@ fn oversized_headers_split_into_pieces_still_get_431() {
 }
 
 /// The heap the binary's allocator reports at its latest monitor tick, after a fresh tick.
+#[cfg(feature = "jemalloc")]
 fn heap_after_a_tick(addr: SocketAddr) -> f64 {
     let ticks = |body: &str| {
         prometheus::parse(body)
@@ -351,6 +352,7 @@ fn heap_after_a_tick(addr: SocketAddr) -> f64 {
     }
 }
 
+#[cfg(feature = "jemalloc")]
 #[test]
 fn dripped_heads_hold_no_more_memory_than_their_bytes() {
     const CONNECTIONS: usize = 64;
