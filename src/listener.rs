@@ -454,11 +454,11 @@ async fn drive<H: Handler, D>(
         },
     )
     .await;
-    // An upgraded connection is a WebSocket, which `closing` ends: the drain does not wait.
-    drop(drain);
 
     match result {
         Ok(Some(upgrade)) => {
+            // A WebSocket, which `closing` ends: the drain does not wait for it.
+            drop(drain);
             tracked.set_phase(Phase::Upgraded);
             let upgrade = trillium::Upgrade::from(upgrade);
             if handler.has_upgrade(&upgrade) {
