@@ -2,7 +2,8 @@
 //! and per IP), what phase each one is in, and how much heap they are charged for.
 //!
 //! It decides admission at accept time (`max_connections`, `max_connections_per_ip`, and a
-//! reserve on the probe listener so `/health` answers during a flood on the gateway), and it
+//! reserve on the probe listener so `/health` answers during a flood on the gateway; at the
+//! limit, room made by closing the oldest incomplete head of the busiest address), and it
 //! lets the memory monitor attribute heap to connections and close them (oldest incomplete
 //! head first) instead of touching sessions. It does not read or write sockets: that is
 //! `listener.rs`.
@@ -13,7 +14,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -27,6 +28,11 @@ pub const CONNECTION_COST_BYTES: u64 = 20 * 1024;
 
 /// Connections the probe listener may open beyond the gateway's share of `max_connections`.
 pub const PROBE_RESERVE: usize = 16;
+
+/// Connections that may be closing at once to make room for new ones (they still hold a file
+/// descriptor until they have closed): at most this many beyond `max_connections`, well
+/// inside [`FD_HEADROOM`].
+pub const EVICTION_SLACK: usize = 16;
 
 /// File descriptors left to the daemon's own files (logs, `/proc` reads, listeners, the
 /// allocator) when `max_connections` is derived from the soft limit.
@@ -92,6 +98,9 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Tracked {
     id: u64,
+    key: (Listener, IpAddr),
+    evicted: AtomicBool,
+    responding: AtomicBool,
     phase: AtomicU8,
     head_bytes: AtomicU64,
     requests: AtomicU64,
@@ -108,6 +117,27 @@ impl Tracked {
             3 => Phase::Upgraded,
             _ => Phase::Idle,
         }
+    }
+
+    /// Marks whether a response is being written: the phase is already `Idle` then (the
+    /// handler has returned), yet the connection is not waiting for anything from the client.
+    pub fn set_responding(&self, responding: bool) {
+        self.responding.store(responding, Ordering::Release);
+    }
+
+    /// Returns whether a response is being written (see [`Tracked::set_responding`]).
+    pub fn responding(&self) -> bool {
+        self.responding.load(Ordering::Acquire)
+    }
+
+    /// Returns the client's address.
+    pub fn ip(&self) -> IpAddr {
+        self.key.1
+    }
+
+    /// Returns whether admission closed this connection to make room for another.
+    pub fn evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
     }
 
     /// Returns how many requests have reached a handler on this connection.
@@ -169,7 +199,9 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.tracked.set_phase(Phase::Idle);
-        self.tracked.registry.leave(self.tracked.id, self.key);
+        self.tracked
+            .registry
+            .leave(self.tracked.id, self.key, self.tracked.evicted());
     }
 }
 
@@ -180,7 +212,60 @@ struct Counts {
     gateway: usize,
     per_ip: HashMap<(Listener, IpAddr), usize>,
     open: BTreeMap<u64, Arc<Tracked>>,
-    refusing: Option<(Instant, u64)>,
+    /// Connections evicted but not closed yet (in total, and on the gateway): they still
+    /// hold a descriptor, but no longer count against the limits.
+    evicting: usize,
+    evicting_gateway: usize,
+    at_limit: Option<AtLimit>,
+}
+
+/// An episode at the connection limit, for the once-per-episode log.
+#[derive(Debug)]
+struct AtLimit {
+    started: Instant,
+    refused: u64,
+    evicted: u64,
+}
+
+impl Counts {
+    /// Picks the connection to close so that a new one on `listener` fits: one that costs its
+    /// sender little and holds a slot for nothing, an incomplete head or a connection that has
+    /// sent nothing yet, from the address holding the most connections, oldest first; an idle
+    /// kept-alive connection only when none is left. Never a request in progress, a response
+    /// being written or a WebSocket, and never a connection already being closed.
+    fn eviction_candidate(&self, listener: Listener) -> Option<&Arc<Tracked>> {
+        let busiest = self
+            .per_ip
+            .iter()
+            .filter(|((kind, _), _)| *kind == listener)
+            .map(|(_, count)| *count)
+            .max()?;
+        let mut best: Option<(usize, u8, &Arc<Tracked>)> = None;
+        // `open` is ordered by id, that is by age: the first of a rank is the oldest.
+        for tracked in self.open.values() {
+            if tracked.key.0 != listener || tracked.shed.is_closed() {
+                continue;
+            }
+            let rank = match tracked.phase() {
+                Phase::Idle if tracked.responding() => continue,
+                Phase::Head => 0,
+                Phase::Idle if tracked.requests() == 0 => 0,
+                Phase::Idle => 1,
+                Phase::Busy | Phase::Upgraded => continue,
+            };
+            let count = self.per_ip.get(&tracked.key).copied().unwrap_or(0);
+            let better = best.is_none_or(|(best_count, best_rank, _)| {
+                (count, std::cmp::Reverse(rank)) > (best_count, std::cmp::Reverse(best_rank))
+            });
+            if better {
+                best = Some((count, rank, tracked));
+                if count == busiest && rank == 0 {
+                    break;
+                }
+            }
+        }
+        best.map(|(_, _, tracked)| tracked)
+    }
 }
 
 struct Shared {
@@ -235,10 +320,16 @@ impl Shared {
         self.memory_gauge.set(self.memory_bytes(open) as f64);
     }
 
-    fn leave(&self, id: u64, key: (Listener, IpAddr)) {
+    fn leave(&self, id: u64, key: (Listener, IpAddr), evicted: bool) {
         let total = {
             let mut counts = self.lock();
             counts.open.remove(&id);
+            if evicted {
+                counts.evicting = counts.evicting.saturating_sub(1);
+                if key.0 == Listener::Gateway {
+                    counts.evicting_gateway = counts.evicting_gateway.saturating_sub(1);
+                }
+            }
             counts.total = counts.total.saturating_sub(1);
             if key.0 == Listener::Gateway {
                 counts.gateway = counts.gateway.saturating_sub(1);
@@ -269,12 +360,15 @@ pub struct Connections {
 pub enum Episode {
     /// Nothing to log.
     Quiet,
-    /// The first refusal of an episode.
+    /// The first connection of an episode at the limit (refused, or let in by closing
+    /// another).
     Started,
-    /// Admission resumed after `refused` refusals lasting `lasted`.
+    /// Admission resumed below the limit after an episode lasting `lasted`.
     Ended {
         /// Connections refused during the episode.
         refused: u64,
+        /// Connections closed during the episode to make room for new ones.
+        evicted: u64,
         /// How long the episode lasted.
         lasted: Duration,
     },
@@ -315,6 +409,23 @@ impl Connections {
         self.shared.lock().total
     }
 
+    /// Returns how many kept-alive connections wait idle for their next request.
+    pub fn idle_kept_alive(&self) -> usize {
+        self.shared
+            .lock()
+            .open
+            .values()
+            .filter(|tracked| {
+                tracked.phase() == Phase::Idle && tracked.requests() > 0 && !tracked.responding()
+            })
+            .count()
+    }
+
+    /// Returns how many connections closed to make room have not finished closing.
+    pub fn evicting(&self) -> usize {
+        self.shared.lock().evicting
+    }
+
     /// Returns the heap charged to open connections, in bytes.
     pub fn memory_bytes(&self) -> u64 {
         let open = self.shared.lock().total;
@@ -324,11 +435,16 @@ impl Connections {
     /// Admits a connection from `ip` on `listener`, or refuses it.
     ///
     /// The gateway may use `max_connections` minus [`PROBE_RESERVE`]; the probe listener the
-    /// whole of it, so a flood on the gateway leaves room for `/health`.
+    /// whole of it, so a flood on the gateway leaves room for `/health`. At that limit a new
+    /// connection still gets in by closing one that holds a slot for nothing (see
+    /// [`Counts::eviction_candidate`]): otherwise a flood of slow heads on the single port
+    /// would refuse every probe and client while it lasts. Closing takes a moment, so at most
+    /// [`EVICTION_SLACK`] connections may be open beyond the limit meanwhile.
     ///
     /// # Errors
     ///
-    /// Returns the [`Refusal`] (and whether an episode of refusals starts) past a limit.
+    /// Returns the [`Refusal`] (and whether an episode at the limit starts) past a limit with
+    /// nothing to close.
     pub fn admit(
         &self,
         listener: Listener,
@@ -340,35 +456,57 @@ impl Connections {
             .saturating_sub(PROBE_RESERVE.min(self.max_connections / 2))
             .max(1);
         let key = (listener, ip);
-        let refusal = if counts.total >= self.max_connections
-            || (listener == Listener::Gateway && counts.gateway >= gateway_cap)
-        {
-            Some(Refusal::Global)
-        } else if counts.per_ip.get(&key).copied().unwrap_or(0) >= self.max_per_ip {
+        let at_limit = counts.total.saturating_sub(counts.evicting) >= self.max_connections
+            || (listener == Listener::Gateway
+                && counts.gateway.saturating_sub(counts.evicting_gateway) >= gateway_cap);
+        let refusal = if counts.per_ip.get(&key).copied().unwrap_or(0) >= self.max_per_ip {
             Some(Refusal::PerIp)
-        } else {
+        } else if !at_limit {
             None
+        } else if counts.evicting < EVICTION_SLACK
+            && let Some(victim) = counts.eviction_candidate(listener)
+        {
+            victim.evicted.store(true, Ordering::Release);
+            victim.shed.close();
+            counts.evicting += 1;
+            if listener == Listener::Gateway {
+                counts.evicting_gateway += 1;
+            }
+            None
+        } else {
+            Some(Refusal::Global)
         };
-        if let Some(refusal) = refusal {
-            let episode = match &mut counts.refusing {
-                Some((_, refused)) => {
-                    *refused += 1;
+        let episode = if at_limit || refusal.is_some() {
+            let evicted = u64::from(refusal.is_none());
+            let refused = u64::from(refusal.is_some());
+            match &mut counts.at_limit {
+                Some(episode) => {
+                    episode.evicted += evicted;
+                    episode.refused += refused;
                     Episode::Quiet
                 }
                 None => {
-                    counts.refusing = Some((Instant::now(), 1));
+                    counts.at_limit = Some(AtLimit {
+                        started: Instant::now(),
+                        refused,
+                        evicted,
+                    });
                     Episode::Started
                 }
-            };
+            }
+        } else {
+            match counts.at_limit.take() {
+                Some(episode) => Episode::Ended {
+                    refused: episode.refused,
+                    evicted: episode.evicted,
+                    lasted: episode.started.elapsed(),
+                },
+                None => Episode::Quiet,
+            }
+        };
+        if let Some(refusal) = refusal {
             return (Err(refusal), episode);
         }
-        let episode = match counts.refusing.take() {
-            Some((started, refused)) => Episode::Ended {
-                refused,
-                lasted: started.elapsed(),
-            },
-            None => Episode::Quiet,
-        };
         counts.next_id += 1;
         let id = counts.next_id;
         counts.total += 1;
@@ -379,6 +517,9 @@ impl Connections {
         let (sender, receiver) = async_channel::bounded(1);
         let tracked = Arc::new(Tracked {
             id,
+            key,
+            evicted: AtomicBool::new(false),
+            responding: AtomicBool::new(false),
             phase: AtomicU8::new(Phase::Idle as u8),
             head_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -467,14 +608,78 @@ mod tests {
         assert!(matches!(episode, Episode::Ended { refused: 1, .. }));
     }
 
+    /// Admits a connection that is running a request, which nothing may close.
+    fn busy(connections: &Connections, listener: Listener, ip: IpAddr) -> Option<ConnectionGuard> {
+        let guard = connections.admit(listener, ip).0.ok()?;
+        guard.tracked().set_phase(Phase::Busy);
+        Some(guard)
+    }
+
     #[test]
     fn gateway_leaves_a_reserve_for_probes() {
         let connections = registry(40, 100);
         let held: Vec<_> = (0..40)
-            .map_while(|_| connections.admit(Listener::Gateway, IP).0.ok())
+            .map_while(|_| busy(&connections, Listener::Gateway, IP))
             .collect();
         assert_eq!(held.len(), 40 - PROBE_RESERVE);
         assert!(connections.admit(Listener::Probes, IP).0.is_ok());
+    }
+
+    #[test]
+    fn at_the_limit_the_oldest_head_of_the_busiest_address_makes_room() {
+        let connections = registry(40, 100);
+        let cap = 40 - PROBE_RESERVE;
+        let busy_ones: Vec<_> = (0..cap - 5)
+            .map_while(|_| busy(&connections, Listener::Gateway, OTHER))
+            .collect();
+        let streaming = connections.admit(Listener::Gateway, OTHER).0.unwrap();
+        streaming.tracked().set_phase(Phase::Busy);
+        streaming.tracked().set_phase(Phase::Idle);
+        streaming.tracked().set_responding(true);
+        let kept_alive = connections.admit(Listener::Gateway, IP).0.unwrap();
+        kept_alive.tracked().set_phase(Phase::Busy);
+        kept_alive.tracked().set_phase(Phase::Idle);
+        let [old_head, new_head, nothing_yet] = [(); 3].map(|_| {
+            let guard = connections.admit(Listener::Gateway, OTHER).0.unwrap();
+            guard.tracked().set_phase(Phase::Head);
+            guard
+        });
+        nothing_yet.tracked().set_phase(Phase::Idle);
+        // The limit is reached: a newcomer closes the oldest head of the busiest address.
+        let (first, episode) = connections.admit(Listener::Gateway, IP);
+        first.as_ref().unwrap().tracked().set_phase(Phase::Busy);
+        assert_eq!(episode, Episode::Started);
+        assert!(old_head.tracked().evicted() && old_head.tracked().shed.is_closed());
+        assert!(!new_head.tracked().shed.is_closed());
+        // Then the next oldest connection that sent nothing worth keeping, heads and silent
+        // ones alike, before the kept-alive one of the quieter address.
+        let mut newcomers = vec![first.unwrap()];
+        for next in [&new_head, &nothing_yet, &kept_alive] {
+            newcomers.push(busy(&connections, Listener::Gateway, IP).unwrap());
+            assert!(next.tracked().evicted());
+        }
+        // Requests in progress and responses being written are never closed: with nothing left
+        // to close, 503.
+        assert_eq!(
+            connections.admit(Listener::Gateway, IP).0.unwrap_err(),
+            Refusal::Global
+        );
+        assert!(busy_ones.iter().all(|guard| !guard.tracked().evicted()));
+        assert!(!streaming.tracked().evicted());
+    }
+
+    #[test]
+    fn eviction_never_lets_more_than_the_slack_past_the_limit() {
+        let connections = registry(40, 100);
+        let mut held: Vec<_> = (0..200)
+            .map_while(|_| connections.admit(Listener::Gateway, IP).0.ok())
+            .collect();
+        // None of the evicted ones has closed yet.
+        assert_eq!(held.len(), 40 - PROBE_RESERVE + EVICTION_SLACK);
+        assert!(connections.admit(Listener::Gateway, IP).0.is_err());
+        // Once they close, room is made again.
+        held.retain(|guard| !guard.tracked().evicted());
+        assert!(connections.admit(Listener::Gateway, IP).0.is_ok());
     }
 
     #[test]

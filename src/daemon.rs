@@ -28,6 +28,10 @@ const CLOSING_BUDGET: Duration = Duration::from_secs(2);
 
 /// How long a shutdown waits for the spend writer to save the last replies' spend.
 const SPEND_SETTLE: Duration = Duration::from_secs(5);
+/// How long keep-alive connections idle when the drain begins may take to send one more
+/// request before they are closed, and how often the drain looks whether any is left.
+const LAST_CALL: Duration = Duration::from_millis(250);
+const LAST_CALL_STEP: Duration = Duration::from_millis(10);
 
 /// A running daemon: its listeners and background tasks.
 #[derive(Debug)]
@@ -146,6 +150,19 @@ impl Daemon {
         .or(async {
             async_io::Timer::after(grace.min(CLOSING_BUDGET)).await;
             false
+        })
+        .await;
+        // Every response now says `Connection: close`, but a keep-alive connection idle since
+        // before the drain may be about to carry one more request: it gets a moment to send
+        // it (and have it answered) before the listeners stop and idle connections close.
+        let connections = &self.ctx.connections;
+        async {
+            while connections.idle_kept_alive() > 0 {
+                async_io::Timer::after(LAST_CALL_STEP).await;
+            }
+        }
+        .or(async {
+            async_io::Timer::after(grace.min(LAST_CALL)).await;
         })
         .await;
         let listeners = self.ctx.shutdown.shut_down();

@@ -11,7 +11,9 @@
 //! head open for hours, so a transport made with [`DeadlineTransport::tracked`] also enforces
 //! whole-phase deadlines from the connection's [`Tracked`] phase: a head must be complete
 //! within the timeout of its first byte, and a body within the timeout of its head. It also
-//! charges head bytes to the connection registry until the head is parsed.
+//! charges head bytes to the connection registry until the head is parsed, and returns the
+//! pieces of a head to the parser so that its buffer grows only with bytes received
+//! ([`HeadReads`]): heads are bounded by bytes and time, not by how they are split.
 
 use std::{
     future::Future,
@@ -67,7 +69,61 @@ pub struct DeadlineTransport<T> {
     phase: Option<(Phase, Instant)>,
     phase_timer: LazyTimer,
     expired: Option<Phase>,
-    head_reads: u32,
+    head: HeadReads,
+}
+
+/// What the transport knows of the request head arriving on it, to bound the parser's buffer.
+///
+/// trillium-http 1.6.1 doubles its head buffer before every read of a head, however few bytes
+/// the previous read returned, so a client dripping a head one byte per read grew it
+/// geometrically (a 50-byte drip reached 471 MiB). After the first read of a head, this
+/// transport therefore returns a read only once it fills the buffer it was given, or ends
+/// the head (`CRLF CRLF`), or the peer closes; until then the bytes wait here. Each doubling
+/// of the parser's buffer is then matched by bytes received, so it never holds more than
+/// twice the head (at most 16 KiB for the 8 KiB limit), however the head is split.
+#[derive(Debug, Default)]
+struct HeadReads {
+    /// Bytes read but not yet returned (fewer than the caller's buffer holds).
+    staged: Vec<u8>,
+    /// The last four bytes of the head so far, to spot its end across reads.
+    tail: u32,
+    /// Whether the head has a byte other than CR and LF: empty lines before a request line
+    /// (which the parser skips) do not end it, beyond one release for the parser to see them.
+    content: bool,
+    /// Whether an end was already released before any content.
+    released_empty: bool,
+}
+
+impl HeadReads {
+    /// Starts a new head with the bytes of its first read (which is returned as it is).
+    fn start(&mut self, first: &[u8]) {
+        // Per request, so no byte loop: the tail, and whether any byte is content (usually
+        // the first one).
+        self.tail = first
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .fold(0, |tail, byte| (tail << 8) | u32::from(*byte));
+        self.content = first.iter().any(|byte| !matches!(byte, b'\r' | b'\n'));
+        self.released_empty = !self.content && first.windows(4).any(|four| four == b"\r\n\r\n");
+    }
+
+    /// Feeds received head bytes; returns true when they end the head.
+    fn scan(&mut self, bytes: &[u8]) -> bool {
+        let mut ended = false;
+        for byte in bytes {
+            self.tail = (self.tail << 8) | u32::from(*byte);
+            self.content |= !matches!(byte, b'\r' | b'\n');
+            if self.tail == u32::from_be_bytes(*b"\r\n\r\n")
+                && (self.content || !self.released_empty)
+            {
+                ended = true;
+                self.released_empty |= !self.content;
+            }
+        }
+        ended
+    }
 }
 
 /// A timer that is re-registered only when it fires, not every time its deadline moves.
@@ -135,12 +191,6 @@ impl Stall {
 /// calls) fit in one read of it.
 pub(crate) const HEAD_BUFFER_INITIAL: usize = 512;
 
-/// Most reads one request head may take. trillium-http 1.6.1 doubles its head buffer before
-/// every read of a head, so a client dripping a head byte by byte grew it geometrically (a
-/// 50-byte drip reached 471 MiB); seven reads from [`HEAD_BUFFER_INITIAL`] bound it at
-/// 64 KiB, and still let a head of `head_max_len` (8 KiB) sent at once reach its 431.
-const MAX_HEAD_READS: u32 = 7;
-
 impl<T> DeadlineTransport<T> {
     /// Wraps `inner` with the stall deadline only.
     pub fn new(inner: T, timeout: Duration) -> DeadlineTransport<T> {
@@ -153,7 +203,7 @@ impl<T> DeadlineTransport<T> {
             phase: None,
             phase_timer: LazyTimer::new(),
             expired: None,
-            head_reads: 0,
+            head: HeadReads::default(),
         }
     }
 
@@ -234,6 +284,61 @@ fn with_deadline<R>(
     }
 }
 
+impl<T: Transport> DeadlineTransport<T> {
+    /// Reads a later piece of a request head into `buf`, holding received bytes back until
+    /// they fill it or end the head (see [`HeadReads`]).
+    fn poll_read_head(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let staged = self.head.staged.len();
+            let wanted = buf.len();
+            // The staged bytes never exceed a buffer the caller gave; if it now offers less,
+            // hand over what fits.
+            let Some(scratch) = buf.get_mut(staged..).filter(|free| !free.is_empty()) else {
+                return Poll::Ready(Ok(self.release_staged(buf)));
+            };
+            let read = match Pin::new(&mut self.inner).poll_read(cx, scratch) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(self.release_staged(buf))),
+                Poll::Ready(Ok(read)) => read,
+            };
+            // Bytes arrived: the stall deadline starts again from now.
+            self.read_deadline.waiting_since = None;
+            if let Some(tracked) = &self.tracked {
+                tracked.add_head_bytes(read as u64);
+            }
+            let received = scratch.get(..read).unwrap_or_default();
+            let ended = self.head.scan(received);
+            if ended || staged + read == wanted {
+                // The new bytes already follow the staged ones' place in `buf`.
+                if let Some(front) = buf.get_mut(..staged) {
+                    front.copy_from_slice(&self.head.staged);
+                }
+                self.head.staged = Vec::new();
+                return Poll::Ready(Ok(staged + read));
+            }
+            self.head.staged.extend_from_slice(received);
+        }
+    }
+
+    /// Hands over as many staged bytes as fit in `buf`.
+    fn release_staged(&mut self, buf: &mut [u8]) -> usize {
+        let count = self.head.staged.len().min(buf.len());
+        if let (Some(out), Some(from)) = (buf.get_mut(..count), self.head.staged.get(..count)) {
+            out.copy_from_slice(from);
+        }
+        self.head.staged.drain(..count);
+        if self.head.staged.is_empty() {
+            self.head.staged = Vec::new();
+        }
+        count
+    }
+}
+
 impl<T: Transport> AsyncRead for DeadlineTransport<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -244,32 +349,32 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
         if let Some(error) = this.check_phase(cx) {
             return Poll::Ready(Err(error));
         }
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let (Some(tracked), Poll::Ready(Ok(read))) = (&this.tracked, &result)
-            && *read > 0
+        if let Some(tracked) = &this.tracked
+            && tracked.responding()
         {
-            match tracked.phase() {
-                // The first byte of a request starts its head, and with it the head deadline.
-                Phase::Idle => {
-                    tracked.set_phase(Phase::Head);
-                    tracked.add_head_bytes(*read as u64);
-                    this.head_reads = 1;
-                }
-                Phase::Head => {
-                    tracked.add_head_bytes(*read as u64);
-                    this.head_reads += 1;
-                    if this.head_reads > MAX_HEAD_READS {
-                        log::debug!("closing connection: request head in too many pieces");
-                        this.expired = Some(Phase::Head);
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("request head arrived in more than {MAX_HEAD_READS} reads"),
-                        )));
-                    }
-                }
-                Phase::Busy | Phase::Upgraded => {}
-            }
+            // trillium-http reads again only once the response is out.
+            tracked.set_responding(false);
         }
+        let in_head = this
+            .tracked
+            .as_ref()
+            .is_some_and(|tracked| tracked.phase() == Phase::Head);
+        let result = if in_head && !buf.is_empty() {
+            this.poll_read_head(cx, buf)
+        } else {
+            let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if let (Some(tracked), Poll::Ready(Ok(read))) = (&this.tracked, &result)
+                && *read > 0
+                && tracked.phase() == Phase::Idle
+            {
+                // The first byte of a request starts its head, and with it the head
+                // deadline. This first read is returned as it is: most heads arrive whole.
+                tracked.set_phase(Phase::Head);
+                tracked.add_head_bytes(*read as u64);
+                this.head.start(buf.get(..*read).unwrap_or_default());
+            }
+            result
+        };
         with_deadline(result, &mut this.read_deadline, this.timeout, cx, "read")
     }
 }
@@ -313,5 +418,197 @@ impl<T: Transport> Transport for DeadlineTransport<T> {
 
     fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
         self.inner.peer_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        sync::{
+            Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use metrics::Recorder;
+    use trillium_http::{HttpContext, KnownHeaderName, Status};
+
+    use super::*;
+    use crate::connection::{Connections, Listener};
+
+    /// A peer that sends its bytes one per read, then closes, and keeps what it is sent.
+    struct Drip {
+        data: Vec<u8>,
+        at: usize,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Drip {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut TaskContext<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            match (this.data.get(this.at), buf.first_mut()) {
+                (Some(byte), Some(out)) => {
+                    *out = *byte;
+                    this.at += 1;
+                    Poll::Ready(Ok(1))
+                }
+                _ => Poll::Ready(Ok(0)),
+            }
+        }
+    }
+
+    impl AsyncWrite for Drip {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut TaskContext<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Transport for Drip {}
+
+    /// Records the largest buffer the parser offers a read: its head buffer's free room.
+    struct Largest<T> {
+        inner: T,
+        largest: Arc<AtomicUsize>,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Largest<T> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.largest.fetch_max(buf.len(), Ordering::Relaxed);
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Largest<T> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+
+        fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_close(cx)
+        }
+    }
+
+    /// Runs trillium-http's own parser over `head` dripped one byte per read; returns what
+    /// was written back, the parser's result and the largest read buffer it offered.
+    fn parse_dripped(head: &[u8]) -> (String, Result<(), String>, usize) {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let key = metrics::Key::from_static_name("test");
+        let metadata = metrics::Metadata::new("test", metrics::Level::INFO, None);
+        let connections = Connections::new(
+            10,
+            10,
+            recorder.register_gauge(&key, &metadata),
+            recorder.register_gauge(&key, &metadata),
+        );
+        let guard = connections
+            .admit(Listener::Gateway, IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .0
+            .unwrap();
+        let tracked = Arc::clone(guard.tracked());
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let largest = Arc::new(AtomicUsize::new(0));
+        let drip = Drip {
+            data: head.to_vec(),
+            at: 0,
+            written: Arc::clone(&written),
+        };
+        let transport = Largest {
+            inner: DeadlineTransport::tracked(drip, Duration::from_secs(30), Arc::clone(&tracked)),
+            largest: Arc::clone(&largest),
+        };
+        let result = async_io::block_on(trillium_http::run_with_initial_bytes(
+            Arc::new(HttpContext::new()),
+            transport,
+            Vec::with_capacity(HEAD_BUFFER_INITIAL),
+            |mut conn| {
+                let tracked = Arc::clone(&tracked);
+                async move {
+                    tracked.set_phase(Phase::Busy);
+                    conn.set_status(Status::Ok);
+                    conn.response_headers_mut()
+                        .insert(KnownHeaderName::Connection, "close");
+                    tracked.set_phase(Phase::Idle);
+                    conn
+                }
+            },
+        ));
+        let written = String::from_utf8_lossy(&written.lock().unwrap()).into_owned();
+        let result = result.map(|_| ()).map_err(|error| error.to_string());
+        (written, result, largest.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn a_head_dripped_one_byte_per_read_is_parsed_with_a_buffer_the_size_of_the_head() {
+        let mut head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+        head.resize(2_998, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        let (written, result, largest) = parse_dripped(&head);
+        assert_eq!(result, Ok(()));
+        assert!(written.starts_with("HTTP/1.1 200"), "{written}");
+        // Without the transport's staging, 3,000 reads would each double the buffer.
+        assert!(largest <= 2 * head.len(), "largest read buffer {largest}");
+    }
+
+    #[test]
+    fn an_oversized_head_dripped_one_byte_per_read_stops_at_the_head_limit() {
+        let head = format!("GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(20_000));
+        let (_, result, largest) = parse_dripped(head.as_bytes());
+        assert_eq!(
+            result,
+            Err(trillium_http::Error::HeadersTooLong.to_string())
+        );
+        assert!(largest <= 8 * 1024, "largest read buffer {largest}");
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_release_one_short_read_at_most() {
+        let mut reads = HeadReads::default();
+        reads.start(b"\r\n");
+        // The parser skips these, so each end of "head" here would be a read for nothing.
+        assert!(reads.scan(b"\r\n"));
+        assert!(!reads.scan(b"\r\n"));
+        assert!(!reads.scan(b"\r\n\r\n"));
+        assert!(!reads.scan(b"GET / HTTP/1.1\r\n"));
+        assert!(reads.scan(b"\r\n"));
+        // A first read that ends a head of empty lines already was that one short read.
+        reads.start(b"\r\n\r\n");
+        assert!(!reads.scan(b"\r\n"));
+        // A head split after its first read ends where its CRLF CRLF arrives, across reads.
+        reads.start(b"GET / HTTP/1.1\r\nHost: x\r");
+        assert!(!reads.scan(b"\n"));
+        assert!(reads.scan(b"\r\n"));
     }
 }

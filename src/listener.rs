@@ -24,11 +24,12 @@ use trillium_http::HttpContext;
 use trillium_smol::{SmolTransport, async_net};
 
 use crate::{
-    connection::{ConnectionGuard, Episode, Listener, Phase, Refusal},
+    connection::{ConnectionGuard, EVICTION_SLACK, Episode, Listener, Phase, Refusal},
     context::Context,
     deadline::{DeadlineTransport, HEAD_BUFFER_INITIAL},
     metrics::ErrorKind,
-    request_target::RequestTargetTransport,
+    readiness,
+    request_target::{self, RequestTargetTransport},
 };
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -37,6 +38,14 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The first pause after a failed `accept`; it doubles up to [`ACCEPT_BACKOFF_MAX`].
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How often, and at most how long, the accept loop waits for connections closed to make room.
+const EVICTION_WAIT_STEP: Duration = Duration::from_millis(1);
+const EVICTION_WAIT_MAX: Duration = Duration::from_millis(100);
+
+/// How long a connection accepted before shutdown may take to send its first byte once the
+/// listeners have stopped.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a refusal or error response may take to write before the socket is dropped.
 const REFUSAL_WRITE_BUDGET: Duration = Duration::from_secs(1);
@@ -88,7 +97,19 @@ pub(crate) async fn accept_loop<H: Handler>(
     // Shutdown completes only once the loop has stopped and the listener is closed.
     let _running = swansong.guard();
     let mut failures: Option<(Instant, u64, Duration)> = None;
-    while let Some(accepted) = swansong.interrupt(listener.accept()).await {
+    loop {
+        // Connections closed to make room hold their descriptors until they have closed; while
+        // too many are closing, new connections wait in the kernel's backlog (briefly) rather
+        // than be refused, so a burst of attackers cannot crowd a probe out.
+        let mut waited = Duration::ZERO;
+        while ctx.connections.evicting() >= EVICTION_SLACK && waited < EVICTION_WAIT_MAX {
+            Timer::after(EVICTION_WAIT_STEP).await;
+            waited += EVICTION_WAIT_STEP;
+        }
+        let Some(accepted) = swansong.interrupt(listener.accept()).await else {
+            take_backlog(&ctx, &listener, kind, &http, &handler).await;
+            break;
+        };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             // Per-client failures: the peer went away between SYN and accept.
@@ -129,20 +150,30 @@ pub(crate) async fn accept_loop<H: Handler>(
             Episode::Quiet => {}
             Episode::Started => log::warn!(
                 "connection limit reached (max_connections {}, max_connections_per_ip {}); \
-                 refusing new connections with 503",
+                 closing the oldest incomplete heads of the busiest addresses to make room, \
+                 refusing with 503 when there is none",
                 ctx.connections.max_connections(),
                 ctx.connections.max_per_ip()
             ),
-            Episode::Ended { refused, lasted } => {
-                log::warn!("accepting connections again after refusing {refused} in {lasted:.1?}")
-            }
+            Episode::Ended {
+                refused,
+                evicted,
+                lasted,
+            } => log::warn!(
+                "below the connection limit again after {lasted:.1?}: {evicted} connections \
+                 closed to make room, {refused} refused"
+            ),
         }
         match admitted {
             Ok(guard) => {
                 let ctx = Arc::clone(&ctx);
                 let http = Arc::clone(&http);
                 let handler = Arc::clone(&handler);
-                runtime.spawn_detached(serve_connection(ctx, stream, ip, guard, http, handler));
+                // Taken here, not in the task: shutdown must not find the count at zero
+                // between this accept and the task's first poll.
+                let drain = ctx.shutdown.guard();
+                let serve = serve_connection(ctx, stream, guard, drain, http, handler);
+                runtime.spawn_detached(serve);
             }
             Err(refusal) => {
                 ctx.metrics.count_error(ErrorKind::ConnectionLimit);
@@ -150,6 +181,40 @@ pub(crate) async fn accept_loop<H: Handler>(
                 runtime.spawn_detached(refuse(stream, refusal));
             }
         }
+    }
+}
+
+/// Takes the connections the kernel has already completed when the listener stops (closing
+/// it would reset them, and their requests with them) and serves their first request, which
+/// gets `Connection: close`. Later clients find the port closed before they send anything.
+async fn take_backlog<H: Handler>(
+    ctx: &Arc<Context>,
+    listener: &async_net::TcpListener,
+    kind: Listener,
+    http: &Arc<HttpContext>,
+    handler: &Arc<H>,
+) {
+    let mut taken = 0;
+    while let Some(Ok((stream, peer))) = futures_lite::future::poll_once(listener.accept()).await {
+        let ip = unmap(peer.ip());
+        match ctx.connections.admit(kind, ip).0 {
+            Ok(guard) => {
+                let serve = serve_connection(
+                    Arc::clone(ctx),
+                    stream,
+                    guard,
+                    ctx.shutdown.guard(),
+                    Arc::clone(http),
+                    Arc::clone(handler),
+                );
+                ctx.runtime.spawn_detached(serve);
+            }
+            Err(refusal) => ctx.runtime.spawn_detached(refuse(stream, refusal)),
+        }
+        taken += 1;
+    }
+    if taken > 0 {
+        log::debug!("took {taken} connections from the backlog at shutdown");
     }
 }
 
@@ -272,14 +337,17 @@ impl<T: trillium::Transport> trillium::Transport for Boxed<T> {
 }
 
 /// Drives one admitted connection until it closes, is shed, or the listener shuts down.
-async fn serve_connection<H: Handler>(
+/// `drain` (a guard on `ctx.shutdown`) makes the drain wait for the connection's requests;
+/// it is released before a WebSocket takes over the connection.
+async fn serve_connection<H: Handler, D>(
     ctx: Arc<Context>,
     stream: async_net::TcpStream,
-    ip: IpAddr,
     guard: ConnectionGuard,
+    drain: D,
     http: Arc<HttpContext>,
     handler: Arc<H>,
 ) {
+    let ip = guard.tracked().ip();
     let _ = stream.set_nodelay(true);
     // A second handle on the socket, to answer after trillium-http has given up on it.
     let writer = stream.clone();
@@ -291,32 +359,47 @@ async fn serve_connection<H: Handler>(
     )));
     let shed = async {
         guard.shed().await;
-        ctx.metrics.count_error(ErrorKind::ConnectionShed);
-        log::debug!("closing connection from {ip}: shed under memory pressure");
+        if guard.tracked().evicted() {
+            ctx.metrics.count_error(ErrorKind::ConnectionEvicted);
+            log::debug!("closing connection from {ip}: evicted at the connection limit");
+        } else {
+            ctx.metrics.count_error(ErrorKind::ConnectionShed);
+            log::debug!("closing connection from {ip}: shed under memory pressure");
+        }
     };
-    drive(&ctx, transport, writer, ip, &guard, &http, &handler)
+    drive(&ctx, transport, writer, &guard, drain, &http, &handler)
         .or(shed)
         .await;
 }
 
-async fn drive<H: Handler>(
+async fn drive<H: Handler, D>(
     ctx: &Context,
     mut transport: ConnectionTransport,
     writer: async_net::TcpStream,
-    ip: IpAddr,
     guard: &ConnectionGuard,
+    drain: D,
     http: &Arc<HttpContext>,
     handler: &Arc<H>,
 ) {
     let tracked = guard.tracked();
-    // Like trillium-http's own first read, waiting for a first byte ends at shutdown.
-    let peek = match http
-        .swansong()
-        .interrupt(peek_preface(&mut transport))
+    let ip = tracked.ip();
+    // Waiting for a first byte ends at shutdown, but not at once: a client whose connection
+    // was accepted is sending its request, and closing now would reset it.
+    let shut_down = async {
+        ctx.shutdown.interrupt(std::future::pending::<()>()).await;
+        Timer::after(FIRST_REQUEST_GRACE).await;
+        None
+    };
+    let peek = match async { Some(peek_preface(&mut transport).await) }
+        .or(shut_down)
         .await
     {
         None => return,
         Some(Ok(peek)) => peek,
+        Some(Err(error)) if request_target::is_request_line_too_long(&error) => {
+            answer_uri_too_long(ctx, writer, ip).await;
+            return;
+        }
         Some(Err(error)) => {
             if error.kind() == io::ErrorKind::TimedOut {
                 count_timeout(ctx, Some(tracked.phase()));
@@ -349,9 +432,19 @@ async fn drive<H: Handler>(
             let conn = Conn::from(conn);
             let conn = handler.run(conn).await;
             let conn = handler.before_send(conn).await;
-            let conn = conn.into_inner();
+            let mut conn = conn.into_inner();
+            // From the start of the drain every response closes its connection, so that no
+            // client sends another request on a connection about to close (trillium-http does
+            // so itself only once the listeners stop, after WebSockets have closed).
+            if ctx.phase() == readiness::Phase::Draining && !conn.should_upgrade() {
+                conn.response_headers_mut()
+                    .insert(KnownHeaderName::Connection, "close");
+            }
             // Marked before the 101 is written: once the client sees it, the connection is a
             // WebSocket and must never look idle (and sheddable) to the memory monitor.
+            // The response is written after this returns: until the next read, the connection
+            // is not idle, whatever its phase says (see `DeadlineTransport`).
+            tracked.set_responding(true);
             tracked.set_phase(if conn.should_upgrade() {
                 Phase::Upgraded
             } else {
@@ -364,6 +457,8 @@ async fn drive<H: Handler>(
 
     match result {
         Ok(Some(upgrade)) => {
+            // A WebSocket, which `closing` ends: the drain does not wait for it.
+            drop(drain);
             tracked.set_phase(Phase::Upgraded);
             let mut upgrade = trillium::Upgrade::from(upgrade);
             // The WebSocket charges the messages it assembles to this connection.
@@ -392,6 +487,11 @@ async fn drive<H: Handler>(
             );
             write_and_close(writer, &response).await;
         }
+        Err(trillium_http::Error::Io(error))
+            if request_target::is_request_line_too_long(&error) =>
+        {
+            answer_uri_too_long(ctx, writer, ip).await;
+        }
         Err(trillium_http::Error::Io(error)) => {
             // A timeout while a head or body was arriving is that phase's deadline (whole or
             // stalled); any other I/O error means the peer left.
@@ -414,6 +514,22 @@ async fn drive<H: Handler>(
 fn count_malformed(ctx: &Context, ip: IpAddr, kind: ErrorKind) {
     ctx.metrics.count_error(kind);
     ctx.client_faults.malformed(ip, kind);
+}
+
+/// Answers a request line longer than the head limit with a JSON 414 and closes.
+async fn answer_uri_too_long(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
+    count_malformed(ctx, ip, ErrorKind::UriTooLong);
+    log::debug!("request line from {ip} too long; answering 414");
+    let response = json_response(
+        414,
+        "URI Too Long",
+        "uri_too_long",
+        &format!(
+            "the request line is longer than the server accepts ({} bytes)",
+            request_target::MAX_LINE
+        ),
+    );
+    write_and_close(writer, &response).await;
 }
 
 fn count_timeout(ctx: &Context, expired: Option<Phase>) {
@@ -461,7 +577,7 @@ async fn peek_preface<T: futures_lite::AsyncRead + Unpin>(
     transport: &mut T,
 ) -> io::Result<Vec<u8>> {
     // The peeked bytes start the buffer trillium-http reads the head into; its capacity is
-    // where that buffer's growth starts (see `deadline::MAX_HEAD_READS`).
+    // where that buffer's growth starts (see `deadline::HeadReads`).
     let mut peek = [0u8; HTTP2_PREFACE.len()];
     let mut filled = 0;
     while filled < peek.len() {

@@ -86,11 +86,16 @@ pub enum ErrorKind {
     StateWrite,
     /// A request came from a client blocked after repeated failed authentications (429).
     AuthThrottled,
+    /// A request line was longer than the head limit (answered 414).
+    UriTooLong,
+    /// A connection with an incomplete head (or none yet) was closed at `max_connections` to
+    /// make room for a new one.
+    ConnectionEvicted,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 25] = [
+    pub const ALL: [ErrorKind; 27] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -116,6 +121,8 @@ impl ErrorKind {
         ErrorKind::ConnectionShed,
         ErrorKind::StateWrite,
         ErrorKind::AuthThrottled,
+        ErrorKind::UriTooLong,
+        ErrorKind::ConnectionEvicted,
     ];
 
     /// Returns the label value.
@@ -146,6 +153,8 @@ impl ErrorKind {
             ErrorKind::ConnectionShed => "connection_shed",
             ErrorKind::StateWrite => "state_write",
             ErrorKind::AuthThrottled => "auth_throttled",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::ConnectionEvicted => "connection_evicted",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Absolute-form request targets (`GET http://host/health HTTP/1.1`) turned into origin form
-//! before trillium-http parses them.
+//! before trillium-http parses them, and request lines longer than the head limit refused with
+//! their own error (answered 414 by the listener).
 //!
 //! RFC 9112 §3.2.2 says a server must accept the absolute form and ignore `Host` in favour of
 //! the target's authority. trillium-http 1.6.1 refuses such a request with 400 whenever the
@@ -10,7 +11,7 @@
 //! they are. It does not validate anything else: the parser does.
 
 use std::{
-    io,
+    fmt, io,
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
@@ -22,8 +23,38 @@ use trillium::Transport;
 
 use crate::connection::{Phase, Tracked};
 
-/// A request line longer than this is passed through untouched (the parser will refuse it).
-const MAX_LINE: usize = 8 * 1024;
+/// The longest request line, CRLF included: the parser's whole head limit (trillium-http's
+/// `head_max_len`, 8 KiB). A longer one ends the connection with [`RequestLineTooLong`], which
+/// the listener answers with 414 rather than the parser's 431.
+pub(crate) const MAX_LINE: usize = 8 * 1024;
+
+/// The error a request line longer than [`MAX_LINE`] fails its read with.
+#[derive(Debug)]
+pub(crate) struct RequestLineTooLong;
+
+impl fmt::Display for RequestLineTooLong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request line longer than {MAX_LINE} bytes")
+    }
+}
+
+impl std::error::Error for RequestLineTooLong {}
+
+/// Returns whether `error` is a [`RequestLineTooLong`].
+pub(crate) fn is_request_line_too_long(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<RequestLineTooLong>())
+}
+
+fn request_line_too_long() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, RequestLineTooLong)
+}
+
+/// Returns whether a request line of `length` bytes (CRLF excluded) cannot fit in a head.
+fn too_long(length: usize) -> bool {
+    length + 2 > MAX_LINE
+}
 
 /// Rewrites absolute-form request targets to origin form; see the module docs.
 #[derive(Debug)]
@@ -137,6 +168,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
                 let received = buf.get(..read).unwrap_or_default();
                 let end = received.windows(2).position(|pair| pair == b"\r\n");
                 match end.and_then(|end| received.get(..end)) {
+                    Some(line) if too_long(line.len()) => {
+                        return Poll::Ready(Err(request_line_too_long()));
+                    }
                     Some(line) if origin_form(line).is_none() => {
                         this.line_taken_at = Some(requests);
                         return Poll::Ready(Ok(read));
@@ -150,7 +184,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
             let mut chunk = [0u8; 1024];
             loop {
                 let end = this.line.windows(2).position(|pair| pair == b"\r\n");
-                if end.is_some() || this.line.len() > MAX_LINE {
+                if too_long(end.unwrap_or(this.line.len())) {
+                    this.line = Vec::new();
+                    return Poll::Ready(Err(request_line_too_long()));
+                }
+                if end.is_some() {
                     return Poll::Ready(Ok(this.take_line(end, requests, buf)));
                 }
                 let read = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
