@@ -470,8 +470,10 @@ fn resident_memory_over_the_limit_purges_and_reports_degraded() {
     daemon.stop();
 }
 
-/// A child daemon under `ulimit -n 256`, flooded past its file-descriptor limit: it backs off
-/// instead of spinning, logs the episode once, counts it, and serves again afterwards.
+/// A child daemon whose file-descriptor limit drops to 256 while it runs (as `prlimit` would
+/// do), flooded past it: it backs off instead of spinning, logs the episode once, counts it,
+/// and serves again afterwards. The limit is lowered after start, because at start the daemon
+/// fits `max_connections` to the limit and would never reach it.
 #[test]
 #[cfg(target_os = "linux")]
 fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
@@ -480,7 +482,7 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     let port = cli::free_port();
     let dir = cli::temp_dir("fd-limit");
     let path = dir.join("blufio.toml");
-    // max_connections above the fd limit, so the limit and not the cap is what is hit.
+    // max_connections above the lowered fd limit, so the limit and not the cap is what is hit.
     std::fs::write(
         &path,
         format!(
@@ -496,10 +498,7 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
         env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
     );
     let mut child = Command::new("bash")
-        .args([
-            "-c",
-            "ulimit -n 256 && exec $RUNNER \"$0\" serve --config \"$1\"",
-        ])
+        .args(["-c", "exec $RUNNER \"$0\" serve --config \"$1\""])
         .arg(cli::BINARY)
         .arg(&path)
         .env("RUNNER", std::env::var(runner_var).unwrap_or_default())
@@ -527,6 +526,14 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
             break rest.split(' ').next().unwrap().parse().unwrap();
         }
     };
+    let lowered = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: 256,
+    };
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: `lowered` is a valid rlimit and the old-limit pointer may be null.
+    let status = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lowered, std::ptr::null_mut()) };
+    assert_eq!(status, 0, "prlimit: {}", std::io::Error::last_os_error());
     let cpu_seconds = |pid: u32| -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let fields: Vec<&str> = stat
