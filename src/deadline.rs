@@ -10,8 +10,7 @@
 //! A stall deadline alone lets a client drip one byte just before each deadline and hold a
 //! head open for hours, so a transport made with [`DeadlineTransport::tracked`] also enforces
 //! whole-phase deadlines from the connection's [`Tracked`] phase: a head must be complete
-//! within the timeout of its first byte, and a body within the timeout of its head. It also
-//! charges head bytes to the connection registry until the head is parsed.
+//! within the timeout of its first byte, and a body within the timeout of its head.
 
 use std::{
     future::Future,
@@ -174,11 +173,15 @@ impl<T> DeadlineTransport<T> {
     /// taken longer than the timeout in total, however the bytes were spaced.
     fn check_phase(&mut self, cx: &mut TaskContext<'_>) -> Option<io::Error> {
         let tracked = self.tracked.as_ref()?;
-        let phase = tracked.phase();
-        if !matches!(phase, Phase::Head | Phase::Busy) {
-            self.phase = None;
-            return None;
-        }
+        // Reading a body is part of the request's body deadline, which started with its head.
+        let phase = match tracked.phase() {
+            Phase::Head => Phase::Head,
+            Phase::Busy | Phase::Body => Phase::Busy,
+            Phase::Idle | Phase::Upgraded => {
+                self.phase = None;
+                return None;
+            }
+        };
         let timeout = self.timeout;
         let started = match self.phase {
             Some((current, started)) if current == phase => started,
@@ -252,11 +255,9 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
                 // The first byte of a request starts its head, and with it the head deadline.
                 Phase::Idle => {
                     tracked.set_phase(Phase::Head);
-                    tracked.add_head_bytes(*read as u64);
                     this.head_reads = 1;
                 }
                 Phase::Head => {
-                    tracked.add_head_bytes(*read as u64);
                     this.head_reads += 1;
                     if this.head_reads > MAX_HEAD_READS {
                         log::debug!("closing connection: request head in too many pieces");
@@ -267,7 +268,7 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
                         )));
                     }
                 }
-                Phase::Busy | Phase::Upgraded => {}
+                Phase::Busy | Phase::Body | Phase::Upgraded => {}
             }
         }
         with_deadline(result, &mut this.read_deadline, this.timeout, cx, "read")
