@@ -646,7 +646,10 @@ mod tests {
         tracked.set_phase(Phase::Head);
         tracked.note_read_buffer(1024);
         tracked.note_read_buffer(24);
-        assert_eq!(tracked.memory_bytes(), fixed_cost(Phase::Head, false) + 1024);
+        assert_eq!(
+            tracked.memory_bytes(),
+            fixed_cost(Phase::Head, false) + 1024
+        );
         tracked.set_phase(Phase::Busy);
         tracked.set_phase(Phase::Idle);
         assert_eq!(tracked.memory_bytes(), fixed_cost(Phase::Idle, true) + 1024);

@@ -205,7 +205,9 @@ fn json_response(status: u16, reason: &str, code: &str, message: &str) -> Vec<u8
 /// The transport stack of one connection (request-line rewriting over the deadlines over the
 /// socket), behind one pointer.
 type ConnectionTransport = Boxed<
-    ReadBufferTransport<RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>>,
+    ReadBufferTransport<
+        RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>,
+    >,
 >;
 
 /// A transport behind a `Box`. trillium-http keeps its transport by value in each nested

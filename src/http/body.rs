@@ -171,12 +171,9 @@ mod tests {
     fn the_buffer_grows_with_the_bytes_received_not_the_limit() {
         let mut charge = MemoryCharge::new(None);
         let input = vec![b'x'; 3000];
-        let read = futures_lite::future::block_on(read_bounded(
-            input.as_slice(),
-            1 << 20,
-            &mut charge,
-        ))
-        .unwrap();
+        let read =
+            futures_lite::future::block_on(read_bounded(input.as_slice(), 1 << 20, &mut charge))
+                .unwrap();
         assert_eq!(read.len(), 3000);
         assert!(read.capacity() <= 2 * 3000, "{}", read.capacity());
         let empty: &[u8] = &[];
@@ -189,12 +186,9 @@ mod tests {
     fn more_than_the_limit_is_refused_while_reading() {
         let mut charge = MemoryCharge::new(None);
         let input = vec![b'x'; 5000];
-        let error = futures_lite::future::block_on(read_bounded(
-            input.as_slice(),
-            4096,
-            &mut charge,
-        ))
-        .unwrap_err();
+        let error =
+            futures_lite::future::block_on(read_bounded(input.as_slice(), 4096, &mut charge))
+                .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::FileTooLarge);
     }
 }

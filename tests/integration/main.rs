@@ -7,6 +7,7 @@ mod cli;
 mod fake_provider;
 mod gateway;
 mod health;
+mod hostile_connections;
 mod hostile_input;
 mod hostile_transport;
 mod isolation;
