@@ -59,6 +59,10 @@ pub(crate) async fn http_context(ctx: &Context, handler: &mut impl Handler) -> A
     let mut http_config = HttpConfig::default();
     // Bodies above the limit are refused while being read, never buffered whole.
     http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
+    // trillium-http's `read_bytes` would reserve a declared length (up to 1 MiB) before a byte
+    // arrives; `http/body.rs` reads with its own growing buffer, and this keeps any other
+    // reader from reserving more than one small allocation for a length merely declared.
+    http_config.set_received_body_max_preallocate(1024);
     // Header maps are allocated per connection at this size and kept while it is open; the
     // default (32 + 32) costs about 20 KiB per idle keep-alive connection. Probes and API
     // clients send and get fewer than ten headers; larger requests grow the map as needed.
