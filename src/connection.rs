@@ -25,11 +25,11 @@ use metrics::Gauge;
 /// and the registry entry.
 ///
 /// This and the costs below are the rise of jemalloc's `stats.allocated` over 1,000
-/// connections held in each state against a debug build, less the read buffer charged
-/// separately, rounded up (a release build holds less, so they over-charge it a little):
-/// open with no byte 11.7 KB; a partial head 17.0 KB, or 32.9 KB with a 6,000-byte header (an
-/// 8 KiB buffer); idle kept-alive 17.7 KB, 17.9 KB once its next head has started; reading a
-/// declared 64 KiB body of which nothing arrived 24.7 KB.
+/// connections held in each state, less the read buffer charged separately, rounded up; debug
+/// and release builds measured within 2% of each other: open with no byte 11.7 KB; a partial
+/// head 17.0 KB, or 32.9 KB with a 6,000-byte header (an 8 KiB buffer); idle kept-alive
+/// 17.7 KB, 18.0 KB once its next head has started; reading a declared 64 KiB body of which
+/// nothing arrived 24.8 KB.
 pub const CONNECTION_BASE_BYTES: u64 = 12 * 1024;
 
 /// Heap a connection holds from the first byte of a request head on, beyond its base and its
