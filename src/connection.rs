@@ -60,8 +60,8 @@ pub const PROBE_RESERVE: usize = 16;
 /// allocator) when `max_connections` is derived from the soft limit.
 pub const FD_HEADROOM: u64 = 64;
 
-/// The derived default never exceeds this: about 50 MiB of idle connections at the costs above,
-/// which a 1 GB VPS can afford.
+/// The derived default never exceeds this: 48 to 72 MiB of idle connections at the costs
+/// above, which a 1 GB VPS can afford.
 pub const MAX_DERIVED_CONNECTIONS: u64 = 4096;
 
 /// Returns the default `max_connections` for a file-descriptor soft limit: the limit minus
