@@ -21,10 +21,38 @@ use std::{
 
 use metrics::Gauge;
 
-/// Heap charged to every open connection besides its buffered head bytes: the request buffer,
-/// the connection task and the transport. Measured: 2,000 connections each holding a partial
-/// head raised jemalloc's `stats.allocated` by about 20 KB apiece (issue 7).
-pub const CONNECTION_COST_BYTES: u64 = 20 * 1024;
+/// Heap every open connection holds before any request byte arrives: the connection task (its
+/// future, with trillium-http's nested keep-alive futures inline), the boxed transport stack
+/// and the registry entry.
+///
+/// This and the costs below are the rise of jemalloc's `stats.allocated` over 1,000
+/// connections held in each state, less the read buffer charged separately, rounded up; debug
+/// and release builds measured within 2% of each other: open with no byte 11.7 KB; a partial
+/// head 17.0 KB, or 32.9 KB with a 6,000-byte header (an 8 KiB buffer); idle kept-alive
+/// 17.7 KB, 18.0 KB once its next head has started; reading a declared 64 KiB body of which
+/// nothing arrived 24.8 KB.
+pub const CONNECTION_BASE_BYTES: u64 = 12 * 1024;
+
+/// Heap a connection holds from the first byte of a request head on, beyond its base and its
+/// read buffer: trillium-http's parsing state and header maps, which it keeps between
+/// keep-alive requests.
+pub const HEAD_STATE_BYTES: u64 = 6 * 1024;
+
+/// Heap a connection holds while a request runs (and under a WebSocket), beyond its base and
+/// its read buffer: the parsed `Conn`, its header maps and state, the handler's future.
+pub const REQUEST_STATE_BYTES: u64 = 12 * 1024;
+
+/// Returns the fixed part of a connection's charge in `phase` (`served`: it has answered a
+/// request before): what it holds besides its read buffer and explicit charges (body and
+/// WebSocket buffers), from the measurements above.
+pub fn fixed_cost(phase: Phase, served: bool) -> u64 {
+    CONNECTION_BASE_BYTES
+        + match (phase, served) {
+            (Phase::Idle, false) => 0,
+            (Phase::Idle | Phase::Head, _) => HEAD_STATE_BYTES,
+            (Phase::Busy | Phase::Body | Phase::Upgraded, _) => REQUEST_STATE_BYTES,
+        }
+}
 
 /// Connections the probe listener may open beyond the gateway's share of `max_connections`.
 pub const PROBE_RESERVE: usize = 16;
@@ -38,8 +66,8 @@ pub const EVICTION_SLACK: usize = 16;
 /// allocator) when `max_connections` is derived from the soft limit.
 pub const FD_HEADROOM: u64 = 64;
 
-/// The derived default never exceeds this: about 80 MiB of connection memory at the cost above,
-/// which a 1 GB VPS can afford.
+/// The derived default never exceeds this: 48 to 72 MiB of idle connections at the costs
+/// above, which a 1 GB VPS can afford.
 pub const MAX_DERIVED_CONNECTIONS: u64 = 4096;
 
 /// Returns the default `max_connections` for a file-descriptor soft limit: the limit minus
@@ -92,9 +120,19 @@ pub enum Phase {
     Busy = 2,
     /// Upgraded to a WebSocket; only the stall deadline (and pings) apply.
     Upgraded = 3,
+    /// A handler is reading the request body: as much an incomplete request as a partial
+    /// head, so it is shed with them. The body deadline that started with [`Phase::Busy`]
+    /// runs on.
+    Body = 4,
 }
 
 /// One open connection as the registry and the memory monitor see it.
+///
+/// Its memory charge has three parts: a fixed cost for its phase ([`fixed_cost`]), the read
+/// buffer trillium-http holds for it (as observed by the transport), and explicit charges
+/// from handlers for the buffers they hold (a request body, WebSocket frames). Charges come
+/// from the connection's own task; once the connection has left the registry they are
+/// ignored, so a buffer dropped after its connection cannot unbalance the total.
 #[derive(Debug)]
 pub struct Tracked {
     id: u64,
@@ -102,8 +140,11 @@ pub struct Tracked {
     evicted: AtomicBool,
     responding: AtomicBool,
     phase: AtomicU8,
-    head_bytes: AtomicU64,
     requests: AtomicU64,
+    fixed_bytes: AtomicU64,
+    buffer_bytes: AtomicU64,
+    charged_bytes: AtomicU64,
+    closed: AtomicBool,
     registry: Arc<Shared>,
     shed: async_channel::Sender<()>,
 }
@@ -115,6 +156,7 @@ impl Tracked {
             1 => Phase::Head,
             2 => Phase::Busy,
             3 => Phase::Upgraded,
+            4 => Phase::Body,
             _ => Phase::Idle,
         }
     }
@@ -145,35 +187,120 @@ impl Tracked {
         self.requests.load(Ordering::Acquire)
     }
 
-    /// Moves to `phase`; leaving the head phase releases the head bytes it was charged.
+    /// Moves to `phase`, and to the fixed charge that goes with it.
     pub fn set_phase(&self, phase: Phase) {
-        if phase == Phase::Busy {
+        let served = if phase == Phase::Busy {
             self.requests.fetch_add(1, Ordering::AcqRel);
+            true
+        } else {
+            self.requests() > 0
+        };
+        self.phase.store(phase as u8, Ordering::Release);
+        self.set_part(&self.fixed_bytes, fixed_cost(phase, served));
+    }
+
+    /// Records that the buffer the connection's request heads are read into has (at least)
+    /// `capacity` bytes. trillium-http grows that buffer and never shrinks it while the
+    /// connection lives, so the charge only ever rises.
+    pub fn note_read_buffer(&self, capacity: u64) {
+        if capacity > self.buffer_bytes.load(Ordering::Acquire) {
+            self.set_part(&self.buffer_bytes, capacity);
         }
-        let previous = self.phase.swap(phase as u8, Ordering::AcqRel);
-        if previous == Phase::Head as u8 && phase != Phase::Head {
-            let released = self.head_bytes.swap(0, Ordering::AcqRel);
-            self.registry.release_bytes(released);
+    }
+
+    /// Charges `bytes` of heap that a handler holds for this connection (a body being read,
+    /// WebSocket buffers). Pair every charge with a [`Tracked::release`], or use a
+    /// [`MemoryCharge`].
+    pub fn charge(&self, bytes: u64) {
+        if bytes == 0 || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        self.charged_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.registry.add(bytes);
+    }
+
+    /// Releases `bytes` charged with [`Tracked::charge`].
+    pub fn release(&self, bytes: u64) {
+        if bytes == 0 || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let previous = self
+            .charged_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held.saturating_sub(bytes))
+            })
+            .unwrap_or(0);
+        self.registry.subtract(previous.min(bytes));
+    }
+
+    /// Returns the heap this connection is charged for, in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.fixed_bytes.load(Ordering::Acquire)
+            + self.buffer_bytes.load(Ordering::Acquire)
+            + self.charged_bytes.load(Ordering::Acquire)
+    }
+
+    fn set_part(&self, part: &AtomicU64, bytes: u64) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let previous = part.swap(bytes, Ordering::AcqRel);
+        if bytes > previous {
+            self.registry.add(bytes - previous);
+        } else {
+            self.registry.subtract(previous - bytes);
         }
     }
 
-    /// Charges `bytes` of a request head that trillium buffers until the head is complete.
-    pub fn add_head_bytes(&self, bytes: u64) {
-        self.head_bytes.fetch_add(bytes, Ordering::AcqRel);
-        self.registry.charge_bytes(bytes);
-    }
-
-    /// Charges `bytes` the connection holds outside a head (a WebSocket message being
-    /// assembled); the caller releases them with [`Tracked::release_bytes`].
-    pub fn charge_bytes(&self, bytes: u64) {
-        self.registry.charge_bytes(bytes);
-    }
-
-    /// Releases `bytes` charged with [`Tracked::charge_bytes`].
-    pub fn release_bytes(&self, bytes: u64) {
-        self.registry.release_bytes(bytes);
+    /// Leaves the registry's memory total: everything charged is released, later charges are
+    /// ignored.
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let held = self.fixed_bytes.swap(0, Ordering::AcqRel)
+            + self.buffer_bytes.swap(0, Ordering::AcqRel)
+            + self.charged_bytes.swap(0, Ordering::AcqRel);
+        self.registry.subtract(held);
     }
 }
+
+/// Heap charged to a connection for one growing buffer, released when dropped.
+#[derive(Debug)]
+pub struct MemoryCharge {
+    tracked: Option<Arc<Tracked>>,
+    bytes: u64,
+}
+
+impl MemoryCharge {
+    /// Starts charging to `tracked` (nothing is charged without a connection).
+    pub fn new(tracked: Option<Arc<Tracked>>) -> MemoryCharge {
+        MemoryCharge { tracked, bytes: 0 }
+    }
+
+    /// Sets the charge to `bytes` (a buffer's capacity after it grew or shrank).
+    pub fn set(&mut self, bytes: u64) {
+        if let Some(tracked) = &self.tracked {
+            if bytes > self.bytes {
+                tracked.charge(bytes - self.bytes);
+            } else {
+                tracked.release(self.bytes - bytes);
+            }
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for MemoryCharge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
+/// A connection's memory account as request handlers find it in the conn's state (see
+/// `listener.rs`), to charge the buffers they hold for it.
+#[derive(Debug, Clone)]
+pub struct ConnectionMemory(pub Arc<Tracked>);
 
 /// Holds a connection's place in the registry; dropping it releases the place.
 #[derive(Debug)]
@@ -198,7 +325,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.tracked.set_phase(Phase::Idle);
+        self.tracked.close();
         self.tracked
             .registry
             .leave(self.tracked.id, self.key, self.tracked.evicted());
@@ -251,7 +378,7 @@ impl Counts {
                 Phase::Head => 0,
                 Phase::Idle if tracked.requests() == 0 => 0,
                 Phase::Idle => 1,
-                Phase::Busy | Phase::Upgraded => continue,
+                Phase::Busy | Phase::Body | Phase::Upgraded => continue,
             };
             let count = self.per_ip.get(&tracked.key).copied().unwrap_or(0);
             let better = best.is_none_or(|(best_count, best_rank, _)| {
@@ -270,7 +397,10 @@ impl Counts {
 
 struct Shared {
     counts: Mutex<Counts>,
-    head_bytes: AtomicU64,
+    /// Heap charged to all open connections.
+    bytes: AtomicU64,
+    /// The highest `bytes` since the memory monitor last asked ([`Connections::take_peak`]).
+    peak: AtomicU64,
     open_gauge: Gauge,
     memory_gauge: Gauge,
 }
@@ -278,7 +408,7 @@ struct Shared {
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
-            .field("head_bytes", &self.head_bytes)
+            .field("bytes", &self.bytes)
             .finish_non_exhaustive()
     }
 }
@@ -292,32 +422,30 @@ impl Shared {
         }
     }
 
-    fn charge_bytes(&self, bytes: u64) {
-        self.head_bytes.fetch_add(bytes, Ordering::AcqRel);
-        self.publish_memory(self.lock().total);
+    fn add(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let total = self
+            .bytes
+            .fetch_add(bytes, Ordering::AcqRel)
+            .saturating_add(bytes);
+        self.peak.fetch_max(total, Ordering::AcqRel);
+        self.memory_gauge.set(total as f64);
     }
 
-    fn release_bytes(&self, bytes: u64) {
+    fn subtract(&self, bytes: u64) {
         if bytes == 0 {
             return;
         }
         // Saturating: a release never exceeds what was charged, but stay safe if it did.
-        let _ = self
-            .head_bytes
+        let previous = self
+            .bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                 Some(held.saturating_sub(bytes))
-            });
-        self.publish_memory(self.lock().total);
-    }
-
-    fn memory_bytes(&self, open: usize) -> u64 {
-        (open as u64)
-            .saturating_mul(CONNECTION_COST_BYTES)
-            .saturating_add(self.head_bytes.load(Ordering::Acquire))
-    }
-
-    fn publish_memory(&self, open: usize) {
-        self.memory_gauge.set(self.memory_bytes(open) as f64);
+            })
+            .unwrap_or(0);
+        self.memory_gauge.set(previous.saturating_sub(bytes) as f64);
     }
 
     fn leave(&self, id: u64, key: (Listener, IpAddr), evicted: bool) {
@@ -343,7 +471,6 @@ impl Shared {
             counts.total
         };
         self.open_gauge.set(total as f64);
-        self.publish_memory(total);
     }
 }
 
@@ -385,7 +512,8 @@ impl Connections {
         Connections {
             shared: Arc::new(Shared {
                 counts: Mutex::new(Counts::default()),
-                head_bytes: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                peak: AtomicU64::new(0),
                 open_gauge,
                 memory_gauge,
             }),
@@ -428,8 +556,14 @@ impl Connections {
 
     /// Returns the heap charged to open connections, in bytes.
     pub fn memory_bytes(&self) -> u64 {
-        let open = self.shared.lock().total;
-        self.shared.memory_bytes(open)
+        self.shared.bytes.load(Ordering::Acquire)
+    }
+
+    /// Returns the highest heap charged to connections since the previous call (or since
+    /// start), and starts the next period at the current charge.
+    pub fn take_peak(&self) -> u64 {
+        let now = self.shared.bytes.load(Ordering::Acquire);
+        self.shared.peak.swap(now, Ordering::AcqRel).max(now)
     }
 
     /// Admits a connection from `ip` on `listener`, or refuses it.
@@ -521,16 +655,19 @@ impl Connections {
             evicted: AtomicBool::new(false),
             responding: AtomicBool::new(false),
             phase: AtomicU8::new(Phase::Idle as u8),
-            head_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            fixed_bytes: AtomicU64::new(0),
+            buffer_bytes: AtomicU64::new(0),
+            charged_bytes: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
             registry: Arc::clone(&self.shared),
             shed: sender,
         });
         counts.open.insert(id, Arc::clone(&tracked));
         let total = counts.total;
         drop(counts);
+        tracked.set_phase(Phase::Idle);
         self.shared.open_gauge.set(total as f64);
-        self.shared.publish_memory(total);
         (
             Ok(ConnectionGuard {
                 tracked,
@@ -541,22 +678,25 @@ impl Connections {
         )
     }
 
-    /// Closes connections until about `bytes` of charged memory is freed: first those with
-    /// an incomplete head, oldest first, then idle kept-alive ones, oldest first. Connections
-    /// running a request or a WebSocket are left alone. Returns how many were closed.
+    /// Closes connections until about `bytes` of charged memory is freed: first incomplete
+    /// requests (a partial head, or a body being read), oldest first, then idle kept-alive
+    /// ones, oldest first. Connections running a handler or a WebSocket are left alone.
+    /// Returns how many were closed.
     pub fn shed(&self, bytes: u64) -> usize {
         let counts = self.shared.lock();
         let mut freed = 0u64;
         let mut closed = 0;
-        for wanted in [Phase::Head, Phase::Idle] {
+        let incomplete = |tracked: &Tracked| matches!(tracked.phase(), Phase::Head | Phase::Body);
+        // A connection writing its response (a streamed reply) looks idle until its next
+        // read, but is not.
+        let idle = |tracked: &Tracked| tracked.phase() == Phase::Idle && !tracked.responding();
+        for wanted in [&incomplete as &dyn Fn(&Tracked) -> bool, &idle] {
             for tracked in counts.open.values() {
                 if freed >= bytes {
                     return closed;
                 }
-                if tracked.phase() == wanted && !tracked.shed.is_closed() {
-                    freed = freed.saturating_add(
-                        CONNECTION_COST_BYTES + tracked.head_bytes.load(Ordering::Acquire),
-                    );
+                if wanted(tracked) && !tracked.shed.is_closed() {
+                    freed = freed.saturating_add(tracked.memory_bytes());
                     tracked.shed.close();
                     closed += 1;
                 }
@@ -686,28 +826,90 @@ mod tests {
     fn dropping_a_guard_releases_its_place_and_memory() {
         let connections = registry(1, 1);
         let guard = connections.admit(Listener::Probes, IP).0.unwrap();
+        assert_eq!(connections.memory_bytes(), CONNECTION_BASE_BYTES);
         guard.tracked().set_phase(Phase::Head);
-        guard.tracked().add_head_bytes(100);
-        assert_eq!(connections.memory_bytes(), CONNECTION_COST_BYTES + 100);
+        guard.tracked().note_read_buffer(512);
+        guard.tracked().charge(100);
+        assert_eq!(
+            connections.memory_bytes(),
+            CONNECTION_BASE_BYTES + HEAD_STATE_BYTES + 512 + 100
+        );
         assert!(connections.admit(Listener::Probes, IP).0.is_err());
+        let tracked = Arc::clone(guard.tracked());
         drop(guard);
+        assert_eq!(connections.memory_bytes(), 0);
+        // A buffer released after its connection closed leaves the total alone.
+        tracked.release(100);
+        tracked.charge(50);
         assert_eq!(connections.memory_bytes(), 0);
         assert!(connections.admit(Listener::Probes, IP).0.is_ok());
     }
 
     #[test]
-    fn shedding_closes_incomplete_heads_oldest_first_and_spares_busy_ones() {
+    fn the_read_buffer_charge_only_grows_and_phases_set_the_fixed_part() {
+        let connections = registry(2, 2);
+        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
+        let tracked = guard.tracked();
+        tracked.set_phase(Phase::Head);
+        tracked.note_read_buffer(1024);
+        tracked.note_read_buffer(24);
+        assert_eq!(
+            tracked.memory_bytes(),
+            fixed_cost(Phase::Head, false) + 1024
+        );
+        tracked.set_phase(Phase::Busy);
+        tracked.set_phase(Phase::Idle);
+        assert_eq!(tracked.memory_bytes(), fixed_cost(Phase::Idle, true) + 1024);
+        assert_eq!(connections.memory_bytes(), tracked.memory_bytes());
+    }
+
+    #[test]
+    fn a_memory_charge_follows_its_buffer_and_is_released_on_drop() {
+        let connections = registry(1, 1);
+        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
+        let base = connections.memory_bytes();
+        let mut charge = MemoryCharge::new(Some(Arc::clone(guard.tracked())));
+        charge.set(4096);
+        charge.set(8192);
+        assert_eq!(connections.memory_bytes(), base + 8192);
+        charge.set(1024);
+        assert_eq!(connections.memory_bytes(), base + 1024);
+        drop(charge);
+        assert_eq!(connections.memory_bytes(), base);
+    }
+
+    #[test]
+    fn the_peak_covers_connections_closed_since_the_last_look() {
+        let connections = registry(10, 10);
+        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
+        guard.tracked().charge(1 << 20);
+        let held = connections.memory_bytes();
+        assert_eq!(connections.take_peak(), held);
+        drop(guard);
+        assert_eq!(connections.memory_bytes(), 0);
+        assert_eq!(connections.take_peak(), held, "closed since the last look");
+        assert_eq!(connections.take_peak(), 0);
+    }
+
+    #[test]
+    fn shedding_closes_incomplete_requests_oldest_first_and_spares_busy_ones() {
         let connections = registry(10, 10);
         let busy = connections.admit(Listener::Gateway, IP).0.unwrap();
         busy.tracked().set_phase(Phase::Busy);
-        let old_head = connections.admit(Listener::Gateway, IP).0.unwrap();
-        old_head.tracked().set_phase(Phase::Head);
+        let idle = connections.admit(Listener::Gateway, IP).0.unwrap();
+        let old_body = connections.admit(Listener::Gateway, IP).0.unwrap();
+        old_body.tracked().set_phase(Phase::Busy);
+        old_body.tracked().set_phase(Phase::Body);
         let new_head = connections.admit(Listener::Gateway, IP).0.unwrap();
         new_head.tracked().set_phase(Phase::Head);
         assert_eq!(connections.shed(1), 1);
-        assert!(old_head.tracked().shed.is_closed());
+        assert!(old_body.tracked().shed.is_closed());
         assert!(!new_head.tracked().shed.is_closed());
+        assert_eq!(connections.shed(1), 1);
+        assert!(new_head.tracked().shed.is_closed());
+        assert!(!idle.tracked().shed.is_closed(), "idle ones go last");
         assert_eq!(connections.shed(u64::MAX), 1);
+        assert!(idle.tracked().shed.is_closed());
         assert!(!busy.tracked().shed.is_closed());
     }
 }

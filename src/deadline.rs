@@ -11,8 +11,7 @@
 //! head open for hours, so a transport made with [`DeadlineTransport::tracked`] also enforces
 //! whole-phase deadlines from the connection's [`Tracked`] phase: a head must be complete
 //! within the timeout of its first byte, and a body within the timeout of its head. It also
-//! charges head bytes to the connection registry until the head is parsed, and returns the
-//! pieces of a head to the parser so that its buffer grows only with bytes received
+//! returns the pieces of a head to the parser so that its buffer grows only with bytes received
 //! ([`HeadReads`]): heads are bounded by bytes and time, not by how they are split.
 
 use std::{
@@ -92,6 +91,8 @@ struct HeadReads {
     content: bool,
     /// Whether an end was already released before any content.
     released_empty: bool,
+    /// The capacity of `staged` charged to the connection.
+    charged: u64,
 }
 
 impl HeadReads {
@@ -224,11 +225,15 @@ impl<T> DeadlineTransport<T> {
     /// taken longer than the timeout in total, however the bytes were spaced.
     fn check_phase(&mut self, cx: &mut TaskContext<'_>) -> Option<io::Error> {
         let tracked = self.tracked.as_ref()?;
-        let phase = tracked.phase();
-        if !matches!(phase, Phase::Head | Phase::Busy) {
-            self.phase = None;
-            return None;
-        }
+        // Reading a body is part of the request's body deadline, which started with its head.
+        let phase = match tracked.phase() {
+            Phase::Head => Phase::Head,
+            Phase::Busy | Phase::Body => Phase::Busy,
+            Phase::Idle | Phase::Upgraded => {
+                self.phase = None;
+                return None;
+            }
+        };
         let timeout = self.timeout;
         let started = match self.phase {
             Some((current, started)) if current == phase => started,
@@ -308,9 +313,6 @@ impl<T: Transport> DeadlineTransport<T> {
             };
             // Bytes arrived: the stall deadline starts again from now.
             self.read_deadline.waiting_since = None;
-            if let Some(tracked) = &self.tracked {
-                tracked.add_head_bytes(read as u64);
-            }
             let received = scratch.get(..read).unwrap_or_default();
             let ended = self.head.scan(received);
             if ended || staged + read == wanted {
@@ -319,10 +321,25 @@ impl<T: Transport> DeadlineTransport<T> {
                     front.copy_from_slice(&self.head.staged);
                 }
                 self.head.staged = Vec::new();
+                self.charge_staged();
                 return Poll::Ready(Ok(staged + read));
             }
             self.head.staged.extend_from_slice(received);
+            self.charge_staged();
         }
+    }
+
+    /// Charges the staged bytes' buffer to the connection, as it grows and when it is freed.
+    fn charge_staged(&mut self) {
+        let capacity = self.head.staged.capacity() as u64;
+        if let Some(tracked) = &self.tracked {
+            if capacity > self.head.charged {
+                tracked.charge(capacity - self.head.charged);
+            } else {
+                tracked.release(self.head.charged - capacity);
+            }
+        }
+        self.head.charged = capacity;
     }
 
     /// Hands over as many staged bytes as fit in `buf`.
@@ -335,6 +352,7 @@ impl<T: Transport> DeadlineTransport<T> {
         if self.head.staged.is_empty() {
             self.head.staged = Vec::new();
         }
+        self.charge_staged();
         count
     }
 }
@@ -370,7 +388,6 @@ impl<T: Transport> AsyncRead for DeadlineTransport<T> {
                 // The first byte of a request starts its head, and with it the head
                 // deadline. This first read is returned as it is: most heads arrive whole.
                 tracked.set_phase(Phase::Head);
-                tracked.add_head_bytes(*read as u64);
                 this.head.start(buf.get(..*read).unwrap_or_default());
             }
             result

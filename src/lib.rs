@@ -49,6 +49,7 @@ pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod provider;
+pub mod read_buffer;
 pub mod readiness;
 pub mod reload;
 pub mod request_target;

@@ -24,10 +24,13 @@ use trillium_http::HttpContext;
 use trillium_smol::{SmolTransport, async_net};
 
 use crate::{
-    connection::{ConnectionGuard, EVICTION_SLACK, Episode, Listener, Phase, Refusal},
+    connection::{
+        ConnectionGuard, ConnectionMemory, EVICTION_SLACK, Episode, Listener, Phase, Refusal,
+    },
     context::Context,
     deadline::{DeadlineTransport, HEAD_BUFFER_INITIAL},
     metrics::ErrorKind,
+    read_buffer::ReadBufferTransport,
     readiness,
     request_target::{self, RequestTargetTransport},
 };
@@ -67,6 +70,10 @@ pub(crate) async fn http_context(ctx: &Context, handler: &mut impl Handler) -> A
     let mut http_config = HttpConfig::default();
     // Bodies above the limit are refused while being read, never buffered whole.
     http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
+    // trillium-http's `read_bytes` would reserve a declared length (up to 1 MiB) before a byte
+    // arrives; `http/body.rs` reads with its own growing buffer, and this keeps any other
+    // reader from reserving more than one small allocation for a length merely declared.
+    http_config.set_received_body_max_preallocate(1024);
     // Header maps are allocated per connection at this size and kept while it is open; the
     // default (32 + 32) costs about 20 KiB per idle keep-alive connection. Probes and API
     // clients send and get fewer than ten headers; larger requests grow the map as needed.
@@ -268,8 +275,11 @@ fn json_response(status: u16, reason: &str, code: &str, message: &str) -> Vec<u8
 
 /// The transport stack of one connection (request-line rewriting over the deadlines over the
 /// socket), behind one pointer.
-type ConnectionTransport =
-    Boxed<RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>>;
+type ConnectionTransport = Boxed<
+    ReadBufferTransport<
+        RequestTargetTransport<DeadlineTransport<SmolTransport<async_net::TcpStream>>>,
+    >,
+>;
 
 /// A transport behind a `Box`. trillium-http keeps its transport by value in each nested
 /// future of a connection's keep-alive loop, and trillium moves it into a fresh `Box` for
@@ -353,8 +363,11 @@ async fn serve_connection<H: Handler, D>(
     let writer = stream.clone();
     let timeout = Duration::from_secs(ctx.config.daemon.request_timeout_secs);
     let tracked = Arc::clone(guard.tracked());
-    let transport = Boxed(Box::new(RequestTargetTransport::new(
-        DeadlineTransport::tracked(SmolTransport::from(stream), timeout, Arc::clone(&tracked)),
+    let transport = Boxed(Box::new(ReadBufferTransport::new(
+        RequestTargetTransport::new(
+            DeadlineTransport::tracked(SmolTransport::from(stream), timeout, Arc::clone(&tracked)),
+            Arc::clone(&tracked),
+        ),
         tracked,
     )));
     let shed = async {
@@ -429,7 +442,13 @@ async fn drive<H: Handler, D>(
         |mut conn| async move {
             tracked.set_phase(Phase::Busy);
             conn.set_peer_ip(peer_ip);
-            let conn = Conn::from(conn);
+            let mut conn = Conn::from(conn);
+            // Handlers that hold buffers for the connection (a body, a WebSocket) charge them
+            // to its account. Only requests that can need one get it: a probe allocates
+            // nothing for it.
+            if carries_body_or_upgrade(conn.request_headers()) {
+                conn.insert_state(ConnectionMemory(Arc::clone(tracked)));
+            }
             let conn = handler.run(conn).await;
             let conn = handler.before_send(conn).await;
             let mut conn = conn.into_inner();
@@ -535,9 +554,18 @@ async fn answer_uri_too_long(ctx: &Context, writer: async_net::TcpStream, ip: Ip
 fn count_timeout(ctx: &Context, expired: Option<Phase>) {
     match expired {
         Some(Phase::Head) => ctx.metrics.count_error(ErrorKind::HeadTimeout),
-        Some(Phase::Busy) => ctx.metrics.count_error(ErrorKind::BodyTimeout),
+        Some(Phase::Busy | Phase::Body) => ctx.metrics.count_error(ErrorKind::BodyTimeout),
         _ => {}
     }
+}
+
+/// Returns true for a request with a body (a length or chunked framing) or an upgrade.
+fn carries_body_or_upgrade(headers: &Headers) -> bool {
+    headers
+        .get_str(KnownHeaderName::ContentLength)
+        .is_some_and(|length| length.trim() != "0")
+        || headers.has_header(KnownHeaderName::TransferEncoding)
+        || headers.has_header(KnownHeaderName::Upgrade)
 }
 
 /// Writes `response`, then reads and drops what the client still sends for a moment, so

@@ -272,6 +272,8 @@ struct MonitorState {
     sample: Option<MemorySample>,
     pressure: PressureState,
     last_warning: Option<Instant>,
+    /// The highest heap charged to connections in the previous sampling period.
+    connection_peak: u64,
 }
 
 impl fmt::Debug for MemoryMonitor {
@@ -302,6 +304,7 @@ impl MemoryMonitor {
                 sample: None,
                 pressure: PressureState::default(),
                 last_warning: None,
+                connection_peak: 0,
             }),
             rejecting: AtomicBool::new(false),
             rss_over_limit: AtomicBool::new(false),
@@ -422,7 +425,14 @@ pub fn tick(ctx: &Context) {
     // trip admission nor make the monitor trim or close authenticated users' sessions. When it
     // is what pushes the heap past the warn threshold, connections are shed instead.
     let connection_bytes = ctx.connections.memory_bytes();
-    let session_heap = heap.map(|heap| heap.allocated_bytes.saturating_sub(connection_bytes));
+    // A connection that closed shortly before this reading may still be in it (its frees sit
+    // in a thread cache, or raced the read), and one shed on the previous tick may be gone
+    // from the registry before its memory is: subtract the highest charge of this period and
+    // the previous one, so the sessions see that memory as the connections' for one more tick.
+    let period_peak = ctx.connections.take_peak();
+    let previous_peak = std::mem::replace(&mut monitor.lock().connection_peak, period_peak);
+    let attributed = connection_bytes.max(period_peak).max(previous_peak);
+    let session_heap = heap.map(|heap| heap.allocated_bytes.saturating_sub(attributed));
     if let Some(heap) = heap
         && heap.allocated_bytes > thresholds.warn_bytes
         && connection_bytes > 0
@@ -433,7 +443,7 @@ pub fn tick(ctx: &Context) {
         if closed > 0 {
             log::warn!(
                 "memory pressure from connections: heap {} MiB, {} MiB charged to {} open \
-                 connections; closing {closed} (incomplete heads first)",
+                 connections; closing {closed} (incomplete requests first)",
                 heap.allocated_bytes / (1024 * 1024),
                 connection_bytes / (1024 * 1024),
                 ctx.connections.open(),

@@ -21,7 +21,7 @@ use std::{
 use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 
-use crate::connection::{Phase, Tracked};
+use crate::connection::{MemoryCharge, Phase, Tracked};
 
 /// The longest request line, CRLF included: the parser's whole head limit (trillium-http's
 /// `head_max_len`, 8 KiB). A longer one ends the connection with [`RequestLineTooLong`], which
@@ -65,18 +65,28 @@ pub struct RequestTargetTransport<T> {
     pending: Vec<u8>,
     /// The request count when the last request line was taken; a new one starts after it.
     line_taken_at: Option<u64>,
+    /// `line` and `pending` charged to the connection: a request line that arrives in pieces
+    /// is held here, not in trillium-http's head buffer.
+    charge: MemoryCharge,
 }
 
 impl<T> RequestTargetTransport<T> {
     /// Wraps `inner`; `tracked` tells where each request starts.
     pub fn new(inner: T, tracked: Arc<Tracked>) -> RequestTargetTransport<T> {
         RequestTargetTransport {
+            charge: MemoryCharge::new(Some(Arc::clone(&tracked))),
             inner,
             tracked,
             line: Vec::new(),
             pending: Vec::new(),
             line_taken_at: None,
         }
+    }
+
+    /// Keeps the charge at what the two buffers hold.
+    fn recharge(&mut self) {
+        self.charge
+            .set((self.line.capacity() + self.pending.capacity()) as u64);
     }
 
     /// Hands on the collected line (rewritten when it ends at `end` in absolute form).
@@ -98,6 +108,11 @@ impl<T> RequestTargetTransport<T> {
             out.copy_from_slice(from);
         }
         self.pending.drain(..count);
+        if self.pending.is_empty() {
+            // Handed on whole: free it rather than keep its capacity for the connection's life.
+            self.pending = Vec::new();
+        }
+        self.recharge();
         count
     }
 }
@@ -177,7 +192,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
                     }
                     _ if read == 0 => return Poll::Ready(Ok(0)),
                     // Absolute form, or a line still incomplete: collect it below.
-                    _ => this.line.extend_from_slice(received),
+                    _ => {
+                        this.line.extend_from_slice(received);
+                        this.recharge();
+                    }
                 }
             }
             // Collect the request line, then hand it on (rewritten if absolute-form).
@@ -201,6 +219,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
                 }
                 this.line
                     .extend_from_slice(chunk.get(..read).unwrap_or_default());
+                this.recharge();
             }
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

@@ -2,19 +2,36 @@
 //!
 //! A declared `Content-Length` above the limit is refused before a byte of the body is read;
 //! a chunked body is refused as soon as it passes the limit (trillium enforces it while
-//! reading), so an oversized body is never buffered whole.
+//! reading), so an oversized body is never buffered whole. The buffer grows with the bytes
+//! that arrive, never with the length a client declares, and is charged to the connection
+//! (`connection.rs`); a body that misses its deadline gets a 408 and the socket closes.
 //!
 //! JSON is UTF-8 (RFC 8259): the body is parsed from its bytes, so invalid UTF-8 is refused
 //! with 400 `invalid_json` instead of being replaced, whatever charset the client claims.
 //! serde_json's recursion limit (128) turns deeply nested input into the same 400 rather
 //! than a stack overflow.
 
+use std::{io, sync::Arc};
+
+use futures_lite::{AsyncRead, AsyncReadExt};
 use serde::de::DeserializeOwned;
 use trillium::{Conn, KnownHeaderName, Status};
 
-use crate::{context::Context, http::response, metrics::ErrorKind};
+use crate::{
+    connection::{ConnectionMemory, MemoryCharge, Phase, Tracked},
+    context::Context,
+    http::response,
+    metrics::ErrorKind,
+};
+
+/// The first allocation for a body; it doubles as bytes arrive, so a body holds at most twice
+/// what it received (and never what it merely declared).
+const FIRST_READ_BYTES: usize = 1024;
 
 /// Reads and parses the body; on failure returns the conn already answered with 4xx.
+///
+/// The buffer grows with the bytes received and is charged to the connection, which is in
+/// [`Phase::Body`] meanwhile: the memory monitor sheds it like an incomplete head.
 pub(crate) async fn read_json<T: DeserializeOwned>(
     ctx: &Context,
     mut conn: Conn,
@@ -27,17 +44,46 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large(ctx, conn, limit));
     }
-    let body = match conn.request_body().read_bytes().await {
+    let tracked: Option<Arc<Tracked>> = conn
+        .state::<ConnectionMemory>()
+        .map(|memory| Arc::clone(&memory.0));
+    if let Some(tracked) = &tracked {
+        tracked.set_phase(Phase::Body);
+    }
+    let mut charge = MemoryCharge::new(tracked.clone());
+    let read = read_bounded(conn.request_body(), limit, &mut charge).await;
+    if let Some(tracked) = &tracked {
+        tracked.set_phase(Phase::Busy);
+    }
+    let body = match read {
         Ok(body) => body,
-        Err(trillium::Error::ReceivedBodyTooLong(_)) => return Err(too_large(ctx, conn, limit)),
-        // A chunked body passing the limit surfaces as an I/O error of kind `Unsupported`.
-        Err(trillium::Error::Io(error)) if error.kind() == std::io::ErrorKind::Unsupported => {
+        Err(error) if error.kind() == io::ErrorKind::FileTooLarge => {
             return Err(too_large(ctx, conn, limit));
+        }
+        // A chunked body passing the limit surfaces as an I/O error of kind `Unsupported`.
+        Err(error) if error.kind() == io::ErrorKind::Unsupported => {
+            return Err(too_large(ctx, conn, limit));
+        }
+        // The whole-body or stall deadline (`deadline.rs`): answer if it can be written at
+        // once and close, rather than keep the socket for a body that is not coming.
+        Err(error) if error.kind() == io::ErrorKind::TimedOut => {
+            log::debug!("closing connection: {error}");
+            return Err(response::error(
+                ctx,
+                conn.with_response_header(KnownHeaderName::Connection, "close"),
+                Status::RequestTimeout,
+                ErrorKind::BodyTimeout,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s ([daemon] request_timeout_secs)",
+                    ctx.config.daemon.request_timeout_secs
+                ),
+            ));
         }
         Err(error) => {
             return Err(response::error(
                 ctx,
-                conn,
+                conn.with_response_header(KnownHeaderName::Connection, "close"),
                 Status::BadRequest,
                 ErrorKind::BadRequest,
                 "bad_request",
@@ -80,4 +126,69 @@ fn too_large(ctx: &Context, conn: Conn, limit: u64) -> Conn {
         "payload_too_large",
         format!("the body is larger than {limit} bytes ([gateway] max_message_bytes)"),
     )
+}
+
+/// Reads `body` to its end into a buffer that grows with the bytes received, keeping `charge`
+/// at its capacity. More than `limit` bytes is an error of kind `FileTooLarge`.
+async fn read_bounded(
+    mut body: impl AsyncRead + Unpin,
+    limit: u64,
+    charge: &mut MemoryCharge,
+) -> io::Result<Vec<u8>> {
+    let mut bytes: Vec<u8> = Vec::new();
+    loop {
+        if bytes.len() == bytes.capacity() {
+            bytes.reserve(FIRST_READ_BYTES);
+            charge.set(bytes.capacity() as u64);
+        }
+        let filled = bytes.len();
+        bytes.resize(bytes.capacity(), 0);
+        let read = match bytes.get_mut(filled..) {
+            Some(free) => body.read(free).await,
+            None => Ok(0),
+        };
+        match read {
+            Ok(0) => {
+                bytes.truncate(filled);
+                return Ok(bytes);
+            }
+            Ok(read) => {
+                bytes.truncate(filled + read);
+                if bytes.len() as u64 > limit {
+                    return Err(io::ErrorKind::FileTooLarge.into());
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_grows_with_the_bytes_received_not_the_limit() {
+        let mut charge = MemoryCharge::new(None);
+        let input = vec![b'x'; 3000];
+        let read =
+            futures_lite::future::block_on(read_bounded(input.as_slice(), 1 << 20, &mut charge))
+                .unwrap();
+        assert_eq!(read.len(), 3000);
+        assert!(read.capacity() <= 2 * 3000, "{}", read.capacity());
+        let empty: &[u8] = &[];
+        let read =
+            futures_lite::future::block_on(read_bounded(empty, 1 << 20, &mut charge)).unwrap();
+        assert!(read.capacity() <= FIRST_READ_BYTES);
+    }
+
+    #[test]
+    fn more_than_the_limit_is_refused_while_reading() {
+        let mut charge = MemoryCharge::new(None);
+        let input = vec![b'x'; 5000];
+        let error =
+            futures_lite::future::block_on(read_bounded(input.as_slice(), 4096, &mut charge))
+                .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::FileTooLarge);
+    }
 }

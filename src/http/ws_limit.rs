@@ -319,7 +319,7 @@ impl MessageLimitTransport {
             charged: 0,
         };
         if let Some(tracked) = &transport.tracked {
-            tracked.charge_bytes(SOCKET_EXTRA_BYTES);
+            tracked.charge(SOCKET_EXTRA_BYTES);
         }
         // These bytes cannot be held back: they are in tungstenite's buffer already.
         if let Err((_, limit)) = transport.scanner.scan(already_read) {
@@ -347,9 +347,9 @@ impl MessageLimitTransport {
             && declared != self.charged
         {
             if declared > self.charged {
-                tracked.charge_bytes(declared - self.charged);
+                tracked.charge(declared - self.charged);
             } else {
-                tracked.release_bytes(self.charged - declared);
+                tracked.release(self.charged - declared);
             }
             self.charged = declared;
         }
@@ -364,7 +364,7 @@ impl MessageLimitTransport {
 impl Drop for MessageLimitTransport {
     fn drop(&mut self) {
         if let Some(tracked) = &self.tracked {
-            tracked.release_bytes(self.charged + SOCKET_EXTRA_BYTES);
+            tracked.release(self.charged + SOCKET_EXTRA_BYTES);
         }
     }
 }

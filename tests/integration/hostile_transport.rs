@@ -405,7 +405,7 @@ fn connections_holding_memory_are_shed_instead_of_sessions() {
     }
     let charged = daemon.ctx.connections.memory_bytes();
     assert!(
-        charged >= 150 * blufio::connection::CONNECTION_COST_BYTES,
+        charged >= 150 * blufio::connection::CONNECTION_BASE_BYTES,
         "{charged}"
     );
     // The heap is over the warn threshold only because of them.

@@ -8,6 +8,7 @@ mod fake_provider;
 mod gateway;
 mod health;
 mod hostile_auth;
+mod hostile_connections;
 mod hostile_edge;
 mod hostile_files;
 mod hostile_gateway;

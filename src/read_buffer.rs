@@ -1,0 +1,117 @@
+//! Charges each connection for the buffer trillium-http reads its request heads into.
+//!
+//! trillium-http keeps one head buffer per connection for as long as it is open, and doubles
+//! it on every read of a head that fills it: a client that sends 6,000 bytes of header and
+//! stops holds an 8 KiB buffer, whatever the bytes themselves. [`ReadBufferTransport`] sits
+//! outermost in the transport stack, so the slice it is asked to fill is that buffer's free
+//! tail, and the buffer's capacity is the bytes of the head already handed over plus that
+//! slice. It reports the capacity to the connection's [`Tracked`] entry; it changes no byte.
+//! Bodies and WebSocket frames are read into buffers their handlers charge themselves.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use trillium::Transport;
+
+use crate::connection::{Phase, Tracked};
+
+/// Reports the capacity of the head buffer it is read into; see the module docs.
+#[derive(Debug)]
+pub struct ReadBufferTransport<T> {
+    inner: T,
+    tracked: Arc<Tracked>,
+    /// Bytes of the current head handed to the reader so far.
+    delivered: u64,
+}
+
+impl<T> ReadBufferTransport<T> {
+    /// Wraps `inner`, charging the head buffer to `tracked`.
+    pub fn new(inner: T, tracked: Arc<Tracked>) -> ReadBufferTransport<T> {
+        ReadBufferTransport {
+            inner,
+            tracked,
+            delivered: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadBufferTransport<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let phase = this.tracked.phase();
+        let offered = buf.len() as u64;
+        match phase {
+            // A read between requests starts a head: the reader offers its whole buffer.
+            Phase::Idle => {
+                this.delivered = 0;
+                this.tracked.note_read_buffer(offered);
+            }
+            Phase::Head => this
+                .tracked
+                .note_read_buffer(this.delivered.saturating_add(offered)),
+            // Body and WebSocket reads go to buffers their handlers charge.
+            Phase::Busy | Phase::Body | Phase::Upgraded => {}
+        }
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(read)) = &result
+            && matches!(phase, Phase::Idle | Phase::Head)
+        {
+            this.delivered = this.delivered.saturating_add(*read as u64);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBufferTransport<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+impl<T: Transport> Transport for ReadBufferTransport<T> {
+    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
+        self.inner.set_linger(linger)
+    }
+
+    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
+        self.inner.set_nodelay(nodelay)
+    }
+
+    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
+        self.inner.set_ip_ttl(ttl)
+    }
+
+    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
+        self.inner.peer_addr()
+    }
+}
