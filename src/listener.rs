@@ -294,9 +294,19 @@ async fn serve_connection<H: Handler>(
         ctx.metrics.count_error(ErrorKind::ConnectionShed);
         log::debug!("closing connection from {ip}: shed under memory pressure");
     };
-    drive(&ctx, transport, writer, ip, &guard, &http, &handler)
-        .or(shed)
+    let upgrade = drive(&ctx, transport, writer, ip, &guard, &http, &handler)
+        .or(async {
+            shed.await;
+            None
+        })
         .await;
+    if let Some(mut upgrade) = upgrade {
+        // The upgrade handler keeps the connection's place (and its charge) for the upgraded
+        // socket's lifetime. /ws runs the socket in a task of its own, so this task, sized for
+        // trillium-http's keep-alive loop, ends here.
+        upgrade.state_mut().insert(guard);
+        handler.upgrade(upgrade).await;
+    }
 }
 
 async fn drive<H: Handler>(
@@ -307,7 +317,7 @@ async fn drive<H: Handler>(
     guard: &ConnectionGuard,
     http: &Arc<HttpContext>,
     handler: &Arc<H>,
-) {
+) -> Option<trillium::Upgrade> {
     let tracked = guard.tracked();
     // Like trillium-http's own first read, waiting for a first byte ends at shutdown.
     let peek = match http
@@ -315,14 +325,14 @@ async fn drive<H: Handler>(
         .interrupt(peek_preface(&mut transport))
         .await
     {
-        None => return,
+        None => return None,
         Some(Ok(peek)) => peek,
         Some(Err(error)) => {
             if error.kind() == io::ErrorKind::TimedOut {
                 count_timeout(ctx, Some(tracked.phase()));
             }
             log::debug!("connection from {ip} closed before its first request: {error}");
-            return;
+            return None;
         }
     };
     if peek.as_slice() == HTTP2_PREFACE {
@@ -335,7 +345,7 @@ async fn drive<H: Handler>(
             "this server speaks HTTP/1.1 only",
         );
         write_and_close(writer, &response).await;
-        return;
+        return None;
     }
 
     let peer_ip = Some(ip);
@@ -365,14 +375,11 @@ async fn drive<H: Handler>(
     match result {
         Ok(Some(upgrade)) => {
             tracked.set_phase(Phase::Upgraded);
-            let mut upgrade = trillium::Upgrade::from(upgrade);
-            // The WebSocket charges the messages it assembles to this connection.
-            upgrade.state_mut().insert(Arc::clone(tracked));
+            let upgrade = trillium::Upgrade::from(upgrade);
             if handler.has_upgrade(&upgrade) {
-                handler.upgrade(upgrade).await;
-            } else {
-                log::debug!("upgrade from {ip} without an upgrade handler");
+                return Some(upgrade);
             }
+            log::debug!("upgrade from {ip} without an upgrade handler");
         }
         // A head the handler never saw: trillium-http answered it itself (400, or 501 for an
         // unknown method) and closed.
@@ -408,6 +415,7 @@ async fn drive<H: Handler>(
             log::debug!("http error from {ip}: {error}");
         }
     }
+    None
 }
 
 /// Counts a malformed request the handler never saw, in the metrics and for `ip`'s episode.
