@@ -495,7 +495,8 @@ fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connectio
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 1000\n\
          [agent]\nprovider = \"echo\"\n"
     );
-    let (mut child, addr, _lines) = start_binary(&config, name);
+    let (child, addr, _lines) = start_binary(&config, name);
+    let mut child = KillOnDrop(child);
     // Warm up the allocator's caches and the session registry with sockets that come and go.
     drop((0..20).map(|_| RawWs::connect(addr)).collect::<Vec<_>>());
     support::request(addr, "GET", "/metrics", &[], None);
@@ -530,9 +531,21 @@ fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connectio
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(wait(&mut child).code(), Some(0));
+    assert_eq!(wait(&mut child.0).code(), Some(0));
+}
+
+/// A child daemon that a failing test does not leave running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
