@@ -380,9 +380,19 @@ async fn serve_connection<H: Handler, D>(
             log::debug!("closing connection from {ip}: shed under memory pressure");
         }
     };
-    drive(&ctx, transport, writer, &guard, drain, &http, &handler)
-        .or(shed)
+    let upgrade = drive(&ctx, transport, writer, &guard, drain, &http, &handler)
+        .or(async {
+            shed.await;
+            None
+        })
         .await;
+    if let Some(mut upgrade) = upgrade {
+        // The upgrade handler keeps the connection's place (and its charge) for the upgraded
+        // socket's lifetime. /ws runs the socket in a task of its own, so this task, sized for
+        // trillium-http's keep-alive loop, ends here.
+        upgrade.state_mut().insert(guard);
+        handler.upgrade(upgrade).await;
+    }
 }
 
 async fn drive<H: Handler, D>(
@@ -393,7 +403,7 @@ async fn drive<H: Handler, D>(
     drain: D,
     http: &Arc<HttpContext>,
     handler: &Arc<H>,
-) {
+) -> Option<trillium::Upgrade> {
     let tracked = guard.tracked();
     let ip = tracked.ip();
     // Waiting for a first byte ends at shutdown, but not at once: a client whose connection
@@ -407,18 +417,18 @@ async fn drive<H: Handler, D>(
         .or(shut_down)
         .await
     {
-        None => return,
+        None => return None,
         Some(Ok(peek)) => peek,
         Some(Err(error)) if request_target::is_request_line_too_long(&error) => {
             answer_uri_too_long(ctx, writer, ip).await;
-            return;
+            return None;
         }
         Some(Err(error)) => {
             if error.kind() == io::ErrorKind::TimedOut {
                 count_timeout(ctx, Some(tracked.phase()));
             }
             log::debug!("connection from {ip} closed before its first request: {error}");
-            return;
+            return None;
         }
     };
     if peek.as_slice() == HTTP2_PREFACE {
@@ -431,7 +441,7 @@ async fn drive<H: Handler, D>(
             "this server speaks HTTP/1.1 only",
         );
         write_and_close(writer, &response).await;
-        return;
+        return None;
     }
 
     let peer_ip = Some(ip);
@@ -479,14 +489,11 @@ async fn drive<H: Handler, D>(
             // A WebSocket, which `closing` ends: the drain does not wait for it.
             drop(drain);
             tracked.set_phase(Phase::Upgraded);
-            let mut upgrade = trillium::Upgrade::from(upgrade);
-            // The WebSocket charges the messages it assembles to this connection.
-            upgrade.state_mut().insert(Arc::clone(tracked));
+            let upgrade = trillium::Upgrade::from(upgrade);
             if handler.has_upgrade(&upgrade) {
-                handler.upgrade(upgrade).await;
-            } else {
-                log::debug!("upgrade from {ip} without an upgrade handler");
+                return Some(upgrade);
             }
+            log::debug!("upgrade from {ip} without an upgrade handler");
         }
         // A head the handler never saw: trillium-http answered it itself (400, or 501 for an
         // unknown method) and closed.
@@ -527,6 +534,7 @@ async fn drive<H: Handler, D>(
             log::debug!("http error from {ip}: {error}");
         }
     }
+    None
 }
 
 /// Counts a malformed request the handler never saw, in the metrics and for `ip`'s episode.

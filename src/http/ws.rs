@@ -21,9 +21,11 @@
 //! "usage"}` (or an error frame); see `stream.rs`. A send that fails mid-stream cancels the
 //! upstream call.
 //!
-//! An idle socket holds little: tungstenite's defaults read into 128 KiB allocated up front,
-//! here 1 KiB (see [`READ_BUFFER_BYTES`]), and replies go out in frames of at most
-//! [`REPLY_FRAME_BYTES`], so the write buffers a socket keeps after a long reply stay small.
+//! An idle socket holds little (about 7.6 KB of heap, its session included): it runs in a task
+//! of its own rather than inside its HTTP connection's (see [`SocketHandler`]), tungstenite's
+//! defaults read into 128 KiB allocated up front, here 1 KiB (see [`READ_BUFFER_BYTES`]), and
+//! replies go out in frames of at most [`REPLY_FRAME_BYTES`], so the write buffers a socket
+//! keeps after a long reply stay small.
 //! After a reload that changes the gateway token, sockets authenticated with the old token
 //! close with 1008.
 
@@ -35,7 +37,7 @@ use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 use trillium::{Conn, Handler, Info, KnownHeaderName, Status, Upgrade};
 use trillium_websockets::{
-    Message, WebSocket, WebSocketConfig, WebSocketConn, WebSocketHandler,
+    Message, Role, WebSocket, WebSocketConfig, WebSocketConn, WebSocketHandler,
     tungstenite::{
         self, Bytes,
         error::ProtocolError,
@@ -51,7 +53,7 @@ use trillium_websockets::{
 
 use crate::{
     config::Config,
-    connection::Tracked,
+    connection::ConnectionGuard,
     context::Context,
     gateway::{self, IncomingMessage},
     http::{
@@ -90,11 +92,11 @@ pub fn handler(ctx: Arc<Context>) -> impl Handler {
         AdmissionHandler {
             ctx: Arc::clone(&ctx),
         },
-        LimitedWebSocket {
+        SocketHandler {
             timeout: Duration::from_secs(ctx.config.daemon.request_timeout_secs),
-            inner: WebSocket::new(SessionSocket { ctx })
-                .with_protocols(&[SUBPROTOCOL])
-                .with_protocol_config(config),
+            config,
+            handshake: WebSocket::new(RunsElsewhere).with_protocols(&[SUBPROTOCOL]),
+            ctx,
         },
     )
 }
@@ -106,31 +108,63 @@ struct WsSession {
     authenticated: Arc<Config>,
 }
 
-/// trillium-websockets' handler with [`MessageLimitTransport`] slipped under tungstenite at
-/// the upgrade, so every inbound message is bounded in frames and time.
-struct LimitedWebSocket {
+/// Answers the handshake with trillium-websockets, then runs each upgraded socket in a task of
+/// its own, with [`MessageLimitTransport`] slipped under tungstenite so every inbound message
+/// is bounded in frames and time.
+///
+/// trillium-websockets would run the socket inside the upgrade future, which lives in the
+/// connection's task (sized for trillium-http's keep-alive loop, about 8.5 KB) and under
+/// trillium-router's boxed copy of the whole handler chain's upgrade future (about 14 KB):
+/// over 22 KB per idle socket that the socket never uses. The task spawned here holds the
+/// socket's loop alone, and the connection's task ends with the upgrade.
+struct SocketHandler {
+    ctx: Arc<Context>,
     timeout: Duration,
-    inner: WebSocket<SessionSocket>,
+    config: WebSocketConfig,
+    handshake: WebSocket<RunsElsewhere>,
 }
 
-impl Handler for LimitedWebSocket {
+/// The handler trillium-websockets would run the socket with; never called, because
+/// [`SocketHandler::upgrade`] runs the socket itself.
+struct RunsElsewhere;
+
+impl WebSocketHandler for RunsElsewhere {
+    type OutboundStream = futures_lite::stream::Pending<Message>;
+
+    async fn connect(&self, _conn: WebSocketConn) -> Option<(WebSocketConn, Self::OutboundStream)> {
+        None
+    }
+}
+
+impl Handler for SocketHandler {
     async fn run(&self, conn: Conn) -> Conn {
-        self.inner.run(conn).await
+        self.handshake.run(conn).await
     }
 
     async fn init(&mut self, info: &mut Info) {
-        self.inner.init(info).await;
+        self.handshake.init(info).await;
     }
 
     fn has_upgrade(&self, upgrade: &Upgrade) -> bool {
-        self.inner.has_upgrade(upgrade)
+        self.handshake.has_upgrade(upgrade)
     }
 
     async fn upgrade(&self, mut upgrade: Upgrade) {
-        let tracked = upgrade.state_mut().take::<Arc<Tracked>>();
-        // The socket never reads its request headers again; the upgrade would keep them (and
-        // their allocations) for the socket's lifetime.
+        let ctx = &self.ctx;
+        // The listener hands over the connection's place in the registry: the socket stays
+        // counted, and charged as connection memory, until its task ends.
+        let connection = upgrade.state_mut().take::<ConnectionGuard>();
+        let session = upgrade.state_mut().take::<WsSession>();
+        // The socket never reads its request headers or other state again; the upgrade would
+        // keep them (and their allocations) for the socket's lifetime.
         drop(upgrade.take_request_headers());
+        drop(upgrade.take_state());
+        let Some(session) = session else {
+            log::error!("websocket upgraded without an admitted session");
+            ctx.metrics.count_error(ErrorKind::Internal);
+            return;
+        };
+        let tracked = connection.as_ref().map(|guard| Arc::clone(guard.tracked()));
         let (buffer, transport) = upgrade.as_mut().buffer_and_transport_mut();
         // A placeholder for the moment the transport is out of its slot.
         let inner = std::mem::replace(
@@ -143,7 +177,24 @@ impl Handler for LimitedWebSocket {
             self.timeout,
             tracked,
         ));
-        self.inner.upgrade(upgrade).await;
+        // Taken before this returns, so shutdown waits for the socket's close frame even if
+        // `closing` fires before its task first runs.
+        let closing = ctx.closing.guard();
+        let conn = WebSocketConn::new(upgrade, Some(self.config), Role::Server).await;
+        let ctx = Arc::clone(ctx);
+        ctx.runtime.clone().spawn_detached(async move {
+            let shed = async {
+                match &connection {
+                    Some(guard) => guard.shed().await,
+                    None => futures_lite::future::pending().await,
+                }
+                ctx.metrics.count_error(ErrorKind::ConnectionShed);
+                log::debug!("closing a websocket: shed under memory pressure");
+            };
+            serve_socket(&ctx, conn, session).or(shed).await;
+            drop(closing);
+            drop(connection);
+        });
     }
 }
 
@@ -180,10 +231,6 @@ impl Handler for AdmissionHandler {
     }
 }
 
-struct SessionSocket {
-    ctx: Arc<Context>,
-}
-
 enum Event {
     Inbound(Option<Result<Message, trillium_websockets::tungstenite::Error>>),
     Ping,
@@ -203,107 +250,91 @@ fn token_still_valid(authenticated: &Config, live: &Config) -> bool {
     }
 }
 
-impl WebSocketHandler for SessionSocket {
-    type OutboundStream = futures_lite::stream::Pending<Message>;
-
-    async fn connect(
-        &self,
-        mut conn: WebSocketConn,
-    ) -> Option<(WebSocketConn, Self::OutboundStream)> {
-        let Some(WsSession {
-            guard,
-            mut authenticated,
-        }) = conn.take_state::<WsSession>()
-        else {
-            log::error!("websocket upgraded without an admitted session");
-            self.ctx.metrics.count_error(ErrorKind::Internal);
-            return None;
-        };
-        let ctx = &self.ctx;
-        // Held until the close frame is out, so shutdown waits for it before the listeners
-        // stop.
-        let closing_guard = ctx.closing.guard();
-        // Half the connection deadline, so the client's pongs keep reads alive.
-        let ping_every = Duration::from_secs(ctx.config.daemon.request_timeout_secs) / 2;
-        loop {
-            // Listen before reading the live token, so a reload in between still wakes us.
-            let reloaded = ctx.next_reload();
-            let live = ctx.live();
-            if !Arc::ptr_eq(&live, &authenticated) {
-                if !token_still_valid(&authenticated, &live) {
-                    log::debug!("closing a websocket: the token it authenticated with changed");
-                    ctx.metrics.count_error(ErrorKind::Unauthorized);
-                    let frame = CloseFrame {
-                        code: CloseCode::Policy,
-                        reason: "the gateway token changed; reconnect with the new one".into(),
-                    };
-                    let _ = conn.send(Message::Close(Some(frame))).await;
-                    break;
-                }
-                authenticated = live;
-            }
-            let next = async { Event::Inbound(conn.next().await) }
-                .or(async {
-                    Timer::after(ping_every).await;
-                    Event::Ping
-                })
-                .or(async {
-                    reloaded.await;
-                    Event::Reloaded
-                });
-            let Some(event) = ctx.closing.interrupt(next).await else {
+/// Runs one upgraded socket: its session's messages, pings, the token check after a reload,
+/// and the close frame at the end.
+async fn serve_socket(ctx: &Arc<Context>, mut conn: WebSocketConn, session: WsSession) {
+    let WsSession {
+        guard,
+        mut authenticated,
+    } = session;
+    // Half the connection deadline, so the client's pongs keep reads alive.
+    let ping_every = Duration::from_secs(ctx.config.daemon.request_timeout_secs) / 2;
+    loop {
+        // Listen before reading the live token, so a reload in between still wakes us.
+        let reloaded = ctx.next_reload();
+        let live = ctx.live();
+        if !Arc::ptr_eq(&live, &authenticated) {
+            if !token_still_valid(&authenticated, &live) {
+                log::debug!("closing a websocket: the token it authenticated with changed");
+                ctx.metrics.count_error(ErrorKind::Unauthorized);
                 let frame = CloseFrame {
-                    code: CloseCode::Away,
-                    reason: "server shutting down".into(),
+                    code: CloseCode::Policy,
+                    reason: "the gateway token changed; reconnect with the new one".into(),
                 };
                 let _ = conn.send(Message::Close(Some(frame))).await;
                 break;
+            }
+            authenticated = live;
+        }
+        let next = async { Event::Inbound(conn.next().await) }
+            .or(async {
+                Timer::after(ping_every).await;
+                Event::Ping
+            })
+            .or(async {
+                reloaded.await;
+                Event::Reloaded
+            });
+        let Some(event) = ctx.closing.interrupt(next).await else {
+            let frame = CloseFrame {
+                code: CloseCode::Away,
+                reason: "server shutting down".into(),
             };
-            let outcome = match event {
-                Event::Ping => conn.send(Message::Ping(Vec::new().into())).await,
-                Event::Reloaded => Ok(()),
-                Event::Inbound(Some(Ok(Message::Text(text)))) => {
-                    // Boxed: the exchange's future (the agent call, a stream) exists only while
-                    // a message is answered, instead of inline in every idle socket's future.
-                    match Box::pin(on_text(ctx, guard.session(), text.as_str(), &mut conn)).await {
-                        TextOutcome::Frame(reply) => send_text(&mut conn, reply.to_string()).await,
-                        TextOutcome::Streamed(outcome) => outcome,
+            let _ = conn.send(Message::Close(Some(frame))).await;
+            break;
+        };
+        let outcome = match event {
+            Event::Ping => conn.send(Message::Ping(Vec::new().into())).await,
+            Event::Reloaded => Ok(()),
+            Event::Inbound(Some(Ok(Message::Text(text)))) => {
+                // Boxed: the exchange's future (the agent call, a stream) exists only while
+                // a message is answered, instead of inline in every idle socket's future.
+                match Box::pin(on_text(ctx, guard.session(), text.as_str(), &mut conn)).await {
+                    TextOutcome::Frame(reply) => send_text(&mut conn, reply.to_string()).await,
+                    TextOutcome::Streamed(outcome) => outcome,
+                }
+            }
+            Event::Inbound(Some(Ok(Message::Binary(_)))) => {
+                ctx.metrics.count_error(ErrorKind::BadRequest);
+                let reply = error_frame("bad_request", "send JSON in text frames");
+                send_text(&mut conn, reply.to_string()).await
+            }
+            Event::Inbound(Some(Ok(Message::Close(_)))) | Event::Inbound(None) => break,
+            Event::Inbound(Some(Ok(_))) => Ok(()),
+            Event::Inbound(Some(Err(error))) => {
+                log::debug!("websocket error: {error}");
+                if let Some((code, kind, reason)) = close_for(&error) {
+                    ctx.metrics.count_error(kind);
+                    if let Some(ip) = conn.peer_ip() {
+                        ctx.client_faults.malformed(ip, kind);
                     }
+                    let frame = CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    };
+                    let _ = conn.send(Message::Close(Some(frame))).await;
                 }
-                Event::Inbound(Some(Ok(Message::Binary(_)))) => {
-                    ctx.metrics.count_error(ErrorKind::BadRequest);
-                    let reply = error_frame("bad_request", "send JSON in text frames");
-                    send_text(&mut conn, reply.to_string()).await
-                }
-                Event::Inbound(Some(Ok(Message::Close(_)))) | Event::Inbound(None) => break,
-                Event::Inbound(Some(Ok(_))) => Ok(()),
-                Event::Inbound(Some(Err(error))) => {
-                    log::debug!("websocket error: {error}");
-                    if let Some((code, kind, reason)) = close_for(&error) {
-                        ctx.metrics.count_error(kind);
-                        if let Some(ip) = conn.peer_ip() {
-                            ctx.client_faults.malformed(ip, kind);
-                        }
-                        let frame = CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        };
-                        let _ = conn.send(Message::Close(Some(frame))).await;
-                    }
-                    break;
-                }
-            };
-            if let Err(error) = outcome {
-                log::debug!("websocket send failed: {error}");
                 break;
             }
+        };
+        if let Err(error) = outcome {
+            log::debug!("websocket send failed: {error}");
+            break;
         }
-        // Dropping the guard closes the session and releases its slot.
-        drop(guard);
-        let _ = conn.close().await;
-        drop(closing_guard);
-        None
     }
+    // Dropping the guard closes the session and releases its slot.
+    drop(guard);
+    let _ = conn.close().await;
 }
 
 /// What a text frame led to: one reply frame to send, or a stream already sent.

@@ -34,11 +34,6 @@ use crate::connection::Tracked;
 /// 64-byte fragments, and bound the work an endless run of empty fragments can cause.
 pub const MAX_MESSAGE_FRAMES: u32 = 1024;
 
-/// Heap an idle WebSocket holds beyond the registry's flat per-connection charge, charged for
-/// the socket's lifetime: 28.4 KB per idle socket against 17.6 KB per idle keep-alive
-/// connection (jemalloc's `stats.allocated` over 1,000 of each, release build).
-pub const SOCKET_EXTRA_BYTES: u64 = 11 * 1024;
-
 /// Why an inbound message was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageLimit {
@@ -318,9 +313,6 @@ impl MessageLimitTransport {
             tracked,
             charged: 0,
         };
-        if let Some(tracked) = &transport.tracked {
-            tracked.charge(SOCKET_EXTRA_BYTES);
-        }
         // These bytes cannot be held back: they are in tungstenite's buffer already.
         if let Err((_, limit)) = transport.scanner.scan(already_read) {
             transport.pending = Some(limit);
@@ -364,7 +356,7 @@ impl MessageLimitTransport {
 impl Drop for MessageLimitTransport {
     fn drop(&mut self) {
         if let Some(tracked) = &self.tracked {
-            tracked.release(self.charged + SOCKET_EXTRA_BYTES);
+            tracked.release(self.charged);
         }
     }
 }

@@ -37,13 +37,14 @@ impl RawWs {
     fn connect(addr: SocketAddr) -> RawWs {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_nodelay(true).unwrap();
-        write!(
-            stream,
+        // One write: `write!` on the socket would send each piece of the format as a segment
+        // of its own (no delay), and the daemon reads a head in at most seven pieces.
+        let request = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
              Authorization: Bearer {TOKEN}\r\n\r\n"
-        )
-        .unwrap();
+        );
+        stream.write_all(request.as_bytes()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -465,4 +466,99 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
         .unwrap();
     assert!(status.success());
     assert_eq!(wait(&mut child).code(), Some(0));
+}
+
+/// Returns `/health`'s `memory_heap_bytes` from the first monitor tick that ran entirely after
+/// this call: the value changes at every tick, so the second change seen is such a tick.
+fn heap_after_next_tick(addr: SocketAddr) -> f64 {
+    let heap = || {
+        support::request(addr, "GET", "/health", &[], None).json()["memory_heap_bytes"]
+            .as_f64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = heap();
+    let mut changes = 0;
+    while changes < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = heap();
+        if now != last {
+            changes += 1;
+            last = now;
+        }
+    }
+    last
+}
+
+fn gauge(addr: SocketAddr, name: &str) -> f64 {
+    prometheus::parse(&support::request(addr, "GET", "/metrics", &[], None).body)
+        .value(name, &[])
+        .unwrap()
+}
+
+#[test]
+fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connections() {
+    const SOCKETS: usize = 400;
+    // The real binary, so the heap that `/health` reports is the daemon's alone.
+    let name = "ws-idle-heap";
+    let port = crate::cli::free_port();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\n\
+         max_connections_per_ip = 1000\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 1000\n\
+         [agent]\nprovider = \"echo\"\n"
+    );
+    let (child, addr, _lines) = start_binary(&config, name);
+    let mut child = KillOnDrop(child);
+    // Warm up the allocator's caches and the session registry with sockets that come and go.
+    drop((0..20).map(|_| RawWs::connect(addr)).collect::<Vec<_>>());
+    support::request(addr, "GET", "/metrics", &[], None);
+    let before = heap_after_next_tick(addr);
+    let memory_before = gauge(addr, "blufio_connection_memory_bytes");
+
+    let sockets: Vec<RawWs> = (0..SOCKETS).map(|_| RawWs::connect(addr)).collect();
+    let during = heap_after_next_tick(addr);
+    let per_socket = (during - before) / SOCKETS as f64;
+    assert!(
+        per_socket <= 16.0 * 1024.0,
+        "an idle WebSocket holds {per_socket:.0} bytes of heap (before {before}, with \
+         {SOCKETS} sockets {during})"
+    );
+    // Still open and tracked after the connection's own task has ended, and charged what
+    // they hold (give or take a probe connection the daemon has not yet seen close).
+    assert!(gauge(addr, "blufio_open_connections") >= SOCKETS as f64);
+    let charged = (gauge(addr, "blufio_connection_memory_bytes") - memory_before) / SOCKETS as f64;
+    let cost = blufio::connection::UPGRADED_COST_BYTES as f64;
+    assert!(
+        (charged - cost).abs() < 1024.0,
+        "each socket is charged {charged:.0} bytes, not {cost}"
+    );
+
+    drop(sockets);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gauge(addr, "blufio_connection_memory_bytes") > memory_before {
+        assert!(
+            Instant::now() < deadline,
+            "closed sockets are still charged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(wait(&mut child.0).code(), Some(0));
+}
+
+/// A child daemon that a failing test does not leave running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
