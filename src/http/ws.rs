@@ -65,6 +65,8 @@ use crate::{
     sessions::{Session, SessionGuard, SessionKind},
 };
 
+/// How long a stream under way at shutdown has to send its `shutting_down` frame.
+const SHUTDOWN_FRAME_GRACE: Duration = Duration::from_secs(1);
 /// The subprotocol the server selects; browsers offer it next to `bearer.<token>`.
 pub const SUBPROTOCOL: &str = "blufio.v1";
 
@@ -352,8 +354,15 @@ async fn on_text(
     match parse_frame(ctx, session, text) {
         Ok(message) if message.stream => {
             let frames = stream_frames(ctx, session, message.content, conn);
-            // Shutdown drops the stream (cancelling the upstream call); the loop then closes.
-            TextOutcome::Streamed(ctx.closing.interrupt(frames).await.unwrap_or(Ok(())))
+            // At shutdown the stream itself ends with a `shutting_down` error frame (see
+            // `ReplyStream`); a client that stops reading cannot hold it past a moment more.
+            // Dropping the stream cancels the upstream call; the loop then closes with 1001.
+            let cut_off = async {
+                ctx.closing.interrupt(std::future::pending::<()>()).await;
+                Timer::after(SHUTDOWN_FRAME_GRACE).await;
+                Ok(())
+            };
+            TextOutcome::Streamed(frames.or(cut_off).await)
         }
         Ok(message) => TextOutcome::Frame(
             match gateway::exchange(ctx, session, message.content, Channel::WebSocket).await {

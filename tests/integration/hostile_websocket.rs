@@ -10,11 +10,15 @@ use std::{
 };
 
 use async_tungstenite::tungstenite::Message;
-use blufio::Config;
+use blufio::{
+    Config,
+    config::{Provider, Secret},
+};
 use futures_lite::StreamExt;
 
 use crate::{
     cli::{start_binary, temp_dir, wait},
+    fake_provider::{self, FakeProvider, Scripted},
     prometheus,
     support::{self, TOKEN, start_gateway},
 };
@@ -37,8 +41,7 @@ impl RawWs {
     fn connect(addr: SocketAddr) -> RawWs {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_nodelay(true).unwrap();
-        // One write: `write!` on the socket would send each piece of the format as a segment
-        // of its own (no delay), and the daemon reads a head in at most seven pieces.
+        // One write, as a browser sends it (the split heads are hostile_edge's business).
         let request = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
@@ -561,4 +564,48 @@ impl Drop for KillOnDrop {
             let _ = self.0.wait();
         }
     }
+}
+
+#[test]
+fn shutdown_ends_a_websocket_stream_with_a_shutting_down_frame_then_1001() {
+    let fake = FakeProvider::start();
+    let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
+    chunks.truncate(4);
+    fake.push([Scripted::Stream {
+        chunks,
+        gap: Duration::from_millis(5),
+        hang: true,
+    }]);
+    let mut config = support::config_with_token(TOKEN);
+    config.agent.provider = Provider::Anthropic;
+    config.agent.base_url = Some(fake.url());
+    config.agent.model = Some("claude-sonnet-4-5".to_owned());
+    config.agent.api_key = Some(Secret::new("sk-ws-shutdown-0123456789"));
+    config.agent.timeout_secs = 10;
+    let daemon = support::start(config);
+    let mut ws = RawWs::connect(daemon.gateway_addr());
+    ws.send(&client_frame(
+        1,
+        true,
+        br#"{"content": "a long story", "stream": true}"#,
+    ))
+    .unwrap();
+    while ws.next_json()["type"] != "delta" {}
+    let stopping = std::thread::spawn(move || daemon.stop());
+    let mut texts = Vec::new();
+    let code = loop {
+        let frame = ws
+            .next_frame(Duration::from_secs(10))
+            .expect("frames until a close, not a reset");
+        match frame.opcode {
+            1 => texts.push(serde_json::from_slice::<serde_json::Value>(&frame.payload).unwrap()),
+            8 => break u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
+            _ => {}
+        }
+    };
+    let last = texts.last().expect("a frame before the close");
+    assert_eq!(last["type"], "error", "{texts:?}");
+    assert_eq!(last["error"], "shutting_down", "{texts:?}");
+    assert_eq!(code, 1001);
+    stopping.join().unwrap();
 }
