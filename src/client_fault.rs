@@ -61,10 +61,11 @@ pub const MAX_CLIENTS: usize = 4096;
 pub const NAMED_LINES_PER_EPISODE: u32 = 20;
 
 /// The faults counted as malformed requests, in the order they are reported.
-const MALFORMED: [ErrorKind; 5] = [
+const MALFORMED: [ErrorKind; 6] = [
     ErrorKind::BadRequest,
     ErrorKind::PayloadTooLarge,
     ErrorKind::HeaderTooLarge,
+    ErrorKind::UriTooLong,
     ErrorKind::Http2Refused,
     ErrorKind::WebSocketProtocol,
 ];
@@ -679,6 +680,28 @@ mod tests {
 
     fn v4(last: u8) -> Client {
         Client::of(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+    }
+
+    #[test]
+    fn every_refusal_of_a_request_the_client_got_wrong_is_malformed_and_absence_is_not() {
+        for kind in [
+            ErrorKind::BadRequest,
+            ErrorKind::PayloadTooLarge,
+            ErrorKind::HeaderTooLarge,
+            ErrorKind::UriTooLong,
+            ErrorKind::Http2Refused,
+            ErrorKind::WebSocketProtocol,
+        ] {
+            assert!(is_malformed(kind), "{}", kind.as_str());
+        }
+        for kind in [
+            ErrorKind::NotFound,
+            ErrorKind::MethodNotAllowed,
+            ErrorKind::Unauthorized,
+            ErrorKind::ConnectionLimit,
+        ] {
+            assert!(!is_malformed(kind), "{}", kind.as_str());
+        }
     }
 
     #[test]
