@@ -501,6 +501,11 @@ async fn drive<H: Handler, D>(
             count_malformed(ctx, ip, ErrorKind::BadRequest);
             log::debug!("malformed request head from {ip}; the parser answered it");
         }
+        // trillium-http's word for a connection that ended inside a head: a client that
+        // went away (a cancel, the end of a flood), not a head the parser refused.
+        Err(trillium_http::Error::InvalidHead) => {
+            log::debug!("connection from {ip} closed inside a request head");
+        }
         Ok(None) | Err(trillium_http::Error::Closed) => {}
         Err(trillium_http::Error::HeadersTooLong) => {
             count_malformed(ctx, ip, ErrorKind::HeaderTooLarge);

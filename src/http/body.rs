@@ -44,6 +44,9 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large(ctx, conn, limit));
     }
+    let chunked = conn
+        .request_headers()
+        .has_header(KnownHeaderName::TransferEncoding);
     let tracked: Option<Arc<Tracked>> = conn
         .state::<ConnectionMemory>()
         .map(|memory| Arc::clone(&memory.0));
@@ -78,6 +81,20 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
                     "the request body did not arrive within {} s ([daemon] request_timeout_secs)",
                     ctx.config.daemon.request_timeout_secs
                 ),
+            ));
+        }
+        // Not a malformed request: the client went away (a cancelled request, the end of a
+        // flood). Neither counted nor charged to it; the answer is for a client that only
+        // closed its sending side, and is lost otherwise.
+        Err(error) if client_left(&error, chunked) => {
+            log::debug!("request body cut short by its client: {error}");
+            return Err(response::json(
+                conn.with_response_header(KnownHeaderName::Connection, "close"),
+                Status::BadRequest,
+                &serde_json::json!({
+                    "error": "incomplete_body",
+                    "message": format!("the connection closed before the whole body arrived: {error}"),
+                }),
             ));
         }
         Err(error) => {
@@ -126,6 +143,23 @@ fn too_large(ctx: &Context, conn: Conn, limit: u64) -> Conn {
         "payload_too_large",
         format!("the body is larger than {limit} bytes ([gateway] max_message_bytes)"),
     )
+}
+
+/// Whether reading a body failed because its client closed or reset the connection, rather
+/// than because the body was malformed. trillium-http reports a `Content-Length` body that
+/// ends early as `InvalidData` (the only error it gives such a body), an early end of a
+/// chunked body as `ConnectionAborted` or `UnexpectedEof`, while invalid chunked framing is
+/// also `InvalidData`.
+fn client_left(error: &io::Error, chunked: bool) -> bool {
+    match error.kind() {
+        io::ErrorKind::InvalidData => !chunked,
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::NotConnected => true,
+        _ => false,
+    }
 }
 
 /// Reads `body` to its end into a buffer that grows with the bytes received, keeping `charge`
@@ -180,6 +214,17 @@ mod tests {
         let read =
             futures_lite::future::block_on(read_bounded(empty, 1 << 20, &mut charge)).unwrap();
         assert!(read.capacity() <= FIRST_READ_BYTES);
+    }
+
+    #[test]
+    fn a_body_cut_short_is_a_hang_up_and_bad_chunked_framing_is_not() {
+        let cut = |kind: io::ErrorKind| io::Error::new(kind, "x");
+        assert!(client_left(&cut(io::ErrorKind::InvalidData), false));
+        assert!(!client_left(&cut(io::ErrorKind::InvalidData), true));
+        assert!(client_left(&cut(io::ErrorKind::ConnectionAborted), true));
+        assert!(client_left(&cut(io::ErrorKind::UnexpectedEof), true));
+        assert!(client_left(&cut(io::ErrorKind::ConnectionReset), false));
+        assert!(!client_left(&cut(io::ErrorKind::Other), false));
     }
 
     #[test]

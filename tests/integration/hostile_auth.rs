@@ -375,3 +375,95 @@ fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
     assert_eq!(mentioning("127.0.0.9"), Vec::<&String>::new(), "{log:#?}");
     assert_eq!(debug_lines(&log), Vec::<&String>::new(), "{log:#?}");
 }
+
+/// Writes `bytes` from `source`, closes the sending side and waits for the daemon to close
+/// its own (it has then dealt with the request); returns whatever it answered.
+#[cfg(target_os = "linux")]
+fn hang_up_after(source: Ipv4Addr, addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = connect_from(source, addr);
+    stream.write_all(bytes).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    // A reset instead of a FIN is a close too.
+    let _ = stream.read_to_end(&mut answer);
+    answer
+}
+
+/// `blufio_errors_total{type="bad_request"}`, 0 while absent.
+#[cfg(target_os = "linux")]
+fn bad_requests(addr: SocketAddr) -> f64 {
+    let metrics = support::request(addr, "GET", "/metrics", &[], None);
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    prometheus::parse(&metrics.body)
+        .value("blufio_errors_total", &[("type", "bad_request")])
+        .unwrap_or(0.0)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
+    );
+    let (mut child, addr, lines, _) = start_configured_binary(&config, "hang-ups");
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+
+    let quitter = Ipv4Addr::new(127, 0, 0, 10);
+    // Mid-head: inside the request line, and after some header lines.
+    hang_up_after(quitter, addr, b"POST /v1/mess");
+    hang_up_after(quitter, addr, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n");
+    // Mid-head of a second request on a keep-alive connection.
+    let mut stream = connect_from(quitter, addr);
+    send_health(&mut stream, TOKEN);
+    assert_eq!(read_response(&mut stream).expect("a response").status, 200);
+    stream.write_all(b"GET /v1/health HTTP/1.1\r\nHo").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = stream.read_to_end(&mut Vec::new());
+    // Mid-body: a declared length, and a chunked body, each cut short.
+    let declared = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: 65536\r\n\r\n{{\"content\": \""
+    );
+    hang_up_after(quitter, addr, declared.as_bytes());
+    let chunked = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n20\r\n{{\"content\": \""
+    );
+    hang_up_after(quitter, addr, chunked.as_bytes());
+    assert_eq!(bad_requests(addr), 0.0);
+
+    // Real protocol faults still count: a head the parser refuses, invalid chunked framing.
+    let garbler = Ipv4Addr::new(127, 0, 0, 11);
+    let garbage = hang_up_after(
+        garbler,
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+    );
+    assert!(garbage.starts_with(b"HTTP/1.1 400"), "{garbage:?}");
+    let bad_chunk = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let answer = hang_up_after(garbler, addr, bad_chunk.as_bytes());
+    assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
+    assert_eq!(bad_requests(addr), 2.0);
+
+    signal(&child, "-TERM");
+    let log = lines_until(&lines, "shut down");
+    assert_eq!(wait(&mut child).code(), Some(0));
+    let mentioning = |who: &str| -> Vec<&String> {
+        log.iter()
+            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
+            .collect()
+    };
+    assert_eq!(mentioning("127.0.0.10"), Vec::<&String>::new(), "{log:#?}");
+    let malformed = mentioning("127.0.0.11");
+    assert!(
+        malformed
+            .first()
+            .is_some_and(|line| line.contains("malformed request from 127.0.0.11 (bad_request)")),
+        "{log:#?}"
+    );
+}
