@@ -3,7 +3,8 @@
 //!
 //! It decides admission at accept time (`max_connections`, `max_connections_per_ip`, and a
 //! reserve on the probe listener so `/health` answers during a flood on the gateway; at the
-//! limit, room made by closing the oldest incomplete head of the busiest address), and it
+//! limit, room made by closing the oldest incomplete head of the busiest address, or a
+//! response its client has stopped reading), and it
 //! lets the memory monitor attribute heap to connections and close them (oldest incomplete
 //! head first) instead of touching sessions. It does not read or write sockets: that is
 //! `listener.rs`.
@@ -68,6 +69,18 @@ pub const PROBE_RESERVE: usize = 16;
 /// descriptor until they have closed): at most this many beyond `max_connections`, well
 /// inside [`FD_HEADROOM`].
 pub const EVICTION_SLACK: usize = 16;
+
+/// How long a response write may wait on a client that reads nothing before its connection
+/// counts as holding a slot for nothing: closed at the connection limit (with idle kept-alive
+/// connections) and shed under memory pressure. Ordinary flow control clears within
+/// milliseconds on a live client; a pipelining client that never reads stays blocked until
+/// the stall deadline, and any trickle of progress would otherwise restart that deadline.
+pub const WRITE_BLOCKED_EVICTABLE: Duration = Duration::from_secs(1);
+
+/// How long the registry must stay below the connection limit before an episode at the limit
+/// ends: a flood that is closed and re-dials keeps dipping below the limit for moments, and is
+/// one episode, not hundreds.
+pub const EPISODE_QUIET: Duration = Duration::from_secs(5);
 
 /// File descriptors left to the daemon's own files (logs, `/proc` reads, listeners, the
 /// allocator) when `max_connections` is derived from the soft limit.
@@ -145,7 +158,12 @@ pub struct Tracked {
     id: u64,
     key: (Listener, IpAddr),
     evicted: AtomicBool,
+    /// Set when the drain closes this connection's incomplete head.
+    head_closed: AtomicBool,
     responding: AtomicBool,
+    /// When the current response's write first blocked for long, in milliseconds since the
+    /// registry's epoch, plus one; 0 while it is not blocked.
+    write_blocked: AtomicU64,
     phase: AtomicU8,
     requests: AtomicU64,
     fixed_bytes: AtomicU64,
@@ -171,7 +189,55 @@ impl Tracked {
     /// Marks whether a response is being written: the phase is already `Idle` then (the
     /// handler has returned), yet the connection is not waiting for anything from the client.
     pub fn set_responding(&self, responding: bool) {
+        // Each response starts, and ends, unblocked.
+        self.write_blocked.store(0, Ordering::Release);
         self.responding.store(responding, Ordering::Release);
+    }
+
+    /// Records that a write to the client could not proceed (its buffers are full).
+    pub fn note_write_blocked(&self) {
+        if self.write_blocked.load(Ordering::Acquire) == 0 {
+            let now = self.registry.now_millis().saturating_add(1);
+            let _ =
+                self.write_blocked
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Records that a write to the client made progress. A short block is flow control and
+    /// is forgotten; one that lasted [`WRITE_BLOCKED_EVICTABLE`] marks the response's reader
+    /// as stalled until the response ends, since a client that never reads can still let a few
+    /// bytes through now and then.
+    pub fn note_write_progress(&self) {
+        let since = self.write_blocked.load(Ordering::Acquire);
+        if since != 0 && !self.blocked_long(since) {
+            let _ =
+                self.write_blocked
+                    .compare_exchange(since, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Returns whether a response is being written to a client that has not taken any of it
+    /// for [`WRITE_BLOCKED_EVICTABLE`]: the connection holds its slot for nothing.
+    pub fn write_stalled(&self) -> bool {
+        self.responding()
+            && self.phase() == Phase::Idle
+            && self.blocked_long(self.write_blocked.load(Ordering::Acquire))
+    }
+
+    fn blocked_long(&self, since: u64) -> bool {
+        since != 0
+            && self
+                .registry
+                .now_millis()
+                .saturating_add(1)
+                .saturating_sub(since)
+                >= WRITE_BLOCKED_EVICTABLE.as_millis() as u64
+    }
+
+    /// Returns whether the drain closed this connection while its head was incomplete.
+    pub fn head_closed(&self) -> bool {
+        self.head_closed.load(Ordering::Acquire)
     }
 
     /// Returns whether a response is being written (see [`Tracked::set_responding`]).
@@ -362,6 +428,8 @@ struct Counts {
 #[derive(Debug)]
 struct AtLimit {
     started: Instant,
+    /// The latest connection refused or let in by closing another.
+    last: Instant,
     refused: u64,
     evicted: u64,
 }
@@ -370,8 +438,10 @@ impl Counts {
     /// Picks the connection to close so that a new one on `listener` fits: one that costs its
     /// sender little and holds a slot for nothing, an incomplete head or a connection that has
     /// sent nothing yet, from the address holding the most connections, oldest first; an idle
-    /// kept-alive connection only when none is left. Never a request in progress, a response
-    /// being written or a WebSocket, and never a connection already being closed.
+    /// kept-alive connection (or one whose client has stopped reading its response, see
+    /// [`WRITE_BLOCKED_EVICTABLE`]) only when none is left. Never a request in progress, a
+    /// response being taken in by its client or a WebSocket, and never a connection already
+    /// being closed.
     fn eviction_candidate(&self, listener: Listener) -> Option<&Arc<Tracked>> {
         let busiest = self
             .per_ip
@@ -386,6 +456,8 @@ impl Counts {
                 continue;
             }
             let rank = match tracked.phase() {
+                // A response its client has stopped reading frees nothing by being kept.
+                Phase::Idle if tracked.write_stalled() => 1,
                 Phase::Idle if tracked.responding() => continue,
                 Phase::Head => 0,
                 Phase::Idle if tracked.requests() == 0 => 0,
@@ -409,6 +481,8 @@ impl Counts {
 
 struct Shared {
     counts: Mutex<Counts>,
+    /// The origin of the millisecond timestamps kept in atomics.
+    epoch: Instant,
     /// Heap charged to all open connections.
     bytes: AtomicU64,
     /// The highest `bytes` since the memory monitor last asked ([`Connections::take_peak`]).
@@ -426,6 +500,10 @@ impl fmt::Debug for Shared {
 }
 
 impl Shared {
+    fn now_millis(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         // Plain counters; a panic elsewhere cannot leave them half-written.
         match self.counts.lock() {
@@ -502,13 +580,14 @@ pub enum Episode {
     /// The first connection of an episode at the limit (refused, or let in by closing
     /// another).
     Started,
-    /// Admission resumed below the limit after an episode lasting `lasted`.
+    /// Admission resumed below the limit, [`EPISODE_QUIET`] after an episode that lasted
+    /// `lasted` (from its first connection refused or closed to make room to its last).
     Ended {
         /// Connections refused during the episode.
         refused: u64,
         /// Connections closed during the episode to make room for new ones.
         evicted: u64,
-        /// How long the episode lasted.
+        /// How long the episode lasted, its quiet end not included.
         lasted: Duration,
     },
 }
@@ -524,6 +603,7 @@ impl Connections {
         Connections {
             shared: Arc::new(Shared {
                 counts: Mutex::new(Counts::default()),
+                epoch: Instant::now(),
                 bytes: AtomicU64::new(0),
                 peak: AtomicU64::new(0),
                 open_gauge,
@@ -558,6 +638,17 @@ impl Connections {
             .filter(|tracked| {
                 tracked.phase() == Phase::Idle && tracked.requests() > 0 && !tracked.responding()
             })
+            .count()
+    }
+
+    /// Returns how many connections are writing a response their client has stopped reading
+    /// (see [`Tracked::write_stalled`]).
+    pub fn stalled_readers(&self) -> usize {
+        self.shared
+            .lock()
+            .open
+            .values()
+            .filter(|tracked| tracked.write_stalled())
             .count()
     }
 
@@ -596,6 +687,15 @@ impl Connections {
         listener: Listener,
         ip: IpAddr,
     ) -> (Result<ConnectionGuard, Refusal>, Episode) {
+        self.admit_at(listener, ip, Instant::now())
+    }
+
+    fn admit_at(
+        &self,
+        listener: Listener,
+        ip: IpAddr,
+        now: Instant,
+    ) -> (Result<ConnectionGuard, Refusal>, Episode) {
         let mut counts = self.shared.lock();
         let gateway_cap = self
             .max_connections
@@ -629,11 +729,13 @@ impl Connections {
                 Some(episode) => {
                     episode.evicted += evicted;
                     episode.refused += refused;
+                    episode.last = now;
                     Episode::Quiet
                 }
                 None => {
                     counts.at_limit = Some(AtLimit {
-                        started: Instant::now(),
+                        started: now,
+                        last: now,
                         refused,
                         evicted,
                     });
@@ -641,11 +743,14 @@ impl Connections {
                 }
             }
         } else {
-            match counts.at_limit.take() {
+            match counts
+                .at_limit
+                .take_if(|episode| now.saturating_duration_since(episode.last) >= EPISODE_QUIET)
+            {
                 Some(episode) => Episode::Ended {
                     refused: episode.refused,
                     evicted: episode.evicted,
-                    lasted: episode.started.elapsed(),
+                    lasted: episode.last.saturating_duration_since(episode.started),
                 },
                 None => Episode::Quiet,
             }
@@ -665,7 +770,9 @@ impl Connections {
             id,
             key,
             evicted: AtomicBool::new(false),
+            head_closed: AtomicBool::new(false),
             responding: AtomicBool::new(false),
+            write_blocked: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Idle as u8),
             requests: AtomicU64::new(0),
             fixed_bytes: AtomicU64::new(0),
@@ -692,16 +799,19 @@ impl Connections {
 
     /// Closes connections until about `bytes` of charged memory is freed: first incomplete
     /// requests (a partial head, or a body being read), oldest first, then idle kept-alive
-    /// ones, oldest first. Connections running a handler or a WebSocket are left alone.
-    /// Returns how many were closed.
+    /// ones and responses their clients have stopped reading, oldest first. Connections running
+    /// a handler, taking in their response, or a WebSocket are left alone. Returns how many
+    /// were closed.
     pub fn shed(&self, bytes: u64) -> usize {
         let counts = self.shared.lock();
         let mut freed = 0u64;
         let mut closed = 0;
         let incomplete = |tracked: &Tracked| matches!(tracked.phase(), Phase::Head | Phase::Body);
         // A connection writing its response (a streamed reply) looks idle until its next
-        // read, but is not.
-        let idle = |tracked: &Tracked| tracked.phase() == Phase::Idle && !tracked.responding();
+        // read, but is not, unless its client has stopped reading.
+        let idle = |tracked: &Tracked| {
+            tracked.phase() == Phase::Idle && (!tracked.responding() || tracked.write_stalled())
+        };
         for wanted in [&incomplete as &dyn Fn(&Tracked) -> bool, &idle] {
             for tracked in counts.open.values() {
                 if freed >= bytes {
@@ -712,6 +822,23 @@ impl Connections {
                     tracked.shed.close();
                     closed += 1;
                 }
+            }
+        }
+        closed
+    }
+
+    /// Closes every connection whose request head is still incomplete, for the drain: such a
+    /// request has not reached the daemon, and a slow or abandoned head would otherwise hold
+    /// the drain for its whole head deadline. A body being read is a request that reached the
+    /// daemon, and is left to finish. Returns how many were closed.
+    pub fn close_partial_heads(&self) -> usize {
+        let counts = self.shared.lock();
+        let mut closed = 0;
+        for tracked in counts.open.values() {
+            if tracked.phase() == Phase::Head && !tracked.shed.is_closed() {
+                tracked.head_closed.store(true, Ordering::Release);
+                tracked.shed.close();
+                closed += 1;
             }
         }
         closed
@@ -757,7 +884,110 @@ mod tests {
         assert_eq!(episode, Episode::Started);
         let (other, episode) = connections.admit(Listener::Gateway, OTHER);
         assert!(other.is_ok());
-        assert!(matches!(episode, Episode::Ended { refused: 1, .. }));
+        assert_eq!(
+            episode,
+            Episode::Quiet,
+            "the episode ends only after a quiet period"
+        );
+    }
+
+    #[test]
+    fn a_flood_that_keeps_dipping_below_the_limit_is_one_episode() {
+        let connections = registry(100, 1);
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        let held = connections
+            .admit_at(Listener::Gateway, IP, at(0))
+            .0
+            .unwrap();
+        let (refused, episode) = connections.admit_at(Listener::Gateway, IP, at(10));
+        assert!(refused.is_err());
+        assert_eq!(episode, Episode::Started);
+        // Below the limit for moments between refusals, for 20 seconds: one episode.
+        for tick in 1..=200 {
+            let (admitted, episode) =
+                connections.admit_at(Listener::Gateway, OTHER, at(10 + tick * 100));
+            assert_eq!(episode, Episode::Quiet, "at {tick}");
+            drop(admitted);
+            let (refused, episode) =
+                connections.admit_at(Listener::Gateway, IP, at(60 + tick * 100));
+            assert!(refused.is_err());
+            assert_eq!(episode, Episode::Quiet, "at {tick}");
+        }
+        let last = at(60 + 200 * 100);
+        // Not quite quiet long enough yet.
+        let (_, episode) = connections.admit_at(
+            Listener::Gateway,
+            OTHER,
+            last + EPISODE_QUIET - Duration::from_millis(1),
+        );
+        assert_eq!(episode, Episode::Quiet);
+        let (_, episode) = connections.admit_at(Listener::Gateway, OTHER, last + EPISODE_QUIET);
+        assert_eq!(
+            episode,
+            Episode::Ended {
+                refused: 201,
+                evicted: 0,
+                lasted: last - at(10),
+            }
+        );
+        drop(held);
+    }
+
+    #[test]
+    fn a_response_its_client_stopped_reading_can_be_closed_after_a_second() {
+        let connections = registry(10, 10);
+        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
+        let tracked = guard.tracked();
+        tracked.set_phase(Phase::Busy);
+        tracked.set_phase(Phase::Idle);
+        tracked.set_responding(true);
+        tracked.note_write_blocked();
+        assert!(!tracked.write_stalled(), "flow control, for now");
+        // Progress within the second forgets the block.
+        tracked.note_write_progress();
+        assert_eq!(tracked.write_blocked.load(Ordering::Acquire), 0);
+        // A block that has lasted a second (backdated here) marks the reader as stalled, and
+        // a trickle of progress does not clear it.
+        let long_ago = connections
+            .shared
+            .now_millis()
+            .saturating_add(1)
+            .saturating_sub(WRITE_BLOCKED_EVICTABLE.as_millis() as u64);
+        tracked
+            .write_blocked
+            .store(long_ago.max(1), Ordering::Release);
+        if long_ago == 0 {
+            // The registry is younger than a second: wait for the block to age.
+            std::thread::sleep(WRITE_BLOCKED_EVICTABLE);
+        }
+        assert!(tracked.write_stalled());
+        tracked.note_write_progress();
+        assert!(tracked.write_stalled());
+        assert_eq!(connections.shed(1), 1, "shed with the idle ones");
+        // The next response starts afresh.
+        tracked.set_responding(false);
+        tracked.set_responding(true);
+        assert!(!tracked.write_stalled());
+    }
+
+    #[test]
+    fn the_drain_closes_incomplete_heads_only() {
+        let connections = registry(10, 10);
+        let [head, body, idle, busy] =
+            [Phase::Head, Phase::Body, Phase::Idle, Phase::Busy].map(|phase| {
+                let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
+                if phase == Phase::Body {
+                    guard.tracked().set_phase(Phase::Busy);
+                }
+                guard.tracked().set_phase(phase);
+                guard
+            });
+        assert_eq!(connections.close_partial_heads(), 1);
+        assert!(head.tracked().head_closed() && head.tracked().shed.is_closed());
+        for other in [&body, &idle, &busy] {
+            assert!(!other.tracked().shed.is_closed());
+        }
     }
 
     /// Admits a connection that is running a request, which nothing may close.

@@ -166,6 +166,13 @@ impl Daemon {
         })
         .await;
         let listeners = self.ctx.shutdown.shut_down();
+        // A request whose head has not arrived by now has not reached the daemon: waiting for
+        // it would hold the drain for its whole head deadline (a slow-head flood would make
+        // every shutdown take the full grace period).
+        let heads = connections.close_partial_heads();
+        if heads > 0 {
+            log::debug!("closing {heads} connections with an incomplete request head");
+        }
         let drained = async {
             listeners.await;
             true

@@ -404,6 +404,15 @@ impl<T: Transport> AsyncWrite for DeadlineTransport<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Some(tracked) = &this.tracked {
+            // For the registry: a client that stops reading its response holds a slot for
+            // nothing (see `Tracked::write_stalled`).
+            match &result {
+                Poll::Pending => tracked.note_write_blocked(),
+                Poll::Ready(Ok(written)) if *written > 0 => tracked.note_write_progress(),
+                Poll::Ready(_) => {}
+            }
+        }
         with_deadline(result, &mut this.write_deadline, this.timeout, cx, "write")
     }
 

@@ -372,7 +372,14 @@ async fn serve_connection<H: Handler, D>(
     )));
     let shed = async {
         guard.shed().await;
-        if guard.tracked().evicted() {
+        if guard.tracked().head_closed() {
+            // The drain closes incomplete heads; one that has just completed is a request
+            // that reached the daemon, and is answered.
+            if guard.tracked().phase() != Phase::Head {
+                std::future::pending::<()>().await;
+            }
+            log::debug!("closing connection from {ip}: request head incomplete at shutdown");
+        } else if guard.tracked().evicted() {
             ctx.metrics.count_error(ErrorKind::ConnectionEvicted);
             log::debug!("closing connection from {ip}: evicted at the connection limit");
         } else {

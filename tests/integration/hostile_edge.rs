@@ -1,6 +1,7 @@
-//! Hostile clients at the edge of a connection: a slow-head flood at the connection cap on the
-//! single port, request heads and request lines of every size and split, and clients that keep
-//! posting on keep-alive connections through a SIGTERM drain. Real sockets throughout, extra
+//! Hostile clients at the edge of a connection: a slow-head flood and pipelining clients that
+//! never read at the connection cap on the single port, request heads and request lines of
+//! every size and split, and clients that keep posting on keep-alive connections (or drip
+//! heads) through a SIGTERM drain. Real sockets throughout, extra
 //! client addresses from 127.0.0.0/8.
 
 use std::{
@@ -34,6 +35,16 @@ fn connect(addr: SocketAddr) -> TcpStream {
 /// Connects to `addr` from `source`: on Linux every 127.0.0.0/8 address is the loopback, so
 /// one machine can play many clients. std has no bind-before-connect, hence the raw socket.
 fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
+    connect_from_with(source, addr, None)
+}
+
+/// [`connect_from`], with the socket's receive buffer set to `receive_buffer` before it
+/// connects (so the window it advertises is that small).
+fn connect_from_with(
+    source: Ipv4Addr,
+    addr: SocketAddr,
+    receive_buffer: Option<libc::c_int>,
+) -> io::Result<TcpStream> {
     use std::os::fd::FromRawFd;
 
     let SocketAddr::V4(target) = addr else {
@@ -59,6 +70,21 @@ fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
     // SAFETY: `local` is a valid sockaddr_in of `length` bytes for the call's duration.
     if unsafe { libc::bind(fd, (&raw const local).cast(), length) } < 0 {
         return Err(io::Error::last_os_error());
+    }
+    if let Some(size) = receive_buffer {
+        // SAFETY: `size` is a c_int that outlives the call, passed with its length.
+        let set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     let remote = sockaddr(*target.ip(), target.port());
     // SAFETY: as above; a blocking connect on a socket this function owns.
@@ -203,6 +229,68 @@ fn a_slow_head_flood_at_the_cap_leaves_room_for_probes_and_real_clients() {
     );
     assert!(dialled > 96, "the attackers only dialled {dialled} times");
     assert!(error_count(&daemon, "connection_evicted") >= 1.0);
+    daemon.stop();
+}
+
+#[test]
+fn clients_that_never_read_their_responses_leave_room_for_probes_and_real_clients() {
+    let mut config = support::config_with_token(TOKEN);
+    config.daemon.max_connections = 64;
+    config.daemon.max_connections_per_ip = 1000;
+    let daemon = support::start_gateway(config);
+    let addr = daemon.addr();
+    // Each attacker pipelines far more responses than the socket buffers hold, advertises
+    // the smallest receive window the kernel allows and never reads, so the daemon's writes
+    // block for good. They hold what the daemon admits, more than it admits in all.
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+    let held: Vec<TcpStream> = (0..72u8)
+        .filter_map(|index| {
+            let source = Ipv4Addr::new(127, 0, 1, index % 8 + 2);
+            let mut stream = connect_from_with(source, addr, Some(1)).ok()?;
+            stream.write_all(pipelined.as_bytes()).ok()?;
+            Some(stream)
+        })
+        .collect();
+    // Until the daemon has answered what fits in the buffers and the writes have been
+    // blocked long enough to tell a client that stopped reading from flow control.
+    let started = Instant::now();
+    while daemon.ctx.connections.stalled_readers() < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the writes never blocked: {} of {} open",
+            daemon.ctx.connections.stalled_readers(),
+            daemon.ctx.connections.open()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let open = daemon.ctx.connections.open();
+    assert!(open >= 48, "the port is not full: {open} open");
+
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        for path in ["/health", "/metrics"] {
+            let response = support::request(addr, "GET", path, &[], None);
+            statuses.push((path, response.status, response.body));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let authed = daemon.authed(TOKEN, "GET", "/v1/health", None);
+    let session = daemon.authed(TOKEN, "POST", "/v1/sessions", Some("{}"));
+    let summary: Vec<(&str, u16)> = statuses.iter().map(|(p, s, _)| (*p, *s)).collect();
+    eprintln!(
+        "{} non-reading clients dialled, {open} open: {summary:?}, /v1/health {}, \
+         POST /v1/sessions {}",
+        held.len(),
+        authed.status,
+        session.status
+    );
+    for (path, status, body) in &statuses {
+        assert_eq!(*status, 200, "GET {path} during the flood: {body}");
+    }
+    assert_eq!(authed.status, 200, "authenticated client: {}", authed.body);
+    assert_eq!(session.status, 201, "authenticated POST: {}", session.body);
+    assert!(error_count(&daemon, "connection_evicted") >= 1.0);
+    drop(held);
     daemon.stop();
 }
 
@@ -534,4 +622,53 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
         kept_alive, 0,
         "responses during the drain without Connection: close"
     );
+}
+
+#[test]
+fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
+    let port = cli::free_port();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
+         [agent]\nprovider = \"echo\"\necho_delay_ms = 1500\n"
+    );
+    let (mut child, addr, _lines) = cli::start_binary(&config, "sigterm-slow-heads");
+    let heads: Vec<TcpStream> = (0..32u8)
+        .map(|index| {
+            let mut stream = connect_from(Ipv4Addr::new(127, 0, 2, index % 8 + 1), addr).unwrap();
+            stream.write_all(INCOMPLETE_HEAD).unwrap();
+            stream
+        })
+        .collect();
+    // A request the daemon is answering when the drain begins (its reply takes 1.5 s).
+    let mut in_flight = connect(addr);
+    let body = r#"{"content":"in flight"}"#;
+    write!(
+        in_flight,
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let response = read_response(&mut in_flight);
+    let exit = cli::wait(&mut child);
+    let took = signalled.elapsed();
+    eprintln!(
+        "exited {exit:?} {took:?} after SIGTERM with {} slow heads open",
+        heads.len()
+    );
+    let response = response.expect("the request in flight was answered");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(
+        took < Duration::from_secs(5),
+        "the drain waited {took:?} for heads that never complete (grace 10 s)"
+    );
+    assert_eq!(exit.code(), Some(0));
 }
