@@ -68,7 +68,10 @@ impl Handler for BearerAuthHandler {
         if presented.is_some_and(|token| tokens_match(token, expected.expose())) {
             return conn;
         }
-        if let Some(blocked) = peer.and_then(|ip| {
+        // Only a token presented and refused is a guess. A request with no credentials learns
+        // nothing (a scanner, a client not yet configured), and counting it would let any
+        // anonymous neighbour behind the same address lock a real user out for free.
+        if let Some(blocked) = presented.and(peer).and_then(|ip| {
             self.ctx
                 .client_faults
                 .auth_failed(ip, live.gateway.auth_failure_limit)

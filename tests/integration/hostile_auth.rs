@@ -295,6 +295,35 @@ fn guessing_tokens_gets_429_and_a_closed_connection_from_one_address_only() {
 
 #[cfg(target_os = "linux")]
 #[test]
+fn requests_without_credentials_are_refused_but_never_throttle_the_address() {
+    let daemon = start_gateway(Config::for_tests());
+    let addr = daemon.gateway_addr();
+    let shared = Ipv4Addr::new(127, 0, 0, 7);
+    // Three times the limit of anonymous requests from one address (a scanner, or the soak's
+    // hostile load): each gets its 401, and the address is not blocked.
+    for _ in 0..3 * AUTH_FAILURE_LIMIT {
+        let mut stream = connect_from(shared, addr);
+        stream
+            .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        read_response(&mut stream)
+            .expect("a 401")
+            .assert_error(401, "unauthorized");
+    }
+    // A real client behind the same address is served.
+    assert_eq!(health_from(shared, addr, support::TOKEN).status, 200);
+    let metrics = prometheus::parse(&daemon.get_ok("/metrics"));
+    assert_eq!(
+        metrics
+            .value("blufio_errors_total", &[("type", "auth_throttled")])
+            .unwrap_or(0.0),
+        0.0
+    );
+    daemon.stop();
+}
+
+#[cfg(target_os = "linux")]
+#[test]
 fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
     let port = free_port();
     let config = format!(
