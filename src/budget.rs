@@ -12,7 +12,7 @@
 //!
 //! A file that exists but cannot be read or parsed stops the daemon from starting:
 //! resetting it to zero would hand out a second day's budget, and an operator must look at
-//! it. It is read like every other file (`config::read_capped`): a regular file of at most
+//! it. It is read like every other file (`small_file::read_capped`): a regular file of at most
 //! 1 MiB. Metrics only mirror this state: `blufio_budget_remaining_usd` is set from here, and
 //! `blufio_cost_usd_total{model}` (a float counter the `metrics` types cannot hold) is
 //! rendered from here.
@@ -355,7 +355,7 @@ fn parse_state(text: &str) -> Result<Day, String> {
 
 /// Reads the state file; `None` when there is none yet.
 fn read_state(path: &Path) -> Result<Option<Day>, Error> {
-    let text = match crate::config::read_capped(path) {
+    let text = match crate::small_file::read_capped(path) {
         Ok(text) => text,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => {

@@ -5,7 +5,7 @@
 //! at all. Parse errors name the file, line, column and key; validation errors name the key.
 
 use std::{
-    fmt, io,
+    fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -20,9 +20,8 @@ pub use crate::cost::CostConfig;
 pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
 /// Environment variable that overrides the log filter.
 pub const LOG_ENV: &str = "BLUFIO_LOG";
-/// Largest configuration or token file read, in bytes: anything bigger is the wrong file
-/// (or `/dev/zero`), and reading it whole could exhaust memory.
-pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+pub use crate::small_file::MAX_FILE_BYTES;
+use crate::small_file::read_capped;
 /// Shortest gateway token accepted, in bytes.
 pub const MIN_TOKEN_BYTES: usize = 16;
 /// The most `[daemon] workers`; more threads than this only add stacks and allocator caches.
@@ -717,17 +716,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// Reads a UTF-8 regular file of at most [`MAX_FILE_BYTES`]: the one way blufio reads a
-/// configuration, token, key or state file. A FIFO, a device or a directory is refused by
-/// name before anything is read (opening a FIFO would wait for a writer forever), and
-/// `/dev/zero`, a sparse file or a log file passed by mistake fails at once instead of
-/// filling memory.
-pub(crate) fn read_capped(path: &Path) -> io::Result<String> {
-    let bytes = blufio_platform::read_regular(path, MAX_FILE_BYTES)?;
-    String::from_utf8(bytes)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// Checks a gateway token; the error completes "the token …" and never quotes the token.

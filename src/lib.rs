@@ -55,6 +55,7 @@ pub mod reload;
 pub mod request_target;
 pub mod runtime;
 pub mod sessions;
+mod small_file;
 pub mod state_dir;
 mod tasks;
 

@@ -93,7 +93,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<trillium_rustls::RustlsClientCon
     match ca_file {
         Some(path) => {
             // Bounded and refusing FIFOs and devices, like every file blufio reads.
-            let pem = blufio_platform::read_regular(path, crate::config::MAX_FILE_BYTES)
+            let pem = crate::small_file::read_capped_bytes(path)
                 .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
             for certificate in CertificateDer::pem_slice_iter(&pem) {
                 let certificate = certificate.map_err(|error| {
