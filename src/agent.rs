@@ -172,10 +172,7 @@ impl DeltaSender {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StreamProgress> {
-        match self.progress.lock() {
-            Ok(progress) => progress,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.progress)
     }
 }
 

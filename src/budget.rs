@@ -17,6 +17,7 @@
 //! `blufio_cost_usd_total{model}` (a float counter the `metrics` types cannot hold) is
 //! rendered from here.
 
+use crate::sync::lock;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -298,13 +299,6 @@ impl Budget {
                 spent_usd: 0.0,
             }
         }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -100,10 +100,7 @@ impl CgroupMonitor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<CgroupMemory>> {
-        match self.latest.lock() {
-            Ok(latest) => latest,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.latest)
     }
 }
 

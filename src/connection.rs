@@ -506,10 +506,7 @@ impl Shared {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         // Plain counters; a panic elsewhere cannot leave them half-written.
-        match self.counts.lock() {
-            Ok(counts) => counts,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.counts)
     }
 
     fn add(&self, bytes: u64) {

@@ -117,19 +117,13 @@ impl Context {
     /// Returns the configuration as last (re)loaded: what the token check, the agent timeout
     /// and the log level read. Settings that need a restart keep their running values here.
     pub fn live(&self) -> Arc<Config> {
-        match self.live.read() {
-            Ok(live) => Arc::clone(&live),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&crate::sync::read(&self.live))
     }
 
     /// Replaces the live configuration (on reload).
     pub(crate) fn set_live(&self, config: Config) {
         let config = Arc::new(config);
-        match self.live.write() {
-            Ok(mut live) => *live = config,
-            Err(poisoned) => *poisoned.into_inner() = config,
-        }
+        *crate::sync::write(&self.live) = config;
         self.reloaded.notify(usize::MAX);
     }
 
@@ -173,10 +167,7 @@ impl Context {
 
     /// Hands the executor to the daemon starting on this context; `None` the second time.
     pub(crate) fn take_executor(&self) -> Option<Arc<Executor<'static>>> {
-        match self.executor.lock() {
-            Ok(mut slot) => slot.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        }
+        crate::sync::lock(&self.executor).take()
     }
 
     /// Returns seconds since the context was built.

@@ -57,6 +57,7 @@ pub mod runtime;
 pub mod sessions;
 mod small_file;
 pub mod state_dir;
+mod sync;
 mod tasks;
 
 pub use crate::{

@@ -335,18 +335,12 @@ impl MemoryMonitor {
 
     /// Returns the thresholds.
     pub fn thresholds(&self) -> Thresholds {
-        match self.thresholds.lock() {
-            Ok(thresholds) => *thresholds,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        *crate::sync::lock(&self.thresholds)
     }
 
     /// Replaces the thresholds (on reload); they apply from the next tick.
     pub fn set_thresholds(&self, thresholds: Thresholds) {
-        match self.thresholds.lock() {
-            Ok(mut current) => *current = thresholds,
-            Err(poisoned) => *poisoned.into_inner() = thresholds,
-        }
+        *crate::sync::lock(&self.thresholds) = thresholds
     }
 
     /// Returns the allocator's name and page size.
@@ -361,10 +355,7 @@ impl MemoryMonitor {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MonitorState> {
         // The state is plain data; a panic elsewhere cannot leave it half-written.
-        match self.state.lock() {
-            Ok(state) => state,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -416,10 +416,7 @@ impl Metrics {
     /// are counted as `model="other"`, so a misbehaving agent cannot grow the series without
     /// bound.
     pub fn count_tokens(&self, model: &str, token_type: TokenType, count: u64) {
-        let mut tokens = match self.tokens.lock() {
-            Ok(tokens) => tokens,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut tokens = crate::sync::lock(&self.tokens);
         let known = tokens.contains_key(&(model.to_owned(), token_type));
         let distinct_models = tokens.len() / 2;
         let model = if known || distinct_models < MAX_MODEL_LABELS {

@@ -191,10 +191,7 @@ impl Session {
     }
 
     fn lock(&self) -> MutexGuard<'_, SessionState> {
-        match self.state.lock() {
-            Ok(state) => state,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.state)
     }
 }
 
@@ -321,19 +318,13 @@ impl Sessions {
 
     /// Returns the limits.
     pub fn limits(&self) -> Limits {
-        match self.inner.limits.lock() {
-            Ok(limits) => *limits,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        *crate::sync::lock(&self.inner.limits)
     }
 
     /// Replaces the limits (on reload); open sessions keep their histories until their next
     /// message, and a lower `max_sessions` closes no session, it only refuses new ones.
     pub fn set_limits(&self, limits: Limits) {
-        match self.inner.limits.lock() {
-            Ok(mut current) => *current = limits,
-            Err(poisoned) => *poisoned.into_inner() = limits,
-        }
+        *crate::sync::lock(&self.inner.limits) = limits
     }
 
     /// Opens a session unless admission control refuses it. `memory_rejecting` is the memory
@@ -516,10 +507,7 @@ impl Sessions {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
-        match self.inner.map.lock() {
-            Ok(map) => map,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.inner.map)
     }
 }
 
@@ -534,10 +522,7 @@ fn order_key(created_at: u64, id: &str) -> Option<(u64, u128)> {
 }
 
 fn lock_order(registry: &Registry) -> MutexGuard<'_, BTreeSet<(u64, u128)>> {
-    match registry.order.lock() {
-        Ok(order) => order,
-        Err(poisoned) => poisoned.into_inner(),
-    }
+    crate::sync::lock(&registry.order)
 }
 
 /// An open session that closes itself when dropped, unless [`SessionGuard::keep`] hands it
@@ -570,10 +555,7 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.take() {
-            let removed = match registry.map.lock() {
-                Ok(mut map) => map.remove(&self.session.id),
-                Err(poisoned) => poisoned.into_inner().remove(&self.session.id),
-            };
+            let removed = crate::sync::lock(&registry.map).remove(&self.session.id);
             drop(removed);
         }
     }

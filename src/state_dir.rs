@@ -101,10 +101,7 @@ impl StateLock {
 
     /// Releases the lock (at the end of a shutdown) so another daemon may take the directory.
     pub fn release(&self) {
-        let mut file = match self.file.lock() {
-            Ok(file) => file,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut file = crate::sync::lock(&self.file);
         // Closing the file releases the flock.
         file.take();
     }

@@ -559,10 +559,7 @@ impl ProviderAgent {
     }
 
     fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
-        match self.health.lock() {
-            Ok(health) => health,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.health)
     }
 }
 
