@@ -199,7 +199,7 @@ impl ProviderAgent {
     }
 
     /// Returns what a call for `message` after `history` asks.
-    fn ask<'a>(&'a self, history: &'a [Turn], message: &'a str, stream: bool) -> Request<'a> {
+    fn request<'a>(&'a self, history: &'a [Turn], message: &'a str, stream: bool) -> Request<'a> {
         Request {
             model: &self.model,
             max_tokens: self.max_tokens,
@@ -248,7 +248,7 @@ impl ProviderAgent {
         message: &str,
         deadline: Instant,
     ) -> Result<Reply, AgentError> {
-        let request = self.ask(history, message, false);
+        let request = self.request(history, message, false);
         let mut conn = self.send(&request, deadline).await?;
         let reply = response::read_reply(self.wire, &mut conn).await?;
         Ok(self.priced(&request, reply))
@@ -262,7 +262,7 @@ impl ProviderAgent {
         deltas: &DeltaSender,
         deadline: Instant,
     ) -> Result<Reply, AgentError> {
-        let request = self.ask(history, message, true);
+        let request = self.request(history, message, true);
         let mut conn = self.send(&request, deadline).await?;
         let reply = response::read_stream(self.wire, &mut conn, deltas).await?;
         Ok(self.priced(&request, reply))
