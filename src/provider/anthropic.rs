@@ -2,40 +2,43 @@
 //!
 //! Pure functions over JSON, so every documented shape is tested without a socket. The
 //! request goes to `POST {base_url}/v1/messages` with `x-api-key` and `anthropic-version`
-//! (set in `provider/mod.rs`).
+//! (`authorize`).
 
 use serde_json::{Value, json};
+use trillium_client::Conn;
 
-use super::{Parsed, StreamItem, sse::SseEvent};
-use crate::sessions::Turn;
+use super::{
+    chat::{self, Parsed, Request, StreamItem},
+    sse::SseEvent,
+};
+use crate::config::Secret;
 
 /// The API version header value this code speaks.
 pub(crate) const VERSION: &str = "2023-06-01";
 
 /// Builds `{model, max_tokens, system, messages, stream}` from the whole history.
-pub(crate) fn request_body(
-    model: &str,
-    max_tokens: u32,
-    system: Option<&str>,
-    history: &[Turn],
-    message: &str,
-    stream: bool,
-) -> Value {
-    let mut messages: Vec<Value> = history
-        .iter()
-        .map(|turn| json!({ "role": turn.role.as_str(), "content": turn.content }))
-        .collect();
-    messages.push(json!({ "role": "user", "content": message }));
-    let mut body = json!({ "model": model, "max_tokens": max_tokens, "messages": messages });
+pub(crate) fn request_body(request: &Request<'_>) -> Value {
+    let messages: Vec<Value> = chat::messages(request.history, request.message).collect();
+    let mut body = chat::body(request, messages);
     if let Value::Object(map) = &mut body {
-        if let Some(system) = system {
+        if let Some(system) = request.system {
             map.insert("system".into(), json!(system));
         }
-        if stream {
+        if request.stream {
             map.insert("stream".into(), json!(true));
         }
     }
     body
+}
+
+/// Adds the key header (empty when no key is set: the upstream then answers 401) and the
+/// API version.
+pub(crate) fn authorize(conn: Conn, key: Option<&Secret>) -> Conn {
+    conn.with_request_header(
+        "x-api-key",
+        key.map_or(String::new(), |key| key.expose().to_owned()),
+    )
+    .with_request_header("anthropic-version", VERSION)
 }
 
 /// Reads a (non-streamed) reply: the text blocks joined, the model and the usage.
@@ -95,21 +98,12 @@ pub(crate) fn parse_event(event: &SseEvent) -> Result<StreamItem, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sessions::Role;
+    use crate::provider::chat::tests::{request, two_turns};
 
     #[test]
     fn the_request_carries_the_whole_history_then_the_message() {
-        let history = [
-            Turn {
-                role: Role::User,
-                content: "hi".into(),
-            },
-            Turn {
-                role: Role::Assistant,
-                content: "hello".into(),
-            },
-        ];
-        let body = request_body("m", 64, Some("be brief"), &history, "again", true);
+        let history = two_turns();
+        let body = request_body(&request("m", 64, Some("be brief"), &history, "again", true));
         assert_eq!(
             body,
             json!({
@@ -121,7 +115,7 @@ mod tests {
                 ],
             })
         );
-        let body = request_body("m", 64, None, &[], "x", false);
+        let body = request_body(&request("m", 64, None, &[], "x", false));
         assert!(body.get("system").is_none() && body.get("stream").is_none());
     }
 

@@ -7,35 +7,41 @@
 //! usage to be estimated.
 
 use serde_json::{Value, json};
+use trillium_client::{Conn, KnownHeaderName};
 
-use super::{Parsed, StreamItem, sse::SseEvent};
-use crate::sessions::Turn;
+use super::{
+    chat::{self, Parsed, Request, StreamItem},
+    sse::SseEvent,
+};
+use crate::config::Secret;
 
 /// Builds `{model, max_tokens, messages, stream}`; the system prompt is the first message.
-pub(crate) fn request_body(
-    model: &str,
-    max_tokens: u32,
-    system: Option<&str>,
-    history: &[Turn],
-    message: &str,
-    stream: bool,
-) -> Value {
-    let mut messages = Vec::with_capacity(history.len() + 2);
-    if let Some(system) = system {
-        messages.push(json!({ "role": "system", "content": system }));
-    }
-    messages.extend(
-        history
-            .iter()
-            .map(|turn| json!({ "role": turn.role.as_str(), "content": turn.content })),
-    );
-    messages.push(json!({ "role": "user", "content": message }));
-    let mut body = json!({ "model": model, "max_tokens": max_tokens, "messages": messages });
-    if stream && let Value::Object(map) = &mut body {
+pub(crate) fn request_body(request: &Request<'_>) -> Value {
+    let messages: Vec<Value> = request
+        .system
+        .map(|system| json!({ "role": "system", "content": system }))
+        .into_iter()
+        .chain(chat::messages(request.history, request.message))
+        .collect();
+    let mut body = chat::body(request, messages);
+    if request.stream
+        && let Value::Object(map) = &mut body
+    {
         map.insert("stream".into(), json!(true));
         map.insert("stream_options".into(), json!({ "include_usage": true }));
     }
     body
+}
+
+/// Adds the bearer key when one is configured; local servers usually take none.
+pub(crate) fn authorize(conn: Conn, key: Option<&Secret>) -> Conn {
+    match key {
+        Some(key) => conn.with_request_header(
+            KnownHeaderName::Authorization,
+            format!("Bearer {}", key.expose()),
+        ),
+        None => conn,
+    }
 }
 
 /// Reads a (non-streamed) reply: `choices[0].message.content` and the usage.
@@ -88,21 +94,19 @@ pub(crate) fn parse_event(event: &SseEvent) -> Result<Vec<StreamItem>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sessions::Role;
+    use crate::provider::chat::tests::{request, two_turns};
 
     #[test]
     fn the_system_prompt_leads_and_the_history_follows() {
-        let history = [
-            Turn {
-                role: Role::User,
-                content: "hi".into(),
-            },
-            Turn {
-                role: Role::Assistant,
-                content: "hello".into(),
-            },
-        ];
-        let body = request_body("llama3.2", 32, Some("sys"), &history, "again", true);
+        let history = two_turns();
+        let body = request_body(&request(
+            "llama3.2",
+            32,
+            Some("sys"),
+            &history,
+            "again",
+            true,
+        ));
         assert_eq!(
             body,
             json!({
