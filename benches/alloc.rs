@@ -120,12 +120,12 @@ fn main() {
     async_io::block_on(floor.shut_down());
 
     for _ in 0..100 {
-        blufio::memory::tick(&ctx);
+        blufio::internals::memory::tick(&ctx);
     }
     let (allocations, _) = counting::snapshot();
     let started = Instant::now();
     for _ in 0..ticks {
-        blufio::memory::tick(&ctx);
+        blufio::internals::memory::tick(&ctx);
     }
     let elapsed = started.elapsed();
     let (allocations_after, _) = counting::snapshot();
@@ -243,10 +243,10 @@ impl JemallocHeap {
 
 #[cfg(not(feature = "jemalloc"))]
 impl blufio::HeapSource for JemallocHeap {
-    fn read(&self) -> Result<Option<blufio::memory::HeapStats>, blufio::Error> {
+    fn read(&self) -> Result<Option<blufio::HeapStats>, blufio::Error> {
         let error = |e: tikv_jemalloc_ctl::Error| blufio::Error::Allocator(e.to_string());
         self.epoch.advance().map_err(error)?;
-        Ok(Some(blufio::memory::HeapStats {
+        Ok(Some(blufio::HeapStats {
             allocated_bytes: self.allocated.read().map_err(error)? as u64,
             resident_bytes: self.resident.read().map_err(error)? as u64,
         }))

@@ -70,7 +70,7 @@ pub struct Context {
     pub connections: Connections,
     /// Failed authentications (throttled) and malformed requests (reported) per client.
     pub client_faults: ClientFaults,
-    /// The handle on this daemon's executor (see [`crate::runtime`]).
+    /// The handle on this daemon's executor (see `crate::runtime`).
     pub runtime: Runtime,
     /// The executor itself, until [`crate::spawn`] takes it to start the worker threads.
     executor: Mutex<Option<Arc<Executor<'static>>>>,

@@ -8,10 +8,42 @@
 //! thin command line over [`run`]. Nothing here is global except the allocator (jemalloc,
 //! behind the default `jemalloc` feature).
 //!
-//! ```
-//! use std::{io::{Read, Write}, net::TcpStream, time::Duration};
+//! A host builds a [`Context`] with [`Context::builder`], plugs in its own [`Agent`] and
+//! memory sources ([`HeapSource`], [`RssSource`]), and starts it with [`spawn`]:
 //!
-//! let ctx = blufio::Context::new(blufio::Config::for_tests())?;
+//! ```
+//! use std::{
+//!     io::{Read, Write},
+//!     net::TcpStream,
+//!     sync::Arc,
+//!     time::Duration,
+//! };
+//!
+//! use blufio::{
+//!     Agent, AgentError, BoxFuture, Config, Context, FixedRss, ManualHeap, Reply, Session,
+//! };
+//!
+//! /// Answers every message with its length in bytes.
+//! struct Counter;
+//!
+//! impl Agent for Counter {
+//!     fn reply<'a>(
+//!         &'a self,
+//!         _ctx: &'a Context,
+//!         _session: &'a Session,
+//!         message: &'a str,
+//!     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+//!         Box::pin(async move {
+//!             Ok(Reply { content: message.len().to_string(), usage: None })
+//!         })
+//!     }
+//! }
+//!
+//! let ctx = Context::builder(Config::for_tests())
+//!     .with_agent(Counter)
+//!     .with_heap_source(Arc::new(ManualHeap::new(10 * 1024 * 1024)))
+//!     .with_rss_source(FixedRss(Some(32 * 1024 * 1024)))
+//!     .build()?;
 //! let daemon = blufio::spawn(ctx)?;
 //! let mut stream = TcpStream::connect(daemon.health_addr())?;
 //! stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
@@ -22,53 +54,120 @@
 //! assert!(daemon.shut_down_blocking(Duration::from_secs(5)));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! The modules are private; `internals` (hidden from the docs) reaches them for the fuzz
+//! targets, integration tests and benches, and is no stable API.
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(clippy::dbg_macro, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-pub mod agent;
-pub mod budget;
-pub mod cgroup;
-pub mod client;
-pub mod client_fault;
-pub mod config;
-pub mod connection;
-pub mod context;
-pub mod cost;
+mod agent;
+mod budget;
+mod cgroup;
+mod client_fault;
+mod config;
+mod connection;
+mod context;
+mod cost;
 mod daemon;
-pub mod deadline;
-pub mod error;
-pub mod fd_limit;
-pub mod gateway;
-pub mod heap;
-pub mod http;
+mod deadline;
+mod error;
+mod fd_limit;
+mod gateway;
+mod heap;
+mod http;
 mod listener;
-pub mod logging;
-pub mod memory;
-pub mod metrics;
-pub mod notify;
-pub mod provider;
-pub mod read_buffer;
-pub mod readiness;
-pub mod reload;
-pub mod request_target;
-pub mod runtime;
-pub mod sessions;
+mod logging;
+mod memory;
+mod metrics;
+mod notify;
+mod provider;
+mod read_buffer;
+mod readiness;
+mod reload;
+mod request_target;
+mod runtime;
+mod sessions;
 mod small_file;
-pub mod state_dir;
+mod state_dir;
 mod sync;
 mod tasks;
 
+// What a host embedding daemons needs: the context and its builder, the configuration, the
+// daemon's lifecycle, the agent and memory-source traits.
 pub use crate::{
-    agent::{Agent, AgentError, Reply, Usage},
-    config::Config,
+    agent::{
+        Agent, AgentError, BoxFuture, DelayedEchoAgent, DeltaSender, Disconnected, EchoAgent,
+        Reply, StreamProgress, UpstreamStatus, Usage,
+    },
+    config::{
+        AgentConfig, Config, DaemonConfig, GatewayConfig, PrometheusConfig, Provider, Secret,
+    },
     context::{Context, ContextBuilder},
+    cost::{CostConfig, ModelPrice},
     daemon::{Daemon, run, spawn},
     error::Error,
-    memory::{FixedRss, HeapSource, ManualHeap, RssSource},
-    sessions::{Rejected, SessionGuard},
+    logging::RedactingLogger,
+    memory::{FixedRss, HeapSource, HeapStats, ManualHeap, RssSource},
+    notify::NotifySettings,
+    sessions::{Rejected, Role, Session, SessionGuard, Turn},
 };
+
+// What the `blufio` command line needs besides: `check-config`'s report and the logger's
+// environment.
+pub use crate::{
+    budget::check_state_dir,
+    config::{AUTO_MB, DEFAULT_FILE, journal_stream, level_filter, log_env_override},
+    fd_limit::{FdPlan, check as check_fd_limit},
+};
+
+/// The crate's modules, for the fuzz targets, integration tests and benches only: not a
+/// stable API.
+#[doc(hidden)]
+pub mod internals {
+    /// Re-exports each named module's public items under the same name, so
+    /// `blufio::internals::memory::tick` reaches `crate::memory::tick`.
+    macro_rules! reexport {
+        ($($module:ident),* $(,)?) => {
+            $(
+                #[allow(missing_docs)]
+                pub mod $module {
+                    pub use crate::$module::*;
+                }
+            )*
+        };
+    }
+
+    reexport!(
+        agent,
+        budget,
+        cgroup,
+        client_fault,
+        config,
+        connection,
+        context,
+        cost,
+        deadline,
+        error,
+        fd_limit,
+        gateway,
+        heap,
+        http,
+        logging,
+        memory,
+        metrics,
+        notify,
+        provider,
+        read_buffer,
+        readiness,
+        reload,
+        request_target,
+        runtime,
+        sessions,
+        state_dir,
+    );
+}
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -17,7 +17,10 @@ use std::{
     task::{Context as TaskContext, Poll},
 };
 
-use blufio::{Config, Context, agent::EchoAgent, http::Scope};
+use blufio::{
+    Config, Context, EchoAgent,
+    internals::http::{self, Scope},
+};
 use futures_lite::{AsyncRead, AsyncWrite};
 use libfuzzer_sys::fuzz_target;
 use trillium::{BoxedHandler, Handler, Info};
@@ -91,7 +94,7 @@ fn daemon() -> &'static Daemon {
         // The same HTTP limits the daemon sets (src/daemon.rs).
         let mut http_config = HttpConfig::default();
         http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
-        let mut handler = BoxedHandler::new(blufio::http::handler(ctx, Scope::All));
+        let mut handler = BoxedHandler::new(http::handler(ctx, Scope::All));
         let mut info = Info::from(HttpContext::new().with_config(http_config));
         async_io::block_on(handler.init(&mut info));
         Daemon {

@@ -10,11 +10,12 @@
 use std::sync::{Arc, OnceLock};
 
 use blufio::{
-    Config, Context,
-    agent::EchoAgent,
-    gateway::{self, parse_message},
-    metrics::Channel,
-    sessions::SessionKind,
+    Config, Context, EchoAgent,
+    internals::{
+        gateway::{self, parse_message},
+        metrics::Channel,
+        sessions::SessionKind,
+    },
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

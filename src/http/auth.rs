@@ -5,7 +5,7 @@
 //! WebSocket, so `/ws` also accepts the subprotocol `bearer.<token>`; a query-string token is
 //! never accepted because it ends up in access logs.
 //!
-//! Failed checks are counted per client ([`crate::client_fault`]): a client that fails too
+//! Failed checks are counted per client (`crate::client_fault`): a client that fails too
 //! often is answered `429` with `Retry-After` and `Connection: close` for a while, before its
 //! token is looked at.
 

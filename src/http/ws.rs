@@ -22,7 +22,7 @@
 //! upstream call.
 //!
 //! An idle socket holds little (about 7.6 KB of heap, its session included): it runs in a task
-//! of its own rather than inside its HTTP connection's (see [`SocketHandler`]), tungstenite's
+//! of its own rather than inside its HTTP connection's (see `SocketHandler`), tungstenite's
 //! defaults read into 128 KiB allocated up front, here 1 KiB (see [`READ_BUFFER_BYTES`]), and
 //! replies go out in frames of at most [`REPLY_FRAME_BYTES`], so the write buffers a socket
 //! keeps after a long reply stay small.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use blufio::{Context, config::AUTO_MB};
+use blufio::{AUTO_MB, Context};
 use blufio_platform::CgroupReader;
 
 use crate::{prometheus, support};

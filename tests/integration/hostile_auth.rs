@@ -18,7 +18,7 @@ use std::{
 };
 
 #[cfg(target_os = "linux")]
-use blufio::{Config, client_fault::AUTH_FAILURE_LIMIT};
+use blufio::{Config, internals::client_fault::AUTH_FAILURE_LIMIT};
 
 use crate::{
     cli::{blufio, free_port, temp_dir, wait},

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::{Context, FixedRss, ManualHeap, connection::CONNECTION_BASE_BYTES};
+use blufio::{Context, FixedRss, ManualHeap, internals::connection::CONNECTION_BASE_BYTES};
 
 use crate::{
     cli, prometheus,
@@ -272,7 +272,11 @@ fn connections_waiting_on_a_declared_body_are_shed_like_partial_heads() {
         stream.write_all(&declared_body_head()).unwrap();
     }
     // Reading a body, each is charged its base and the request's state.
-    let floor = 40 * blufio::connection::fixed_cost(blufio::connection::Phase::Body, true);
+    let floor = 40
+        * blufio::internals::connection::fixed_cost(
+            blufio::internals::connection::Phase::Body,
+            true,
+        );
     wait_until("the body readers to be charged", || {
         daemon.ctx.connections.memory_bytes() >= floor
     });

@@ -11,11 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::{
-    Config, Context,
-    agent::{Agent, AgentError, BoxFuture, Reply, Usage},
-    sessions::Session,
-};
+use blufio::{Agent, AgentError, BoxFuture, Config, Context, Reply, Session, Usage};
 
 use crate::{
     cli::{self, blufio},
@@ -327,7 +323,7 @@ fn a_reload_names_every_changed_key_and_applies_the_daily_budget_at_once() {
     assert_eq!(health()["budget"]["daily_usd"], 1.0);
 
     std::fs::write(&config_path, text(cli::free_port(), 5.0, "second-model")).unwrap();
-    let report = async_io::block_on(blufio::reload::reload(&daemon.ctx)).unwrap();
+    let report = async_io::block_on(blufio::internals::reload::reload(&daemon.ctx)).unwrap();
     assert_eq!(report.changed, ["[cost] daily_budget_usd"], "{report}");
     for key in ["[agent] model", "[daemon] health_port", "[gateway] port"] {
         assert!(

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::config::{Config, Provider, Secret};
+use blufio::{Config, Provider, Secret};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
@@ -130,7 +130,7 @@ fn open_sessions(daemon: &TestDaemon, count: usize) {
     for _ in 0..count {
         daemon
             .ctx
-            .open_session(blufio::sessions::SessionKind::Http)
+            .open_session(blufio::internals::sessions::SessionKind::Http)
             .unwrap()
             .keep();
     }

@@ -209,7 +209,7 @@ fn hold(daemon: &TestDaemon, addr: SocketAddr, count: usize, expected: usize) ->
 #[test]
 fn a_flood_past_max_connections_gets_503_json_and_health_still_answers() {
     let daemon = start_gateway(flood_config(40, 1000));
-    let gateway_share = 40 - blufio::connection::PROBE_RESERVE;
+    let gateway_share = 40 - blufio::internals::connection::PROBE_RESERVE;
     // Requests in progress (the scripted agent sleeps 3 s): connections that nothing may close
     // to make room, unlike idle ones or incomplete heads (see `hostile_edge.rs`).
     let gateway = daemon.gateway_addr();
@@ -405,7 +405,7 @@ fn connections_holding_memory_are_shed_instead_of_sessions() {
     }
     let charged = daemon.ctx.connections.memory_bytes();
     assert!(
-        charged >= 150 * blufio::connection::CONNECTION_BASE_BYTES,
+        charged >= 150 * blufio::internals::connection::CONNECTION_BASE_BYTES,
         "{charged}"
     );
     // The heap is over the warn threshold only because of them.

@@ -10,10 +10,7 @@ use std::{
 };
 
 use async_tungstenite::tungstenite::Message;
-use blufio::{
-    Config,
-    config::{Provider, Secret},
-};
+use blufio::{Config, Provider, Secret};
 use futures_lite::StreamExt;
 
 use crate::{
@@ -531,7 +528,7 @@ fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connectio
     // they hold (give or take a probe connection the daemon has not yet seen close).
     assert!(gauge(addr, "blufio_open_connections") >= SOCKETS as f64);
     let charged = (gauge(addr, "blufio_connection_memory_bytes") - memory_before) / SOCKETS as f64;
-    let cost = blufio::connection::UPGRADED_COST_BYTES as f64;
+    let cost = blufio::internals::connection::UPGRADED_COST_BYTES as f64;
     assert!(
         (charged - cost).abs() < 1024.0,
         "each socket is charged {charged:.0} bytes, not {cost}"

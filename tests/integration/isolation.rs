@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use blufio::{Config, Context, FixedRss, ManualHeap, metrics::Channel};
+use blufio::{Config, Context, FixedRss, ManualHeap, internals::metrics::Channel};
 
 use crate::{prometheus, support};
 

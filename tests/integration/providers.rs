@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::config::{Config, Provider, Secret};
+use blufio::{Config, Provider, Secret};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
@@ -528,7 +528,7 @@ fn the_budget_stops_calls_once_spent_and_stays_spent_after_a_restart() {
         // One input token costs 2 USD here, so the first reply spends the day's budget.
         config.cost.models.insert(
             "claude-sonnet-4-5".to_owned(),
-            blufio::cost::ModelPrice {
+            blufio::ModelPrice {
                 input_usd_per_mtok: 2_000_000.0,
                 output_usd_per_mtok: 0.0,
             },

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use blufio::{Config, Context, FixedRss, ManualHeap, readiness::NotReady};
+use blufio::{Config, Context, FixedRss, ManualHeap, internals::readiness::NotReady};
 
 use crate::support;
 
@@ -73,9 +73,9 @@ fn ready_is_503_starting_before_spawn_has_bound_every_listener() {
         .with_host("127.0.0.1")
         .with_port(0)
         .without_signals()
-        .spawn(blufio::http::handler(
+        .spawn(blufio::internals::http::handler(
             Arc::clone(&ctx),
-            blufio::http::Scope::All,
+            blufio::internals::http::Scope::All,
         ));
     let info = async_io::block_on(handle.info());
     let addr = *info.tcp_socket_addr().expect("a TCP listener");

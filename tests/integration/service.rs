@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::{Config, Context, FixedRss, ManualHeap, notify::NotifySettings};
+use blufio::{Config, Context, FixedRss, ManualHeap, NotifySettings};
 
 use crate::{
     cli::{blufio, free_port, temp_dir, wait},

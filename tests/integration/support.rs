@@ -34,7 +34,7 @@ pub fn start_with(builder: ContextBuilder) -> TestDaemon {
 /// A config with a gateway token, for tests of authenticated routes.
 pub fn config_with_token(token: &str) -> Config {
     let mut config = Config::for_tests();
-    config.gateway.token = Some(blufio::config::Secret::new(token));
+    config.gateway.token = Some(blufio::Secret::new(token));
     config
 }
 
@@ -53,7 +53,7 @@ impl TestDaemon {
 
     /// Runs one memory-monitor tick now, as the background task would.
     pub fn tick(&self) {
-        blufio::memory::tick(&self.ctx);
+        blufio::internals::memory::tick(&self.ctx);
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -231,9 +231,9 @@ impl blufio::Agent for ScriptedAgent {
     fn reply<'a>(
         &'a self,
         _ctx: &'a blufio::Context,
-        session: &'a blufio::sessions::Session,
+        session: &'a blufio::Session,
         message: &'a str,
-    ) -> blufio::agent::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
+    ) -> blufio::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
         Box::pin(async move {
             let history = session.history();
             let usage = |cost_usd| {
@@ -337,7 +337,7 @@ pub fn ws_exchange(client: &mut WsClient, text: &str) -> serde_json::Value {
 /// A config with a token, a tiny agent timeout and an agent attached.
 pub fn start_gateway(mut config: Config) -> TestDaemon {
     if config.gateway.token.is_none() {
-        config.gateway.token = Some(blufio::config::Secret::new(TOKEN));
+        config.gateway.token = Some(blufio::Secret::new(TOKEN));
     }
     start_with(Context::builder(config).with_agent(ScriptedAgent))
 }

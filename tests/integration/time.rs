@@ -75,7 +75,7 @@ fn thread_net_allocated() -> i64 {
 #[cfg(feature = "jemalloc")]
 #[test]
 fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
-    use blufio::{Config, Context, memory};
+    use blufio::{Config, Context, internals::memory};
 
     const BOUND: i64 = 256 * 1024;
     let ctx = Context::builder(Config::for_tests()).build().unwrap();

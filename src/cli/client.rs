@@ -226,15 +226,22 @@ mod tests {
         assert!(parse_url("https://127.0.0.1/").is_err());
     }
 
-    #[test]
-    fn a_listener_streaming_garbage_is_cut_off() {
+    /// Answers one connection with `head`, then `x`s until the client hangs up.
+    fn endless_reply(head: &'static [u8]) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
+            let _ = stream.write_all(head);
             let chunk = [b'x'; 8192];
             while stream.write_all(&chunk).is_ok() {}
         });
+        addr
+    }
+
+    #[test]
+    fn a_listener_streaming_garbage_is_cut_off() {
+        let addr = endless_reply(b"");
         let error = get(addr, "/health", None, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(error, ProbeError::Malformed(_)), "{error}");
     }
@@ -250,14 +257,7 @@ mod tests {
 
     #[test]
     fn a_huge_http_body_is_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n");
-            let chunk = [b'x'; 8192];
-            while stream.write_all(&chunk).is_ok() {}
-        });
+        let addr = endless_reply(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n");
         let error = get(addr, "/health", None, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(error, ProbeError::TooLarge), "{error}");
     }
