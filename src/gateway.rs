@@ -299,7 +299,7 @@ async fn call_agent(
         .map_err(|exhausted| MessageError::BudgetExhausted {
             retry_after: exhausted.retry_after,
         })?;
-    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let timeout = Duration::from_secs(ctx.live().agent_timeout_secs);
     let call = match deltas {
         Some(deltas) => agent.reply_stream(ctx, session, content, deltas),
         None => agent.reply(ctx, session, content),

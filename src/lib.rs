@@ -44,6 +44,7 @@ pub mod gateway;
 pub mod heap;
 pub mod http;
 mod listener;
+pub mod live;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

@@ -542,7 +542,7 @@ impl Agent for ProviderAgent {
 
 /// Returns when the gateway gives up on a call starting now (`[agent] timeout_secs`).
 fn call_deadline(ctx: &Context) -> Instant {
-    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let timeout = Duration::from_secs(ctx.live().agent_timeout_secs);
     let now = Instant::now();
     now.checked_add(timeout).unwrap_or(now)
 }
