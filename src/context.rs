@@ -401,7 +401,7 @@ impl ContextBuilder {
             }
             (None, _) => None,
         };
-        if agent.is_some() && budget.path().is_none() && budget.daily_usd() > 0.0 {
+        if agent.is_some() && budget.path().is_none() && config.cost.daily_budget_usd > 0.0 {
             log::warn!(
                 "no [daemon] state_dir: today's spend is kept in memory only and a restart \
                  resets the daily budget"

@@ -165,12 +165,12 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
     {
         log::set_max_level(level);
     }
-    let daily_budget_usd = live.daily_budget_usd;
     ctx.set_live(live);
     ctx.memory.set_thresholds(ctx.thresholds());
     ctx.sessions.set_limits(ctx.session_limits());
+    // The remaining-budget gauge follows a new limit at once, not at the next message.
     ctx.budget
-        .set_daily_usd(daily_budget_usd, std::time::SystemTime::now());
+        .refresh(ctx.live().daily_budget_usd, std::time::SystemTime::now());
     report
 }
 
