@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use super::{
-    ANTHROPIC_KEY_ENV, Config, OPENAI_KEY_ENV, Provider, Secret, TOKEN_ENV,
+    ANTHROPIC_KEY_ENV, Config, LOG_ENV, OPENAI_KEY_ENV, Provider, Secret, TOKEN_ENV,
     validate::{check_token, invalid},
 };
-use crate::{error::Error, small_file::read_capped};
+use crate::{error::Error, notify::NotifySettings, small_file::read_capped};
 
 /// Where a configuration comes from, for error messages.
 const DEFAULTS_ORIGIN: &str = "built-in defaults";
@@ -87,6 +87,22 @@ impl Config {
         config.resolve_token(&origin, None)?;
         config.validate(&origin)?;
         Ok(config)
+    }
+
+    /// Returns the log filter: `BLUFIO_LOG` when set, else `[daemon] log_level`.
+    pub fn log_filter(&self) -> String {
+        log_env_override().unwrap_or_else(|| self.daemon.log_level.clone())
+    }
+
+    /// Returns where to send service-manager notifications, from `NOTIFY_SOCKET`,
+    /// `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when not run by a manager that asks for them.
+    pub fn notify_settings() -> Option<NotifySettings> {
+        NotifySettings::from_vars(
+            std::env::var_os("NOTIFY_SOCKET"),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
     }
 
     /// Makes relative paths in the file relative to the file's own directory, so the daemon
@@ -191,4 +207,17 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let (key, _) = line.split_once('=')?;
     let key = key.trim().trim_matches('"');
     (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
+
+/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
+pub fn log_env_override() -> Option<String> {
+    std::env::var(LOG_ENV)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Returns `JOURNAL_STREAM` (`<device>:<inode>`), which systemd sets when stderr is the
+/// journal.
+pub fn journal_stream() -> Option<String> {
+    std::env::var("JOURNAL_STREAM").ok()
 }

@@ -22,8 +22,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{error::Error, notify::NotifySettings};
+use crate::error::Error;
 
+pub use self::load::{journal_stream, log_env_override};
 pub use crate::cost::CostConfig;
 
 /// Environment variable that overrides the gateway bearer token.
@@ -320,11 +321,6 @@ impl Config {
         config
     }
 
-    /// Returns the log filter: `BLUFIO_LOG` when set, else `[daemon] log_level`.
-    pub fn log_filter(&self) -> String {
-        log_env_override().unwrap_or_else(|| self.daemon.log_level.clone())
-    }
-
     /// Returns the address of the health/metrics listener.
     ///
     /// # Errors
@@ -358,35 +354,11 @@ impl Config {
         self.daemon.memory_limit_mb.saturating_mul(1024 * 1024)
     }
 
-    /// Returns where to send service-manager notifications, from `NOTIFY_SOCKET`,
-    /// `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when not run by a manager that asks for them.
-    pub fn notify_settings() -> Option<NotifySettings> {
-        NotifySettings::from_vars(
-            std::env::var_os("NOTIFY_SOCKET"),
-            std::env::var("WATCHDOG_USEC").ok().as_deref(),
-            std::env::var("WATCHDOG_PID").ok().as_deref(),
-            std::process::id(),
-        )
-    }
-
     fn bind_ip(&self) -> Result<IpAddr, Error> {
         self.daemon.bind.parse().map_err(|_| Error::BadAddress {
             host: self.daemon.bind.clone(),
         })
     }
-}
-
-/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
-pub fn log_env_override() -> Option<String> {
-    std::env::var(LOG_ENV)
-        .ok()
-        .filter(|value| !value.trim().is_empty())
-}
-
-/// Returns `JOURNAL_STREAM` (`<device>:<inode>`), which systemd sets when stderr is the
-/// journal.
-pub fn journal_stream() -> Option<String> {
-    std::env::var("JOURNAL_STREAM").ok()
 }
 
 /// Returns the level for a validated `[daemon] log_level` value.
