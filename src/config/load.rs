@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::{
-    ANTHROPIC_KEY_ENV, Config, LOG_ENV, OPENAI_KEY_ENV, Provider, Secret, TOKEN_ENV,
+    ANTHROPIC_KEY_ENV, Config, OPENAI_KEY_ENV, Provider, Secret, TOKEN_ENV, log_env_override,
     validate::{check_token, invalid},
 };
 use crate::{error::Error, notify::NotifySettings, small_file::read_capped};
@@ -207,17 +207,4 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let (key, _) = line.split_once('=')?;
     let key = key.trim().trim_matches('"');
     (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
-}
-
-/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
-pub fn log_env_override() -> Option<String> {
-    std::env::var(LOG_ENV)
-        .ok()
-        .filter(|value| !value.trim().is_empty())
-}
-
-/// Returns `JOURNAL_STREAM` (`<device>:<inode>`), which systemd sets when stderr is the
-/// journal.
-pub fn journal_stream() -> Option<String> {
-    std::env::var("JOURNAL_STREAM").ok()
 }

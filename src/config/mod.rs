@@ -2,7 +2,8 @@
 //! callers share.
 //!
 //! Every section rejects unknown keys and every field has a default, so `blufio` runs with no
-//! file at all. Reading files and environment variables is in `load.rs`, the checks in
+//! file at all. Reading files and environment variables is in `load.rs` (except `BLUFIO_LOG`
+//! and `JOURNAL_STREAM`, read here for the logger and on reload), the checks in
 //! `validate.rs` and `provider.rs`, `"auto"` memory thresholds in `auto_memory.rs`, the TOML
 //! output of `blufio config show` in `to_toml.rs`.
 
@@ -24,7 +25,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
-pub use self::load::{journal_stream, log_env_override};
 pub use crate::cost::CostConfig;
 
 /// Environment variable that overrides the gateway bearer token.
@@ -359,6 +359,19 @@ impl Config {
             host: self.daemon.bind.clone(),
         })
     }
+}
+
+/// Returns `BLUFIO_LOG` when set: it overrides `[daemon] log_level`, also across reloads.
+pub fn log_env_override() -> Option<String> {
+    std::env::var(LOG_ENV)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Returns `JOURNAL_STREAM` (`<device>:<inode>`), which systemd sets when stderr is the
+/// journal.
+pub fn journal_stream() -> Option<String> {
+    std::env::var("JOURNAL_STREAM").ok()
 }
 
 /// Returns the level for a validated `[daemon] log_level` value.
