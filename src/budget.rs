@@ -24,10 +24,7 @@ use std::{
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Condvar, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -47,11 +44,10 @@ const MAX_MODEL_LABELS: usize = 16;
 
 const SECONDS_PER_DAY: u64 = 86_400;
 
-/// Today's spend against the daily limit.
+/// Today's spend against the daily limit, which callers pass in from the live settings
+/// (`Live::daily_budget_usd`, 0: no limit), so a reload changes it in one place.
 #[derive(Debug)]
 pub struct Budget {
-    /// The daily limit's `f64` bits: a reload changes it in place.
-    daily_usd: AtomicU64,
     path: Option<PathBuf>,
     day: Mutex<Day>,
     lifetime_by_model: Mutex<BTreeMap<String, f64>>,
@@ -112,26 +108,14 @@ impl Budget {
             None => None,
         };
         let budget = Budget {
-            daily_usd: AtomicU64::new(config.daily_budget_usd.to_bits()),
             path,
             day: Mutex::new(day),
             lifetime_by_model: Mutex::new(BTreeMap::new()),
             remaining_gauge,
             writer,
         };
-        budget.refresh(now);
+        budget.refresh(config.daily_budget_usd, now);
         Ok(budget)
-    }
-
-    /// Returns the daily limit in US dollars (0: no limit).
-    pub fn daily_usd(&self) -> f64 {
-        f64::from_bits(self.daily_usd.load(Ordering::Relaxed))
-    }
-
-    /// Sets the daily limit (on reload); it applies to the next call at once.
-    pub fn set_daily_usd(&self, daily_usd: f64, now: SystemTime) {
-        self.daily_usd.store(daily_usd.to_bits(), Ordering::Relaxed);
-        self.refresh(now);
     }
 
     /// Returns the state file, if spend is persisted.
@@ -191,9 +175,8 @@ impl Budget {
         self.today(now).spent_usd
     }
 
-    /// Returns what is left today (infinite without a limit).
-    pub fn remaining_usd(&self, now: SystemTime) -> f64 {
-        let daily_usd = self.daily_usd();
+    /// Returns what is left today of `daily_usd` (infinite without a limit).
+    pub fn remaining_usd(&self, daily_usd: f64, now: SystemTime) -> f64 {
         if daily_usd <= 0.0 {
             return f64::INFINITY;
         }
@@ -201,18 +184,17 @@ impl Budget {
     }
 
     /// Updates `blufio_budget_remaining_usd` (a new UTC day resets it without any traffic).
-    pub fn refresh(&self, now: SystemTime) {
-        self.remaining_gauge.set(self.remaining_usd(now));
+    pub fn refresh(&self, daily_usd: f64, now: SystemTime) {
+        self.remaining_gauge.set(self.remaining_usd(daily_usd, now));
     }
 
-    /// Returns `Ok` while money is left today.
+    /// Returns `Ok` while money is left today of `daily_usd`.
     ///
     /// # Errors
     ///
     /// Returns [`Exhausted`] with the time until the next UTC midnight.
-    pub fn check(&self, now: SystemTime) -> Result<(), Exhausted> {
-        self.refresh(now);
-        let daily_usd = self.daily_usd();
+    pub fn check(&self, daily_usd: f64, now: SystemTime) -> Result<(), Exhausted> {
+        self.refresh(daily_usd, now);
         if daily_usd > 0.0 && self.today(now).spent_usd >= daily_usd {
             return Err(Exhausted {
                 retry_after: until_midnight(now),
@@ -223,7 +205,7 @@ impl Budget {
 
     /// Adds `usd` spent on `model` today and hands the new total to the spend writer; it
     /// never touches the disk itself (a failed write is the writer's to report and retry).
-    pub fn spend(&self, model: &str, usd: f64, now: SystemTime) {
+    pub fn spend(&self, model: &str, usd: f64, daily_usd: f64, now: SystemTime) {
         let usd = if usd.is_finite() && usd > 0.0 {
             usd
         } else {
@@ -256,7 +238,7 @@ impl Budget {
                 writer.submit(*day);
             }
         }
-        self.refresh(now);
+        self.refresh(daily_usd, now);
     }
 
     /// Registers a model so its cost counter renders as 0 before the first reply.
@@ -618,17 +600,17 @@ mod tests {
     fn spending_the_limit_exhausts_until_midnight_and_a_new_day_resets() {
         let budget =
             Budget::open(&config(1.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
-        budget.check(at(NOON)).unwrap();
-        budget.spend("m", 0.6, at(NOON));
-        budget.check(at(NOON)).unwrap();
-        budget.spend("m", 0.6, at(NOON));
+        budget.check(1.0, at(NOON)).unwrap();
+        budget.spend("m", 0.6, 1.0, at(NOON));
+        budget.check(1.0, at(NOON)).unwrap();
+        budget.spend("m", 0.6, 1.0, at(NOON));
         assert_eq!(
-            budget.check(at(NOON)).unwrap_err().retry_after,
+            budget.check(1.0, at(NOON)).unwrap_err().retry_after,
             Duration::from_secs(12 * 3600)
         );
-        assert_eq!(budget.remaining_usd(at(NOON)), 0.0);
-        budget.check(at(NOON + 12 * 3600)).unwrap();
-        assert_eq!(budget.remaining_usd(at(NOON + 12 * 3600)), 1.0);
+        assert_eq!(budget.remaining_usd(1.0, at(NOON)), 0.0);
+        budget.check(1.0, at(NOON + 12 * 3600)).unwrap();
+        assert_eq!(budget.remaining_usd(1.0, at(NOON + 12 * 3600)), 1.0);
     }
 
     #[test]
@@ -642,7 +624,7 @@ mod tests {
             at(NOON),
         )
         .unwrap();
-        budget.spend("m", 1.5, at(NOON));
+        budget.spend("m", 1.5, 1.0, at(NOON));
         assert!(async_io::block_on(budget.settle(Duration::from_secs(10))));
         assert!(budget.persisted());
         drop(budget);
@@ -657,7 +639,7 @@ mod tests {
             at(NOON + 60),
         )
         .unwrap();
-        assert!(budget.check(at(NOON + 60)).is_err());
+        assert!(budget.check(1.0, at(NOON + 60)).is_err());
         // Yesterday's file means nothing is spent today.
         let budget = Budget::open(
             &config(1.0),
@@ -701,7 +683,7 @@ mod tests {
         let budget =
             Budget::open(&config(0.0), None, gauge(), ErrorCounter::noop(), at(NOON)).unwrap();
         budget.register_model("a\"b");
-        budget.spend("claude", 0.25, at(NOON));
+        budget.spend("claude", 0.25, 0.0, at(NOON));
         let mut out = String::new();
         budget.render(&mut out);
         assert!(
@@ -716,7 +698,7 @@ mod tests {
             out.contains("blufio_cost_usd_total{model=\"a\\\"b\"} 0"),
             "{out}"
         );
-        assert_eq!(budget.remaining_usd(at(NOON)), f64::INFINITY);
+        assert_eq!(budget.remaining_usd(0.0, at(NOON)), f64::INFINITY);
     }
 }
 
@@ -745,7 +727,7 @@ mod writer_tests {
         // A non-empty directory where the state file goes: the rename fails, as root too.
         let blocker = dir.join(STATE_FILE);
         fs::create_dir_all(blocker.join("in-the-way")).unwrap();
-        budget.spend("m", 0.5, now);
+        budget.spend("m", 0.5, config.daily_budget_usd, now);
         assert!(!async_io::block_on(budget.settle(Duration::from_secs(10))));
         assert!(!budget.persisted());
         assert!(budget.write_error().is_some());

@@ -25,6 +25,7 @@ use crate::{
     connection::{Connections, derived_max_connections},
     error::Error,
     heap::AllocatorHeap,
+    live::Live,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
     metrics::Metrics,
     notify::{Notifier, NotifySettings},
@@ -37,7 +38,8 @@ use crate::{
 
 /// One daemon's state.
 pub struct Context {
-    /// The configuration it was built from.
+    /// The configuration it was built from, never changed: what a reload cannot apply
+    /// (binds, ports, workers, the provider) is read here; the rest is in [`Context::live`].
     pub config: Config,
     /// Metric handles and the recorder that renders them.
     pub metrics: Metrics,
@@ -61,7 +63,7 @@ pub struct Context {
     /// Notifications to the service manager (a no-op without one).
     pub notifier: Notifier,
     phase: PhaseCell,
-    live: RwLock<Arc<Config>>,
+    live: RwLock<Arc<Live>>,
     reloaded: event_listener::Event,
     config_path: Option<PathBuf>,
     /// The daemon's own cgroup memory limit and usage.
@@ -114,17 +116,27 @@ impl Context {
         }
     }
 
-    /// Returns the configuration as last (re)loaded: what the token check, the agent timeout
-    /// and the log level read. Settings that need a restart keep their running values here.
-    pub fn live(&self) -> Arc<Config> {
+    /// Returns the settings as last (re)loaded: what the token check, the session limits,
+    /// the memory thresholds, the agent timeout, the log level and the budget read.
+    pub fn live(&self) -> Arc<Live> {
         Arc::clone(&crate::sync::read(&self.live))
     }
 
-    /// Replaces the live configuration (on reload).
-    pub(crate) fn set_live(&self, config: Config) {
-        let config = Arc::new(config);
-        *crate::sync::write(&self.live) = config;
+    /// Replaces the live settings in one step (on reload).
+    pub(crate) fn set_live(&self, live: Live) {
+        let live = Arc::new(live);
+        *crate::sync::write(&self.live) = live;
         self.reloaded.notify(usize::MAX);
+    }
+
+    /// Returns the memory thresholds in force.
+    pub fn thresholds(&self) -> Thresholds {
+        thresholds(&self.live())
+    }
+
+    /// Returns the session limits in force.
+    pub fn session_limits(&self) -> Limits {
+        session_limits(&self.live())
     }
 
     /// Returns a listener that resolves at the next reload; WebSockets hold one to compare the
@@ -389,20 +401,14 @@ impl ContextBuilder {
             }
             (None, _) => None,
         };
-        if agent.is_some() && budget.path().is_none() && budget.daily_usd() > 0.0 {
+        if agent.is_some() && budget.path().is_none() && config.cost.daily_budget_usd > 0.0 {
             log::warn!(
                 "no [daemon] state_dir: today's spend is kept in memory only and a restart \
                  resets the daily budget"
             );
         }
-        let thresholds = Thresholds {
-            warn_bytes: config.memory_warn_bytes(),
-            limit_bytes: config.memory_limit_bytes(),
-        };
-        let sessions = Sessions::new(
-            Limits::from_config(&config.gateway),
-            metrics.active_sessions.clone(),
-        );
+        let live = Live::from_config(&config);
+        let sessions = Sessions::new(session_limits(&live), metrics.active_sessions.clone());
         if let Some(agent) = &agent {
             for model in agent.models() {
                 metrics.register_model(&model);
@@ -426,11 +432,10 @@ impl ContextBuilder {
             metrics.open_connections.clone(),
             metrics.connection_memory_bytes.clone(),
         );
-        let live = RwLock::new(Arc::new(config.clone()));
         Ok(Arc::new(Context {
             connections,
             client_faults: ClientFaults::new(),
-            memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
+            memory: MemoryMonitor::new(heap, rss, thresholds(&live), self.shed_hooks),
             sessions,
             metrics,
             agent,
@@ -446,7 +451,7 @@ impl ContextBuilder {
                 .as_ref()
                 .map_or_else(Notifier::disabled, Notifier::connect),
             phase: PhaseCell::default(),
-            live,
+            live: RwLock::new(Arc::new(live)),
             reloaded: event_listener::Event::new(),
             config_path: self.config_path,
             cgroup,
@@ -454,5 +459,23 @@ impl ContextBuilder {
             executor: Mutex::new(Some(executor)),
             state_lock,
         }))
+    }
+}
+
+/// Returns the memory thresholds `live` sets.
+fn thresholds(live: &Live) -> Thresholds {
+    Thresholds {
+        warn_bytes: live.memory_warn_bytes(),
+        limit_bytes: live.memory_limit_bytes(),
+    }
+}
+
+/// Returns the session limits `live` sets.
+fn session_limits(live: &Live) -> Limits {
+    Limits {
+        max_sessions: live.max_sessions,
+        idle_timeout: std::time::Duration::from_secs(live.session_idle_timeout_secs),
+        max_history_messages: live.max_history_messages,
+        max_history_bytes: live.max_history_bytes,
     }
 }

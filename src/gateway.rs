@@ -295,11 +295,11 @@ async fn call_agent(
 ) -> Result<crate::agent::Reply, MessageError> {
     let agent = ctx.agent.as_ref().ok_or(MessageError::NoAgent)?;
     ctx.budget
-        .check(SystemTime::now())
+        .check(ctx.live().daily_budget_usd, SystemTime::now())
         .map_err(|exhausted| MessageError::BudgetExhausted {
             retry_after: exhausted.retry_after,
         })?;
-    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let timeout = Duration::from_secs(ctx.live().agent_timeout_secs);
     let call = match deltas {
         Some(deltas) => agent.reply_stream(ctx, session, content, deltas),
         None => agent.reply(ctx, session, content),
@@ -446,8 +446,12 @@ fn account(ctx: &Context, usage: &Usage) {
     ctx.metrics
         .count_tokens(&usage.model, TokenType::Output, usage.output_tokens);
     // The spend writer saves it off the executor and reports a failing disk itself.
-    ctx.budget
-        .spend(&usage.model, usage.cost_usd, SystemTime::now());
+    ctx.budget.spend(
+        &usage.model,
+        usage.cost_usd,
+        ctx.live().daily_budget_usd,
+        SystemTime::now(),
+    );
 }
 
 /// Charges what a stream produced when it does not finish normally: the client went away

@@ -78,6 +78,7 @@ mod gateway;
 mod heap;
 mod http;
 mod listener;
+mod live;
 mod logging;
 mod memory;
 mod metrics;
@@ -108,6 +109,7 @@ pub use crate::{
     cost::{CostConfig, ModelPrice},
     daemon::{Daemon, run, spawn},
     error::Error,
+    live::Live,
     logging::RedactingLogger,
     memory::{FixedRss, HeapSource, HeapStats, ManualHeap, RssSource},
     notify::NotifySettings,
@@ -153,6 +155,7 @@ pub mod internals {
         fd_limit,
         gateway,
         heap,
+        live,
         http,
         logging,
         memory,

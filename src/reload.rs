@@ -4,9 +4,10 @@
 //! within a time bound, and validated in full; an invalid or unreadable file is refused with
 //! the same message as at start-up and the running configuration stays. The old and new
 //! configurations are compared key by key as serialized values, so every changed key is
-//! named: the gateway token, memory thresholds, session limits, the agent timeout, the log
-//! level and the daily budget apply at once, without dropping a connection or a session;
-//! every other key is reported as needing a restart and keeps its running value. The log
+//! named: the settings of [`Live`] (the gateway token, memory thresholds, session limits, the
+//! agent timeout, the log level and the daily budget) are swapped in one step, without
+//! dropping a connection or a session; every other key is reported as needing a restart and
+//! keeps the value the daemon started with (`Context::config`, never changed). The log
 //! level is the `log` facade's maximum level, the one process-wide setting here: a host
 //! embedding several daemons shares it.
 
@@ -18,31 +19,13 @@ use crate::{
     config::{self, Config},
     context::Context,
     error::Error,
+    live::Live,
     logging,
-    memory::Thresholds,
-    sessions::Limits,
 };
 
 /// How long reading and validating the files may take before the reload is refused. A
 /// regular file on a local disk takes microseconds; this bounds a hung network mount.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The keys a reload applies at once; every other changed key needs a restart. `apply_live`
-/// copies exactly these (a test checks that the two agree).
-const LIVE_KEYS: [&str; 12] = [
-    "[gateway] token",
-    "[gateway] auth_failure_limit",
-    "[gateway] token_file",
-    "[daemon] memory_warn_mb",
-    "[daemon] memory_limit_mb",
-    "[daemon] log_level",
-    "[gateway] max_sessions",
-    "[gateway] session_idle_timeout_secs",
-    "[gateway] max_history_messages",
-    "[gateway] max_history_bytes",
-    "[agent] timeout_secs",
-    "[cost] daily_budget_usd",
-];
 
 /// What a reload changed and what it could not.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -166,67 +149,42 @@ fn chain(error: &Error) -> String {
     line
 }
 
-/// Applies `new` over the running configuration: names every changed key, applies the live
-/// ones and keeps the running value of the rest.
+/// Applies `new` over the running configuration: names every changed key, swaps in the live
+/// settings and keeps the started value of the rest.
 fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
-    let running = ctx.live();
     // Flags a test or embedding host set in code are not in any file.
-    new.allow_ephemeral_ports = running.allow_ephemeral_ports;
-    new.separate_listeners = running.separate_listeners;
+    new.allow_ephemeral_ports = ctx.config.allow_ephemeral_ports;
+    new.separate_listeners = ctx.config.separate_listeners;
     for note in new.resolve_auto_memory(ctx.cgroup.limit_bytes()) {
         log::info!("{note}");
     }
-    let report = classify(changed_keys(&running, &new));
-    let mut applied = (*running).clone();
-    apply_live(&mut applied, &new);
-
-    ctx.memory.set_thresholds(Thresholds {
-        warn_bytes: applied.memory_warn_bytes(),
-        limit_bytes: applied.memory_limit_bytes(),
-    });
-    ctx.sessions
-        .set_limits(Limits::from_config(&applied.gateway));
-    ctx.budget
-        .set_daily_usd(applied.cost.daily_budget_usd, std::time::SystemTime::now());
+    let report = compare(&ctx.config, &ctx.live(), &new);
+    let live = Live::from_config(&new);
     if config::log_env_override().is_none()
-        && let Some(level) = config::level_filter(&applied.daemon.log_level)
+        && let Some(level) = config::level_filter(&live.log_level)
     {
         log::set_max_level(level);
     }
-    ctx.set_live(applied);
+    ctx.set_live(live);
+    ctx.memory.set_thresholds(ctx.thresholds());
+    ctx.sessions.set_limits(ctx.session_limits());
+    // The remaining-budget gauge follows a new limit at once, not at the next message.
+    ctx.budget
+        .refresh(ctx.live().daily_budget_usd, std::time::SystemTime::now());
     report
 }
 
-/// Copies the values of [`LIVE_KEYS`] from `new` into `applied`.
-fn apply_live(applied: &mut Config, new: &Config) {
-    applied.gateway.token.clone_from(&new.gateway.token);
-    applied
-        .gateway
-        .token_file
-        .clone_from(&new.gateway.token_file);
-    applied.daemon.memory_warn_mb = new.daemon.memory_warn_mb;
-    applied.daemon.memory_limit_mb = new.daemon.memory_limit_mb;
-    applied.daemon.log_level.clone_from(&new.daemon.log_level);
-    applied.gateway.max_sessions = new.gateway.max_sessions;
-    applied.gateway.session_idle_timeout_secs = new.gateway.session_idle_timeout_secs;
-    applied.gateway.max_history_messages = new.gateway.max_history_messages;
-    applied.gateway.max_history_bytes = new.gateway.max_history_bytes;
-    applied.gateway.auth_failure_limit = new.gateway.auth_failure_limit;
-    applied.agent.timeout_secs = new.agent.timeout_secs;
-    applied.cost.daily_budget_usd = new.cost.daily_budget_usd;
-}
-
-/// Splits changed keys into applied and needing a restart.
-fn classify(keys: Vec<String>) -> ReloadReport {
-    let mut report = ReloadReport::default();
-    for key in keys {
-        if LIVE_KEYS.contains(&key.as_str()) {
-            report.changed.push(key);
-        } else {
-            report.needs_restart.push(key);
-        }
+/// Names every key `new` changes: the live ones against the `running` live settings, every
+/// other one (needing a restart) against the configuration the daemon `started` with.
+fn compare(started: &Config, running: &Live, new: &Config) -> ReloadReport {
+    let live_keys = Live::keys();
+    ReloadReport {
+        changed: running.changed_keys(&Live::from_config(new)),
+        needs_restart: changed_keys(started, new)
+            .into_iter()
+            .filter(|key| !live_keys.contains(key))
+            .collect(),
     }
-    report
 }
 
 /// Returns every key whose value differs, found by comparing the two configurations as
@@ -326,7 +284,7 @@ mod tests {
         );
         new.gateway.token = Some(Secret::new("a-new-token-0123456789"));
         new.agent.api_key = Some(Secret::new("sk-new"));
-        let report = classify(changed_keys(&running, &new));
+        let report = compare(&running, &Live::from_config(&running), &new);
         assert_eq!(
             report.changed,
             ["[cost] daily_budget_usd", "[gateway] token"],
@@ -371,18 +329,20 @@ mod tests {
         let changed = changed_keys(&running, &new);
         let mut sorted = changed.clone();
         sorted.sort();
-        let mut expected: Vec<String> = LIVE_KEYS.iter().map(|k| (*k).to_owned()).collect();
+        let mut expected = Live::keys();
         expected.sort();
         assert_eq!(
             sorted, expected,
             "a live key without a test value, or the reverse"
         );
-        let mut applied = running.clone();
-        apply_live(&mut applied, &new);
+        let applied = Live::from_config(&new);
+        let mut carried = Live::from_config(&running).changed_keys(&applied);
+        carried.sort();
+        assert_eq!(carried, expected, "Live::from_config misses a key");
+        let again = compare(&running, &applied, &new);
         assert!(
-            changed_keys(&applied, &new).is_empty(),
-            "apply_live misses {:?}",
-            changed_keys(&applied, &new)
+            again.changed.is_empty() && again.needs_restart.is_empty(),
+            "applying misses {again}"
         );
     }
 }

@@ -46,7 +46,7 @@ impl Handler for BearerAuthHandler {
     async fn run(&self, conn: Conn) -> Conn {
         // The live configuration: a reload (SIGHUP) can rotate the token.
         let live = self.ctx.live();
-        let Some(expected) = &live.gateway.token else {
+        let Some(expected) = &live.token else {
             return response::error(
                 &self.ctx,
                 conn,
@@ -74,7 +74,7 @@ impl Handler for BearerAuthHandler {
         if let Some(blocked) = presented.and(peer).and_then(|ip| {
             self.ctx
                 .client_faults
-                .auth_failed(ip, live.gateway.auth_failure_limit)
+                .auth_failed(ip, live.auth_failure_limit)
         }) {
             return too_many_failures(&self.ctx, conn, blocked);
         }

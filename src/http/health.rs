@@ -165,9 +165,10 @@ fn details(ctx: &Context) -> Value {
 /// Today's spend; `remaining_usd` is null without a limit.
 fn budget(ctx: &Context) -> Value {
     let now = std::time::SystemTime::now();
-    let remaining = ctx.budget.remaining_usd(now);
+    let daily_usd = ctx.live().daily_budget_usd;
+    let remaining = ctx.budget.remaining_usd(daily_usd, now);
     json!({
-        "daily_usd": micro_usd(ctx.budget.daily_usd()),
+        "daily_usd": micro_usd(daily_usd),
         "spent_today_usd": micro_usd(ctx.budget.spent_today_usd(now)),
         "remaining_usd": remaining.is_finite().then(|| micro_usd(remaining)),
         "persisted": ctx.budget.persisted(),

@@ -46,7 +46,10 @@ impl Handler for MetricsHandler {
             .body(|| {
                 let mut body = String::with_capacity(8 * 1024);
                 // A new UTC day refills the budget gauge even when no message arrives.
-                self.ctx.budget.refresh(std::time::SystemTime::now());
+                self.ctx.budget.refresh(
+                    self.ctx.live().daily_budget_usd,
+                    std::time::SystemTime::now(),
+                );
                 self.ctx
                     .metrics
                     .render(&self.ctx.process_sample(), &mut body);

@@ -52,7 +52,6 @@ use trillium_websockets::{
 };
 
 use crate::{
-    config::Config,
     connection::ConnectionGuard,
     context::Context,
     gateway::{self, IncomingMessage},
@@ -61,6 +60,7 @@ use crate::{
         stream::{ReplyStream, StreamEvent, ws_frame},
         ws_limit::{MessageLimit, MessageLimitTransport},
     },
+    live::Live,
     metrics::{Channel, ErrorKind},
     sessions::{Session, SessionGuard, SessionKind},
 };
@@ -103,11 +103,11 @@ pub fn handler(ctx: Arc<Context>) -> impl Handler {
     )
 }
 
-/// The session a WebSocket holds and the configuration it authenticated against, carried from
+/// The session a WebSocket holds and the live settings it authenticated against, carried from
 /// admission into the upgrade.
 struct WsSession {
     guard: SessionGuard,
-    authenticated: Arc<Config>,
+    authenticated: Arc<Live>,
 }
 
 /// Answers the handshake with trillium-websockets, then runs each upgraded socket in a task of
@@ -239,10 +239,10 @@ enum Event {
     Reloaded,
 }
 
-/// Returns whether the live configuration still accepts the token `authenticated` held, in
+/// Returns whether the live settings still accept the token `authenticated` held, in
 /// time independent of where the tokens differ.
-fn token_still_valid(authenticated: &Config, live: &Config) -> bool {
-    match (&authenticated.gateway.token, &live.gateway.token) {
+fn token_still_valid(authenticated: &Live, live: &Live) -> bool {
+    match (&authenticated.token, &live.token) {
         (Some(old), Some(new)) => old
             .expose()
             .as_bytes()

@@ -74,11 +74,6 @@ pub(crate) fn build(ca_file: Option<&Path>, runtime: Runtime) -> Result<Client, 
     }
 }
 
-/// Returns true when this build can talk HTTPS.
-pub(crate) const fn has_tls() -> bool {
-    cfg!(feature = "tls")
-}
-
 #[cfg(feature = "tls")]
 fn tls_config(ca_file: Option<&Path>) -> Result<trillium_rustls::RustlsClientConfig, String> {
     use std::sync::Arc;

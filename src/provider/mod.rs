@@ -39,7 +39,7 @@ pub use self::{
 };
 use crate::{
     agent::{Agent, AgentError, BoxFuture, DeltaSender, Reply, UpstreamStatus},
-    config::{AgentConfig, Config, Provider, Secret},
+    config::{Config, Secret},
     context::Context,
     cost::CostConfig,
     error::Error,
@@ -49,88 +49,6 @@ use crate::{
 
 /// The model asked when `[agent] model` is not set and the provider is `anthropic`.
 pub const DEFAULT_ANTHROPIC_MODEL: &str = "claude-sonnet-4-5";
-
-/// Returns the provider's public API root.
-fn default_base_url(provider: Provider) -> &'static str {
-    match provider {
-        Provider::OpenAi => "https://api.openai.com",
-        _ => "https://api.anthropic.com",
-    }
-}
-
-/// Checks the `[agent]` keys a provider needs; the error names the key.
-pub(crate) fn validate(agent: &AgentConfig) -> Result<(), (&'static str, String)> {
-    if !matches!(agent.provider, Provider::Anthropic | Provider::OpenAi) {
-        return Ok(());
-    }
-    let name = agent.provider.as_str();
-    endpoint(agent).map_err(|message| ("[agent] base_url", message))?;
-    if agent.provider == Provider::Anthropic && agent.api_key.is_none() {
-        return Err((
-            "[agent] api_key_file",
-            "provider \"anthropic\" needs an API key: set ANTHROPIC_API_KEY or api_key_file"
-                .to_owned(),
-        ));
-    }
-    if agent.provider == Provider::OpenAi && agent.model.is_none() {
-        return Err((
-            "[agent] model",
-            "provider \"openai\" needs a model (for example \"gpt-4o-mini\", or \"llama3.2\" \
-             on Ollama)"
-                .to_owned(),
-        ));
-    }
-    if agent
-        .model
-        .as_deref()
-        .is_some_and(|model| model.trim().is_empty())
-    {
-        return Err(("[agent] model", "must not be empty".to_owned()));
-    }
-    if agent.max_tokens == 0 {
-        return Err(("[agent] max_tokens", "must be greater than 0".to_owned()));
-    }
-    if agent.ca_file.is_some() && !client::has_tls() {
-        return Err((
-            "[agent] ca_file",
-            format!("provider {name:?}: this build has no TLS (cargo feature `tls`)"),
-        ));
-    }
-    Ok(())
-}
-
-/// Returns the endpoint URL: `{base_url}/v1/messages` or `{base_url}/v1/chat/completions`.
-fn endpoint(agent: &AgentConfig) -> Result<Url, String> {
-    let base = agent
-        .base_url
-        .as_deref()
-        .unwrap_or(default_base_url(agent.provider));
-    let url = Url::parse(base).map_err(|error| format!("{base:?} is not a URL: {error}"))?;
-    match url.scheme() {
-        "http" => {}
-        "https" if client::has_tls() => {}
-        "https" => {
-            return Err(format!(
-                "{base:?} needs TLS, which this build lacks (cargo feature `tls`)"
-            ));
-        }
-        other => return Err(format!("{base:?}: scheme {other:?} is not http or https")),
-    }
-    if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{base:?} needs a host and no user or password (keys go in api_key_file)"
-        ));
-    }
-    let path = match agent.provider {
-        Provider::OpenAi => "v1/chat/completions",
-        _ => "v1/messages",
-    };
-    let mut root = url.as_str().trim_end_matches('/').to_owned();
-    root.push('/');
-    Url::parse(&root)
-        .and_then(|root| root.join(path))
-        .map_err(|error| format!("{base:?}: {error}"))
-}
 
 /// The Anthropic or OpenAI-compatible agent.
 pub struct ProviderAgent {
@@ -163,7 +81,8 @@ impl ProviderAgent {
     /// # Errors
     ///
     /// Returns [`Error::ConfigInvalid`] naming the key when the provider settings are
-    /// unusable (no key, bad URL, unreadable `ca_file`).
+    /// unusable (bad URL, unreadable `ca_file`); the rest is checked once, by
+    /// [`Config::validate`].
     pub fn new(config: &Config, runtime: Runtime) -> Result<ProviderAgent, Error> {
         let agent = &config.agent;
         let invalid = |key: &str, message: String| Error::ConfigInvalid {
@@ -177,8 +96,9 @@ impl ProviderAgent {
                 format!("{:?} is not a model provider", agent.provider.as_str()),
             ));
         };
-        validate(agent).map_err(|(key, message)| invalid(key, message))?;
-        let endpoint = endpoint(agent).map_err(|message| invalid("[agent] base_url", message))?;
+        let endpoint = agent
+            .endpoint()
+            .map_err(|message| invalid("[agent] base_url", message))?;
         let client = client::build(agent.ca_file.as_deref(), runtime)
             .map_err(|message| invalid("[agent] ca_file", message))?;
         let model = agent
@@ -320,56 +240,7 @@ impl Agent for ProviderAgent {
 
 /// Returns when the gateway gives up on a call starting now (`[agent] timeout_secs`).
 fn call_deadline(ctx: &Context) -> Instant {
-    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let timeout = Duration::from_secs(ctx.live().agent_timeout_secs);
     let now = Instant::now();
     now.checked_add(timeout).unwrap_or(now)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn agent(provider: Provider, base_url: Option<&str>) -> AgentConfig {
-        AgentConfig {
-            provider,
-            base_url: base_url.map(str::to_owned),
-            api_key: Some(Secret::new("k")),
-            model: Some("m".to_owned()),
-            ..AgentConfig::default()
-        }
-    }
-
-    #[test]
-    fn endpoints_join_the_api_path_to_the_base_url() {
-        let url = |provider, base| endpoint(&agent(provider, base)).unwrap().to_string();
-        assert_eq!(
-            url(Provider::Anthropic, None),
-            "https://api.anthropic.com/v1/messages"
-        );
-        assert_eq!(
-            url(Provider::OpenAi, Some("http://127.0.0.1:11434/")),
-            "http://127.0.0.1:11434/v1/chat/completions"
-        );
-        assert_eq!(
-            url(Provider::OpenAi, Some("http://gpu.lan/proxy")),
-            "http://gpu.lan/proxy/v1/chat/completions"
-        );
-    }
-
-    #[test]
-    fn unusable_settings_name_their_key() {
-        for bad in ["not a url", "ftp://x", "http://user:pw@host"] {
-            let (key, _) = validate(&agent(Provider::OpenAi, Some(bad))).unwrap_err();
-            assert_eq!(key, "[agent] base_url", "{bad}");
-        }
-        let mut anthropic = agent(Provider::Anthropic, None);
-        anthropic.api_key = None;
-        assert_eq!(validate(&anthropic).unwrap_err().0, "[agent] api_key_file");
-        let mut openai = agent(Provider::OpenAi, None);
-        openai.api_key = None;
-        validate(&openai).unwrap();
-        openai.model = None;
-        assert_eq!(validate(&openai).unwrap_err().0, "[agent] model");
-        validate(&agent(Provider::Echo, Some("not a url"))).unwrap();
-    }
 }

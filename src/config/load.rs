@@ -1,0 +1,210 @@
+//! Loading the configuration: the file (through `small_file`), the environment variables,
+//! and the token and API key files, with parse errors that name file, line, column and key.
+
+use std::path::Path;
+
+use super::{
+    ANTHROPIC_KEY_ENV, Config, OPENAI_KEY_ENV, Provider, Secret, TOKEN_ENV, log_env_override,
+    validate::{check_token, invalid},
+};
+use crate::{error::Error, notify::NotifySettings, small_file::read_capped};
+
+/// Where a configuration comes from, for error messages.
+const DEFAULTS_ORIGIN: &str = "built-in defaults";
+
+impl Config {
+    /// Loads the configuration: the file at `path` when given (it must exist), else built-in
+    /// defaults, then the environment (`BLUFIO_GATEWAY_TOKEN`), then validates it.
+    ///
+    /// # Errors
+    ///
+    /// Returns a configuration error naming the file, line, column and key.
+    pub fn load(path: Option<&Path>) -> Result<Config, Error> {
+        Config::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], reading environment variables through `env` (for tests).
+    ///
+    /// # Errors
+    ///
+    /// Returns a configuration error naming the file, line, column and key.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Error> {
+        let (mut config, origin) = match path {
+            Some(path) => {
+                let text = read_capped(path).map_err(|source| Error::ConfigRead {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let mut config = Config::parse(&text, path)?;
+                config.resolve_paths(path);
+                (config, path.display().to_string())
+            }
+            None => (Config::default(), DEFAULTS_ORIGIN.to_owned()),
+        };
+        config.resolve_token(&origin, env(TOKEN_ENV))?;
+        let key_env = match config.agent.provider {
+            Provider::Anthropic => env(ANTHROPIC_KEY_ENV),
+            Provider::OpenAi => env(OPENAI_KEY_ENV),
+            Provider::None | Provider::Echo => None,
+        };
+        config.resolve_api_key(&origin, key_env)?;
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `path` is only used in error messages.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::ConfigSyntax`] with the line, column and key of the problem.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        toml::from_str(text).map_err(|error: toml::de::Error| {
+            let offset = error.span().map_or(0, |span| span.start);
+            let (line, column) = line_and_column(text, offset);
+            Error::ConfigSyntax {
+                path: path.to_owned(),
+                line,
+                column,
+                key: key_at(text, offset),
+                message: error.message().trim().to_owned(),
+            }
+        })
+    }
+
+    /// Parses and validates TOML text as [`Config::load`] does, without the environment: the
+    /// whole path from file text to a `Config` the daemon accepts, and what the config fuzz
+    /// target runs. `path` names the file in errors.
+    ///
+    /// # Errors
+    ///
+    /// Returns a configuration error naming the file, line, column and key.
+    pub fn parse_validated(text: &str, path: &Path) -> Result<Config, Error> {
+        let mut config = Config::parse(text, path)?;
+        let origin = path.display().to_string();
+        config.resolve_token(&origin, None)?;
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
+    /// Returns the log filter: `BLUFIO_LOG` when set, else `[daemon] log_level`.
+    pub fn log_filter(&self) -> String {
+        log_env_override().unwrap_or_else(|| self.daemon.log_level.clone())
+    }
+
+    /// Returns where to send service-manager notifications, from `NOTIFY_SOCKET`,
+    /// `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when not run by a manager that asks for them.
+    pub fn notify_settings() -> Option<NotifySettings> {
+        NotifySettings::from_vars(
+            std::env::var_os("NOTIFY_SOCKET"),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
+    }
+
+    /// Makes relative paths in the file relative to the file's own directory, so the daemon
+    /// finds them whatever its working directory (systemd starts it in `/`).
+    fn resolve_paths(&mut self, config_path: &Path) {
+        let base = config_path.parent().unwrap_or(Path::new(""));
+        if let Some(token_file) = &mut self.gateway.token_file
+            && token_file.is_relative()
+        {
+            *token_file = base.join(&*token_file);
+        }
+        for path in [
+            &mut self.agent.api_key_file,
+            &mut self.agent.ca_file,
+            &mut self.daemon.state_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
+    fn resolve_token(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
+        if let Some(token) = from_env.filter(|token| !token.is_empty()) {
+            check_token(&token).map_err(|problem| {
+                invalid("environment", TOKEN_ENV, &format!("the token {problem}"))
+            })?;
+            self.gateway.token = Some(Secret(token));
+            return Ok(());
+        }
+        if let Some(path) = &self.gateway.token_file {
+            if self.gateway.token.is_some() {
+                return Err(invalid(
+                    origin,
+                    "[gateway] token_file",
+                    "set either token or token_file, not both",
+                ));
+            }
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "token file",
+                path: path.clone(),
+                source,
+            })?;
+            // Editors and `echo` end files with a newline; anything else is part of the token.
+            let token = text.strip_suffix('\n').map_or(text.as_str(), |rest| {
+                rest.strip_suffix('\r').unwrap_or(rest)
+            });
+            check_token(token).map_err(|problem| {
+                invalid(
+                    origin,
+                    "[gateway] token_file",
+                    &format!("the token in {} {problem}", path.display()),
+                )
+            })?;
+            self.gateway.token = Some(Secret(token.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn resolve_api_key(&mut self, origin: &str, from_env: Option<String>) -> Result<(), Error> {
+        if let Some(key) = from_env.filter(|key| !key.trim().is_empty()) {
+            self.agent.api_key = Some(Secret(key.trim().to_owned()));
+            return Ok(());
+        }
+        if let Some(path) = &self.agent.api_key_file {
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "API key file",
+                path: path.clone(),
+                source,
+            })?;
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "[agent] api_key_file",
+                    &format!("{} is empty", path.display()),
+                ));
+            }
+            self.agent.api_key = Some(Secret(key.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// Converts a byte offset into a 1-based line and column (in characters).
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |index| index + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+/// Finds the key on the line containing `offset` (`key = value`), if that line has one.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |index| index + 1);
+    let line = text.get(line_start..)?.lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
