@@ -16,20 +16,48 @@ use std::{
 
 use async_io::Timer;
 
-use crate::{context::Context, sessions::Session};
+/// Who is speaking in a history entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The client.
+    User,
+    /// The agent.
+    Assistant,
+}
+
+impl Role {
+    /// Returns `"user"` or `"assistant"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message in a session's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
+}
 
 /// A boxed future, so [`Agent`] stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Answers messages.
 pub trait Agent: Send + Sync + 'static {
-    /// Returns the reply to `message` in `session`; [`Session::history`] holds the earlier
-    /// turns (oldest first, without `message`).
+    /// Returns the reply to `message`; `history` holds the session's earlier turns (oldest
+    /// first, without `message`). The gateway gives up on the call at `deadline`
+    /// (`[agent] timeout_secs` from the start of the call), so an agent that retries need not
+    /// start a wait that would end past it.
     fn reply<'a>(
         &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
+        history: &'a [Turn],
         message: &'a str,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>>;
 
     /// Returns the model names this agent reports usage for, so their token counters exist
@@ -45,13 +73,13 @@ pub trait Agent: Send + Sync + 'static {
     /// fine); the gateway drops the future anyway, which must cancel any upstream request.
     fn reply_stream<'a>(
         &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
+        history: &'a [Turn],
         message: &'a str,
         deltas: &'a DeltaSender,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
         Box::pin(async move {
-            let reply = self.reply(ctx, session, message).await?;
+            let reply = self.reply(history, message, deadline).await?;
             // A departed client is the gateway's concern; the reply is complete either way.
             let _ = deltas.send(&reply.content).await;
             Ok(reply)
@@ -258,9 +286,9 @@ pub struct EchoAgent;
 impl Agent for EchoAgent {
     fn reply<'a>(
         &'a self,
-        _ctx: &'a Context,
-        _session: &'a Session,
+        _history: &'a [Turn],
         message: &'a str,
+        _deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
         Box::pin(async move {
             Ok(Reply {
@@ -298,13 +326,13 @@ impl DelayedEchoAgent {
 impl Agent for DelayedEchoAgent {
     fn reply<'a>(
         &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
+        history: &'a [Turn],
         message: &'a str,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
         Box::pin(async move {
             Timer::after(self.delay).await;
-            EchoAgent.reply(ctx, session, message).await
+            EchoAgent.reply(history, message, deadline).await
         })
     }
 

@@ -230,14 +230,15 @@ async fn run(
     let received = Instant::now();
     ctx.metrics.count_message(channel);
     session.touch();
-    let prompt = Prompt::measure(ctx.config.agent.system.as_deref(), session, &content);
+    let history = session.history();
+    let prompt = Prompt::measure(ctx.config.agent.system.as_deref(), &history, &content);
     let mut unfinished = deltas.map(|deltas| Unfinished {
         ctx,
         deltas,
         prompt,
         armed: true,
     });
-    let result = call_agent(ctx, session, &content, deltas).await;
+    let result = call_agent(ctx, &history, &content, deltas).await;
     ctx.metrics
         .response_latency
         .record(received.elapsed().as_secs_f64());
@@ -289,7 +290,7 @@ async fn run(
 
 async fn call_agent(
     ctx: &Context,
-    session: &Session,
+    history: &[Turn],
     content: &str,
     deltas: Option<&DeltaSender>,
 ) -> Result<crate::agent::Reply, MessageError> {
@@ -300,9 +301,11 @@ async fn call_agent(
             retry_after: exhausted.retry_after,
         })?;
     let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
+    let now = Instant::now();
+    let deadline = now.checked_add(timeout).unwrap_or(now);
     let call = match deltas {
-        Some(deltas) => agent.reply_stream(ctx, session, content, deltas),
-        None => agent.reply(ctx, session, content),
+        Some(deltas) => agent.reply_stream(history, content, deltas, deadline),
+        None => agent.reply(history, content, deadline),
     };
     // A panicking agent must not take the connection task (or an executor thread) with it:
     // the client gets 502 and the daemon keeps serving.
@@ -338,8 +341,7 @@ struct Prompt {
 }
 
 impl Prompt {
-    fn measure(system: Option<&str>, session: &Session, content: &str) -> Prompt {
-        let history = session.history();
+    fn measure(system: Option<&str>, history: &[Turn], content: &str) -> Prompt {
         let texts = system
             .into_iter()
             .chain(history.iter().map(|turn| turn.content.as_str()))

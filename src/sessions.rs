@@ -19,6 +19,7 @@ use std::{
 
 use metrics::Gauge;
 
+pub use crate::agent::{Role, Turn};
 use crate::{config::GatewayConfig, context::Context, metrics::ShedReason};
 
 /// Why a new session was refused.
@@ -49,34 +50,6 @@ impl fmt::Display for Rejected {
             Rejected::SessionLimit => f.write_str("the maximum number of sessions is open"),
         }
     }
-}
-
-/// Who is speaking in a history entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The client.
-    User,
-    /// The agent.
-    Assistant,
-}
-
-impl Role {
-    /// Returns `"user"` or `"assistant"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-/// One message in a session's history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Turn {
-    /// Who said it.
-    pub role: Role,
-    /// What was said.
-    pub content: String,
 }
 
 /// How a session is held open.

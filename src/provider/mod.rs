@@ -27,13 +27,11 @@ use trillium_client::{Client, Conn, KnownHeaderName, Url};
 
 use self::sse::{SseEvent, SseParser};
 use crate::{
-    agent::{Agent, AgentError, BoxFuture, DeltaSender, Reply, UpstreamStatus, Usage},
+    agent::{Agent, AgentError, BoxFuture, DeltaSender, Reply, Turn, UpstreamStatus, Usage},
     config::{AgentConfig, Config, Provider, Secret},
-    context::Context,
     cost::CostConfig,
     error::Error,
     runtime::Runtime,
-    sessions::{Session, Turn},
 };
 
 /// Calls to the upstream for one message, at most (the first try and two retries).
@@ -566,26 +564,21 @@ impl ProviderAgent {
 impl Agent for ProviderAgent {
     fn reply<'a>(
         &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
+        history: &'a [Turn],
         message: &'a str,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        let deadline = call_deadline(ctx);
-        Box::pin(async move { self.complete(&session.history(), message, deadline).await })
+        Box::pin(self.complete(history, message, deadline))
     }
 
     fn reply_stream<'a>(
         &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
+        history: &'a [Turn],
         message: &'a str,
         deltas: &'a DeltaSender,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        let deadline = call_deadline(ctx);
-        Box::pin(async move {
-            self.stream(&session.history(), message, deltas, deadline)
-                .await
-        })
+        Box::pin(self.stream(history, message, deltas, deadline))
     }
 
     fn models(&self) -> Vec<String> {
@@ -618,13 +611,6 @@ impl Agent for ProviderAgent {
             Err(error) => health.last_error = Some((error.to_string(), SystemTime::now())),
         }
     }
-}
-
-/// Returns when the gateway gives up on a call starting now (`[agent] timeout_secs`).
-fn call_deadline(ctx: &Context) -> Instant {
-    let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
-    let now = Instant::now();
-    now.checked_add(timeout).unwrap_or(now)
 }
 
 /// Reads `retry-after` in seconds (the form both providers send); dates are ignored.

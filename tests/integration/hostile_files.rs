@@ -13,8 +13,7 @@ use std::{
 
 use blufio::{
     Config, Context,
-    agent::{Agent, AgentError, BoxFuture, Reply, Usage},
-    sessions::Session,
+    agent::{Agent, AgentError, BoxFuture, Reply, Turn, Usage},
 };
 
 use crate::{
@@ -32,9 +31,9 @@ struct PricedAgent;
 impl Agent for PricedAgent {
     fn reply<'a>(
         &'a self,
-        _ctx: &'a Context,
-        _session: &'a Session,
+        _history: &'a [Turn],
         message: &'a str,
+        _deadline: Instant,
     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
         Box::pin(async move {
             Ok(Reply {

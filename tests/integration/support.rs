@@ -230,12 +230,11 @@ pub struct ScriptedAgent;
 impl blufio::Agent for ScriptedAgent {
     fn reply<'a>(
         &'a self,
-        _ctx: &'a blufio::Context,
-        session: &'a blufio::sessions::Session,
+        history: &'a [blufio::agent::Turn],
         message: &'a str,
+        _deadline: std::time::Instant,
     ) -> blufio::agent::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
         Box::pin(async move {
-            let history = session.history();
             let usage = |cost_usd| {
                 Some(blufio::Usage {
                     model: "scripted-1".to_owned(),
