@@ -26,12 +26,12 @@ use crate::{
     error::Error,
     heap::AllocatorHeap,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
-    metrics::Metrics,
+    metrics::{Metrics, ShedReason},
     notify::{Notifier, NotifySettings},
     provider::ProviderAgent,
     readiness::{self, NotReady, Phase, PhaseCell},
     runtime::Runtime,
-    sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
+    sessions::{Limits, Rejected, SessionCounters, SessionGuard, SessionKind, Sessions},
     state_dir::StateLock,
 };
 
@@ -162,7 +162,24 @@ impl Context {
     ///
     /// Returns [`Rejected`] above `memory_limit_mb` or at `max_sessions`.
     pub fn open_session(&self, kind: SessionKind) -> Result<SessionGuard, Rejected> {
-        self.sessions.open(kind, self.memory.rejecting())
+        self.sessions
+            .open(kind, &self.session_limits(), self.memory.rejecting())
+    }
+
+    /// Returns the memory thresholds of the live configuration: the monitor reads them on
+    /// every tick, so a reload applies from the next one.
+    pub fn thresholds(&self) -> Thresholds {
+        let live = self.live();
+        Thresholds {
+            warn_bytes: live.memory_warn_bytes(),
+            limit_bytes: live.memory_limit_bytes(),
+        }
+    }
+
+    /// Returns the session limits of the live configuration: open sessions keep their
+    /// histories until their next message after a reload.
+    pub fn session_limits(&self) -> Limits {
+        Limits::from_config(&self.live().gateway)
     }
 
     /// Hands the executor to the daemon starting on this context; `None` the second time.
@@ -395,14 +412,12 @@ impl ContextBuilder {
                  resets the daily budget"
             );
         }
-        let thresholds = Thresholds {
-            warn_bytes: config.memory_warn_bytes(),
-            limit_bytes: config.memory_limit_bytes(),
-        };
-        let sessions = Sessions::new(
-            Limits::from_config(&config.gateway),
-            metrics.active_sessions.clone(),
-        );
+        let sessions = Sessions::new(SessionCounters {
+            active: metrics.active_sessions.clone(),
+            history_trimmed: metrics.shed_handle(ShedReason::HistoryTrimmed),
+            pressure_evicted: metrics.shed_handle(ShedReason::PressureEvicted),
+            idle_timeout: metrics.shed_handle(ShedReason::IdleTimeout),
+        });
         if let Some(agent) = &agent {
             for model in agent.models() {
                 metrics.register_model(&model);
@@ -430,7 +445,7 @@ impl ContextBuilder {
         Ok(Arc::new(Context {
             connections,
             client_faults: ClientFaults::new(),
-            memory: MemoryMonitor::new(heap, rss, thresholds, self.shed_hooks),
+            memory: MemoryMonitor::new(heap, rss, self.shed_hooks),
             sessions,
             metrics,
             agent,

@@ -266,7 +266,7 @@ async fn run(
         );
         charge(ctx, usage, ceiling)
     });
-    let limits = ctx.sessions.limits();
+    let limits = ctx.session_limits();
     session.push(
         Turn {
             role: Role::User,

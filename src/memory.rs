@@ -258,8 +258,6 @@ const PRESSURE_WARNING_INTERVAL: Duration = Duration::from_secs(300);
 pub struct MemoryMonitor {
     heap: Box<dyn HeapSource>,
     rss: Box<dyn RssSource>,
-    // Behind a lock so a reload can change them.
-    thresholds: Mutex<Thresholds>,
     shed_hooks: Vec<(String, ShedHook)>,
     state: Mutex<MonitorState>,
     rejecting: AtomicBool,
@@ -281,7 +279,6 @@ impl fmt::Debug for MemoryMonitor {
         f.debug_struct("MemoryMonitor")
             .field("heap", &self.heap)
             .field("rss", &self.rss)
-            .field("thresholds", &self.thresholds())
             .field("shed_hooks", &self.shed_hooks.len())
             .finish_non_exhaustive()
     }
@@ -292,13 +289,11 @@ impl MemoryMonitor {
     pub fn new(
         heap: Box<dyn HeapSource>,
         rss: Box<dyn RssSource>,
-        thresholds: Thresholds,
         shed_hooks: Vec<(String, ShedHook)>,
     ) -> MemoryMonitor {
         MemoryMonitor {
             heap,
             rss,
-            thresholds: Mutex::new(thresholds),
             shed_hooks,
             state: Mutex::new(MonitorState {
                 sample: None,
@@ -333,16 +328,6 @@ impl MemoryMonitor {
         self.rejecting.load(Ordering::Acquire)
     }
 
-    /// Returns the thresholds.
-    pub fn thresholds(&self) -> Thresholds {
-        *crate::sync::lock(&self.thresholds)
-    }
-
-    /// Replaces the thresholds (on reload); they apply from the next tick.
-    pub fn set_thresholds(&self, thresholds: Thresholds) {
-        *crate::sync::lock(&self.thresholds) = thresholds
-    }
-
     /// Returns the allocator's name and page size.
     pub fn allocator(&self) -> (&'static str, Option<u64>) {
         (self.heap.name(), self.heap.page_size())
@@ -367,7 +352,7 @@ pub fn tick(ctx: &Context) {
     let monitor = &ctx.memory;
     let metrics = &ctx.metrics;
     let previous = monitor.lock().sample;
-    let thresholds = monitor.thresholds();
+    let thresholds = ctx.thresholds();
 
     if let Err(error) = monitor.heap.decay() {
         log::error!("memory monitor: allocator decay failed: {error}");
@@ -513,7 +498,8 @@ pub fn tick(ctx: &Context) {
 
 /// Frees what can be freed: shed sessions and registered caches, then purge every arena.
 fn relieve(ctx: &Context) {
-    ctx.sessions.shed_under_pressure(ctx);
+    ctx.sessions
+        .shed_under_pressure(&ctx.session_limits(), Instant::now());
     for (name, hook) in &ctx.memory.shed_hooks {
         log::debug!("memory pressure: running shed hook {name}");
         hook();

@@ -19,8 +19,6 @@ use crate::{
     context::Context,
     error::Error,
     logging,
-    memory::Thresholds,
-    sessions::Limits,
 };
 
 /// How long reading and validating the files may take before the reload is refused. A
@@ -180,12 +178,6 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
     let mut applied = (*running).clone();
     apply_live(&mut applied, &new);
 
-    ctx.memory.set_thresholds(Thresholds {
-        warn_bytes: applied.memory_warn_bytes(),
-        limit_bytes: applied.memory_limit_bytes(),
-    });
-    ctx.sessions
-        .set_limits(Limits::from_config(&applied.gateway));
     ctx.budget
         .set_daily_usd(applied.cost.daily_budget_usd, std::time::SystemTime::now());
     if config::log_env_override().is_none()

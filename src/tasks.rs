@@ -74,7 +74,7 @@ pub(crate) fn next_tick(start: Instant, period: Duration, now: Instant) -> Insta
 pub(crate) async fn evict_idle(ctx: Arc<Context>) {
     // Read each round: a reload can change the idle timeout.
     let period = |ctx: &Context| {
-        (ctx.sessions.limits().idle_timeout / 2)
+        (ctx.session_limits().idle_timeout / 2)
             .clamp(Duration::from_millis(250), Duration::from_secs(30))
     };
     while ctx
@@ -83,7 +83,8 @@ pub(crate) async fn evict_idle(ctx: Arc<Context>) {
         .await
         .is_some()
     {
-        ctx.sessions.evict_idle(&ctx);
+        ctx.sessions
+            .evict_idle(ctx.session_limits().idle_timeout, Instant::now());
     }
 }
 
