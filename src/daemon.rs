@@ -16,7 +16,7 @@ use crate::{
     context::Context,
     error::Error,
     http::{self, Scope},
-    listener, memory,
+    listener, monitor,
     readiness::Phase,
     reload,
     runtime::{Workers, worker_count},
@@ -70,7 +70,7 @@ fn start(ctx: Arc<Context>, lent: usize) -> Result<Daemon, Error> {
         source,
     })?;
     // The first /health must already have real numbers.
-    memory::tick(&ctx);
+    monitor::tick(&ctx);
     let config = &ctx.config;
     if config.gateway.token.is_none() {
         log::warn!(

@@ -47,6 +47,7 @@ mod listener;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod monitor;
 pub mod notify;
 pub mod provider;
 pub mod read_buffer;

@@ -13,7 +13,7 @@ use std::{
 
 use async_io::Timer;
 
-use crate::{context::Context, memory, metrics::ErrorKind};
+use crate::{context::Context, metrics::ErrorKind, monitor};
 
 /// Samples memory every `monitor_interval_secs` until shutdown, refreshing the service
 /// manager's status line, and pings its watchdog.
@@ -34,7 +34,7 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
     while ctx.closing.interrupt(Timer::at(wake_at)).await.is_some() {
         let now = Instant::now();
         if now >= tick_at {
-            memory::tick(&ctx);
+            monitor::tick(&ctx);
             ctx.metrics.monitor_ticks.increment(1);
             if !ctx.cgroup.refresh() {
                 ctx.metrics.count_error(ErrorKind::MemoryMonitor);

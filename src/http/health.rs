@@ -202,7 +202,7 @@ mod tests {
             .with_rss_source(FixedRss(rss))
             .build()
             .unwrap();
-        crate::memory::tick(&ctx);
+        crate::monitor::tick(&ctx);
         ctx
     }
 

@@ -53,7 +53,7 @@ impl TestDaemon {
 
     /// Runs one memory-monitor tick now, as the background task would.
     pub fn tick(&self) {
-        blufio::memory::tick(&self.ctx);
+        blufio::monitor::tick(&self.ctx);
     }
 
     pub fn get(&self, path: &str) -> Response {
