@@ -8,11 +8,10 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use async_executor::Executor;
 use blufio_platform::{CgroupReader, ProcessReader, RssReader};
 use trillium::Swansong;
 
@@ -70,10 +69,9 @@ pub struct Context {
     pub connections: Connections,
     /// Failed authentications (throttled) and malformed requests (reported) per client.
     pub client_faults: ClientFaults,
-    /// The handle on this daemon's executor (see [`crate::runtime`]).
+    /// The handle on this daemon's executor (see [`crate::runtime`]), which the daemon makes
+    /// and owns when it starts.
     pub runtime: Runtime,
-    /// The executor itself, until [`crate::spawn`] takes it to start the worker threads.
-    executor: Mutex<Option<Arc<Executor<'static>>>>,
     /// The hold on `[daemon] state_dir`, so no second daemon writes the same spend file.
     state_lock: Option<StateLock>,
 }
@@ -180,11 +178,6 @@ impl Context {
     /// histories until their next message after a reload.
     pub fn session_limits(&self) -> Limits {
         Limits::from_config(&self.live().gateway)
-    }
-
-    /// Hands the executor to the daemon starting on this context; `None` the second time.
-    pub(crate) fn take_executor(&self) -> Option<Arc<Executor<'static>>> {
-        crate::sync::lock(&self.executor).take()
     }
 
     /// Returns seconds since the context was built.
@@ -386,7 +379,7 @@ impl ContextBuilder {
             }
         };
         let metrics = Metrics::new()?;
-        let (runtime, executor) = Runtime::new();
+        let runtime = Runtime::new();
         // Locked before the spend file is read, so two daemons never both trust it.
         let state_lock = match &config.daemon.state_dir {
             Some(dir) => Some(StateLock::acquire(dir)?),
@@ -466,7 +459,6 @@ impl ContextBuilder {
             config_path: self.config_path,
             cgroup,
             runtime,
-            executor: Mutex::new(Some(executor)),
             state_lock,
         }))
     }

@@ -59,10 +59,11 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
 /// [`spawn`], with `lent` of the worker threads supplied by the caller, who runs the
 /// executor ([`Workers::executor`]) on them.
 fn start(ctx: Arc<Context>, lent: usize) -> Result<Daemon, Error> {
-    let executor = ctx.take_executor().ok_or_else(|| Error::Io {
+    // The daemon owns its executor; the Context keeps only the weak handle on it.
+    let executor = ctx.runtime.start().ok_or_else(|| Error::Io {
         context: "cannot start the daemon: this context already ran a daemon (build a new one)"
             .to_owned(),
-        source: std::io::Error::other("executor already taken"),
+        source: std::io::Error::other("a context runs one daemon"),
     })?;
     let threads = worker_count(ctx.config.daemon.workers).saturating_sub(lent);
     let workers = Workers::start(executor, threads).map_err(|source| Error::Io {
