@@ -212,14 +212,27 @@ impl Daemon {
     }
 }
 
+/// How a daemon run by [`run`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Everything drained within the grace period.
+    Drained,
+    /// The grace period ended first; the remaining connections were closed.
+    GraceExpired,
+    /// A second SIGTERM or SIGINT cut the drain short: the caller should exit at once (the
+    /// binary exits with status 1).
+    Forced,
+}
+
 /// Runs a daemon until SIGTERM or SIGINT, then drains it for `[daemon] shutdown_grace_secs`.
-/// A second signal exits at once, without draining. SIGHUP reloads the configuration
-/// ([`crate::reload::reload`]); SIGUSR1 and SIGUSR2 are logged and ignored, never fatal.
+/// A second signal stops waiting for the drain and returns [`Stopped::Forced`], for the
+/// caller to exit at once. SIGHUP reloads the configuration ([`crate::reload::reload`]);
+/// SIGUSR1 and SIGUSR2 are logged and ignored, never fatal.
 ///
 /// # Errors
 ///
 /// Returns an error when the daemon cannot start or signals cannot be registered.
-pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
+pub fn run(ctx: Arc<Context>) -> Result<Stopped, Error> {
     use async_signal::{Signal, Signals};
 
     // Registered before the listeners open, so an early signal is neither lost nor fatal.
@@ -257,16 +270,22 @@ pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
             None
         };
         match drain.or(second).await {
-            Some(true) => log::info!("shut down cleanly"),
-            Some(false) => log::warn!("grace period over; closing remaining connections"),
-            None => std::process::exit(1),
+            Some(true) => {
+                log::info!("shut down cleanly");
+                Stopped::Drained
+            }
+            Some(false) => {
+                log::warn!("grace period over; closing remaining connections");
+                Stopped::GraceExpired
+            }
+            None => Stopped::Forced,
         }
     };
-    match executor {
+    let stopped = match executor {
         Some(executor) => async_io::block_on(executor.run(main)),
         None => async_io::block_on(main),
-    }
-    Ok(())
+    };
+    Ok(stopped)
 }
 
 /// Waits for SIGTERM or SIGINT, reloading on SIGHUP (while `ctx` is given, that is before

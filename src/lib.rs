@@ -65,7 +65,7 @@ pub use crate::{
     agent::{Agent, AgentError, Reply, Usage},
     config::Config,
     context::{Context, ContextBuilder},
-    daemon::{Daemon, run, spawn},
+    daemon::{Daemon, Stopped, run, spawn},
     error::Error,
     memory::{FixedRss, HeapSource, ManualHeap, RssSource},
     sessions::{Rejected, SessionGuard},
