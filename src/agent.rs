@@ -47,18 +47,25 @@ pub struct Turn {
 /// A boxed future, so [`Agent`] stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What an [`Agent`] call resolves to.
+pub type ReplyFuture<'a> = BoxFuture<'a, Result<Reply, AgentError>>;
+
+/// What the gateway asks of an agent in one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// The session's earlier turns, oldest first, without `message`.
+    pub history: &'a [Turn],
+    /// The new message.
+    pub message: &'a str,
+    /// When the gateway gives up on the call (`[agent] timeout_secs` from its start), so an
+    /// agent that retries need not start a wait that would end past it.
+    pub deadline: Instant,
+}
+
 /// Answers messages.
 pub trait Agent: Send + Sync + 'static {
-    /// Returns the reply to `message`; `history` holds the session's earlier turns (oldest
-    /// first, without `message`). The gateway gives up on the call at `deadline`
-    /// (`[agent] timeout_secs` from the start of the call), so an agent that retries need not
-    /// start a wait that would end past it.
-    fn reply<'a>(
-        &'a self,
-        history: &'a [Turn],
-        message: &'a str,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>>;
+    /// Returns the reply to the call's message, given the session's history.
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a>;
 
     /// Returns the model names this agent reports usage for, so their token counters exist
     /// from start-up.
@@ -71,15 +78,9 @@ pub trait Agent: Send + Sync + 'static {
     ///
     /// When `deltas` reports the client gone, the agent should stop (returning an error is
     /// fine); the gateway drops the future anyway, which must cancel any upstream request.
-    fn reply_stream<'a>(
-        &'a self,
-        history: &'a [Turn],
-        message: &'a str,
-        deltas: &'a DeltaSender,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply_stream<'a>(&'a self, call: Call<'a>, deltas: &'a DeltaSender) -> ReplyFuture<'a> {
         Box::pin(async move {
-            let reply = self.reply(history, message, deadline).await?;
+            let reply = self.reply(call).await?;
             // A departed client is the gateway's concern; the reply is complete either way.
             let _ = deltas.send(&reply.content).await;
             Ok(reply)
@@ -284,12 +285,8 @@ impl std::error::Error for AgentError {}
 pub struct EchoAgent;
 
 impl Agent for EchoAgent {
-    fn reply<'a>(
-        &'a self,
-        _history: &'a [Turn],
-        message: &'a str,
-        _deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
+        let message = call.message;
         Box::pin(async move {
             Ok(Reply {
                 content: message.to_owned(),
@@ -324,15 +321,10 @@ impl DelayedEchoAgent {
 }
 
 impl Agent for DelayedEchoAgent {
-    fn reply<'a>(
-        &'a self,
-        history: &'a [Turn],
-        message: &'a str,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
         Box::pin(async move {
             Timer::after(self.delay).await;
-            EchoAgent.reply(history, message, deadline).await
+            EchoAgent.reply(call).await
         })
     }
 

@@ -42,7 +42,7 @@ pub fn tick(ctx: &Context) {
         );
     }
 
-    let step = monitor.record(sample, session_heap, thresholds);
+    let step = monitor.record_sample(sample, session_heap, thresholds);
     let (pressure, transition) = (step.pressure, step.transition);
     metrics
         .memory_pressure

@@ -20,7 +20,7 @@ mod usage;
 pub use self::message::{IncomingMessage, parse_message};
 use self::usage::{Prompt, Unfinished, UsageCeiling, charge};
 use crate::{
-    agent::{AgentError, DeltaSender, Usage},
+    agent::{AgentError, Call, DeltaSender, Usage},
     context::Context,
     cost::micro_usd,
     metrics::{Channel, ErrorKind},
@@ -230,9 +230,14 @@ async fn call_agent(
     let timeout = Duration::from_secs(ctx.live().agent.timeout_secs);
     let now = Instant::now();
     let deadline = now.checked_add(timeout).unwrap_or(now);
+    let call = Call {
+        history,
+        message: content,
+        deadline,
+    };
     let call = match deltas {
-        Some(deltas) => agent.reply_stream(history, content, deltas, deadline),
-        None => agent.reply(history, content, deadline),
+        Some(deltas) => agent.reply_stream(call, deltas),
+        None => agent.reply(call),
     };
     // A panicking agent must not take the connection task (or an executor thread) with it:
     // the client gets 502 and the daemon keeps serving.

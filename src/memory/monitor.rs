@@ -30,7 +30,7 @@ pub struct MemorySample {
 /// Something that can free memory when pressure starts (a cache that can be dropped).
 pub type ShedHook = Box<dyn Fn() + Send + Sync>;
 
-/// What one [`MemoryMonitor::record`] changed.
+/// What one [`MemoryMonitor::record_sample`] changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PressureStep {
     /// The state from now on.
@@ -185,7 +185,7 @@ impl MemoryMonitor {
     /// Keeps `sample` as the latest, steps the pressure state machine on `session_heap` (the
     /// heap less what is charged to connections; no reading leaves the state as it is) and
     /// sets the admission flag.
-    pub fn record(
+    pub fn record_sample(
         &self,
         sample: MemorySample,
         session_heap: Option<u64>,

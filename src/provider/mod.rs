@@ -27,7 +27,9 @@ use trillium_client::{Client, Conn, KnownHeaderName, Url};
 
 use self::sse::{SseEvent, SseParser};
 use crate::{
-    agent::{Agent, AgentError, BoxFuture, DeltaSender, Reply, Turn, UpstreamStatus, Usage},
+    agent::{
+        Agent, AgentError, Call, DeltaSender, Reply, ReplyFuture, Turn, UpstreamStatus, Usage,
+    },
     config::{AgentConfig, Config, Provider, Secret},
     cost::CostConfig,
     error::Error,
@@ -562,23 +564,12 @@ impl ProviderAgent {
 }
 
 impl Agent for ProviderAgent {
-    fn reply<'a>(
-        &'a self,
-        history: &'a [Turn],
-        message: &'a str,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(self.complete(history, message, deadline))
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
+        Box::pin(self.complete(call.history, call.message, call.deadline))
     }
 
-    fn reply_stream<'a>(
-        &'a self,
-        history: &'a [Turn],
-        message: &'a str,
-        deltas: &'a DeltaSender,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(self.stream(history, message, deltas, deadline))
+    fn reply_stream<'a>(&'a self, call: Call<'a>, deltas: &'a DeltaSender) -> ReplyFuture<'a> {
+        Box::pin(self.stream(call.history, call.message, deltas, call.deadline))
     }
 
     fn models(&self) -> Vec<String> {

@@ -13,7 +13,7 @@ use std::{
 
 use blufio::{
     Config, Context,
-    agent::{Agent, AgentError, BoxFuture, Reply, Turn, Usage},
+    agent::{Agent, Call, Reply, ReplyFuture, Usage},
 };
 
 use crate::{
@@ -29,15 +29,10 @@ const REPLY_USD: f64 = 0.25;
 struct PricedAgent;
 
 impl Agent for PricedAgent {
-    fn reply<'a>(
-        &'a self,
-        _history: &'a [Turn],
-        message: &'a str,
-        _deadline: Instant,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
         Box::pin(async move {
             Ok(Reply {
-                content: message.to_owned(),
+                content: call.message.to_owned(),
                 usage: Some(Usage {
                     model: "priced".to_owned(),
                     input_tokens: 1,

@@ -228,12 +228,8 @@ fn dechunk(mut body: &str) -> String {
 pub struct ScriptedAgent;
 
 impl blufio::Agent for ScriptedAgent {
-    fn reply<'a>(
-        &'a self,
-        history: &'a [blufio::agent::Turn],
-        message: &'a str,
-        _deadline: std::time::Instant,
-    ) -> blufio::agent::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
+    fn reply<'a>(&'a self, call: blufio::agent::Call<'a>) -> blufio::agent::ReplyFuture<'a> {
+        let (history, message) = (call.history, call.message);
         Box::pin(async move {
             let usage = |cost_usd| {
                 Some(blufio::Usage {
