@@ -10,7 +10,7 @@
 //! [`Runtime`] is the handle given to trillium and trillium-client. It holds the executor
 //! weakly: tasks keep handles to it, and a strong one would keep the executor (and with it
 //! every pending task) alive through the cycle. The daemon makes the executor when it starts
-//! ([`Runtime::start`]) and owns it; the handle exists from the Context's build, so what is
+//! (`Runtime::start`) and owns it; the handle exists from the Context's build, so what is
 //! built before (the provider's client) can already hold it.
 
 use std::{
