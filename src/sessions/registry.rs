@@ -11,10 +11,39 @@ use std::{
 
 use metrics::{Counter, Gauge};
 
-use super::{
-    Rejected,
-    session::{Limits, LiveCounter, LiveToken, Session, SessionInfo, SessionKind, is_session_id},
+use super::session::{
+    Limits, LiveCounter, LiveToken, Session, SessionInfo, SessionKind, is_session_id,
 };
+
+/// Why a new session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// The heap is above `memory_limit_mb`.
+    MemoryLimit,
+    /// `max_sessions` sessions are open.
+    SessionLimit,
+}
+
+impl Rejected {
+    /// Returns the machine-readable error code used in JSON bodies.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejected::MemoryLimit => "memory_limit",
+            Rejected::SessionLimit => "session_limit",
+        }
+    }
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejected::MemoryLimit => {
+                f.write_str("new sessions are refused while memory is above the limit")
+            }
+            Rejected::SessionLimit => f.write_str("the maximum number of sessions is open"),
+        }
+    }
+}
 
 /// The metric handles the registry counts into, taken from [`crate::metrics::Metrics`] when
 /// the registry is built.
