@@ -11,7 +11,7 @@
 //! - `floor_health_allocations_per_request`, `floor_health_allocated_bytes_per_request`: the
 //!   same for a bare trillium-smol handler answering a constant (as `benches/floor` does), so
 //!   the difference is what blufio's own code allocates;
-//! - `monitor_tick_micros`, `monitor_tick_allocations`: one `memory::tick` (jemalloc epoch
+//! - `monitor_tick_micros`, `monitor_tick_allocations`: one `monitor::tick` (jemalloc epoch
 //!   and stats, `/proc/self/statm`, gauges, pressure step), as the monitor runs it.
 //!
 //! - `metrics_process_sample_micros`, `metrics_render_micros`, `metrics_render_allocations`:
@@ -120,12 +120,12 @@ fn main() {
     async_io::block_on(floor.shut_down());
 
     for _ in 0..100 {
-        blufio::internals::memory::tick(&ctx);
+        blufio::internals::monitor::tick(&ctx);
     }
     let (allocations, _) = counting::snapshot();
     let started = Instant::now();
     for _ in 0..ticks {
-        blufio::internals::memory::tick(&ctx);
+        blufio::internals::monitor::tick(&ctx);
     }
     let elapsed = started.elapsed();
     let (allocations_after, _) = counting::snapshot();

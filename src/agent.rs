@@ -16,21 +16,56 @@ use std::{
 
 use async_io::Timer;
 
-use crate::{context::Context, sessions::Session};
+/// Who is speaking in a history entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The client.
+    User,
+    /// The agent.
+    Assistant,
+}
+
+impl Role {
+    /// Returns `"user"` or `"assistant"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message in a session's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
+}
 
 /// A boxed future, so [`Agent`] stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What an [`Agent`] call resolves to.
+pub type ReplyFuture<'a> = BoxFuture<'a, Result<Reply, AgentError>>;
+
+/// What the gateway asks of an agent in one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// The session's earlier turns, oldest first, without `message`.
+    pub history: &'a [Turn],
+    /// The new message.
+    pub message: &'a str,
+    /// When the gateway gives up on the call (`[agent] timeout_secs` from its start), so an
+    /// agent that retries need not start a wait that would end past it.
+    pub deadline: Instant,
+}
+
 /// Answers messages.
 pub trait Agent: Send + Sync + 'static {
-    /// Returns the reply to `message` in `session`; [`Session::history`] holds the earlier
-    /// turns (oldest first, without `message`).
-    fn reply<'a>(
-        &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>>;
+    /// Returns the reply to the call's message, given the session's history.
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a>;
 
     /// Returns the model names this agent reports usage for, so their token counters exist
     /// from start-up.
@@ -43,15 +78,9 @@ pub trait Agent: Send + Sync + 'static {
     ///
     /// When `deltas` reports the client gone, the agent should stop (returning an error is
     /// fine); the gateway drops the future anyway, which must cancel any upstream request.
-    fn reply_stream<'a>(
-        &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
-        message: &'a str,
-        deltas: &'a DeltaSender,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply_stream<'a>(&'a self, call: Call<'a>, deltas: &'a DeltaSender) -> ReplyFuture<'a> {
         Box::pin(async move {
-            let reply = self.reply(ctx, session, message).await?;
+            let reply = self.reply(call).await?;
             // A departed client is the gateway's concern; the reply is complete either way.
             let _ = deltas.send(&reply.content).await;
             Ok(reply)
@@ -256,12 +285,8 @@ impl std::error::Error for AgentError {}
 pub struct EchoAgent;
 
 impl Agent for EchoAgent {
-    fn reply<'a>(
-        &'a self,
-        _ctx: &'a Context,
-        _session: &'a Session,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
+        let message = call.message;
         Box::pin(async move {
             Ok(Reply {
                 content: message.to_owned(),
@@ -296,15 +321,10 @@ impl DelayedEchoAgent {
 }
 
 impl Agent for DelayedEchoAgent {
-    fn reply<'a>(
-        &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
         Box::pin(async move {
             Timer::after(self.delay).await;
-            EchoAgent.reply(ctx, session, message).await
+            EchoAgent.reply(call).await
         })
     }
 

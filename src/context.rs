@@ -8,11 +8,10 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use async_executor::Executor;
 use blufio_platform::{CgroupReader, ProcessReader, RssReader};
 use trillium::Swansong;
 
@@ -27,12 +26,12 @@ use crate::{
     heap::AllocatorHeap,
     live::Live,
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
-    metrics::Metrics,
+    metrics::{Metrics, ShedReason},
     notify::{Notifier, NotifySettings},
     provider::ProviderAgent,
     readiness::{self, NotReady, Phase, PhaseCell},
     runtime::Runtime,
-    sessions::{Limits, Rejected, SessionGuard, SessionKind, Sessions},
+    sessions::{Limits, Rejected, SessionCounters, SessionGuard, SessionKind, Sessions},
     state_dir::StateLock,
 };
 
@@ -72,10 +71,9 @@ pub struct Context {
     pub connections: Connections,
     /// Failed authentications (throttled) and malformed requests (reported) per client.
     pub client_faults: ClientFaults,
-    /// The handle on this daemon's executor (see `crate::runtime`).
+    /// The handle on this daemon's executor (see `crate::runtime`), which the daemon makes
+    /// and owns when it starts.
     pub runtime: Runtime,
-    /// The executor itself, until [`crate::spawn`] takes it to start the worker threads.
-    executor: Mutex<Option<Arc<Executor<'static>>>>,
     /// The hold on `[daemon] state_dir`, so no second daemon writes the same spend file.
     state_lock: Option<StateLock>,
 }
@@ -129,12 +127,14 @@ impl Context {
         self.reloaded.notify(usize::MAX);
     }
 
-    /// Returns the memory thresholds in force.
+    /// Returns the memory thresholds in force: the monitor reads them on every tick, so a
+    /// reload applies from the next one.
     pub fn thresholds(&self) -> Thresholds {
         thresholds(&self.live())
     }
 
-    /// Returns the session limits in force.
+    /// Returns the session limits in force: open sessions keep their histories until their
+    /// next message after a reload.
     pub fn session_limits(&self) -> Limits {
         session_limits(&self.live())
     }
@@ -174,12 +174,8 @@ impl Context {
     ///
     /// Returns [`Rejected`] above `memory_limit_mb` or at `max_sessions`.
     pub fn open_session(&self, kind: SessionKind) -> Result<SessionGuard, Rejected> {
-        self.sessions.open(kind, self.memory.rejecting())
-    }
-
-    /// Hands the executor to the daemon starting on this context; `None` the second time.
-    pub(crate) fn take_executor(&self) -> Option<Arc<Executor<'static>>> {
-        crate::sync::lock(&self.executor).take()
+        self.sessions
+            .open(kind, &self.session_limits(), self.memory.rejecting())
     }
 
     /// Returns seconds since the context was built.
@@ -381,7 +377,7 @@ impl ContextBuilder {
             }
         };
         let metrics = Metrics::new()?;
-        let (runtime, executor) = Runtime::new();
+        let runtime = Runtime::new();
         // Locked before the spend file is read, so two daemons never both trust it.
         let state_lock = match &config.daemon.state_dir {
             Some(dir) => Some(StateLock::acquire(dir)?),
@@ -408,7 +404,12 @@ impl ContextBuilder {
             );
         }
         let live = Live::from_config(&config);
-        let sessions = Sessions::new(session_limits(&live), metrics.active_sessions.clone());
+        let sessions = Sessions::new(SessionCounters {
+            active: metrics.active_sessions.clone(),
+            history_trimmed: metrics.shed_handle(ShedReason::HistoryTrimmed),
+            pressure_evicted: metrics.shed_handle(ShedReason::PressureEvicted),
+            idle_timeout: metrics.shed_handle(ShedReason::IdleTimeout),
+        });
         if let Some(agent) = &agent {
             for model in agent.models() {
                 metrics.register_model(&model);
@@ -435,7 +436,7 @@ impl ContextBuilder {
         Ok(Arc::new(Context {
             connections,
             client_faults: ClientFaults::new(),
-            memory: MemoryMonitor::new(heap, rss, thresholds(&live), self.shed_hooks),
+            memory: MemoryMonitor::new(heap, rss, self.shed_hooks),
             sessions,
             metrics,
             agent,
@@ -456,7 +457,6 @@ impl ContextBuilder {
             config_path: self.config_path,
             cgroup,
             runtime,
-            executor: Mutex::new(Some(executor)),
             state_lock,
         }))
     }

@@ -16,7 +16,7 @@ use crate::{
     context::Context,
     error::Error,
     http::{self, Scope},
-    listener, memory,
+    listener, monitor,
     readiness::Phase,
     reload,
     runtime::{Workers, worker_count},
@@ -59,10 +59,11 @@ pub fn spawn(ctx: Arc<Context>) -> Result<Daemon, Error> {
 /// [`spawn`], with `lent` of the worker threads supplied by the caller, who runs the
 /// executor ([`Workers::executor`]) on them.
 fn start(ctx: Arc<Context>, lent: usize) -> Result<Daemon, Error> {
-    let executor = ctx.take_executor().ok_or_else(|| Error::Io {
+    // The daemon owns its executor; the Context keeps only the weak handle on it.
+    let executor = ctx.runtime.start().ok_or_else(|| Error::Io {
         context: "cannot start the daemon: this context already ran a daemon (build a new one)"
             .to_owned(),
-        source: std::io::Error::other("executor already taken"),
+        source: std::io::Error::other("a context runs one daemon"),
     })?;
     let threads = worker_count(ctx.config.daemon.workers).saturating_sub(lent);
     let workers = Workers::start(executor, threads).map_err(|source| Error::Io {
@@ -70,7 +71,7 @@ fn start(ctx: Arc<Context>, lent: usize) -> Result<Daemon, Error> {
         source,
     })?;
     // The first /health must already have real numbers.
-    memory::tick(&ctx);
+    monitor::tick(&ctx);
     let config = &ctx.config;
     if config.gateway.token.is_none() {
         log::warn!(
@@ -211,14 +212,27 @@ impl Daemon {
     }
 }
 
+/// How a daemon run by [`run`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Everything drained within the grace period.
+    Drained,
+    /// The grace period ended first; the remaining connections were closed.
+    GraceExpired,
+    /// A second SIGTERM or SIGINT cut the drain short: the caller should exit at once (the
+    /// binary exits with status 1).
+    Forced,
+}
+
 /// Runs a daemon until SIGTERM or SIGINT, then drains it for `[daemon] shutdown_grace_secs`.
-/// A second signal exits at once, without draining. SIGHUP reloads the configuration
-/// ([`crate::reload::reload`]); SIGUSR1 and SIGUSR2 are logged and ignored, never fatal.
+/// A second signal stops waiting for the drain and returns [`Stopped::Forced`], for the
+/// caller to exit at once. SIGHUP reloads the configuration ([`crate::reload::reload`]);
+/// SIGUSR1 and SIGUSR2 are logged and ignored, never fatal.
 ///
 /// # Errors
 ///
 /// Returns an error when the daemon cannot start or signals cannot be registered.
-pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
+pub fn run(ctx: Arc<Context>) -> Result<Stopped, Error> {
     use async_signal::{Signal, Signals};
 
     // Registered before the listeners open, so an early signal is neither lost nor fatal.
@@ -256,16 +270,22 @@ pub fn run(ctx: Arc<Context>) -> Result<(), Error> {
             None
         };
         match drain.or(second).await {
-            Some(true) => log::info!("shut down cleanly"),
-            Some(false) => log::warn!("grace period over; closing remaining connections"),
-            None => std::process::exit(1),
+            Some(true) => {
+                log::info!("shut down cleanly");
+                Stopped::Drained
+            }
+            Some(false) => {
+                log::warn!("grace period over; closing remaining connections");
+                Stopped::GraceExpired
+            }
+            None => Stopped::Forced,
         }
     };
-    match executor {
+    let stopped = match executor {
         Some(executor) => async_io::block_on(executor.run(main)),
         None => async_io::block_on(main),
-    }
-    Ok(())
+    };
+    Ok(stopped)
 }
 
 /// Waits for SIGTERM or SIGINT, reloading on SIGHUP (while `ctx` is given, that is before

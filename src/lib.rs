@@ -82,6 +82,7 @@ mod live;
 mod logging;
 mod memory;
 mod metrics;
+mod monitor;
 mod notify;
 mod provider;
 mod read_buffer;
@@ -99,21 +100,21 @@ mod tasks;
 // daemon's lifecycle, the agent and memory-source traits.
 pub use crate::{
     agent::{
-        Agent, AgentError, BoxFuture, DelayedEchoAgent, DeltaSender, Disconnected, EchoAgent,
-        Reply, StreamProgress, UpstreamStatus, Usage,
+        Agent, AgentError, BoxFuture, Call, DelayedEchoAgent, DeltaSender, Disconnected, EchoAgent,
+        Reply, ReplyFuture, Role, StreamProgress, Turn, UpstreamStatus, Usage,
     },
     config::{
         AgentConfig, Config, DaemonConfig, GatewayConfig, PrometheusConfig, Provider, Secret,
     },
     context::{Context, ContextBuilder},
     cost::{CostConfig, ModelPrice},
-    daemon::{Daemon, run, spawn},
+    daemon::{Daemon, Stopped, run, spawn},
     error::Error,
     live::Live,
     logging::RedactingLogger,
     memory::{FixedRss, HeapSource, HeapStats, ManualHeap, RssSource},
     notify::NotifySettings,
-    sessions::{Rejected, Role, Session, SessionGuard, Turn},
+    sessions::{Rejected, Session, SessionGuard},
 };
 
 // What the `blufio` command line needs besides: `check-config`'s report and the logger's
@@ -160,6 +161,7 @@ pub mod internals {
         logging,
         memory,
         metrics,
+        monitor,
         notify,
         provider,
         read_buffer,

@@ -410,6 +410,15 @@ impl Metrics {
         }
     }
 
+    /// Returns the counter of sessions shed for `reason`, for the session registry to hold.
+    pub fn shed_handle(&self, reason: ShedReason) -> Counter {
+        match reason {
+            ShedReason::HistoryTrimmed => self.shed_trimmed.clone(),
+            ShedReason::PressureEvicted => self.shed_pressure.clone(),
+            ShedReason::IdleTimeout => self.shed_idle.clone(),
+        }
+    }
+
     /// Adds `count` tokens of `token_type` for `model`.
     ///
     /// The model becomes a label value; after a small fixed number of distinct models the rest

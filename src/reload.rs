@@ -166,8 +166,6 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
         log::set_max_level(level);
     }
     ctx.set_live(live);
-    ctx.memory.set_thresholds(ctx.thresholds());
-    ctx.sessions.set_limits(ctx.session_limits());
     // The remaining-budget gauge follows a new limit at once, not at the next message.
     ctx.budget
         .refresh(ctx.live().daily_budget_usd, std::time::SystemTime::now());

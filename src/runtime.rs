@@ -9,7 +9,9 @@
 //!
 //! [`Runtime`] is the handle given to trillium and trillium-client. It holds the executor
 //! weakly: tasks keep handles to it, and a strong one would keep the executor (and with it
-//! every pending task) alive through the cycle.
+//! every pending task) alive through the cycle. The daemon makes the executor when it starts
+//! (`Runtime::start`) and owns it; the handle exists from the Context's build, so what is
+//! built before (the provider's client) can already hold it.
 
 use std::{
     fmt,
@@ -17,7 +19,7 @@ use std::{
     io,
     panic::AssertUnwindSafe,
     pin::Pin,
-    sync::{Arc, Weak},
+    sync::{Arc, OnceLock, Weak},
     task::{Context as TaskContext, Poll},
     thread,
     time::Duration,
@@ -47,43 +49,63 @@ pub fn worker_count(configured: usize) -> usize {
 /// to run work next to the daemon's. Once the daemon is shut down, spawning drops the future.
 #[derive(Clone)]
 pub struct Runtime {
-    executor: Weak<Executor<'static>>,
+    // Set once, by the daemon that starts on this handle's context.
+    executor: Arc<OnceLock<Weak<Executor<'static>>>>,
 }
 
 impl fmt::Debug for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Runtime")
-            .field("running", &(self.executor.strong_count() > 0))
+            .field(
+                "running",
+                &self
+                    .executor
+                    .get()
+                    .is_some_and(|weak| weak.strong_count() > 0),
+            )
             .finish()
     }
 }
 
 impl Runtime {
-    /// Makes an executor and a handle on it; the caller owns the executor.
-    pub(crate) fn new() -> (Runtime, Arc<Executor<'static>>) {
+    /// Makes a handle with no executor yet: spawning drops the future until a daemon
+    /// [starts](Runtime::start) on it.
+    pub(crate) fn new() -> Runtime {
+        Runtime {
+            executor: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Makes the executor this handle (and every clone of it) spawns on from now on, for
+    /// the daemon starting to own; `None` when one was made before, since a context runs
+    /// one daemon.
+    pub(crate) fn start(&self) -> Option<Arc<Executor<'static>>> {
         let executor = Arc::new(Executor::new());
-        let runtime = Runtime {
-            executor: Arc::downgrade(&executor),
-        };
-        (runtime, executor)
+        self.executor
+            .set(Arc::downgrade(&executor))
+            .ok()
+            .map(|()| executor)
     }
 
     /// Runs `future` on the daemon's executor without a handle on its outcome. A panic in it
     /// ends that task only.
     pub fn spawn_detached(&self, future: impl Future<Output = ()> + Send + 'static) {
-        if let Some(executor) = self.executor.upgrade() {
+        if let Some(executor) = self.executor() {
             executor.spawn(future).detach();
         }
     }
 
-    /// Runs `future` on the daemon's executor; `None` once the daemon is shut down.
+    /// Runs `future` on the daemon's executor; `None` before the daemon starts and once it
+    /// is shut down.
     pub(crate) fn spawn_task<T: Send + 'static>(
         &self,
         future: impl Future<Output = T> + Send + 'static,
     ) -> Option<Task<T>> {
-        self.executor
-            .upgrade()
-            .map(|executor| executor.spawn(future))
+        self.executor().map(|executor| executor.spawn(future))
+    }
+
+    fn executor(&self) -> Option<Arc<Executor<'static>>> {
+        self.executor.get().and_then(Weak::upgrade)
     }
 }
 
@@ -223,7 +245,8 @@ mod tests {
 
     #[test]
     fn a_spawned_task_runs_on_the_workers_and_its_panic_is_none() {
-        let (runtime, executor) = Runtime::new();
+        let runtime = Runtime::new();
+        let executor = runtime.start().unwrap();
         let workers = Workers::start(executor, 1).unwrap();
         let answer = async_io::block_on(RuntimeTrait::spawn(&runtime, async { 42 }));
         assert_eq!(answer, Some(42));
@@ -239,8 +262,8 @@ mod tests {
 
     #[test]
     fn after_the_executor_is_gone_spawning_drops_the_future() {
-        let (runtime, executor) = Runtime::new();
-        drop(executor);
+        let runtime = Runtime::new();
+        drop(runtime.start());
         assert_eq!(
             async_io::block_on(RuntimeTrait::spawn(&runtime, async { 1 })),
             None
@@ -250,7 +273,8 @@ mod tests {
 
     #[test]
     fn stopping_ends_the_threads_and_drops_pending_tasks() {
-        let (runtime, executor) = Runtime::new();
+        let runtime = Runtime::new();
+        let executor = runtime.start().unwrap();
         let workers = Workers::start(executor, 2).unwrap();
         let (held, dropped) = async_channel::bounded::<()>(1);
         runtime.spawn_detached(async move {

@@ -13,7 +13,7 @@ use std::{
 
 use async_io::Timer;
 
-use crate::{context::Context, memory, metrics::ErrorKind};
+use crate::{context::Context, metrics::ErrorKind, monitor};
 
 /// Samples memory every `monitor_interval_secs` until shutdown, refreshing the service
 /// manager's status line, and pings its watchdog.
@@ -34,7 +34,7 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
     while ctx.closing.interrupt(Timer::at(wake_at)).await.is_some() {
         let now = Instant::now();
         if now >= tick_at {
-            memory::tick(&ctx);
+            monitor::tick(&ctx);
             ctx.metrics.monitor_ticks.increment(1);
             if !ctx.cgroup.refresh() {
                 ctx.metrics.count_error(ErrorKind::MemoryMonitor);
@@ -74,7 +74,7 @@ pub(crate) fn next_tick(start: Instant, period: Duration, now: Instant) -> Insta
 pub(crate) async fn evict_idle(ctx: Arc<Context>) {
     // Read each round: a reload can change the idle timeout.
     let period = |ctx: &Context| {
-        (ctx.sessions.limits().idle_timeout / 2)
+        (ctx.session_limits().idle_timeout / 2)
             .clamp(Duration::from_millis(250), Duration::from_secs(30))
     };
     while ctx
@@ -83,7 +83,8 @@ pub(crate) async fn evict_idle(ctx: Arc<Context>) {
         .await
         .is_some()
     {
-        ctx.sessions.evict_idle(&ctx);
+        ctx.sessions
+            .evict_idle(ctx.session_limits().idle_timeout, Instant::now());
     }
 }
 

@@ -222,8 +222,11 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             let outcome = blufio::run(builder.build()?);
             // Writes the counts of repeated errors still held back.
             logger.finish();
-            outcome?;
-            Ok(ExitCode::SUCCESS)
+            // A second signal asked to exit without draining.
+            match outcome? {
+                blufio::Stopped::Forced => Ok(ExitCode::from(1)),
+                blufio::Stopped::Drained | blufio::Stopped::GraceExpired => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Status {
             config,

@@ -123,7 +123,7 @@ fn details(ctx: &Context) -> Value {
     let mut body = summary(ctx);
     let sample = ctx.memory.sample();
     let pressure = ctx.memory.pressure();
-    let thresholds = ctx.memory.thresholds();
+    let thresholds = ctx.thresholds();
     let (allocator, allocator_page_size) = ctx.memory.allocator();
     let errors: Map<String, Value> = ctx
         .metrics
@@ -145,7 +145,7 @@ fn details(ctx: &Context) -> Value {
         "allocator_page_size": allocator_page_size,
         "last_sample_age_secs": sample.map(|s| s.taken_at.elapsed().as_secs_f64()),
         "monitor_interval_secs": ctx.config.daemon.monitor_interval_secs,
-        "max_sessions": ctx.sessions.limits().max_sessions,
+        "max_sessions": ctx.session_limits().max_sessions,
         "agent": if ctx.agent.is_some() { "configured" } else { "none" },
         "errors": errors,
         "memory_cgroup_limit_bytes": ctx.cgroup.limit_bytes(),
@@ -203,7 +203,7 @@ mod tests {
             .with_rss_source(FixedRss(rss))
             .build()
             .unwrap();
-        crate::memory::tick(&ctx);
+        crate::monitor::tick(&ctx);
         ctx
     }
 

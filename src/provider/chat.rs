@@ -5,7 +5,7 @@ use std::iter;
 
 use serde_json::{Value, json};
 
-use crate::sessions::Turn;
+use crate::agent::Turn;
 
 /// What one call asks: the model and its settings, the earlier turns and the new message.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +58,7 @@ pub(crate) enum StreamItem {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::sessions::Role;
+    use crate::agent::Role;
 
     /// A user turn and the assistant's answer, for the wires' request tests.
     pub(crate) fn two_turns() -> [Turn; 2] {

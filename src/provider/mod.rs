@@ -24,7 +24,7 @@ pub mod sse;
 mod usage;
 mod wire;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use trillium_client::{Client, Conn, KnownHeaderName, Url};
 
@@ -38,13 +38,11 @@ pub use self::{
     usage::estimate_tokens,
 };
 use crate::{
-    agent::{Agent, AgentError, BoxFuture, DeltaSender, Reply, UpstreamStatus},
+    agent::{Agent, AgentError, Call, DeltaSender, Reply, ReplyFuture, Turn, UpstreamStatus},
     config::{Config, Secret},
-    context::Context,
     cost::CostConfig,
     error::Error,
     runtime::Runtime,
-    sessions::{Session, Turn},
 };
 
 /// The model asked when `[agent] model` is not set and the provider is `anthropic`.
@@ -198,28 +196,12 @@ impl ProviderAgent {
 }
 
 impl Agent for ProviderAgent {
-    fn reply<'a>(
-        &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        let deadline = call_deadline(ctx);
-        Box::pin(async move { self.complete(&session.history(), message, deadline).await })
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
+        Box::pin(self.complete(call.history, call.message, call.deadline))
     }
 
-    fn reply_stream<'a>(
-        &'a self,
-        ctx: &'a Context,
-        session: &'a Session,
-        message: &'a str,
-        deltas: &'a DeltaSender,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        let deadline = call_deadline(ctx);
-        Box::pin(async move {
-            self.stream(&session.history(), message, deltas, deadline)
-                .await
-        })
+    fn reply_stream<'a>(&'a self, call: Call<'a>, deltas: &'a DeltaSender) -> ReplyFuture<'a> {
+        Box::pin(self.stream(call.history, call.message, deltas, call.deadline))
     }
 
     fn models(&self) -> Vec<String> {
@@ -236,11 +218,4 @@ impl Agent for ProviderAgent {
     fn record(&self, outcome: Result<(), &AgentError>) {
         self.health.record(self.wire, &self.model, outcome);
     }
-}
-
-/// Returns when the gateway gives up on a call starting now (`[agent] timeout_secs`).
-fn call_deadline(ctx: &Context) -> Instant {
-    let timeout = Duration::from_secs(ctx.live().agent_timeout_secs);
-    let now = Instant::now();
-    now.checked_add(timeout).unwrap_or(now)
 }

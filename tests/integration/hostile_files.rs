@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::{Agent, AgentError, BoxFuture, Config, Context, Reply, Session, Usage};
+use blufio::{Agent, Call, Config, Context, Reply, ReplyFuture, Usage};
 
 use crate::{
     cli::{self, blufio},
@@ -26,15 +26,10 @@ const REPLY_USD: f64 = 0.25;
 struct PricedAgent;
 
 impl Agent for PricedAgent {
-    fn reply<'a>(
-        &'a self,
-        _ctx: &'a Context,
-        _session: &'a Session,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
         Box::pin(async move {
             Ok(Reply {
-                content: message.to_owned(),
+                content: call.message.to_owned(),
                 usage: Some(Usage {
                     model: "priced".to_owned(),
                     input_tokens: 1,

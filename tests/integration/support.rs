@@ -53,7 +53,7 @@ impl TestDaemon {
 
     /// Runs one memory-monitor tick now, as the background task would.
     pub fn tick(&self) {
-        blufio::internals::memory::tick(&self.ctx);
+        blufio::internals::monitor::tick(&self.ctx);
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -228,14 +228,9 @@ fn dechunk(mut body: &str) -> String {
 pub struct ScriptedAgent;
 
 impl blufio::Agent for ScriptedAgent {
-    fn reply<'a>(
-        &'a self,
-        _ctx: &'a blufio::Context,
-        session: &'a blufio::Session,
-        message: &'a str,
-    ) -> blufio::BoxFuture<'a, Result<blufio::Reply, blufio::AgentError>> {
+    fn reply<'a>(&'a self, call: blufio::Call<'a>) -> blufio::ReplyFuture<'a> {
+        let (history, message) = (call.history, call.message);
         Box::pin(async move {
-            let history = session.history();
             let usage = |cost_usd| {
                 Some(blufio::Usage {
                     model: "scripted-1".to_owned(),

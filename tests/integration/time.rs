@@ -75,7 +75,7 @@ fn thread_net_allocated() -> i64 {
 #[cfg(feature = "jemalloc")]
 #[test]
 fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
-    use blufio::{Config, Context, internals::memory};
+    use blufio::{Config, Context, internals::monitor};
 
     const BOUND: i64 = 256 * 1024;
     let ctx = Context::builder(Config::for_tests()).build().unwrap();
@@ -87,7 +87,7 @@ fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
         }
     };
     observe(10_000);
-    memory::tick(&ctx);
+    monitor::tick(&ctx);
     let start = thread_net_allocated();
 
     // Without upkeep the exporter queues every observation: the bound is one a leak breaks.
@@ -97,7 +97,7 @@ fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
         queued > 4 * BOUND,
         "200k queued observations took only {queued} bytes"
     );
-    memory::tick(&ctx);
+    monitor::tick(&ctx);
     // Upkeep keeps the buffers it grew for that backlog; measure from here.
     let start = thread_net_allocated();
 
@@ -105,7 +105,7 @@ fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
     // daemon records in a monitor interval) and no scrape.
     for _ in 0..10 {
         observe(100_000);
-        memory::tick(&ctx);
+        monitor::tick(&ctx);
     }
     let grown = thread_net_allocated() - start;
     assert!(

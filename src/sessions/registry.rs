@@ -1,25 +1,19 @@
-//! The session registry and admission control.
-//!
-//! Every live [`Session`] holds a count token, so `blufio_active_sessions` and `/health`'s
-//! `active_sessions` equal the number of live sessions by construction: deletes, evictions,
-//! dropped WebSockets and panicking handlers all release the token when the last reference
-//! goes. New sessions pass [`Sessions::open`], which refuses them above the memory limit or at
-//! `max_sessions` without touching the sessions already open.
+//! The registry of open sessions: admission, lookup, the ordered listing index, and the
+//! eviction of idle sessions (on their timeout, and under memory pressure).
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap},
     fmt,
     ops::Bound,
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
-use metrics::Gauge;
+use metrics::{Counter, Gauge};
 
-use crate::{config::GatewayConfig, context::Context, metrics::ShedReason};
+use super::session::{
+    Limits, LiveCounter, LiveToken, Session, SessionInfo, SessionKind, is_session_id,
+};
 
 /// Why a new session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,214 +45,37 @@ impl fmt::Display for Rejected {
     }
 }
 
-/// Who is speaking in a history entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The client.
-    User,
-    /// The agent.
-    Assistant,
+/// The metric handles the registry counts into, taken from [`crate::metrics::Metrics`] when
+/// the registry is built.
+#[derive(Debug, Clone)]
+pub struct SessionCounters {
+    /// `blufio_active_sessions`: follows the number of live sessions.
+    pub active: Gauge,
+    /// `blufio_sessions_shed_total{reason="history_trimmed"}`.
+    pub history_trimmed: Counter,
+    /// `blufio_sessions_shed_total{reason="pressure_evicted"}`.
+    pub pressure_evicted: Counter,
+    /// `blufio_sessions_shed_total{reason="idle_timeout"}`.
+    pub idle_timeout: Counter,
 }
 
-impl Role {
-    /// Returns `"user"` or `"assistant"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::User => "user",
-            Role::Assistant => "assistant",
+impl SessionCounters {
+    /// Handles that count nowhere (for a registry outside a daemon).
+    pub fn noop() -> SessionCounters {
+        SessionCounters {
+            active: Gauge::noop(),
+            history_trimmed: Counter::noop(),
+            pressure_evicted: Counter::noop(),
+            idle_timeout: Counter::noop(),
         }
     }
 }
 
-/// One message in a session's history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Turn {
-    /// Who said it.
-    pub role: Role,
-    /// What was said.
-    pub content: String,
-}
-
-/// How a session is held open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionKind {
-    /// Created over HTTP; open until deleted or evicted.
-    Http,
-    /// A WebSocket connection; open while the connection is.
-    WebSocket,
-}
-
-/// A snapshot of a session for listings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    /// The session id.
-    pub id: String,
-    /// Creation time, seconds since the Unix epoch.
-    pub created_at: u64,
-    /// Time of the last message, seconds since the Unix epoch.
-    pub last_active_at: u64,
-    /// Messages exchanged (both directions), including trimmed ones.
-    pub message_count: u64,
-    /// Bytes of message text kept in the history.
-    pub history_bytes: u64,
-    /// Messages kept in the history.
-    pub history_messages: u64,
-    /// How the session is held open.
-    pub kind: SessionKind,
-}
-
-/// One conversation: an id, its bounded history and its activity times.
-pub struct Session {
-    id: String,
-    kind: SessionKind,
-    created_at: u64,
-    state: Mutex<SessionState>,
-    _live: LiveToken,
-}
-
-struct SessionState {
-    last_active: Instant,
-    last_active_at: u64,
-    history: VecDeque<Turn>,
-    history_bytes: u64,
-    message_count: u64,
-}
-
-impl fmt::Debug for Session {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Session")
-            .field("id", &self.id)
-            .field("kind", &self.kind)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Session {
-    /// Returns the session id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Returns how the session is held open.
-    pub fn kind(&self) -> SessionKind {
-        self.kind
-    }
-
-    /// Returns a copy of the history, oldest first.
-    pub fn history(&self) -> Vec<Turn> {
-        self.lock().history.iter().cloned().collect()
-    }
-
-    /// Returns a snapshot for listings.
-    pub fn info(&self) -> SessionInfo {
-        let state = self.lock();
-        SessionInfo {
-            id: self.id.clone(),
-            created_at: self.created_at,
-            last_active_at: state.last_active_at,
-            message_count: state.message_count,
-            history_bytes: state.history_bytes,
-            history_messages: state.history.len() as u64,
-            kind: self.kind,
-        }
-    }
-
-    /// Appends a message, dropping the oldest ones beyond the limits, and marks the session
-    /// active.
-    pub fn push(&self, turn: Turn, limits: &Limits) {
-        let mut state = self.lock();
-        state.history_bytes += turn.content.len() as u64;
-        state.history.push_back(turn);
-        state.message_count += 1;
-        state.last_active = Instant::now();
-        state.last_active_at = unix_now();
-        trim(
-            &mut state,
-            limits.max_history_messages,
-            limits.max_history_bytes,
-        );
-    }
-
-    /// Marks the session active without adding a message.
-    pub fn touch(&self) {
-        let mut state = self.lock();
-        state.last_active = Instant::now();
-        state.last_active_at = unix_now();
-    }
-
-    fn idle_for(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.lock().last_active)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SessionState> {
-        crate::sync::lock(&self.state)
-    }
-}
-
-fn trim(state: &mut SessionState, max_messages: u64, max_bytes: u64) -> bool {
-    let mut trimmed = false;
-    while state.history.len() as u64 > max_messages || state.history_bytes > max_bytes {
-        match state.history.pop_front() {
-            Some(turn) => {
-                state.history_bytes -= turn.content.len() as u64;
-                trimmed = true;
-            }
-            None => break,
-        }
-    }
-    trimmed
-}
-
-/// Per-session bounds from `[gateway]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Sessions open at once, at most.
-    pub max_sessions: u64,
-    /// Idle time after which a session is closed.
-    pub idle_timeout: Duration,
-    /// Messages kept per session.
-    pub max_history_messages: u64,
-    /// Bytes of message text kept per session.
-    pub max_history_bytes: u64,
-}
-
-impl Limits {
-    /// Reads the limits from `[gateway]`.
-    pub fn from_config(gateway: &GatewayConfig) -> Limits {
-        Limits {
-            max_sessions: gateway.max_sessions,
-            idle_timeout: Duration::from_secs(gateway.session_idle_timeout_secs),
-            max_history_messages: gateway.max_history_messages,
-            max_history_bytes: gateway.max_history_bytes,
-        }
-    }
-}
-
-/// Counts live sessions; one token per [`Session`], released on drop.
-struct LiveToken {
-    counter: Arc<LiveCounter>,
-}
-
-struct LiveCounter {
-    count: AtomicU64,
-    gauge: Gauge,
-}
-
-impl LiveToken {
-    fn new(counter: &Arc<LiveCounter>) -> LiveToken {
-        counter.count.fetch_add(1, Ordering::AcqRel);
-        counter.gauge.increment(1.0);
-        LiveToken {
-            counter: Arc::clone(counter),
-        }
-    }
-}
-
-impl Drop for LiveToken {
-    fn drop(&mut self) {
-        self.counter.count.fetch_sub(1, Ordering::AcqRel);
-        self.counter.gauge.decrement(1.0);
-    }
+/// The shed counters a [`Registry`] holds (the gauge lives in its [`LiveCounter`]).
+struct ShedCounters {
+    history_trimmed: Counter,
+    pressure_evicted: Counter,
+    idle_timeout: Counter,
 }
 
 /// The registry of open sessions.
@@ -274,16 +91,14 @@ struct Registry {
     /// that closes a session has to know about it.
     order: Mutex<BTreeSet<(u64, u128)>>,
     live: Arc<LiveCounter>,
-    // Behind a lock so a reload can change them while sessions are open.
-    limits: Mutex<Limits>,
+    counters: ShedCounters,
 }
 
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sessions")
             .field("active", &self.active())
-            .field("limits", &self.limits())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -296,39 +111,30 @@ fn shed_idle_after(limits: &Limits) -> Duration {
 const SHED_KEEP_MESSAGES: u64 = 2;
 
 impl Sessions {
-    /// Creates an empty registry whose live count drives `gauge`.
-    pub fn new(limits: Limits, gauge: Gauge) -> Sessions {
+    /// Creates an empty registry that counts into `counters`.
+    pub fn new(counters: SessionCounters) -> Sessions {
         Sessions {
             inner: Arc::new(Registry {
                 map: Mutex::new(HashMap::new()),
                 order: Mutex::new(BTreeSet::new()),
-                live: Arc::new(LiveCounter {
-                    count: AtomicU64::new(0),
-                    gauge,
-                }),
-                limits: Mutex::new(limits),
+                live: LiveCounter::new(counters.active),
+                counters: ShedCounters {
+                    history_trimmed: counters.history_trimmed,
+                    pressure_evicted: counters.pressure_evicted,
+                    idle_timeout: counters.idle_timeout,
+                },
             }),
         }
     }
 
     /// Returns the number of live sessions.
     pub fn active(&self) -> u64 {
-        self.inner.live.count.load(Ordering::Acquire)
-    }
-
-    /// Returns the limits.
-    pub fn limits(&self) -> Limits {
-        *crate::sync::lock(&self.inner.limits)
-    }
-
-    /// Replaces the limits (on reload); open sessions keep their histories until their next
-    /// message, and a lower `max_sessions` closes no session, it only refuses new ones.
-    pub fn set_limits(&self, limits: Limits) {
-        *crate::sync::lock(&self.inner.limits) = limits
+        self.inner.live.get()
     }
 
     /// Opens a session unless admission control refuses it. `memory_rejecting` is the memory
-    /// monitor's admission flag.
+    /// monitor's admission flag; `limits` are read from the live configuration by the caller,
+    /// so after a reload a lower `max_sessions` closes no session, it only refuses new ones.
     ///
     /// # Errors
     ///
@@ -336,6 +142,7 @@ impl Sessions {
     pub fn open(
         &self,
         kind: SessionKind,
+        limits: &Limits,
         memory_rejecting: bool,
     ) -> Result<SessionGuard, Rejected> {
         if memory_rejecting {
@@ -343,24 +150,11 @@ impl Sessions {
         }
         let mut map = self.lock();
         // Counting live sessions (not map entries) also covers sessions being torn down.
-        if self.active() >= self.limits().max_sessions {
+        if self.active() >= limits.max_sessions {
             return Err(Rejected::SessionLimit);
         }
-        let now = unix_now();
-        let session = Arc::new(Session {
-            id: new_session_id(),
-            kind,
-            created_at: now,
-            state: Mutex::new(SessionState {
-                last_active: Instant::now(),
-                last_active_at: now,
-                history: VecDeque::new(),
-                history_bytes: 0,
-                message_count: 0,
-            }),
-            _live: LiveToken::new(&self.inner.live),
-        });
-        if let Some(key) = order_key(now, &session.id) {
+        let session = Arc::new(Session::new(kind, LiveToken::new(&self.inner.live)));
+        if let Some(key) = order_key(session.created_at(), session.id()) {
             let mut order = lock_order(&self.inner);
             order.insert(key);
             // Closed sessions' keys are dropped when a page walks past them; without
@@ -370,7 +164,7 @@ impl Sessions {
                 order.retain(|(_, id)| map.contains_key(&format!("{id:032x}")));
             }
         }
-        map.insert(session.id.clone(), Arc::clone(&session));
+        map.insert(session.id().to_owned(), Arc::clone(&session));
         Ok(SessionGuard {
             session,
             registry: Some(Arc::clone(&self.inner)),
@@ -440,65 +234,59 @@ impl Sessions {
         (infos, more)
     }
 
-    /// Closes HTTP sessions idle longer than the idle timeout; returns how many were closed.
-    pub fn evict_idle(&self, ctx: &Context) -> u64 {
-        let now = Instant::now();
-        let timeout = self.limits().idle_timeout;
+    /// Closes HTTP sessions idle for `timeout` or longer at `now`; returns how many were
+    /// closed.
+    pub fn evict_idle(&self, timeout: Duration, now: Instant) -> u64 {
         let evicted: Vec<Arc<Session>> = {
             let mut map = self.lock();
             let ids: Vec<String> = map
                 .values()
                 .filter(|session| {
-                    session.kind == SessionKind::Http && session.idle_for(now) >= timeout
+                    session.kind() == SessionKind::Http && session.idle_for(now) >= timeout
                 })
-                .map(|session| session.id.clone())
+                .map(|session| session.id().to_owned())
                 .collect();
             ids.iter().filter_map(|id| map.remove(id)).collect()
         };
         let count = evicted.len() as u64;
         if count > 0 {
-            ctx.metrics.count_shed(ShedReason::IdleTimeout, count);
+            self.inner.counters.idle_timeout.increment(count);
             log::info!("closed {count} sessions idle for more than {timeout:?}");
         }
         count
     }
 
     /// Frees memory when pressure starts: trims the histories of idle sessions to their last
-    /// messages and closes the longest-idle tenth of idle HTTP sessions.
-    pub fn shed_under_pressure(&self, ctx: &Context) {
-        let now = Instant::now();
+    /// messages and closes the longest-idle tenth of idle HTTP sessions. `limits` say when a
+    /// session counts as idle at `now` and how many bytes of history it may keep.
+    pub fn shed_under_pressure(&self, limits: &Limits, now: Instant) {
         let sessions: Vec<Arc<Session>> = self.lock().values().cloned().collect();
         let mut idle: Vec<(Duration, Arc<Session>)> = sessions
             .into_iter()
             .map(|session| (session.idle_for(now), session))
-            .filter(|(idle_for, _)| *idle_for >= shed_idle_after(&self.limits()))
+            .filter(|(idle_for, _)| *idle_for >= shed_idle_after(limits))
             .collect();
         let mut trimmed = 0;
         for (_, session) in &idle {
-            let mut state = session.lock();
-            if trim(
-                &mut state,
-                SHED_KEEP_MESSAGES,
-                self.limits().max_history_bytes,
-            ) {
+            if session.trim(SHED_KEEP_MESSAGES, limits.max_history_bytes) {
                 trimmed += 1;
             }
         }
-        idle.retain(|(_, session)| session.kind == SessionKind::Http);
+        idle.retain(|(_, session)| session.kind() == SessionKind::Http);
         idle.sort_by_key(|(idle_for, _)| std::cmp::Reverse(*idle_for));
         let to_close = idle.len().div_ceil(10);
         let mut closed = 0;
         {
             let mut map = self.lock();
             for (_, session) in idle.iter().take(to_close) {
-                if map.remove(&session.id).is_some() {
+                if map.remove(session.id()).is_some() {
                     closed += 1;
                 }
             }
         }
         drop(idle);
-        ctx.metrics.count_shed(ShedReason::HistoryTrimmed, trimmed);
-        ctx.metrics.count_shed(ShedReason::PressureEvicted, closed);
+        self.inner.counters.history_trimmed.increment(trimmed);
+        self.inner.counters.pressure_evicted.increment(closed);
         if trimmed > 0 || closed > 0 {
             log::warn!(
                 "memory pressure: trimmed {trimmed} idle session histories, closed {closed} idle sessions"
@@ -555,61 +343,32 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.take() {
-            let removed = crate::sync::lock(&registry.map).remove(&self.session.id);
+            let removed = crate::sync::lock(&registry.map).remove(self.session.id());
             drop(removed);
         }
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
-}
-
-/// Returns 128 random bits as 32 hex digits: unguessable, so one client cannot reach
-/// another's session by counting.
-fn new_session_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // The OS random source failing is not something a request can fix; fall back to a
-        // time-and-counter mix so the daemon keeps serving (ids stay unique, not secret).
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos());
-        bytes = nanos.to_le_bytes();
-    }
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// Returns true when `id` has the shape of a session id (32 lowercase hex digits).
-pub fn is_session_id(id: &str) -> bool {
-    id.len() == 32
-        && id
-            .bytes()
-            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::{Role, Turn};
 
-    fn registry(max_sessions: u64) -> (Sessions, metrics::Gauge) {
-        let gauge = metrics::Gauge::noop();
+    fn registry(max_sessions: u64) -> (Sessions, Limits) {
         let limits = Limits {
             max_sessions,
             idle_timeout: Duration::from_secs(60),
             max_history_messages: 3,
             max_history_bytes: 10,
         };
-        (Sessions::new(limits, gauge.clone()), gauge)
+        (Sessions::new(SessionCounters::noop()), limits)
     }
 
     #[test]
     fn memory_rejection_refuses_new_sessions() {
-        let (sessions, _) = registry(10);
+        let (sessions, limits) = registry(10);
         assert_eq!(
-            sessions.open(SessionKind::Http, true).unwrap_err(),
+            sessions.open(SessionKind::Http, &limits, true).unwrap_err(),
             Rejected::MemoryLimit
         );
         assert_eq!(sessions.active(), 0);
@@ -617,23 +376,28 @@ mod tests {
 
     #[test]
     fn session_limit_refuses_and_dropping_a_guard_frees_a_slot() {
-        let (sessions, _) = registry(2);
-        let first = sessions.open(SessionKind::Http, false).unwrap();
-        let _second = sessions.open(SessionKind::Http, false).unwrap();
+        let (sessions, limits) = registry(2);
+        let first = sessions.open(SessionKind::Http, &limits, false).unwrap();
+        let _second = sessions.open(SessionKind::Http, &limits, false).unwrap();
         assert_eq!(
-            sessions.open(SessionKind::Http, false).unwrap_err(),
+            sessions
+                .open(SessionKind::Http, &limits, false)
+                .unwrap_err(),
             Rejected::SessionLimit
         );
         assert_eq!(sessions.active(), 2);
         drop(first);
         assert_eq!(sessions.active(), 1);
-        assert!(sessions.open(SessionKind::Http, false).is_ok());
+        assert!(sessions.open(SessionKind::Http, &limits, false).is_ok());
     }
 
     #[test]
     fn kept_sessions_stay_until_closed() {
-        let (sessions, _) = registry(10);
-        let session = sessions.open(SessionKind::Http, false).unwrap().keep();
+        let (sessions, limits) = registry(10);
+        let session = sessions
+            .open(SessionKind::Http, &limits, false)
+            .unwrap()
+            .keep();
         let id = session.id().to_owned();
         drop(session);
         assert_eq!(sessions.active(), 1);
@@ -645,9 +409,9 @@ mod tests {
 
     #[test]
     fn pages_walk_every_session_once_in_list_order() {
-        let (sessions, _) = registry(100);
+        let (sessions, limits) = registry(100);
         let guards: Vec<SessionGuard> = (0..23)
-            .map(|_| sessions.open(SessionKind::Http, false).unwrap())
+            .map(|_| sessions.open(SessionKind::Http, &limits, false).unwrap())
             .collect();
         let all: Vec<String> = sessions.list().into_iter().map(|info| info.id).collect();
         let mut walked = Vec::new();
@@ -683,8 +447,11 @@ mod tests {
 
     #[test]
     fn live_count_follows_the_last_reference() {
-        let (sessions, _) = registry(10);
-        let session = sessions.open(SessionKind::Http, false).unwrap().keep();
+        let (sessions, limits) = registry(10);
+        let session = sessions
+            .open(SessionKind::Http, &limits, false)
+            .unwrap()
+            .keep();
         assert!(sessions.close(session.id()));
         assert_eq!(sessions.active(), 1, "an in-flight request still holds it");
         drop(session);
@@ -693,9 +460,8 @@ mod tests {
 
     #[test]
     fn history_drops_oldest_beyond_message_and_byte_limits() {
-        let (sessions, _) = registry(10);
-        let guard = sessions.open(SessionKind::Http, false).unwrap();
-        let limits = sessions.limits();
+        let (sessions, limits) = registry(10);
+        let guard = sessions.open(SessionKind::Http, &limits, false).unwrap();
         for text in ["a", "bb", "ccc", "dddd"] {
             guard.session().push(
                 Turn {
@@ -730,11 +496,11 @@ mod tests {
 
     #[test]
     fn a_panicking_holder_still_releases_its_session() {
-        let (sessions, _) = registry(10);
+        let (sessions, limits) = registry(10);
         let sessions = Arc::new(sessions);
         let held = Arc::clone(&sessions);
         let result = std::thread::spawn(move || {
-            let _guard = held.open(SessionKind::WebSocket, false).unwrap();
+            let _guard = held.open(SessionKind::WebSocket, &limits, false).unwrap();
             panic!("handler bug");
         })
         .join();
@@ -745,9 +511,9 @@ mod tests {
 
     #[test]
     fn session_ids_are_random_hex() {
-        let (sessions, _) = registry(10);
-        let a = sessions.open(SessionKind::Http, false).unwrap();
-        let b = sessions.open(SessionKind::Http, false).unwrap();
+        let (sessions, limits) = registry(10);
+        let a = sessions.open(SessionKind::Http, &limits, false).unwrap();
+        let b = sessions.open(SessionKind::Http, &limits, false).unwrap();
         assert!(is_session_id(a.session().id()));
         assert_ne!(a.session().id(), b.session().id());
         assert!(!is_session_id("../../etc/passwd"));

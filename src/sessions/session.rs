@@ -1,0 +1,270 @@
+//! One session: its id, bounded history and activity times, and the per-session limits.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use metrics::Gauge;
+
+use crate::{agent::Turn, config::GatewayConfig};
+
+/// How a session is held open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// Created over HTTP; open until deleted or evicted.
+    Http,
+    /// A WebSocket connection; open while the connection is.
+    WebSocket,
+}
+
+/// A snapshot of a session for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The session id.
+    pub id: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Time of the last message, seconds since the Unix epoch.
+    pub last_active_at: u64,
+    /// Messages exchanged (both directions), including trimmed ones.
+    pub message_count: u64,
+    /// Bytes of message text kept in the history.
+    pub history_bytes: u64,
+    /// Messages kept in the history.
+    pub history_messages: u64,
+    /// How the session is held open.
+    pub kind: SessionKind,
+}
+
+/// One conversation: an id, its bounded history and its activity times.
+pub struct Session {
+    id: String,
+    kind: SessionKind,
+    created_at: u64,
+    state: Mutex<SessionState>,
+    _live: LiveToken,
+}
+
+struct SessionState {
+    last_active: Instant,
+    last_active_at: u64,
+    history: VecDeque<Turn>,
+    history_bytes: u64,
+    message_count: u64,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Returns the session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Returns how the session is held open.
+    pub fn kind(&self) -> SessionKind {
+        self.kind
+    }
+
+    /// Returns a copy of the history, oldest first.
+    pub fn history(&self) -> Vec<Turn> {
+        self.lock().history.iter().cloned().collect()
+    }
+
+    /// Returns a snapshot for listings.
+    pub fn info(&self) -> SessionInfo {
+        let state = self.lock();
+        SessionInfo {
+            id: self.id.clone(),
+            created_at: self.created_at,
+            last_active_at: state.last_active_at,
+            message_count: state.message_count,
+            history_bytes: state.history_bytes,
+            history_messages: state.history.len() as u64,
+            kind: self.kind,
+        }
+    }
+
+    /// Appends a message, dropping the oldest ones beyond the limits, and marks the session
+    /// active.
+    pub fn push(&self, turn: Turn, limits: &Limits) {
+        let mut state = self.lock();
+        state.history_bytes += turn.content.len() as u64;
+        state.history.push_back(turn);
+        state.message_count += 1;
+        state.last_active = Instant::now();
+        state.last_active_at = unix_now();
+        trim(
+            &mut state,
+            limits.max_history_messages,
+            limits.max_history_bytes,
+        );
+    }
+
+    /// Marks the session active without adding a message.
+    pub fn touch(&self) {
+        let mut state = self.lock();
+        state.last_active = Instant::now();
+        state.last_active_at = unix_now();
+    }
+
+    /// Opens a session of `kind`, counted by `live` while any reference to it remains.
+    pub(super) fn new(kind: SessionKind, live: LiveToken) -> Session {
+        let now = unix_now();
+        Session {
+            id: new_session_id(),
+            kind,
+            created_at: now,
+            state: Mutex::new(SessionState {
+                last_active: Instant::now(),
+                last_active_at: now,
+                history: VecDeque::new(),
+                history_bytes: 0,
+                message_count: 0,
+            }),
+            _live: live,
+        }
+    }
+
+    /// Returns the creation time, seconds since the Unix epoch.
+    pub(super) fn created_at(&self) -> u64 {
+        self.created_at
+    }
+
+    pub(super) fn idle_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.lock().last_active)
+    }
+
+    /// Drops the oldest messages beyond `max_messages` or `max_bytes`; returns whether any
+    /// went.
+    pub(super) fn trim(&self, max_messages: u64, max_bytes: u64) -> bool {
+        trim(&mut self.lock(), max_messages, max_bytes)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SessionState> {
+        crate::sync::lock(&self.state)
+    }
+}
+
+fn trim(state: &mut SessionState, max_messages: u64, max_bytes: u64) -> bool {
+    let mut trimmed = false;
+    while state.history.len() as u64 > max_messages || state.history_bytes > max_bytes {
+        match state.history.pop_front() {
+            Some(turn) => {
+                state.history_bytes -= turn.content.len() as u64;
+                trimmed = true;
+            }
+            None => break,
+        }
+    }
+    trimmed
+}
+
+/// Per-session bounds from `[gateway]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions open at once, at most.
+    pub max_sessions: u64,
+    /// Idle time after which a session is closed.
+    pub idle_timeout: Duration,
+    /// Messages kept per session.
+    pub max_history_messages: u64,
+    /// Bytes of message text kept per session.
+    pub max_history_bytes: u64,
+}
+
+impl Limits {
+    /// Reads the limits from `[gateway]`.
+    pub fn from_config(gateway: &GatewayConfig) -> Limits {
+        Limits {
+            max_sessions: gateway.max_sessions,
+            idle_timeout: Duration::from_secs(gateway.session_idle_timeout_secs),
+            max_history_messages: gateway.max_history_messages,
+            max_history_bytes: gateway.max_history_bytes,
+        }
+    }
+}
+
+/// Counts live sessions; one token per [`Session`], released on drop.
+pub(super) struct LiveToken {
+    counter: Arc<LiveCounter>,
+}
+
+pub(super) struct LiveCounter {
+    count: AtomicU64,
+    gauge: Gauge,
+}
+
+impl LiveCounter {
+    /// Creates a count of zero that also drives `gauge`.
+    pub(super) fn new(gauge: Gauge) -> Arc<LiveCounter> {
+        Arc::new(LiveCounter {
+            count: AtomicU64::new(0),
+            gauge,
+        })
+    }
+
+    /// Returns the number of live sessions.
+    pub(super) fn get(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+impl LiveToken {
+    pub(super) fn new(counter: &Arc<LiveCounter>) -> LiveToken {
+        counter.count.fetch_add(1, Ordering::AcqRel);
+        counter.gauge.increment(1.0);
+        LiveToken {
+            counter: Arc::clone(counter),
+        }
+    }
+}
+
+impl Drop for LiveToken {
+    fn drop(&mut self) {
+        self.counter.count.fetch_sub(1, Ordering::AcqRel);
+        self.counter.gauge.decrement(1.0);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Returns 128 random bits as 32 hex digits: unguessable, so one client cannot reach
+/// another's session by counting.
+fn new_session_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // The OS random source failing is not something a request can fix; fall back to a
+        // time-and-counter mix so the daemon keeps serving (ids stay unique, not secret).
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos());
+        bytes = nanos.to_le_bytes();
+    }
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Returns true when `id` has the shape of a session id (32 lowercase hex digits).
+pub fn is_session_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+}
