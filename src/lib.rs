@@ -19,23 +19,15 @@
 //!     time::Duration,
 //! };
 //!
-//! use blufio::{
-//!     Agent, AgentError, BoxFuture, Config, Context, FixedRss, ManualHeap, Reply, Session,
-//! };
+//! use blufio::{Agent, Call, Config, Context, FixedRss, ManualHeap, Reply, ReplyFuture};
 //!
-//! /// Answers every message with its length in bytes.
+//! /// Answers every message with the number of turns before it and its length in bytes.
 //! struct Counter;
 //!
 //! impl Agent for Counter {
-//!     fn reply<'a>(
-//!         &'a self,
-//!         _ctx: &'a Context,
-//!         _session: &'a Session,
-//!         message: &'a str,
-//!     ) -> BoxFuture<'a, Result<Reply, AgentError>> {
-//!         Box::pin(async move {
-//!             Ok(Reply { content: message.len().to_string(), usage: None })
-//!         })
+//!     fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
+//!         let content = format!("{} turns, {} bytes", call.history.len(), call.message.len());
+//!         Box::pin(async move { Ok(Reply { content, usage: None }) })
 //!     }
 //! }
 //!
