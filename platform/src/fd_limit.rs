@@ -26,14 +26,7 @@ pub struct FdLimits {
 pub fn fd_limits() -> io::Result<Option<FdLimits>> {
     #[cfg(any(target_os = "linux", target_os = "macos"))]
     {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `limit` is a valid, writable `rlimit` that outlives the call.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let limit = nofile_limit()?;
         // `rlim_t` is 32 bits on some 32-bit targets and 64 on others.
         #[allow(clippy::useless_conversion)]
         let value = |raw: libc::rlim_t| (raw != libc::RLIM_INFINITY).then(|| u64::from(raw));
@@ -61,14 +54,7 @@ pub fn fd_limits() -> io::Result<Option<FdLimits>> {
 pub fn set_fd_soft_limit(soft: u64) -> io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "macos"))]
     {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `limit` is a valid, writable `rlimit` that outlives the call.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let mut limit = nofile_limit()?;
         limit.rlim_cur = libc::rlim_t::try_from(soft)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "limit out of range"))?;
         // SAFETY: `limit` is a valid `rlimit` that outlives the call.
@@ -85,6 +71,20 @@ pub fn set_fd_soft_limit(soft: u64) -> io::Result<()> {
             "no open-file limit on this OS",
         ))
     }
+}
+
+/// Reads `RLIMIT_NOFILE`.
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn nofile_limit() -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable `rlimit` that outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit)
 }
 
 #[cfg(test)]

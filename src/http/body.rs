@@ -98,22 +98,18 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
             ));
         }
         Err(error) => {
-            return Err(response::error(
+            return Err(response::bad_request(
                 ctx,
                 conn.with_response_header(KnownHeaderName::Connection, "close"),
-                Status::BadRequest,
-                ErrorKind::BadRequest,
                 "bad_request",
                 format!("cannot read the request body: {error}"),
             ));
         }
     };
     if let Err(error) = std::str::from_utf8(&body) {
-        return Err(response::error(
+        return Err(response::bad_request(
             ctx,
             conn,
-            Status::BadRequest,
-            ErrorKind::BadRequest,
             "invalid_json",
             format!(
                 "the body is not UTF-8 (invalid byte at offset {})",
@@ -123,11 +119,9 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     }
     match serde_json::from_slice(&body) {
         Ok(value) => Ok((conn, value)),
-        Err(error) => Err(response::error(
+        Err(error) => Err(response::bad_request(
             ctx,
             conn,
-            Status::BadRequest,
-            ErrorKind::BadRequest,
             "invalid_json",
             format!("the body is not the expected JSON: {error}"),
         )),

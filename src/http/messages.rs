@@ -12,7 +12,7 @@ use crate::{
         body, response, sessions,
         stream::{self, MessageSession},
     },
-    metrics::{Channel, ErrorKind},
+    metrics::Channel,
     sessions::{SessionKind, is_session_id},
 };
 
@@ -37,14 +37,7 @@ impl Handler for MessagesHandler {
             Err(conn) => return conn,
         };
         if message.content.trim().is_empty() {
-            return response::error(
-                ctx,
-                conn,
-                Status::BadRequest,
-                ErrorKind::BadRequest,
-                "bad_request",
-                "content must not be empty",
-            );
+            return response::bad_request(ctx, conn, "bad_request", "content must not be empty");
         }
         // The session is held for the whole exchange. A new one stays open only when the
         // reply names it: after a failure the client never learns its id, so it would

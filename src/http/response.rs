@@ -39,3 +39,20 @@ pub(crate) fn error(
         &json!({ "error": code, "message": message.to_string() }),
     )
 }
+
+/// Sends a 400 with `{"error": code, "message": message}`, counted as a bad request.
+pub(crate) fn bad_request(
+    ctx: &Context,
+    conn: Conn,
+    code: &str,
+    message: impl fmt::Display,
+) -> Conn {
+    error(
+        ctx,
+        conn,
+        Status::BadRequest,
+        ErrorKind::BadRequest,
+        code,
+        message,
+    )
+}

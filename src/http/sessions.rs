@@ -162,14 +162,7 @@ fn list(ctx: &Context, conn: Conn) -> Conn {
     let query = match PageQuery::parse(conn.querystring()) {
         Ok(query) => query,
         Err(message) => {
-            return response::error(
-                ctx,
-                conn,
-                Status::BadRequest,
-                ErrorKind::BadRequest,
-                "bad_request",
-                message,
-            );
+            return response::bad_request(ctx, conn, "bad_request", message);
         }
     };
     let after = query
