@@ -2,14 +2,7 @@
 //! address and reported once per episode, malformed requests leave one line per episode, and
 //! nothing below the configured log level is ever printed.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 // Other loopback addresses than 127.0.0.1 exist by default on Linux only.
 #[cfg(target_os = "linux")]
 use std::{
@@ -20,10 +13,9 @@ use std::{
 #[cfg(target_os = "linux")]
 use blufio::{Config, client_fault::AUTH_FAILURE_LIMIT};
 
-use crate::{
-    cli::{blufio, free_port, temp_dir, wait},
-    support,
-};
+use blufio_testkit::process::{Daemon, write_config};
+
+use crate::support::{self, free_port, temp_dir};
 #[cfg(target_os = "linux")]
 use crate::{
     prometheus,
@@ -33,73 +25,16 @@ use crate::{
 const TOKEN: &str = "hostile-auth-token-0123456789";
 
 /// Starts the binary with `config` and without `BLUFIO_LOG`, so `[daemon] log_level` (and a
-/// reload of it) is what filters the log; returns the child, its address, its stderr lines
-/// and the config path (rewritten by reload tests).
-#[allow(clippy::zombie_processes)] // The caller waits for the child.
-fn start_configured_binary(
-    config: &str,
-    name: &str,
-) -> (Child, SocketAddr, mpsc::Receiver<String>, PathBuf) {
-    let path = temp_dir(name).join("blufio.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = blufio()
-        .args(["serve", "--config"])
-        .arg(&path)
+/// reload of it) is what filters the log; returns the daemon, which knows its
+/// address, its stderr lines and the config path (rewritten by reload tests).
+fn start_configured_binary(config: &str, name: &str) -> Daemon {
+    let path = write_config(&temp_dir(name), config);
+    let mut command = support::binary().serve_command(&path);
+    command
         .env_remove("BLUFIO_LOG")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
         .env_remove("JOURNAL_STREAM")
-        .env_remove("OPENAI_API_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("daemon logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split(' ').next().unwrap().parse().unwrap();
-            return (child, addr, lines, path);
-        }
-    }
-}
-
-/// Collects stderr lines up to and including the first that contains `marker` (bounded).
-fn lines_until(lines: &mpsc::Receiver<String>, marker: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(remaining) {
-            Ok(line) => {
-                let done = line.contains(marker);
-                seen.push(line);
-                if done {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("no line with {marker:?} within 30 s; saw {seen:#?}"),
-        }
-    }
-}
-
-fn signal(child: &Child, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+        .env_remove("OPENAI_API_KEY");
+    Daemon::start(&mut command, path)
 }
 
 /// Sends `count` messages at once; each fails against the dead upstream after retries, so
@@ -148,14 +83,16 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
             key.display()
         )
     };
-    let (mut child, addr, lines, path) = start_configured_binary(&config("info"), "log-level");
+    let mut daemon = start_configured_binary(&config("info"), "log-level");
+    let addr = daemon.addr();
+    let path = daemon.config().to_owned();
 
     // At info: the retry warning repeats (three messages, two retries each), and its
     // held-back repeats must not come out as DEBUG lines.
     fail_messages(addr, 3);
     std::fs::write(&path, config("debug")).unwrap();
-    signal(&child, "-HUP");
-    let at_info = lines_until(&lines, "reloaded");
+    daemon.signal("HUP");
+    let at_info = daemon.lines_until("reloaded", Duration::from_secs(30));
     assert!(
         at_info
             .iter()
@@ -167,15 +104,15 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
     // Raised to debug by a reload, debug lines do show (so the check above can fail).
     fail_messages(addr, 2);
     std::fs::write(&path, config("info")).unwrap();
-    signal(&child, "-HUP");
-    let at_debug = lines_until(&lines, "reloaded");
+    daemon.signal("HUP");
+    let at_debug = daemon.lines_until("reloaded", Duration::from_secs(30));
     assert!(!debug_lines(&at_debug).is_empty(), "{at_debug:#?}");
 
     // Lowered to info again by a reload: hidden again.
     fail_messages(addr, 3);
-    signal(&child, "-TERM");
-    let after = lines_until(&lines, "shut down");
-    let exit = wait(&mut child);
+    daemon.signal("TERM");
+    let after = daemon.lines_until("shut down", Duration::from_secs(30));
+    let exit = daemon.wait(support::EXIT_TIMEOUT);
     assert_eq!(exit.code(), Some(0), "{exit:?}");
     assert_eq!(debug_lines(&after), Vec::<&String>::new(), "{after:#?}");
 }
@@ -330,7 +267,8 @@ fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
         "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
     );
-    let (mut child, addr, lines, _) = start_configured_binary(&config, "fault-episodes");
+    let mut daemon = start_configured_binary(&config, "fault-episodes");
+    let addr = daemon.addr();
 
     // One guesser, reconnecting whenever it is closed on.
     let guesser = Ipv4Addr::new(127, 0, 0, 7);
@@ -363,9 +301,9 @@ fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
         assert_eq!(health_from(typist, addr, "typo").status, 401);
     }
 
-    signal(&child, "-TERM");
-    let log = lines_until(&lines, "shut down");
-    assert_eq!(wait(&mut child).code(), Some(0));
+    daemon.signal("TERM");
+    let log = daemon.lines_until("shut down", Duration::from_secs(30));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
     let mentioning = |who: &str| -> Vec<&String> {
         log.iter()
             .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
@@ -436,7 +374,8 @@ fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
         "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
     );
-    let (mut child, addr, lines, _) = start_configured_binary(&config, "hang-ups");
+    let mut daemon = start_configured_binary(&config, "hang-ups");
+    let addr = daemon.addr();
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
 
     let quitter = Ipv4Addr::new(127, 0, 0, 10);
@@ -479,9 +418,9 @@ fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
     assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
     assert_eq!(bad_requests(addr), 2.0);
 
-    signal(&child, "-TERM");
-    let log = lines_until(&lines, "shut down");
-    assert_eq!(wait(&mut child).code(), Some(0));
+    daemon.signal("TERM");
+    let log = daemon.lines_until("shut down", Duration::from_secs(30));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
     let mentioning = |who: &str| -> Vec<&String> {
         log.iter()
             .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))

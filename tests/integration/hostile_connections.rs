@@ -14,7 +14,7 @@ use std::{
 use blufio::{Context, FixedRss, ManualHeap, connection::CONNECTION_BASE_BYTES};
 
 use crate::{
-    cli, prometheus,
+    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
@@ -130,13 +130,14 @@ fn read_settled(addr: SocketAddr) -> Reading {
 #[test]
 fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_them() {
     const HELD: usize = 300;
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\nmemory_warn_mb = 900\n\
          memory_limit_mb = 1000\nmax_connections = 1000\nmax_connections_per_ip = 1000\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n[agent]\nprovider = \"echo\"\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "connection-charge");
+    let mut daemon = support::serve(&config, "connection-charge");
+    let addr = daemon.addr();
     // A request line in pieces is collected by the request-target transport, not trillium.
     let mut partial_line = b"GET /".to_vec();
     partial_line.extend(std::iter::repeat_n(b'a', 6000));
@@ -168,8 +169,7 @@ fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_t
         per_connection.push((*state, heap, charged));
         drop(held);
     }
-    child.kill().unwrap();
-    cli::wait(&mut child);
+    daemon.kill();
     let report = format!("(state, heap, charged) per connection: {per_connection:?}");
     for (state, heap, charged) in &per_connection {
         // What the sessions see is the heap less the charge: an under-charge is session heap.

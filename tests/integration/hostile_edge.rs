@@ -19,7 +19,7 @@ use std::{
 use blufio::Config;
 
 use crate::{
-    cli, prometheus,
+    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
@@ -445,12 +445,13 @@ fn heap_after_a_tick(addr: SocketAddr) -> f64 {
 fn dripped_heads_hold_no_more_memory_than_their_bytes() {
     const CONNECTIONS: usize = 64;
     const PIECES: usize = 64;
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\nrequest_timeout_secs = 60\n\
          max_connections_per_ip = 256\n[gateway]\nport = {port}\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "dripped-heads");
+    let mut daemon = support::serve(&config, "dripped-heads");
+    let addr = daemon.addr();
     let before = heap_after_a_tick(addr);
     // A head of 7,000 bytes, all but its last two bytes dripped in 64 pieces to each of 64
     // connections, one round of pieces every 20 ms.
@@ -474,9 +475,9 @@ fn dripped_heads_hold_no_more_memory_than_their_bytes() {
         .map(|stream| read_response(stream).map(|response| response.status))
         .collect();
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &daemon.pid().to_string()])
         .status();
-    assert_eq!(cli::wait(&mut child).code(), Some(0));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
     assert!(
         statuses.iter().all(|status| *status == Some(200)),
         "{statuses:?}"
@@ -569,13 +570,14 @@ fn keep_posting(addr: SocketAddr, index: usize, drain_seen: &AtomicBool) -> Tall
 
 #[test]
 fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_close() {
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
          [agent]\nprovider = \"echo\"\necho_delay_ms = 20\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "sigterm-keep-alive");
+    let mut daemon = support::serve(&config, "sigterm-keep-alive");
+    let addr = daemon.addr();
     // A WebSocket that never answers the close frame keeps the first stage of the drain open
     // for its whole budget, as a busy daemon's sockets do.
     let bearer = format!("Bearer {TOKEN}");
@@ -589,11 +591,7 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
         })
         .collect();
     thread::sleep(Duration::from_millis(500));
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    daemon.signal("TERM");
     // `/ready` turns 503 when the drain begins: any request sent after that must be answered
     // with `Connection: close`.
     let started = Instant::now();
@@ -608,7 +606,7 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
         thread::sleep(Duration::from_millis(2));
     }
     let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    assert_eq!(cli::wait(&mut child).code(), Some(0));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
     let responses: u64 = tallies.iter().map(|t| t.responses).sum();
     let dropped: u64 = tallies.iter().map(|t| t.dropped).sum();
     let kept_alive: u64 = tallies.iter().map(|t| t.kept_alive_in_drain).sum();
@@ -632,13 +630,14 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
 
 #[test]
 fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
          [agent]\nprovider = \"echo\"\necho_delay_ms = 1500\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "sigterm-slow-heads");
+    let mut daemon = support::serve(&config, "sigterm-slow-heads");
+    let addr = daemon.addr();
     let heads: Vec<TcpStream> = (0..32u8)
         .map(|index| {
             let mut stream = connect_from(Ipv4Addr::new(127, 0, 2, index % 8 + 1), addr).unwrap();
@@ -658,13 +657,9 @@ fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
     .unwrap();
     thread::sleep(Duration::from_millis(500));
     let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    daemon.signal("TERM");
     let response = read_response(&mut in_flight);
-    let exit = cli::wait(&mut child);
+    let exit = daemon.wait(support::EXIT_TIMEOUT);
     let took = signalled.elapsed();
     eprintln!(
         "exited {exit:?} {took:?} after SIGTERM with {} slow heads open",

@@ -6,11 +6,11 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use blufio::config::{Config, Provider, Secret};
+use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
@@ -555,64 +555,22 @@ fn a_missing_ollama_model_is_named_with_the_pull_command_in_v1_health() {
     daemon.stop();
 }
 
-/// Starts the binary on `config_text` with `ANTHROPIC_API_KEY` set; returns the child, its
-/// address, the receiver of its log lines and its config file.
-#[allow(clippy::zombie_processes)] // The caller waits for the child (`stop_binary`).
-fn start_binary_with_key(
-    config_text: &str,
-    name: &str,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-    std::path::PathBuf,
-) {
-    use std::io::{BufRead, BufReader};
-
-    let dir = crate::cli::temp_dir(name);
-    let config_path = dir.join("blufio.toml");
-    std::fs::write(&config_path, config_text).unwrap();
-    let mut child = crate::cli::blufio()
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("BLUFIO_LOG", "info")
-        .env("ANTHROPIC_API_KEY", KEY)
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = sender.send(line);
-        }
-    });
-    loop {
-        let line = lines.recv_timeout(Duration::from_secs(30)).unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split(' ').next().unwrap().parse().unwrap();
-            return (child, addr, lines, config_path);
-        }
-    }
+/// Starts the binary on `config_text` with `ANTHROPIC_API_KEY` set and waits until it
+/// listens.
+fn start_binary_with_key(config_text: &str, name: &str) -> Daemon {
+    let path = write_config(&support::temp_dir(name), config_text);
+    let mut command = support::binary().serve_command(&path);
+    command.env("ANTHROPIC_API_KEY", KEY);
+    Daemon::start(&mut command, path)
 }
 
-fn stop_binary(
-    mut child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-) -> Vec<String> {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(crate::cli::wait(&mut child).code(), Some(0));
-    lines.iter().collect()
+/// Sends SIGTERM, asserts exit 0 and returns the lines logged since the start-up.
+fn stop_binary(mut daemon: Daemon) -> Vec<String> {
+    daemon.stop(support::EXIT_TIMEOUT)
 }
 
 fn binary_config(fake: &FakeProvider) -> String {
-    let port = crate::cli::free_port();
+    let port = support::free_port();
     format!(
         "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
          [agent]\nprovider = \"anthropic\"\nbase_url = \"{}\"\ntimeout_secs = 20\n",
@@ -633,8 +591,8 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
         &[],
         &format!(r#"{{"type":"error","error":{{"type":"authentication_error","message":"invalid x-api-key {KEY}"}}}}"#),
     ));
-    let (child, addr, lines, config_path) =
-        start_binary_with_key(&binary_config(&fake), "refused-key");
+    let daemon = start_binary_with_key(&binary_config(&fake), "refused-key");
+    let (addr, config_path) = (daemon.addr(), daemon.config().to_owned());
     let auth = format!("Bearer {TOKEN}");
     let headers = [
         ("Authorization", auth.as_str()),
@@ -654,7 +612,8 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
         "{}",
         health.body
     );
-    let output = crate::cli::blufio()
+    let output = support::binary()
+        .command()
         .args(["status", "--config"])
         .arg(&config_path)
         .env("ANTHROPIC_API_KEY", KEY)
@@ -681,7 +640,7 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
     );
     assert!(!stdout.contains(KEY));
 
-    let log = stop_binary(child, lines);
+    let log = stop_binary(daemon);
     let refusals: Vec<&String> = log
         .iter()
         .filter(|line| line.contains("refused the call"))
@@ -715,7 +674,8 @@ fn retries_are_logged_under_their_own_cause() {
         Scripted::status(529, &[], "{}"),
         ok(),
     ]);
-    let (child, addr, lines, _) = start_binary_with_key(&binary_config(&fake), "retry-causes");
+    let daemon = start_binary_with_key(&binary_config(&fake), "retry-causes");
+    let addr = daemon.addr();
     let auth = format!("Bearer {TOKEN}");
     let headers = [
         ("Authorization", auth.as_str()),
@@ -731,7 +691,7 @@ fn retries_are_logged_under_their_own_cause() {
         );
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
-    let log = stop_binary(child, lines);
+    let log = stop_binary(daemon);
     let retries: Vec<&String> = log
         .iter()
         .filter(|line| line.contains("retrying in"))

@@ -6,7 +6,7 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,7 +14,7 @@ use std::{
 use blufio::{Config, Context, FixedRss, ManualHeap};
 
 use crate::{
-    cli, prometheus,
+    prometheus,
     support::{self, TOKEN, TestDaemon, start_gateway},
 };
 
@@ -477,10 +477,10 @@ fn resident_memory_over_the_limit_purges_and_reports_degraded() {
 #[test]
 #[cfg(target_os = "linux")]
 fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
-    use std::io::BufRead;
+    use blufio_testkit::process::Spawned;
 
-    let port = cli::free_port();
-    let dir = cli::temp_dir("fd-limit");
+    let port = support::free_port();
+    let dir = support::temp_dir("fd-limit");
     let path = dir.join("blufio.toml");
     // max_connections above the lowered fd limit, so the limit and not the cap is what is hit.
     std::fs::write(
@@ -493,44 +493,22 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     .unwrap();
     // Under `cargo xtask test-cross` the binary is foreign: run it through cargo's runner
     // (qemu-user), as the CLI tests do; `$RUNNER` is empty otherwise.
-    let runner_var = format!(
-        "CARGO_TARGET_{}_RUNNER",
-        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
+    let binary = support::binary();
+    let mut child = Spawned::spawn(
+        Command::new("bash")
+            .args(["-c", "exec $RUNNER \"$0\" serve --config \"$1\""])
+            .arg(binary.path())
+            .arg(&path)
+            .env("RUNNER", binary.runner())
+            .env("BLUFIO_LOG", "info")
+            .env_remove("BLUFIO_GATEWAY_TOKEN"),
     );
-    let mut child = Command::new("bash")
-        .args(["-c", "exec $RUNNER \"$0\" serve --config \"$1\""])
-        .arg(cli::BINARY)
-        .arg(&path)
-        .env("RUNNER", std::env::var(runner_var).unwrap_or_default())
-        .env("BLUFIO_LOG", "info")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let addr: SocketAddr = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("listening");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split(' ').next().unwrap().parse().unwrap();
-        }
-    };
+    let addr = child.wait_for_addr();
     let lowered = libc::rlimit {
         rlim_cur: 256,
         rlim_max: 256,
     };
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let pid = libc::pid_t::try_from(child.pid()).unwrap();
     // SAFETY: `lowered` is a valid rlimit and the old-limit pointer may be null.
     let status = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lowered, std::ptr::null_mut()) };
     assert_eq!(status, 0, "prlimit: {}", std::io::Error::last_os_error());
@@ -548,9 +526,9 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     let flood: Vec<TcpStream> = (0..400)
         .filter_map(|_| TcpStream::connect(addr).ok())
         .collect();
-    let cpu_before = cpu_seconds(child.id());
+    let cpu_before = cpu_seconds(child.pid());
     std::thread::sleep(Duration::from_secs(1));
-    let cpu_during = cpu_seconds(child.id()) - cpu_before;
+    let cpu_during = cpu_seconds(child.pid()) - cpu_before;
     assert!(
         cpu_during < 0.5,
         "accept loop spun: {cpu_during} s CPU in 1 s"
@@ -579,8 +557,8 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
         .unwrap();
     assert!(failures >= 1.0, "{failures}");
 
-    terminate(&mut child);
-    let logged: Vec<String> = lines.iter().collect();
+    terminate(child.child());
+    let logged: Vec<String> = child.lines().iter().collect();
     // One line per episode, not per failure: the backlog the flood leaves may start a second
     // short episode after the first recovery, but never one line per failed accept.
     let episodes = logged

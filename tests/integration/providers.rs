@@ -9,6 +9,7 @@ use std::{
 };
 
 use blufio::config::{Config, Provider, Secret};
+use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
@@ -608,11 +609,6 @@ fn a_private_ca_in_ca_file_secures_the_upstream_and_the_bundle_refuses_it() {
 
 #[test]
 fn the_api_key_appears_in_no_log_line_and_no_response() {
-    use std::{
-        io::{BufRead, BufReader},
-        process::{Command, Stdio},
-    };
-
     let fake = FakeProvider::start();
     let failing = format!(r#"{{"error":"bad key {KEY}"}}"#);
     fake.push([
@@ -623,47 +619,23 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
         Scripted::status(500, &[], &failing),
         Scripted::ok("not json"),
     ]);
-    let port = crate::cli::free_port();
-    let dir = crate::cli::temp_dir("provider-key");
-    let config_path = dir.join("blufio.toml");
-    std::fs::write(
-        &config_path,
-        format!(
+    let port = support::free_port();
+    let dir = support::temp_dir("provider-key");
+    let config_path = write_config(
+        &dir,
+        &format!(
             "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
              [agent]\nprovider = \"anthropic\"\nbase_url = \"{}\"\n",
             fake.url()
         ),
-    )
-    .unwrap();
-    let mut child = crate::cli::blufio()
-        .args(["serve", "--config"])
-        .arg(&config_path)
+    );
+    let mut command = support::binary().serve_command(&config_path);
+    command
         .env("BLUFIO_LOG", "trace")
-        .env("ANTHROPIC_API_KEY", KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = sender.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = lines.recv_timeout(Duration::from_secs(30)).unwrap();
-        let addr = line
-            .split("listening on http://")
-            .nth(1)
-            .map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
-        log.push(line);
-        if let Some(addr) = addr {
-            break addr;
-        }
-    };
+        .env("ANTHROPIC_API_KEY", KEY);
+    let mut daemon = Daemon::start(&mut command, config_path);
+    let addr = daemon.addr();
+    let mut log = daemon.startup.clone();
     let auth = format!("Bearer {TOKEN}");
     let headers = [
         ("Authorization", auth.as_str()),
@@ -687,12 +659,7 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
     responses.push(support::request(addr, "GET", "/metrics", &[], None));
     assert_eq!(fake.requests()[0].header("x-api-key"), Some(KEY));
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(crate::cli::wait(&mut child).code(), Some(0));
-    log.extend(lines.iter());
+    log.extend(daemon.stop(support::EXIT_TIMEOUT));
     assert!(
         log.iter().any(|line| line.contains("retrying in")),
         "the failures were logged: {log:?}"
@@ -715,7 +682,7 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
 
 #[test]
 fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
-    let dir = crate::cli::temp_dir("provider-config");
+    let dir = temp_dir("provider-config");
     for (name, agent, expected) in [
         (
             "nokey",
@@ -737,7 +704,8 @@ fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
     ] {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, format!("[agent]\n{agent}")).unwrap();
-        let output = crate::cli::blufio()
+        let output = support::binary()
+            .command()
             .args(["serve", "--config"])
             .arg(&path)
             .env_remove("ANTHROPIC_API_KEY")

@@ -13,9 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-#[cfg(feature = "tls")]
-use trillium_rustls::rustls;
-
 /// The server side of TLS; nothing can be one in a build without the `tls` feature.
 #[cfg(feature = "tls")]
 pub type TlsConfig = Arc<rustls::ServerConfig>;
