@@ -2,7 +2,7 @@
 //! the whole answer within a timeout and parse its status, headers and (de-chunked) body.
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
@@ -157,4 +157,61 @@ fn dechunk(mut body: &str) -> String {
         body = &rest[size + 2..];
     }
     out
+}
+
+/// A keep-alive HTTP/1.1 connection that reads `Content-Length` framed responses, for load:
+/// one write per request and no parsing beyond the status and the body.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn open(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        KeepAlive {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Sends one request with a bearer `token` and a JSON `body` (empty without one) and
+    /// reads the answer's status and body.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let body = body.unwrap_or("");
+        // One write per request, as real clients do: `write!` on a socket would send every
+        // formatted piece as its own packet.
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.writer.write_all(request.as_bytes()).unwrap();
+        let mut status_line = String::new();
+        self.reader.read_line(&mut status_line).unwrap();
+        let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::{Context, FixedRss, ManualHeap, connection::CONNECTION_BASE_BYTES};
+use blufio::{ManualHeap, connection::CONNECTION_BASE_BYTES};
 
 use crate::{
     prometheus,
@@ -181,32 +181,10 @@ fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_t
     assert!(body_heap < 40_000.0, "{report}");
 }
 
-/// Starts a daemon with `memory_warn_mb = 20` on a heap set by hand, and a session of 6
-/// history messages idle long enough to be trimmed under pressure. Returns the daemon, its
-/// heap and the session id.
+/// The shared idle-session daemon: sessions count as idle for shedding after 2 s, and the
+/// rest of the test has 6 s before the session would be closed as idle.
 fn daemon_with_an_idle_session() -> (TestDaemon, Arc<ManualHeap>, String) {
-    let heap = Arc::new(ManualHeap::new(10 * MIB));
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.memory_warn_mb = 20;
-    config.daemon.memory_limit_mb = 30;
-    config.daemon.max_connections_per_ip = 1000;
-    // Sessions count as idle for shedding after a quarter of this (2 s), and the rest of the
-    // test has 6 s before the session would be closed as idle.
-    config.gateway.session_idle_timeout_secs = 8;
-    let daemon = support::start_with(
-        Context::builder(config)
-            .with_heap_source(Arc::clone(&heap))
-            .with_rss_source(FixedRss(Some(15 * MIB)))
-            .with_agent(support::ScriptedAgent),
-    );
-    let created = daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content": "one"}"#));
-    let id = created.json()["session_id"].as_str().unwrap().to_owned();
-    for text in ["two", "three"] {
-        let body = format!(r#"{{"session_id": "{id}", "content": "{text}"}}"#);
-        daemon.authed(TOKEN, "POST", "/v1/messages", Some(&body));
-    }
-    std::thread::sleep(Duration::from_millis(2200));
-    (daemon, heap, id)
+    support::daemon_with_an_idle_session(8, Duration::from_millis(2200))
 }
 
 fn assert_session_untouched(daemon: &TestDaemon, id: &str) {

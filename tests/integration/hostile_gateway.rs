@@ -9,40 +9,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::config::{Config, Provider, Secret};
+use blufio::config::{Config, Provider};
 use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
-    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
 const KEY: &str = "sk-hostile-gateway-5e4d3c2b1a";
 
 fn provider_config(provider: Provider, fake: &FakeProvider) -> Config {
-    let mut config = support::config_with_token(TOKEN);
-    config.agent.provider = provider;
-    config.agent.base_url = Some(fake.url());
-    config.agent.model = Some(match provider {
-        Provider::OpenAi => "llama3.2".to_owned(),
-        _ => "claude-sonnet-4-5".to_owned(),
-    });
-    config.agent.api_key = Some(Secret::new(KEY));
-    config.agent.timeout_secs = 10;
-    config
-}
-
-fn post(daemon: &TestDaemon, body: &str) -> support::Response {
-    daemon.authed(TOKEN, "POST", "/v1/messages", Some(body))
-}
-
-fn metric(daemon: &TestDaemon, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    prometheus::parse(&daemon.get_ok("/metrics")).value(name, labels)
+    support::provider_config(provider, fake.url(), KEY, "llama3.2")
 }
 
 fn errors(daemon: &TestDaemon, kind: &str) -> f64 {
-    metric(daemon, "blufio_errors_total", &[("type", kind)]).unwrap_or(0.0)
+    support::metric(daemon, "blufio_errors_total", &[("type", kind)]).unwrap_or(0.0)
 }
 
 /// Opens a streamed `POST /v1/messages` and returns the socket, the response not yet read.
@@ -89,7 +71,7 @@ fn wait_for_metric(
 ) -> Option<f64> {
     let mut value = None;
     for _ in 0..400 {
-        value = metric(daemon, name, labels);
+        value = support::metric(daemon, name, labels);
         if value.is_some_and(&done) {
             break;
         }
@@ -106,7 +88,7 @@ fn absurd_upstream_usage_is_held_to_what_the_exchange_could_use() {
         "ok", absurd, absurd,
     ))]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     assert_eq!(reply.status, 200, "{}", reply.body);
     let usage = reply.json()["usage"].clone();
     // "hi" is 2 bytes; max_tokens is 1024: nothing near 10^18 tokens can be true.
@@ -116,7 +98,7 @@ fn absurd_upstream_usage_is_held_to_what_the_exchange_could_use() {
     let spent = health["budget"]["spent_today_usd"].as_f64().unwrap();
     assert!(spent > 0.0 && spent < 0.02, "charged {spent} USD: {health}");
     assert_eq!(errors(&daemon, "agent_malformed"), 1.0);
-    let input = metric(
+    let input = support::metric(
         &daemon,
         "blufio_tokens_total",
         &[("model", "claude-sonnet-4-5"), ("type", "input")],
@@ -383,7 +365,7 @@ fn estimated_usage_counts_the_system_prompt_and_says_it_is_estimated() {
     let mut config = provider_config(Provider::OpenAi, &fake);
     config.agent.system = Some("s".repeat(400));
     let daemon = support::start(config);
-    let response = post(&daemon, r#"{"content": "12345678", "stream": true}"#);
+    let response = support::post_message(&daemon, r#"{"content": "12345678", "stream": true}"#);
     let done = response
         .body
         .split("event: done\ndata: ")
@@ -395,7 +377,7 @@ fn estimated_usage_counts_the_system_prompt_and_says_it_is_estimated() {
     assert_eq!(done["usage"]["input_tokens"], 102, "{done}");
     assert_eq!(done["usage"]["output_tokens"], 2, "{done}");
     assert_eq!(done["usage"]["estimated"], true, "{done}");
-    let exact = post(&daemon, r#"{"content": "again"}"#).json();
+    let exact = support::post_message(&daemon, r#"{"content": "again"}"#).json();
     assert_eq!(exact["usage"]["estimated"], false, "{exact}");
     daemon.stop();
 }
@@ -408,7 +390,7 @@ fn a_retry_after_past_the_deadline_is_answered_429_at_once() {
     config.agent.timeout_secs = 4;
     let daemon = support::start(config);
     let sent = Instant::now();
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(429, "rate_limited");
     assert_eq!(reply.header("retry-after"), Some("5"));
     // Waiting would have ended in a 504 at the 4 s deadline.
@@ -519,7 +501,7 @@ fn session_bodies_with_fields_are_refused_and_failed_first_messages_leave_no_ses
         r#"{"content": "ratelimit"}"#,
         r#"{"content": "upstream", "stream": true}"#,
     ] {
-        let reply = post(&daemon, body);
+        let reply = support::post_message(&daemon, body);
         assert!(reply.status >= 400, "{body}: {}", reply.body);
         assert!(reply.json()["session_id"].is_null());
     }
@@ -527,7 +509,7 @@ fn session_bodies_with_fields_are_refused_and_failed_first_messages_leave_no_ses
     let listed = daemon.authed(TOKEN, "GET", "/v1/sessions", None).json();
     assert_eq!(listed["sessions"].as_array().unwrap().len(), 3, "{listed}");
     // A first message that succeeds keeps its session.
-    let ok = post(&daemon, r#"{"content": "hello"}"#);
+    let ok = support::post_message(&daemon, r#"{"content": "hello"}"#);
     assert_eq!(ok.status, 200);
     support::wait_for_active_sessions(&daemon, 4);
     daemon.stop();
@@ -542,7 +524,7 @@ fn a_missing_ollama_model_is_named_with_the_pull_command_in_v1_health() {
         r#"{"error":"model \"llama3.2\" not found, try pulling it first"}"#,
     ));
     let daemon = support::start(provider_config(Provider::OpenAi, &fake));
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(502, "agent_rejected");
     assert!(reply.body.contains("HTTP 404"), "{}", reply.body);
     let health = daemon.authed(TOKEN, "GET", "/v1/health", None).json();

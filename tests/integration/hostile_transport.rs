@@ -366,27 +366,9 @@ fn smuggling_attempts_are_still_refused() {
 
 #[test]
 fn connections_holding_memory_are_shed_instead_of_sessions() {
-    let heap = Arc::new(ManualHeap::new(10 * MIB));
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.memory_warn_mb = 20;
-    config.daemon.memory_limit_mb = 30;
-    config.daemon.max_connections_per_ip = 1000;
-    // Sessions count as idle for shedding after a quarter of this: 1 s.
-    config.gateway.session_idle_timeout_secs = 4;
-    let daemon = support::start_with(
-        Context::builder(config)
-            .with_heap_source(Arc::clone(&heap))
-            .with_rss_source(FixedRss(Some(15 * MIB)))
-            .with_agent(support::ScriptedAgent),
-    );
-    // A real user's session with some history, idle long enough to be trimmed under pressure.
-    let created = daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content": "one"}"#));
-    let id = created.json()["session_id"].as_str().unwrap().to_owned();
-    for text in ["two", "three"] {
-        let body = format!(r#"{{"session_id": "{id}", "content": "{text}"}}"#);
-        daemon.authed(TOKEN, "POST", "/v1/messages", Some(&body));
-    }
-    std::thread::sleep(Duration::from_millis(1200));
+    // A real user's session with some history, idle long enough to be trimmed under pressure
+    // (sessions count as idle for shedding after a quarter of 4 s: 1 s).
+    let (daemon, heap, id) = support::daemon_with_an_idle_session(4, Duration::from_millis(1200));
 
     // 150 anonymous connections each holding a partial head: about 3 MiB charged to them.
     let mut held: Vec<TcpStream> = Vec::new();

@@ -266,3 +266,64 @@ pub fn wait_for_active_sessions(daemon: &TestDaemon, expected: u64) {
         daemon.get("/health").body
     );
 }
+
+/// A gateway config with `TOKEN` whose agent is `provider` at `base_url` with `key`;
+/// `openai_model` is the model an OpenAI-compatible provider asks for.
+pub fn provider_config(
+    provider: blufio::config::Provider,
+    base_url: String,
+    key: &str,
+    openai_model: &str,
+) -> Config {
+    let mut config = config_with_token(TOKEN);
+    config.agent.provider = provider;
+    config.agent.base_url = Some(base_url);
+    config.agent.model = Some(match provider {
+        blufio::config::Provider::OpenAi => openai_model.to_owned(),
+        _ => "claude-sonnet-4-5".to_owned(),
+    });
+    config.agent.api_key = Some(blufio::config::Secret::new(key));
+    config.agent.timeout_secs = 10;
+    config
+}
+
+/// `POST /v1/messages` with `TOKEN` and a JSON body.
+pub fn post_message(daemon: &TestDaemon, body: &str) -> Response {
+    daemon.authed(TOKEN, "POST", "/v1/messages", Some(body))
+}
+
+/// The value of one series in the daemon's `/metrics`.
+pub fn metric(daemon: &TestDaemon, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    crate::prometheus::parse(&daemon.get_ok("/metrics")).value(name, labels)
+}
+
+/// Starts a daemon with `memory_warn_mb = 20` on a heap set by hand, and a session of 6
+/// history messages left idle for `idle_for`, so that it can be trimmed under pressure (with
+/// `idle_timeout_secs`, sessions count as idle for shedding after a quarter of it). Returns
+/// the daemon, its heap and the session id.
+pub fn daemon_with_an_idle_session(
+    idle_timeout_secs: u64,
+    idle_for: Duration,
+) -> (TestDaemon, Arc<blufio::ManualHeap>, String) {
+    const MIB: u64 = 1024 * 1024;
+    let heap = Arc::new(blufio::ManualHeap::new(10 * MIB));
+    let mut config = config_with_token(TOKEN);
+    config.daemon.memory_warn_mb = 20;
+    config.daemon.memory_limit_mb = 30;
+    config.daemon.max_connections_per_ip = 1000;
+    config.gateway.session_idle_timeout_secs = idle_timeout_secs;
+    let daemon = start_with(
+        Context::builder(config)
+            .with_heap_source(Arc::clone(&heap))
+            .with_rss_source(blufio::FixedRss(Some(15 * MIB)))
+            .with_agent(ScriptedAgent),
+    );
+    let created = daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content": "one"}"#));
+    let id = created.json()["session_id"].as_str().unwrap().to_owned();
+    for text in ["two", "three"] {
+        let body = format!(r#"{{"session_id": "{id}", "content": "{text}"}}"#);
+        daemon.authed(TOKEN, "POST", "/v1/messages", Some(&body));
+    }
+    std::thread::sleep(idle_for);
+    (daemon, heap, id)
+}
