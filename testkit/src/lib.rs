@@ -4,3 +4,9 @@
 pub mod fake_provider;
 pub mod http;
 pub mod process;
+
+/// Asserts that `haystack` contains `needle`, showing the whole haystack when it does not.
+#[track_caller]
+pub fn assert_contains(haystack: &str, needle: &str) {
+    assert!(haystack.contains(needle), "{haystack}");
+}

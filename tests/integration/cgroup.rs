@@ -7,6 +7,7 @@ use blufio::{Context, config::AUTO_MB};
 use blufio_platform::CgroupReader;
 
 use crate::{prometheus, support};
+use blufio_testkit::assert_contains;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -53,9 +54,8 @@ fn cgroup_limit_and_usage_are_exported_and_auto_thresholds_follow_them() {
     )
     .unwrap();
     daemon.ctx.cgroup.refresh();
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_memory_cgroup_usage_bytes", &[]),
+        support::metric(&daemon, "blufio_memory_cgroup_usage_bytes", &[]),
         Some((60 * MIB) as f64)
     );
     daemon.stop();
@@ -75,10 +75,7 @@ fn an_unlimited_cgroup_exports_no_limit_and_auto_falls_back_to_defaults() {
         !metrics.contains("blufio_memory_cgroup_limit_bytes"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("blufio_memory_cgroup_usage_bytes 4096"),
-        "{metrics}"
-    );
+    assert_contains(&metrics, "blufio_memory_cgroup_usage_bytes 4096");
     let health = daemon
         .authed("cgroup-token-0123456789", "GET", "/v1/health", None)
         .json();

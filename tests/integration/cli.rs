@@ -5,6 +5,7 @@ use std::{net::TcpListener, process::Stdio, time::Duration};
 use blufio_testkit::process::{KillOnDrop, free_port, port_config, temp_dir};
 
 use crate::support::{self, binary, serve};
+use blufio_testkit::assert_contains;
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
@@ -97,25 +98,13 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
     let output = binary().run_config(&["status"], &path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
-    assert!(
-        stdout.contains(&format!("blufio at http://{addr}: healthy")),
-        "{stdout}"
-    );
+    assert_contains(&stdout, &format!("blufio at http://{addr}: healthy"));
     assert!(stdout.contains("% of warn"), "{stdout}");
-    assert!(
-        stdout.contains("thresholds   warn 150.0 MiB, limit 200.0 MiB"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "thresholds   warn 150.0 MiB, limit 200.0 MiB");
     assert!(stdout.contains("  cgroup       "), "{stdout}");
-    assert!(
-        stdout.contains("admission accepting; readiness ready"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "admission accepting; readiness ready");
     assert!(stdout.contains("sessions     1 of 1000"), "{stdout}");
-    assert!(
-        stdout.contains("budget       $0.00 of $10.00 spent today (UTC)"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "budget       $0.00 of $10.00 spent today (UTC)");
     // Not a terminal: no bar.
     assert!(!stdout.contains("[#"), "{stdout}");
     assert!(!stdout.contains("status-token"));
@@ -155,10 +144,7 @@ fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
     let output = binary().run_config(&["status"], &wrong);
     assert_eq!(output.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("refused the configured gateway token"),
-        "{stderr}"
-    );
+    assert_contains(&stderr, "refused the configured gateway token");
     assert!(!stderr.contains("wrong-token"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
@@ -296,10 +282,7 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("cannot bind 127.0.0.1:{port}")),
-        "{stderr}"
-    );
+    assert_contains(&stderr, &format!("cannot bind 127.0.0.1:{port}"));
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 

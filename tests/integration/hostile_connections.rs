@@ -275,9 +275,7 @@ fn connections_waiting_on_a_declared_body_are_shed_like_partial_heads() {
 
 #[test]
 fn a_body_past_its_deadline_gets_408_and_the_socket_closes_at_once() {
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.request_timeout_secs = 1;
-    let daemon = support::start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.request_timeout_secs = 1);
     let mut stream = connect(daemon.gateway_addr());
     stream
         .write_all(

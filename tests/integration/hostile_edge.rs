@@ -147,9 +147,7 @@ const INCOMPLETE_HEAD: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Drip: a";
 
 #[test]
 fn a_slow_head_flood_at_the_cap_leaves_room_for_probes_and_real_clients() {
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.max_connections = 48;
-    let daemon = support::start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.max_connections = 48);
     let addr = daemon.addr();
 
     // A real client kept alive from before the flood, idle while it lasts.
@@ -296,9 +294,7 @@ fn clients_that_never_read_their_responses_leave_room_for_probes_and_real_client
 
 #[test]
 fn eviction_at_the_cap_spares_requests_in_progress() {
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.max_connections = 40;
-    let daemon = support::start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.max_connections = 40);
     let addr = daemon.addr();
     // A request in progress (its handler sleeps 3 s) from the busiest address.
     let busy_source = Ipv4Addr::new(127, 0, 0, 20);

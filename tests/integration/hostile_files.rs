@@ -22,6 +22,7 @@ use crate::{
     prometheus,
     support::{self, TOKEN},
 };
+use blufio_testkit::assert_contains;
 
 /// What one reply costs with [`PricedAgent`].
 const REPLY_USD: f64 = 0.25;
@@ -144,10 +145,7 @@ fn a_fifo_as_config_token_or_spend_file_is_refused_with_exit_78_and_never_hangs(
             let error = output.iter().find(|line| line.starts_with("blufio: "));
             let error = error.unwrap_or_else(|| panic!("{config:?}: {output:#?}"));
             assert!(error.contains(expected), "{error}");
-            assert!(
-                error.contains("FIFO (named pipe), not a regular file"),
-                "{error}"
-            );
+            assert_contains(&error, "FIFO (named pipe), not a regular file");
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -382,10 +380,7 @@ fn two_daemons_in_one_process_need_two_state_dirs() {
     let error = Context::new(config("a")).unwrap_err();
     assert!(error.is_config(), "exit 78");
     let message = error.to_string();
-    assert!(
-        message.contains(&dir.join("a").display().to_string()),
-        "{message}"
-    );
+    assert_contains(&message, &dir.join("a").display().to_string());
     assert!(message.contains("in this process"), "{message}");
     first.stop();
     second.stop();

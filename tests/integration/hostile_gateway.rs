@@ -16,6 +16,8 @@ use crate::{
     fake_provider::{self, FakeProvider, Scripted},
     support::{self, TOKEN, TestDaemon},
 };
+use blufio_testkit::assert_contains;
+use blufio_testkit::http;
 
 const KEY: &str = "sk-hostile-gateway-5e4d3c2b1a";
 
@@ -29,10 +31,7 @@ fn errors(daemon: &TestDaemon, kind: &str) -> f64 {
 
 /// Opens a streamed `POST /v1/messages` and returns the socket, the response not yet read.
 fn open_stream(addr: SocketAddr, body: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = http::connect_with_timeout(addr, Duration::from_secs(20));
     write!(
         stream,
         "POST /v1/messages HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {TOKEN}\r\n\
@@ -428,10 +427,7 @@ fn shutdown_ends_a_stream_with_a_shutting_down_event() {
         .expect("the stream ends cleanly, not with a reset");
     seen.extend_from_slice(&rest);
     let text = String::from_utf8_lossy(&seen).into_owned();
-    assert!(
-        text.contains("event: error\ndata: {\"error\":\"shutting_down\""),
-        "{text}"
-    );
+    assert_contains(&text, "event: error\ndata: {\"error\":\"shutting_down\"");
     // The chunked body is terminated: the client saw a complete response.
     assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
     assert!(
@@ -607,19 +603,16 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        stdout.contains("budget       $0.000594 of $10.00 spent today (UTC)"),
-        "{stdout}"
+    assert_contains(
+        &stdout,
+        "budget       $0.000594 of $10.00 spent today (UTC)",
     );
-    assert!(
-        stdout.contains("upstream     anthropic, model claude-sonnet-4-5, API key set"),
-        "{stdout}"
+    assert_contains(
+        &stdout,
+        "upstream     anthropic, model claude-sonnet-4-5, API key set",
     );
     assert!(stdout.contains("last error   "), "{stdout}");
-    assert!(
-        stdout.contains("HTTP 401: check the API key (ANTHROPIC_API_KEY"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "HTTP 401: check the API key (ANTHROPIC_API_KEY");
     assert!(!stdout.contains(KEY));
 
     let log = stop_binary(daemon);

@@ -20,6 +20,8 @@ use crate::{
         self, TOKEN, TestDaemon, free_port, start_gateway, temp_dir, wait_for_active_sessions,
     },
 };
+use blufio_testkit::assert_contains;
+use blufio_testkit::http;
 
 fn error_count(daemon: &TestDaemon, kind: &str) -> f64 {
     prometheus::parse(&daemon.get_ok("/metrics"))
@@ -67,9 +69,7 @@ fn invalid_utf8_in_a_json_body_gets_400_invalid_json() {
 
 #[test]
 fn deeply_nested_json_gets_400_without_overflowing_the_stack() {
-    let mut config = Config::for_tests();
-    config.gateway.max_message_bytes = 400_000;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.gateway.max_message_bytes = 400_000);
     let deep = "[".repeat(100_000);
     let bodies = [
         deep.clone(),
@@ -261,10 +261,7 @@ fn the_token_is_in_no_response() {
 
 /// Opens `/ws` by hand, so the test can write frames no client library would.
 fn raw_websocket(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut stream = http::connect_with_timeout(addr, Duration::from_secs(30));
     write!(
         stream,
         "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -363,19 +360,10 @@ fn websocket_protocol_errors_close_with_1002_1007_and_1009() {
         assert_eq!(close_code(&mut stream), Some(*expected), "{name}");
     }
     // A message split into frames that together pass the limit gets 1009 from a real client.
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let close = async_io::block_on(async {
-        use futures_lite::StreamExt;
         ws.send(Message::text("a".repeat(70_000))).await.unwrap();
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
+        support::ws_close_frame(&mut ws).await
     });
     assert_eq!(u16::from(close.unwrap().code), 1009);
 
@@ -383,8 +371,7 @@ fn websocket_protocol_errors_close_with_1002_1007_and_1009() {
     assert_eq!(error_count(&daemon, "websocket_protocol"), 4.0);
     assert_eq!(error_count(&daemon, "payload_too_large"), 2.0);
     // The daemon keeps serving WebSockets.
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let reply = support::ws_exchange(&mut ws, r#"{"content": "still here"}"#);
     assert_eq!(reply["content"], "re: still here (history 0)");
     assert_serving(&daemon);
@@ -557,10 +544,7 @@ fn token_problems_name_their_source_exit_78_and_never_echo_the_token() {
 
     let (code, text) = check("[gateway]\ntoken_file = \"token\"\n", None);
     assert_eq!(code, Some(78));
-    assert!(
-        text.contains(&format!("cannot read token file {token_path}: ")),
-        "{text}"
-    );
+    assert_contains(&text, &format!("cannot read token file {token_path}: "));
 
     std::fs::write(dir.join("token"), "nul-inside-\0-0123456789\n").unwrap();
     let (code, text) = check("[gateway]\ntoken_file = \"token\"\n", None);
@@ -581,17 +565,17 @@ fn token_problems_name_their_source_exit_78_and_never_echo_the_token() {
 
     let (code, text) = check("[gateway]\ntoken = \"hunter2\"\n", None);
     assert_eq!(code, Some(78));
-    assert!(
-        text.contains("[gateway] token: the token is 7 bytes long; use at least 16"),
-        "{text}"
+    assert_contains(
+        &text,
+        "[gateway] token: the token is 7 bytes long; use at least 16",
     );
     assert!(!text.contains("hunter2"), "{text}");
 
     let (code, text) = check("", Some("two words-0123456789"));
     assert_eq!(code, Some(78));
-    assert!(
-        text.contains("environment: BLUFIO_GATEWAY_TOKEN: the token contains whitespace at byte 3"),
-        "{text}"
+    assert_contains(
+        &text,
+        "environment: BLUFIO_GATEWAY_TOKEN: the token contains whitespace at byte 3",
     );
     assert!(!text.contains("two words"), "{text}");
 

@@ -17,6 +17,7 @@ use crate::{
     prometheus,
     support::{self, TOKEN, TestDaemon, start_gateway},
 };
+use blufio_testkit::http;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -521,10 +522,7 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     let mut health = None;
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(100));
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        let mut stream = http::connect_with_timeout(addr, Duration::from_secs(3));
         let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let mut raw = Vec::new();
         if stream.read_to_end(&mut raw).is_ok() && raw.starts_with(b"HTTP/1.1 200") {

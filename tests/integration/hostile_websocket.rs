@@ -202,9 +202,7 @@ fn a_flood_of_empty_continuation_frames_is_closed_with_1009() {
 
 #[test]
 fn a_message_dripped_in_one_byte_fragments_is_closed_at_the_request_timeout() {
-    let mut config = Config::for_tests();
-    config.daemon.request_timeout_secs = 2;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.request_timeout_secs = 2);
     let mut ws = RawWs::connect(daemon.gateway_addr());
     let started = Instant::now();
     ws.send(&client_frame(1, false, b"{")).unwrap();
@@ -331,9 +329,7 @@ fn long_replies_go_out_in_frames_of_at_most_4_kib() {
 #[test]
 fn every_frame_the_server_sends_names_its_type() {
     let daemon = start_gateway(Config::for_tests());
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let reply = support::ws_exchange(&mut ws, r#"{"content": "hello"}"#);
     assert_eq!(reply["type"], "reply");
     assert_eq!(reply["content"], "re: hello (history 0)");
@@ -418,15 +414,7 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
     assert!(line.contains("[gateway] token"), "{line}");
     let started = Instant::now();
     let frame = async_io::block_on(futures_lite::future::or(
-        async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => return frame,
-                    Some(Ok(_)) => continue,
-                    other => panic!("expected a close frame, got {other:?}"),
-                }
-            }
-        },
+        async { support::ws_close_frame(&mut ws).await },
         async {
             async_io::Timer::after(Duration::from_secs(10)).await;
             panic!("the socket opened with the old token is still open 10 s after the reload");

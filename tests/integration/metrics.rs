@@ -81,9 +81,8 @@ fn handler_errors_are_counted_by_type() {
     let daemon = support::start(Config::for_tests());
     daemon.get("/missing");
     daemon.get("/missing-too");
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_errors_total", &[("type", "not_found")]),
+        support::metric(&daemon, "blufio_errors_total", &[("type", "not_found")]),
         Some(2.0)
     );
     daemon.stop();

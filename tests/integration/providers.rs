@@ -387,9 +387,7 @@ fn an_openai_stream_arrives_as_websocket_delta_frames_then_a_final_frame() {
         hang: false,
     }]);
     let daemon = start(Provider::OpenAi, &fake);
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let frames = async_io::block_on(async {
         ws.send(Message::text(r#"{"content": "count", "stream": true}"#))
             .await

@@ -327,3 +327,34 @@ pub fn daemon_with_an_idle_session(
     std::thread::sleep(idle_for);
     (daemon, heap, id)
 }
+
+/// Starts the gateway of [`start_gateway`] on the test config as `adjust` leaves it.
+pub fn start_gateway_with(adjust: impl FnOnce(&mut Config)) -> TestDaemon {
+    let mut config = Config::for_tests();
+    adjust(&mut config);
+    start_gateway(config)
+}
+
+/// Opens `/ws` on the gateway with `TOKEN` as a bearer header.
+pub fn ws_authed(daemon: &TestDaemon) -> WsClient {
+    let auth = format!("Bearer {TOKEN}");
+    ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)])
+        .unwrap()
+        .0
+}
+
+/// Reads frames until the close frame and returns it (`None` for a close without a code).
+pub async fn ws_close_frame(
+    ws: &mut WsClient,
+) -> Option<async_tungstenite::tungstenite::protocol::CloseFrame> {
+    use async_tungstenite::tungstenite::Message;
+    use futures_lite::StreamExt;
+
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
