@@ -50,6 +50,16 @@ impl Scripted {
         }
     }
 
+    /// A stream of `chunks` 5 ms apart that then hangs (sending comments) until the client
+    /// goes away.
+    pub fn hanging(chunks: Vec<String>) -> Scripted {
+        Scripted::Stream {
+            chunks,
+            gap: Duration::from_millis(5),
+            hang: true,
+        }
+    }
+
     pub fn status(status: u16, headers: &[(&str, &str)], body: &str) -> Scripted {
         Scripted::Body {
             status,
@@ -72,10 +82,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        crate::http::find_header(&self.headers, name)
     }
 }
 

@@ -30,6 +30,32 @@ pub fn read_all(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&raw).into_owned()
 }
 
+/// The raw bytes of `POST /v1/messages` with a bearer `token` and a JSON `body`, for tests
+/// that write a request by hand and read the answer as it comes (a stream, a drain).
+pub fn message_request(token: &str, body: &str) -> String {
+    format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A `GET /health` head carrying one `X-Big` header of `size` bytes.
+pub fn big_head(size: usize) -> String {
+    format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(size)
+    )
+}
+
+/// The value of header `name` (any case) in `headers`.
+pub fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value.as_str())
+}
+
 /// Sends `GET path` with a bearer token.
 pub fn get_with_token(addr: SocketAddr, path: &str, token: &str) -> Response {
     let auth = format!("Bearer {token}");
@@ -56,10 +82,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        find_header(&self.headers, name)
     }
 
     pub fn json(&self) -> serde_json::Value {

@@ -7,6 +7,11 @@ use blufio_testkit::process::{KillOnDrop, free_port, port_config, temp_dir};
 use crate::support::{self, binary, serve};
 use blufio_testkit::assert_contains;
 
+/// Health and gateway on `port` with `token`.
+fn token_config(port: u16, token: &str) -> String {
+    format!("{}token = \"{token}\"\n", port_config(port))
+}
+
 #[test]
 fn sigterm_drains_and_exits_zero() {
     let port = free_port();
@@ -78,9 +83,7 @@ fn two_workers_are_the_main_thread_and_one_more_even_with_a_provider_client() {
 #[test]
 fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
     let port = free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token-0123456789\"\n"
-    );
+    let config = token_config(port, "status-token-0123456789");
     let mut daemon = serve(&config, "status");
     let addr = daemon.addr();
     let created = support::request(
@@ -130,17 +133,11 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
 #[test]
 fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
     let port = free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"right-token-0123456789\"\n"
-    );
+    let config = token_config(port, "right-token-0123456789");
     let mut daemon = serve(&config, "status-token");
     let addr = daemon.addr();
     let wrong = temp_dir("status-token").join("wrong.toml");
-    std::fs::write(
-        &wrong,
-        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"wrong-token-0123456789\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&wrong, token_config(port, "wrong-token-0123456789")).unwrap();
     let output = binary().run_config(&["status"], &wrong);
     assert_eq!(output.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&output.stderr);

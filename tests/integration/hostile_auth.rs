@@ -37,6 +37,14 @@ fn start_configured_binary(config: &str, name: &str) -> Daemon {
     Daemon::start(&mut command, path)
 }
 
+/// Health and gateway on `port` with `TOKEN`, logging at info.
+fn info_config(port: u16) -> String {
+    format!(
+        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
+    )
+}
+
 /// Sends `count` messages at once; each fails against the dead upstream after retries, so
 /// the provider's retry warning repeats from one call site.
 fn fail_messages(addr: SocketAddr, count: usize) {
@@ -263,10 +271,7 @@ fn requests_without_credentials_are_refused_but_never_throttle_the_address() {
 #[test]
 fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
     let port = free_port();
-    let config = format!(
-        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
-    );
+    let config = info_config(port);
     let mut daemon = start_configured_binary(&config, "fault-episodes");
     let addr = daemon.addr();
 
@@ -370,10 +375,7 @@ fn bad_requests(addr: SocketAddr) -> f64 {
 #[test]
 fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
     let port = free_port();
-    let config = format!(
-        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
-    );
+    let config = info_config(port);
     let mut daemon = start_configured_binary(&config, "hang-ups");
     let addr = daemon.addr();
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");

@@ -17,15 +17,12 @@ use crate::{
     prometheus,
     support::{self, TOKEN, TestDaemon},
 };
+use blufio_testkit::http;
 
 const MIB: u64 = 1024 * 1024;
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set timeout");
-    stream
+    http::connect_with_timeout(addr, Duration::from_secs(10))
 }
 
 fn exposition(addr: SocketAddr) -> prometheus::Exposition {

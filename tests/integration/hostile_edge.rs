@@ -22,6 +22,7 @@ use crate::{
     prometheus,
     support::{self, TOKEN, TestDaemon},
 };
+use blufio_testkit::http;
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");
@@ -300,13 +301,8 @@ fn eviction_at_the_cap_spares_requests_in_progress() {
     let busy_source = Ipv4Addr::new(127, 0, 0, 20);
     let mut busy = connect_from(busy_source, addr).unwrap();
     let body = r#"{"content":"slow"}"#;
-    write!(
-        busy,
-        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    busy.write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     // The message opens a session: from then on its handler runs.
     support::wait_for_active_sessions(&daemon, 1);
     // The same address then fills the port with incomplete heads, and more arrive.
@@ -402,10 +398,7 @@ fn request_lines_of_every_length_sent_at_once_get_a_json_status() {
 #[test]
 fn oversized_headers_split_into_pieces_still_get_431() {
     let daemon = support::start(Config::for_tests());
-    let head = format!(
-        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(10_000)
-    );
+    let head = http::big_head(10_000);
     let status = served_in_pieces(&daemon, head.as_bytes(), 40, Duration::from_millis(5));
     assert_eq!(status, 431);
     daemon.stop();
@@ -567,11 +560,7 @@ fn keep_posting(addr: SocketAddr, index: usize, drain_seen: &AtomicBool) -> Tall
 #[test]
 fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_close() {
     let port = support::free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
-         [agent]\nprovider = \"echo\"\necho_delay_ms = 20\n"
-    );
+    let config = support::drain_config(port, 20);
     let mut daemon = support::serve(&config, "sigterm-keep-alive");
     let addr = daemon.addr();
     // A WebSocket that never answers the close frame keeps the first stage of the drain open
@@ -627,11 +616,7 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
 #[test]
 fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
     let port = support::free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
-         [agent]\nprovider = \"echo\"\necho_delay_ms = 1500\n"
-    );
+    let config = support::drain_config(port, 1500);
     let mut daemon = support::serve(&config, "sigterm-slow-heads");
     let addr = daemon.addr();
     let heads: Vec<TcpStream> = (0..32u8)
@@ -644,13 +629,9 @@ fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
     // A request the daemon is answering when the drain begins (its reply takes 1.5 s).
     let mut in_flight = connect(addr);
     let body = r#"{"content":"in flight"}"#;
-    write!(
-        in_flight,
-        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    in_flight
+        .write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     thread::sleep(Duration::from_millis(500));
     let signalled = Instant::now();
     daemon.signal("TERM");

@@ -32,13 +32,9 @@ fn errors(daemon: &TestDaemon, kind: &str) -> f64 {
 /// Opens a streamed `POST /v1/messages` and returns the socket, the response not yet read.
 fn open_stream(addr: SocketAddr, body: &str) -> TcpStream {
     let mut stream = http::connect_with_timeout(addr, Duration::from_secs(20));
-    write!(
-        stream,
-        "POST /v1/messages HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    stream
+        .write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     stream
 }
 
@@ -313,11 +309,7 @@ fn a_cancelled_stream_is_charged_for_the_text_it_delivered() {
     // message_start (which says 1 output token), block start, ping, four deltas; then the
     // upstream keeps "thinking" until the client leaves.
     chunks.truncate(7);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([Scripted::hanging(chunks)]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
     let mut stream = open_stream(
         daemon.gateway_addr(),
@@ -407,11 +399,7 @@ fn shutdown_ends_a_stream_with_a_shutting_down_event() {
     let fake = FakeProvider::start();
     let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
     chunks.truncate(4);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([Scripted::hanging(chunks)]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
     let mut stream = open_stream(
         daemon.gateway_addr(),

@@ -45,11 +45,7 @@ fn assert_health_is_fast(addr: SocketAddr) {
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set timeout");
-    stream
+    http::connect_with_timeout(addr, Duration::from_secs(10))
 }
 
 /// Reads until the server closes; returns what it sent.
@@ -262,10 +258,7 @@ fn a_flood_from_one_address_past_the_per_ip_cap_gets_503_json() {
 #[test]
 fn oversized_heads_get_431_json_instead_of_a_reset() {
     let daemon = support::start(Config::for_tests());
-    let big_header = format!(
-        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(64 * 1024)
-    );
+    let big_header = http::big_head(64 * 1024);
     let many_headers = format!(
         "GET /health HTTP/1.1\r\nHost: x\r\n{}\r\n",
         "X-Many: a\r\n".repeat(10_000)

@@ -524,11 +524,7 @@ fn shutdown_ends_a_websocket_stream_with_a_shutting_down_frame_then_1001() {
     let fake = FakeProvider::start();
     let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
     chunks.truncate(4);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([Scripted::hanging(chunks)]);
     let mut config = support::config_with_token(TOKEN);
     config.agent.provider = Provider::Anthropic;
     config.agent.base_url = Some(fake.url());

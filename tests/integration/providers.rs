@@ -14,6 +14,7 @@ use crate::{
     fake_provider::{self, FakeProvider, Scripted},
     support::{self, TOKEN, TestDaemon},
 };
+use blufio_testkit::http;
 
 const KEY: &str = "sk-test-9f8e7d6c5b4a";
 
@@ -428,24 +429,16 @@ fn a_client_dropping_mid_stream_cancels_the_upstream_and_is_still_charged() {
     let mut chunks = fake_provider::anthropic_stream(&["partial"], 50, 0);
     // Everything up to the first delta, then the upstream keeps "thinking".
     chunks.truncate(4);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([Scripted::hanging(chunks)]);
     let daemon = start(Provider::Anthropic, &fake);
     let body = r#"{"content": "tell me a long story", "stream": true}"#;
     let mut stream = TcpStream::connect(daemon.gateway_addr()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    write!(
-        stream,
-        "POST /v1/messages HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    stream
+        .write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     let mut seen = Vec::new();
     let mut buffer = [0; 1024];
     while !String::from_utf8_lossy(&seen).contains("event: delta") {

@@ -358,3 +358,13 @@ pub async fn ws_close_frame(
         }
     }
 }
+
+/// A config for drain tests of the real binary: a 10 s grace, room for many clients from one
+/// address, and the echo agent answering after `echo_delay_ms`.
+pub fn drain_config(port: u16, echo_delay_ms: u64) -> String {
+    format!(
+        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
+         [agent]\nprovider = \"echo\"\necho_delay_ms = {echo_delay_ms}\n"
+    )
+}

@@ -116,12 +116,7 @@ fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
 #[test]
 fn sigterm_with_64_clients_mid_request_completes_every_request_and_exits_zero() {
     let port = support::free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
-         [gateway]\nport = {port}\ntoken = \"{}\"\n\
-         [agent]\nprovider = \"echo\"\necho_delay_ms = 1500\n",
-        support::TOKEN
-    );
+    let config = support::drain_config(port, 1500);
     let mut daemon = support::serve(&config, "sigterm-64");
     let addr = daemon.addr();
     let bearer = format!("Bearer {}", support::TOKEN);
