@@ -398,33 +398,27 @@ fn check_config_reads_the_spend_file_as_start_up_would() {
     let config = dir.join("blufio.toml");
     std::fs::write(&config, port_config("state_dir = \"state\"")).unwrap();
 
-    std::fs::write(
-        state.join("spend.json"),
-        r#"{"version":1,"utc_day":20000,"spent_u"#,
-    )
-    .unwrap();
-    let (code, output) = check_config(&config).finish(Duration::from_secs(10));
+    // Writes the spend file, runs check-config and returns its exit code and output.
+    let check_with_spend = |spend: &str| {
+        std::fs::write(state.join("spend.json"), spend).unwrap();
+        check_config(&config).finish(Duration::from_secs(10))
+    };
+    let (code, output) = check_with_spend(r#"{"version":1,"utc_day":20000,"spent_u"#);
     assert_eq!(code, 78, "{output:#?}");
+    let found = |output: &[String], wanted: fn(&str) -> bool| output.iter().any(|l| wanted(l));
     assert!(
-        output
-            .iter()
-            .any(|line| line.contains("spend.json") && line.contains("not valid JSON")),
+        found(&output, |line| line.contains("spend.json")
+            && line.contains("not valid JSON")),
         "{output:#?}"
     );
     let (code, _) = serve(&config).finish(Duration::from_secs(10));
     assert_eq!(code, 78, "start-up agrees");
 
-    std::fs::write(
-        state.join("spend.json"),
-        r#"{"version":1,"utc_day":20000,"spent_usd":1.5}"#,
-    )
-    .unwrap();
-    let (code, output) = check_config(&config).finish(Duration::from_secs(10));
+    let (code, output) = check_with_spend(r#"{"version":1,"utc_day":20000,"spent_usd":1.5}"#);
     assert_eq!(code, 0, "{output:#?}");
     assert!(
-        output
-            .iter()
-            .any(|line| line.starts_with("state: ") && line.contains("ok")),
+        found(&output, |line| line.starts_with("state: ")
+            && line.contains("ok")),
         "{output:#?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
