@@ -403,6 +403,14 @@ pub fn openai_stream(deltas: &[&str], prompt_tokens: u64, completion_tokens: u64
     chunks
 }
 
+/// An Anthropic stream of "partial" (`input_tokens` in its `message_start`) cut after its
+/// first text delta, that then hangs: the upstream keeps "thinking".
+pub fn anthropic_hanging(input_tokens: u64) -> Scripted {
+    let mut chunks = anthropic_stream(&["partial"], input_tokens, 0);
+    chunks.truncate(4);
+    Scripted::hanging(chunks)
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, server TLS config).
 #[cfg(feature = "tls")]
 pub fn tls_pair() -> (String, Arc<rustls::ServerConfig>) {

@@ -55,6 +55,11 @@ impl Binary {
         }
     }
 
+    /// Runs `blufio <args>` to the end.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
     /// Runs `blufio <args> --config <config>` to the end, without a token from the environment.
     pub fn run_config(&self, args: &[&str], config: &Path) -> Output {
         self.command()

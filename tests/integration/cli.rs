@@ -145,28 +145,20 @@ fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
     assert!(!stderr.contains("wrong-token"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
-    let output = binary()
-        .command()
-        .args([
-            "health",
-            "--url",
-            &format!("http://{addr}/health"),
-            "--timeout",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let output = binary().run(&[
+        "health",
+        "--url",
+        &format!("http://{addr}/health"),
+        "--timeout",
+        "2",
+    ]);
     assert_eq!(output.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&output.stdout).contains(": 200 healthy"));
     let output = binary().run_config(&["health"], &wrong);
     assert_eq!(output.status.code(), Some(0));
     daemon.kill();
 
-    let output = binary()
-        .command()
-        .args(["health", "--url", &format!("http://{addr}/health")])
-        .output()
-        .unwrap();
+    let output = binary().run(&["health", "--url", &format!("http://{addr}/health")]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&output.stderr)
@@ -201,11 +193,7 @@ fn status_against_a_garbage_stream_stops_at_the_bound() {
 
 #[test]
 fn config_default_is_the_example_file_and_show_redacts_secrets() {
-    let output = binary()
-        .command()
-        .args(["config", "default"])
-        .output()
-        .unwrap();
+    let output = binary().run(&["config", "default"]);
     assert_eq!(output.status.code(), Some(0));
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"))
@@ -254,11 +242,7 @@ fn config_typo_names_file_line_and_key_and_exits_78() {
 
 #[test]
 fn missing_explicit_config_file_exits_78() {
-    let output = binary()
-        .command()
-        .args(["--config", "/nonexistent/blufio.toml"])
-        .output()
-        .unwrap();
+    let output = binary().run(&["--config", "/nonexistent/blufio.toml"]);
     assert_eq!(output.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/blufio.toml"));
 }
@@ -285,7 +269,7 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
 
 #[test]
 fn unknown_command_is_a_usage_error() {
-    let output = binary().command().arg("frobnicate").output().unwrap();
+    let output = binary().run(&["frobnicate"]);
     assert_eq!(output.status.code(), Some(2));
 }
 

@@ -559,9 +559,7 @@ fn keep_posting(addr: SocketAddr, index: usize, drain_seen: &AtomicBool) -> Tall
 
 #[test]
 fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_close() {
-    let port = support::free_port();
-    let config = support::drain_config(port, 20);
-    let mut daemon = support::serve(&config, "sigterm-keep-alive");
+    let mut daemon = support::serve_drain(20, "sigterm-keep-alive");
     let addr = daemon.addr();
     // A WebSocket that never answers the close frame keeps the first stage of the drain open
     // for its whole budget, as a busy daemon's sockets do.
@@ -615,9 +613,7 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
 
 #[test]
 fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
-    let port = support::free_port();
-    let config = support::drain_config(port, 1500);
-    let mut daemon = support::serve(&config, "sigterm-slow-heads");
+    let mut daemon = support::serve_drain(1500, "sigterm-slow-heads");
     let addr = daemon.addr();
     let heads: Vec<TcpStream> = (0..32u8)
         .map(|index| {

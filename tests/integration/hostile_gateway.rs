@@ -115,9 +115,7 @@ fn open_sessions(daemon: &TestDaemon, count: usize) {
 
 #[test]
 fn the_session_list_is_paged_by_a_cursor_and_bad_paging_gets_400() {
-    let mut config = support::config_with_token(TOKEN);
-    config.gateway.max_sessions = 300;
-    let daemon = support::start(config);
+    let daemon = support::start_adjusted(|config| config.gateway.max_sessions = 300);
     open_sessions(&daemon, 250);
     let first = daemon.authed(TOKEN, "GET", "/v1/sessions", None);
     assert_eq!(first.status, 200, "{}", first.body);
@@ -172,9 +170,7 @@ fn the_session_list_is_paged_by_a_cursor_and_bad_paging_gets_400() {
 
 #[test]
 fn a_list_of_ten_thousand_sessions_answers_one_small_page() {
-    let mut config = support::config_with_token(TOKEN);
-    config.gateway.max_sessions = 10_000;
-    let daemon = support::start(config);
+    let daemon = support::start_adjusted(|config| config.gateway.max_sessions = 10_000);
     open_sessions(&daemon, 10_000);
     let reply = daemon.authed(TOKEN, "GET", "/v1/sessions", None);
     assert_eq!(reply.status, 200);
@@ -190,9 +186,7 @@ fn a_list_of_ten_thousand_sessions_answers_one_small_page() {
 #[test]
 #[ignore = "load measurement, run by hand"]
 fn probe_latency_while_clients_loop_on_the_session_list() {
-    let mut config = support::config_with_token(TOKEN);
-    config.gateway.max_sessions = 10_000;
-    let daemon = support::start(config);
+    let daemon = support::start_adjusted(|config| config.gateway.max_sessions = 10_000);
     open_sessions(&daemon, 10_000);
     let gateway = daemon.gateway_addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -397,9 +391,7 @@ fn a_retry_after_past_the_deadline_is_answered_429_at_once() {
 #[test]
 fn shutdown_ends_a_stream_with_a_shutting_down_event() {
     let fake = FakeProvider::start();
-    let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
-    chunks.truncate(4);
-    fake.push([Scripted::hanging(chunks)]);
+    fake.push([fake_provider::anthropic_hanging(30)]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
     let mut stream = open_stream(
         daemon.gateway_addr(),

@@ -503,11 +503,7 @@ fn a_flood_of_stalled_clients_logs_at_most_one_error_line() {
 fn a_config_of_dev_zero_fails_fast_with_exit_78() {
     for command in ["serve", "check-config"] {
         let started = Instant::now();
-        let output = support::binary()
-            .command()
-            .args([command, "--config", "/dev/zero"])
-            .output()
-            .unwrap();
+        let output = support::binary().run(&[command, "--config", "/dev/zero"]);
         let elapsed = started.elapsed();
         assert_eq!(output.status.code(), Some(78));
         let stderr = String::from_utf8_lossy(&output.stderr);

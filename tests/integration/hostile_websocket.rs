@@ -16,7 +16,7 @@ use blufio::{
 use futures_lite::StreamExt;
 
 use crate::{
-    fake_provider::{self, FakeProvider, Scripted},
+    fake_provider::{self, FakeProvider},
     prometheus,
     support::{self, TOKEN, start_gateway},
 };
@@ -522,9 +522,7 @@ fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connectio
 #[test]
 fn shutdown_ends_a_websocket_stream_with_a_shutting_down_frame_then_1001() {
     let fake = FakeProvider::start();
-    let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
-    chunks.truncate(4);
-    fake.push([Scripted::hanging(chunks)]);
+    fake.push([fake_provider::anthropic_hanging(30)]);
     let mut config = support::config_with_token(TOKEN);
     config.agent.provider = Provider::Anthropic;
     config.agent.base_url = Some(fake.url());

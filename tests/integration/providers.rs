@@ -426,10 +426,8 @@ fn an_openai_stream_arrives_as_websocket_delta_frames_then_a_final_frame() {
 #[test]
 fn a_client_dropping_mid_stream_cancels_the_upstream_and_is_still_charged() {
     let fake = FakeProvider::start();
-    let mut chunks = fake_provider::anthropic_stream(&["partial"], 50, 0);
     // Everything up to the first delta, then the upstream keeps "thinking".
-    chunks.truncate(4);
-    fake.push([Scripted::hanging(chunks)]);
+    fake.push([fake_provider::anthropic_hanging(50)]);
     let daemon = start(Provider::Anthropic, &fake);
     let body = r#"{"content": "tell me a long story", "stream": true}"#;
     let mut stream = TcpStream::connect(daemon.gateway_addr()).unwrap();

@@ -359,12 +359,21 @@ pub async fn ws_close_frame(
     }
 }
 
-/// A config for drain tests of the real binary: a 10 s grace, room for many clients from one
-/// address, and the echo agent answering after `echo_delay_ms`.
-pub fn drain_config(port: u16, echo_delay_ms: u64) -> String {
-    format!(
+/// Serves, with the real binary, a config for drain tests: a 10 s grace, room for many
+/// clients from one address, and the echo agent answering after `echo_delay_ms`.
+pub fn serve_drain(echo_delay_ms: u64, name: &str) -> process::Daemon {
+    let port = free_port();
+    let config = format!(
         "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
          [agent]\nprovider = \"echo\"\necho_delay_ms = {echo_delay_ms}\n"
-    )
+    );
+    serve(&config, name)
+}
+
+/// Starts a daemon (no agent) on the config of [`config_with_token`] as `adjust` leaves it.
+pub fn start_adjusted(adjust: impl FnOnce(&mut Config)) -> TestDaemon {
+    let mut config = config_with_token(TOKEN);
+    adjust(&mut config);
+    start(config)
 }

@@ -115,9 +115,7 @@ fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
 
 #[test]
 fn sigterm_with_64_clients_mid_request_completes_every_request_and_exits_zero() {
-    let port = support::free_port();
-    let config = support::drain_config(port, 1500);
-    let mut daemon = support::serve(&config, "sigterm-64");
+    let mut daemon = support::serve_drain(1500, "sigterm-64");
     let addr = daemon.addr();
     let bearer = format!("Bearer {}", support::TOKEN);
     let mut clients = Vec::new();
