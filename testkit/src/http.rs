@@ -56,6 +56,22 @@ pub fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'
         .map(|(_, value)| value.as_str())
 }
 
+/// A stand-in server on 127.0.0.1:0 that hands each connection to `handle` on its own
+/// thread; returns its port.
+pub fn stand_in(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::sync::Arc::new(handle);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let handle = std::sync::Arc::clone(&handle);
+            std::thread::spawn(move || handle(stream));
+        }
+    });
+    port
+}
+
 /// Sends `GET path` with a bearer token.
 pub fn get_with_token(addr: SocketAddr, path: &str, token: &str) -> Response {
     let auth = format!("Bearer {token}");

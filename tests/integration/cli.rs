@@ -2,7 +2,10 @@
 
 use std::{net::TcpListener, process::Stdio, time::Duration};
 
-use blufio_testkit::process::{KillOnDrop, free_port, port_config, temp_dir};
+use blufio_testkit::{
+    http,
+    process::{KillOnDrop, free_port, port_config, temp_dir},
+};
 
 use crate::support::{self, binary, serve};
 use blufio_testkit::assert_contains;
@@ -171,17 +174,10 @@ fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
 
 #[test]
 fn status_against_a_garbage_stream_stops_at_the_bound() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let chunk = [b'x'; 65536];
-                while stream.write_all(&chunk).is_ok() {}
-            });
-        }
+    let port = http::stand_in(|mut stream| {
+        use std::io::Write;
+        let chunk = [b'x'; 65536];
+        while stream.write_all(&chunk).is_ok() {}
     });
     let path = temp_dir("garbage").join("blufio.toml");
     std::fs::write(&path, port_config(port)).unwrap();
@@ -276,24 +272,19 @@ fn unknown_command_is_a_usage_error() {
 #[test]
 fn status_exits_1_when_the_daemon_reports_degraded() {
     // A stand-in answering /health the way a daemon under memory pressure does.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
+    let port = http::stand_in(|mut stream| {
         use std::io::{Read, Write};
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-                request.push(byte[0]);
-            }
-            let body = r#"{"status":"degraded","uptime_secs":7,"memory_heap_bytes":220000000,"memory_rss_bytes":260000000,"active_sessions":3}"#;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            request.push(byte[0]);
         }
+        let body = r#"{"status":"degraded","uptime_secs":7,"memory_heap_bytes":220000000,"memory_rss_bytes":260000000,"active_sessions":3}"#;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
     });
     let path = temp_dir("degraded").join("blufio.toml");
     std::fs::write(&path, port_config(port)).unwrap();

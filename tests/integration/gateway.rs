@@ -74,22 +74,15 @@ fn messages_open_a_session_or_continue_one() {
     assert_eq!(info["message_count"], 4);
     assert_eq!(daemon.get("/health").json()["active_sessions"], 1);
 
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
-    assert_eq!(
-        exposition.value("blufio_messages_total", &[("channel", "http")]),
-        Some(2.0)
-    );
-    assert_eq!(
-        exposition.value("blufio_response_latency_seconds_count", &[]),
-        Some(2.0)
-    );
-    assert_eq!(
-        exposition.value(
+    prometheus::parse(&daemon.get_ok("/metrics")).assert_values(&[
+        ("blufio_messages_total", &[("channel", "http")], 2.0),
+        ("blufio_response_latency_seconds_count", &[], 2.0),
+        (
             "blufio_tokens_total",
-            &[("model", "scripted-1"), ("type", "input")]
+            &[("model", "scripted-1"), ("type", "input")],
+            22.0,
         ),
-        Some(22.0)
-    );
+    ]);
     daemon.stop();
 }
 
@@ -107,15 +100,10 @@ fn malformed_messages_get_4xx_json_and_change_nothing() {
     )
     .assert_error(404, "session_not_found");
     assert_eq!(daemon.get("/health").json()["active_sessions"], 0);
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
-    assert_eq!(
-        exposition.value("blufio_errors_total", &[("type", "bad_request")]),
-        Some(4.0)
-    );
-    assert_eq!(
-        exposition.value("blufio_messages_total", &[("channel", "http")]),
-        Some(0.0)
-    );
+    prometheus::parse(&daemon.get_ok("/metrics")).assert_values(&[
+        ("blufio_errors_total", &[("type", "bad_request")], 4.0),
+        ("blufio_messages_total", &[("channel", "http")], 0.0),
+    ]);
     daemon.stop();
 }
 

@@ -317,35 +317,47 @@ fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
     // One WARN when the throttle starts, one INFO line of totals (here at exit).
     let guessing = mentioning("127.0.0.7");
     assert_eq!(guessing.len(), 2, "{log:#?}");
-    assert!(
-        guessing[0].starts_with("[WARN")
-            && guessing[0].contains("token guessing from 127.0.0.7: 10 failed authentications"),
-        "{guessing:?}"
+    assert_line(
+        &guessing,
+        0,
+        "[WARN",
+        "token guessing from 127.0.0.7: 10 failed authentications",
     );
-    assert!(
-        guessing[1].starts_with("[INFO")
-            && guessing[1].contains(
-                "token guessing from 127.0.0.7 stopped: 10 failed authentications and 30 \
-                 requests answered 429"
-            ),
-        "{guessing:?}"
+    assert_line(
+        &guessing,
+        1,
+        "[INFO",
+        "token guessing from 127.0.0.7 stopped: 10 failed authentications and 30 requests \
+         answered 429",
     );
     // One INFO line at the first malformed request, the counts when the episode ends.
     let malformed = mentioning("127.0.0.8");
     assert_eq!(malformed.len(), 2, "{log:#?}");
-    assert!(
-        malformed[0].starts_with("[INFO")
-            && malformed[0].contains("malformed request from 127.0.0.8 (bad_request)"),
-        "{malformed:?}"
+    assert_line(
+        &malformed,
+        0,
+        "[INFO",
+        "malformed request from 127.0.0.8 (bad_request)",
     );
-    assert!(
-        malformed[1].starts_with("[INFO")
-            && malformed[1].contains("malformed requests from 127.0.0.8: 20 in the last")
-            && malformed[1].ends_with("(bad_request 20)"),
-        "{malformed:?}"
+    assert_line(
+        &malformed,
+        1,
+        "[INFO",
+        "malformed requests from 127.0.0.8: 20 in the last",
     );
+    assert!(malformed[1].ends_with("(bad_request 20)"), "{malformed:?}");
     assert_eq!(mentioning("127.0.0.9"), Vec::<&String>::new(), "{log:#?}");
     assert_eq!(debug_lines(&log), Vec::<&String>::new(), "{log:#?}");
+}
+
+/// Asserts that line `index` of `lines` starts with `level` and contains `text`.
+#[cfg(target_os = "linux")]
+#[track_caller]
+fn assert_line(lines: &[&String], index: usize, level: &str, text: &str) {
+    assert!(
+        lines[index].starts_with(level) && lines[index].contains(text),
+        "{lines:?}"
+    );
 }
 
 /// Writes `bytes` from `source`, closes the sending side and waits for the daemon to close

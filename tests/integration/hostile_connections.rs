@@ -184,6 +184,15 @@ fn daemon_with_an_idle_session() -> (TestDaemon, Arc<ManualHeap>, String) {
     support::daemon_with_an_idle_session(8, Duration::from_millis(2200))
 }
 
+/// Opens `count` connections to the gateway that each send `head` and then wait.
+fn hold(daemon: &TestDaemon, count: usize, head: &[u8]) -> Vec<TcpStream> {
+    let mut held: Vec<TcpStream> = (0..count).map(|_| connect(daemon.gateway_addr())).collect();
+    for stream in &mut held {
+        stream.write_all(head).unwrap();
+    }
+    held
+}
+
 fn assert_session_untouched(daemon: &TestDaemon, id: &str) {
     let info = daemon
         .authed(TOKEN, "GET", &format!("/v1/sessions/{id}"), None)
@@ -199,10 +208,7 @@ fn assert_session_untouched(daemon: &TestDaemon, id: &str) {
 #[test]
 fn sessions_are_not_trimmed_when_shed_connections_still_show_in_the_next_heap_reading() {
     let (daemon, heap, id) = daemon_with_an_idle_session();
-    let mut held: Vec<TcpStream> = (0..150).map(|_| connect(daemon.gateway_addr())).collect();
-    for stream in &mut held {
-        stream.write_all(&partial_head()).unwrap();
-    }
+    let mut held = hold(&daemon, 150, &partial_head());
     // Each holds at least its base and the 6,000 header bytes it sent.
     let floor = 150 * (CONNECTION_BASE_BYTES + 6000);
     wait_until("the partial heads to be charged", || {
@@ -242,10 +248,7 @@ fn sessions_are_not_trimmed_when_shed_connections_still_show_in_the_next_heap_re
 #[test]
 fn connections_waiting_on_a_declared_body_are_shed_like_partial_heads() {
     let (daemon, heap, id) = daemon_with_an_idle_session();
-    let mut held: Vec<TcpStream> = (0..40).map(|_| connect(daemon.gateway_addr())).collect();
-    for stream in &mut held {
-        stream.write_all(&declared_body_head()).unwrap();
-    }
+    let mut held = hold(&daemon, 40, &declared_body_head());
     // Reading a body, each is charged its base and the request's state.
     let floor = 40 * blufio::connection::fixed_cost(blufio::connection::Phase::Body, true);
     wait_until("the body readers to be charged", || {

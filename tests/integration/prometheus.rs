@@ -24,6 +24,14 @@ pub struct Exposition {
 }
 
 impl Exposition {
+    /// Asserts each `(name, labels, value)` series has exactly that value.
+    #[track_caller]
+    pub fn assert_values(&self, expected: &[(&str, &[(&str, &str)], f64)]) {
+        for (name, labels, value) in expected {
+            assert_eq!(self.value(name, labels), Some(*value), "{name} {labels:?}");
+        }
+    }
+
     /// Returns the value of the sample with exactly these labels.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.families
