@@ -145,7 +145,7 @@ fn a_fifo_as_config_token_or_spend_file_is_refused_with_exit_78_and_never_hangs(
             let error = output.iter().find(|line| line.starts_with("blufio: "));
             let error = error.unwrap_or_else(|| panic!("{config:?}: {output:#?}"));
             assert!(error.contains(expected), "{error}");
-            assert_contains(&error, "FIFO (named pipe), not a regular file");
+            assert_contains(error, "FIFO (named pipe), not a regular file");
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

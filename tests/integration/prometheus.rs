@@ -23,10 +23,13 @@ pub struct Exposition {
     pub families: HashMap<String, Family>,
 }
 
+/// One expected series: name, labels and value.
+pub type Series<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 impl Exposition {
     /// Asserts each `(name, labels, value)` series has exactly that value.
     #[track_caller]
-    pub fn assert_values(&self, expected: &[(&str, &[(&str, &str)], f64)]) {
+    pub fn assert_values(&self, expected: &[Series]) {
         for (name, labels, value) in expected {
             assert_eq!(self.value(name, labels), Some(*value), "{name} {labels:?}");
         }
