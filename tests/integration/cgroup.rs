@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use blufio::{Context, config::AUTO_MB};
 use blufio_platform::CgroupReader;
+use blufio_testkit::assert_contains;
 
 use crate::{prometheus, support};
-use blufio_testkit::assert_contains;
 
 const MIB: u64 = 1024 * 1024;
 

@@ -2,13 +2,13 @@
 
 use std::{net::TcpListener, process::Stdio, time::Duration};
 
+use blufio_testkit::assert_contains;
 use blufio_testkit::{
     http,
-    process::{KillOnDrop, free_port, port_config, temp_dir},
+    process::{KillOnDrop, free_port, port_config, temp_dir, write_config},
 };
 
 use crate::support::{self, binary, serve};
-use blufio_testkit::assert_contains;
 
 /// Health and gateway on `port` with `token`.
 fn token_config(port: u16, token: &str) -> String {
@@ -196,13 +196,10 @@ fn config_default_is_the_example_file_and_show_redacts_secrets() {
             .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout), example);
 
-    let dir = temp_dir("config-show");
-    let path = dir.join("blufio.toml");
-    std::fs::write(
-        &path,
+    let path = write_config(
+        &temp_dir("config-show"),
         "[daemon]\nhealth_port = 9100\n[gateway]\ntoken = \"hunter2-secret-0123\"\n",
-    )
-    .unwrap();
+    );
     let output = binary().run_config(&["config", "show"], &path);
     assert_eq!(output.status.code(), Some(0));
     let shown = String::from_utf8_lossy(&output.stdout);
@@ -221,13 +218,10 @@ fn config_default_is_the_example_file_and_show_redacts_secrets() {
 
 #[test]
 fn config_typo_names_file_line_and_key_and_exits_78() {
-    let dir = temp_dir("typo");
-    let path = dir.join("blufio.toml");
-    std::fs::write(
-        &path,
+    let path = write_config(
+        &temp_dir("typo"),
         "[daemon]\nhealth_port = 3000\nmemroy_warn_mb = 100\n",
-    )
-    .unwrap();
+    );
     let output = binary().run_config(&["serve"], &path);
     assert_eq!(output.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&output.stderr);

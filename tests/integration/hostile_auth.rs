@@ -270,9 +270,7 @@ fn requests_without_credentials_are_refused_but_never_throttle_the_address() {
 #[cfg(target_os = "linux")]
 #[test]
 fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
-    let port = free_port();
-    let config = info_config(port);
-    let mut daemon = start_configured_binary(&config, "fault-episodes");
+    let mut daemon = start_configured_binary(&info_config(free_port()), "fault-episodes");
     let addr = daemon.addr();
 
     // One guesser, reconnecting whenever it is closed on.
@@ -386,9 +384,7 @@ fn bad_requests(addr: SocketAddr) -> f64 {
 #[cfg(target_os = "linux")]
 #[test]
 fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
-    let port = free_port();
-    let config = info_config(port);
-    let mut daemon = start_configured_binary(&config, "hang-ups");
+    let mut daemon = start_configured_binary(&info_config(free_port()), "hang-ups");
     let addr = daemon.addr();
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
 

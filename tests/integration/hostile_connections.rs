@@ -12,12 +12,12 @@ use std::{
 };
 
 use blufio::{ManualHeap, connection::CONNECTION_BASE_BYTES};
+use blufio_testkit::http;
 
 use crate::{
     prometheus,
     support::{self, TOKEN, TestDaemon},
 };
-use blufio_testkit::http;
 
 const MIB: u64 = 1024 * 1024;
 

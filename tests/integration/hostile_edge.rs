@@ -17,12 +17,12 @@ use std::{
 };
 
 use blufio::Config;
+use blufio_testkit::http;
 
 use crate::{
     prometheus,
     support::{self, TOKEN, TestDaemon},
 };
-use blufio_testkit::http;
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");

@@ -16,13 +16,13 @@ use blufio::{
     sessions::Session,
 };
 
+use blufio_testkit::assert_contains;
 use blufio_testkit::process::{Spawned, free_port};
 
 use crate::{
     prometheus,
     support::{self, TOKEN},
 };
-use blufio_testkit::assert_contains;
 
 /// What one reply costs with [`PricedAgent`].
 const REPLY_USD: f64 = 0.25;

@@ -10,14 +10,14 @@ use std::{
 };
 
 use blufio::config::{Config, Provider};
+use blufio_testkit::assert_contains;
+use blufio_testkit::http;
 use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
     support::{self, TOKEN, TestDaemon},
 };
-use blufio_testkit::assert_contains;
-use blufio_testkit::http;
 
 const KEY: &str = "sk-hostile-gateway-5e4d3c2b1a";
 

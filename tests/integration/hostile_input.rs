@@ -12,6 +12,8 @@ use std::{
 
 use async_tungstenite::tungstenite::Message;
 use blufio::Config;
+use blufio_testkit::assert_contains;
+use blufio_testkit::http;
 use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
@@ -20,8 +22,6 @@ use crate::{
         self, TOKEN, TestDaemon, free_port, start_gateway, temp_dir, wait_for_active_sessions,
     },
 };
-use blufio_testkit::assert_contains;
-use blufio_testkit::http;
 
 fn error_count(daemon: &TestDaemon, kind: &str) -> f64 {
     prometheus::parse(&daemon.get_ok("/metrics"))

@@ -12,12 +12,12 @@ use std::{
 };
 
 use blufio::{Config, Context, FixedRss, ManualHeap};
+use blufio_testkit::http;
 
 use crate::{
     prometheus,
     support::{self, TOKEN, TestDaemon, start_gateway},
 };
-use blufio_testkit::http;
 
 const MIB: u64 = 1024 * 1024;
 

@@ -8,13 +8,13 @@ use std::{
 };
 
 use blufio::config::{Config, Provider};
+use blufio_testkit::http;
 use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
     support::{self, TOKEN, TestDaemon},
 };
-use blufio_testkit::http;
 
 const KEY: &str = "sk-test-9f8e7d6c5b4a";
 
@@ -24,6 +24,11 @@ fn provider_config(provider: Provider, fake: &FakeProvider) -> Config {
 
 fn start(provider: Provider, fake: &FakeProvider) -> TestDaemon {
     support::start(provider_config(provider, fake))
+}
+
+/// The `blufio_errors_total` series of `kind`.
+fn errors(daemon: &TestDaemon, kind: &str) -> Option<f64> {
+    support::metric(daemon, "blufio_errors_total", &[("type", kind)])
 }
 
 #[test]
@@ -167,14 +172,7 @@ fn a_429_asking_for_a_long_wait_is_passed_on_with_retry_after() {
         1,
         "a wait beyond 20 s is not spent in the daemon"
     );
-    assert_eq!(
-        support::metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_rate_limit")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(errors(&daemon, "agent_rate_limit"), Some(1.0));
     daemon.stop();
 }
 
@@ -218,14 +216,7 @@ fn overloaded_and_server_errors_exhaust_retries_into_a_clean_502() {
         reply.body
     );
     assert_eq!(fake.requests().len(), 3);
-    assert_eq!(
-        support::metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_upstream")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(errors(&daemon, "agent_upstream"), Some(1.0));
     let health = daemon.authed(TOKEN, "GET", "/v1/health", None).json();
     let upstream = &health["upstream"];
     assert_eq!(upstream["provider"], "anthropic");
@@ -257,14 +248,7 @@ fn other_4xx_is_not_retried_and_not_dumped() {
     assert!(!reply.body.contains("invalid x-api-key"), "{}", reply.body);
     assert!(!reply.body.contains(KEY));
     assert_eq!(fake.requests().len(), 1);
-    assert_eq!(
-        support::metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_rejected")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(errors(&daemon, "agent_rejected"), Some(1.0));
     daemon.stop();
 }
 
@@ -301,14 +285,7 @@ fn malformed_upstream_json_is_a_502() {
         reply.assert_error(502, "agent_malformed");
         assert!(!reply.body.contains("<html>"));
     }
-    assert_eq!(
-        support::metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_malformed")]
-        ),
-        Some(2.0)
-    );
+    assert_eq!(errors(&daemon, "agent_malformed"), Some(2.0));
     daemon.stop();
 }
 
