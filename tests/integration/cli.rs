@@ -85,9 +85,10 @@ fn two_workers_are_the_main_thread_and_one_more_even_with_a_provider_client() {
 
 #[test]
 fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
-    let port = free_port();
-    let config = token_config(port, "status-token-0123456789");
-    let mut daemon = serve(&config, "status");
+    let mut daemon = serve(
+        &token_config(free_port(), "status-token-0123456789"),
+        "status",
+    );
     let addr = daemon.addr();
     let created = support::request(
         addr,
@@ -135,10 +136,12 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
 
 #[test]
 fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
-    let port = free_port();
-    let config = token_config(port, "right-token-0123456789");
-    let mut daemon = serve(&config, "status-token");
+    let mut daemon = serve(
+        &token_config(free_port(), "right-token-0123456789"),
+        "status-token",
+    );
     let addr = daemon.addr();
+    let port = addr.port();
     let wrong = temp_dir("status-token").join("wrong.toml");
     std::fs::write(&wrong, token_config(port, "wrong-token-0123456789")).unwrap();
     let output = binary().run_config(&["status"], &wrong);

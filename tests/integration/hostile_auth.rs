@@ -37,6 +37,23 @@ fn start_configured_binary(config: &str, name: &str) -> Daemon {
     Daemon::start(&mut command, path)
 }
 
+/// Sends SIGTERM, collects the log up to "shut down" and asserts a clean exit.
+fn stop_and_log(daemon: &mut Daemon) -> Vec<String> {
+    daemon.signal("TERM");
+    let log = daemon.lines_until("shut down", Duration::from_secs(30));
+    let exit = daemon.wait(support::EXIT_TIMEOUT);
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    log
+}
+
+/// The lines of `log` about client `who` (an address).
+#[cfg(target_os = "linux")]
+fn mentioning<'a>(log: &'a [String], who: &str) -> Vec<&'a String> {
+    log.iter()
+        .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
+        .collect()
+}
+
 /// Health and gateway on `port` with `TOKEN`, logging at info.
 fn info_config(port: u16) -> String {
     format!(
@@ -118,10 +135,7 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
 
     // Lowered to info again by a reload: hidden again.
     fail_messages(addr, 3);
-    daemon.signal("TERM");
-    let after = daemon.lines_until("shut down", Duration::from_secs(30));
-    let exit = daemon.wait(support::EXIT_TIMEOUT);
-    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    let after = stop_and_log(&mut daemon);
     assert_eq!(debug_lines(&after), Vec::<&String>::new(), "{after:#?}");
 }
 
@@ -304,14 +318,8 @@ fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
         assert_eq!(health_from(typist, addr, "typo").status, 401);
     }
 
-    daemon.signal("TERM");
-    let log = daemon.lines_until("shut down", Duration::from_secs(30));
-    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
-    let mentioning = |who: &str| -> Vec<&String> {
-        log.iter()
-            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
-            .collect()
-    };
+    let log = stop_and_log(&mut daemon);
+    let mentioning = |who: &str| mentioning(&log, who);
     // One WARN when the throttle starts, one INFO line of totals (here at exit).
     let guessing = mentioning("127.0.0.7");
     assert_eq!(guessing.len(), 2, "{log:#?}");
@@ -428,14 +436,8 @@ fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
     assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
     assert_eq!(bad_requests(addr), 2.0);
 
-    daemon.signal("TERM");
-    let log = daemon.lines_until("shut down", Duration::from_secs(30));
-    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
-    let mentioning = |who: &str| -> Vec<&String> {
-        log.iter()
-            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
-            .collect()
-    };
+    let log = stop_and_log(&mut daemon);
+    let mentioning = |who: &str| mentioning(&log, who);
     assert_eq!(mentioning("127.0.0.10"), Vec::<&String>::new(), "{log:#?}");
     let malformed = mentioning("127.0.0.11");
     assert!(
