@@ -122,21 +122,9 @@ fn main() {
     for _ in 0..100 {
         blufio::internals::monitor::tick(&ctx);
     }
-    let (allocations, _) = counting::snapshot();
-    let started = Instant::now();
-    for _ in 0..ticks {
-        blufio::internals::monitor::tick(&ctx);
-    }
-    let elapsed = started.elapsed();
-    let (allocations_after, _) = counting::snapshot();
-    println!(
-        "monitor_tick_micros {:.2}",
-        elapsed.as_secs_f64() * 1e6 / f64::from(ticks)
-    );
-    println!(
-        "monitor_tick_allocations {:.2}",
-        (allocations_after - allocations) as f64 / f64::from(ticks)
-    );
+    measure("monitor_tick", ticks, || {
+        blufio::internals::monitor::tick(&ctx)
+    });
 
     // What one /metrics scrape costs before any HTTP: the /proc reads and the rendering.
     let renders = ticks / 10;
@@ -150,23 +138,32 @@ fn main() {
     );
     let sample = ctx.process_sample();
     let mut body = String::with_capacity(8 * 1024);
-    let (allocations, _) = counting::snapshot();
-    let started = Instant::now();
-    for _ in 0..renders {
+    measure("metrics_render", renders, || {
         body.clear();
         ctx.metrics.render(&sample, &mut body);
+    });
+    assert!(daemon.shut_down_blocking(Duration::from_secs(5)));
+}
+
+#[cfg(not(feature = "jemalloc"))]
+/// Runs `body` `runs` times and prints its mean time and allocations per run as
+/// `{name}_micros` and `{name}_allocations`.
+fn measure(name: &str, runs: u32, mut body: impl FnMut()) {
+    let (allocations, _) = counting::snapshot();
+    let started = std::time::Instant::now();
+    for _ in 0..runs {
+        body();
     }
     let elapsed = started.elapsed();
     let (allocations_after, _) = counting::snapshot();
     println!(
-        "metrics_render_micros {:.2}",
-        elapsed.as_secs_f64() * 1e6 / f64::from(renders)
+        "{name}_micros {:.2}",
+        elapsed.as_secs_f64() * 1e6 / f64::from(runs)
     );
     println!(
-        "metrics_render_allocations {:.2}",
-        (allocations_after - allocations) as f64 / f64::from(renders)
+        "{name}_allocations {:.2}",
+        (allocations_after - allocations) as f64 / f64::from(runs)
     );
-    assert!(daemon.shut_down_blocking(Duration::from_secs(5)));
 }
 
 /// What `benches/floor` answers to `/health`.

@@ -10,11 +10,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
+};
+
+use blufio_testkit::{
+    http::KeepAlive,
+    process::{Binary, Daemon, free_port},
 };
 
 const TOKEN: &str = "bench-token-0123456789";
@@ -23,8 +26,8 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let seconds: u64 = env_or("BLUFIO_BENCH_SECS", 10);
     let clients: usize = env_or("BLUFIO_BENCH_CLIENTS", 64);
-    let (mut daemon, addr) = start_daemon();
-    let pid = daemon.id();
+    let mut daemon = start_daemon();
+    let (addr, pid) = (daemon.addr(), daemon.pid());
 
     // Warm up: connections, allocator arenas, the first session.
     run_load(addr, 8, Duration::from_secs(1));
@@ -65,11 +68,8 @@ fn main() {
     let health = request(addr, "GET", "/health", None).1;
     println!("  /health         {health}");
 
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = daemon.wait().unwrap();
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(30));
     assert!(status.success(), "daemon exited with {status:?}");
 }
 
@@ -80,46 +80,14 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn start_daemon() -> (Child, SocketAddr) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("blufio-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("blufio.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nhealth_port = {port}\nlog_level = \"warn\"\n\
-             [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 20000\n\
-             [agent]\nprovider = \"echo\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blufio"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("BLUFIO_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "daemon exited early"
-        );
-        if line.contains("listening on") {
-            break;
-        }
-    }
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+fn start_daemon() -> Daemon {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\nlog_level = \"warn\"\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 20000\n\
+         [agent]\nprovider = \"echo\"\n"
+    );
+    Binary::new(env!("CARGO_BIN_EXE_blufio"), "").serve(&config, "bench")
 }
 
 /// Runs `clients` keep-alive clients for `duration`; returns every latency in ms.
@@ -130,7 +98,7 @@ fn run_load(addr: SocketAddr, clients: usize, duration: Duration) -> (Vec<f64>, 
         .map(|client| {
             let deadline = Arc::clone(&deadline);
             std::thread::spawn(move || {
-                let mut connection = Connection::open(addr);
+                let mut connection = KeepAlive::open(addr);
                 let mut latencies = Vec::new();
                 let body = format!(r#"{{"content": "hello from client {client}"}}"#);
                 let mut session: Option<String> = None;
@@ -142,7 +110,8 @@ fn run_load(addr: SocketAddr, clients: usize, duration: Duration) -> (Vec<f64>, 
                         None => body.clone(),
                     };
                     let sent = Instant::now();
-                    let (status, reply) = connection.send("POST", "/v1/messages", Some(&body));
+                    let (status, reply) =
+                        connection.send("POST", "/v1/messages", TOKEN, Some(&body));
                     latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
                     if std::env::var("BLUFIO_BENCH_DEBUG").is_ok()
                         && *latencies.last().unwrap() > 200.0
@@ -184,11 +153,11 @@ fn open_sessions(addr: SocketAddr, count: usize) -> Vec<String> {
     let workers: Vec<_> = (0..8)
         .map(|worker| {
             std::thread::spawn(move || {
-                let mut connection = Connection::open(addr);
+                let mut connection = KeepAlive::open(addr);
                 (worker..count)
                     .step_by(8)
                     .map(|_| {
-                        let (status, body) = connection.send("POST", "/v1/sessions", None);
+                        let (status, body) = connection.send("POST", "/v1/sessions", TOKEN, None);
                         assert_eq!(status, 201, "{body}");
                         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
                         json["id"].as_str().unwrap().to_owned()
@@ -212,10 +181,10 @@ fn close_sessions(addr: SocketAddr, ids: Vec<String>) {
         .into_iter()
         .map(|chunk| {
             std::thread::spawn(move || {
-                let mut connection = Connection::open(addr);
+                let mut connection = KeepAlive::open(addr);
                 for id in chunk {
                     let (status, _) =
-                        connection.send("DELETE", &format!("/v1/sessions/{id}"), None);
+                        connection.send("DELETE", &format!("/v1/sessions/{id}"), TOKEN, None);
                     assert_eq!(status, 204);
                 }
             })
@@ -239,53 +208,5 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    Connection::open(addr).send(method, path, body)
-}
-
-/// A keep-alive HTTP/1.1 connection that reads `Content-Length` framed responses.
-struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Connection {
-    fn open(addr: SocketAddr) -> Connection {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Connection {
-            writer: stream.try_clone().unwrap(),
-            reader: BufReader::new(stream),
-        }
-    }
-
-    fn send(&mut self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let body = body.unwrap_or("");
-        // One write per request, as real clients do: `write!` on a socket would send every
-        // formatted piece as its own packet.
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.writer.write_all(request.as_bytes()).unwrap();
-        let mut status_line = String::new();
-        self.reader.read_line(&mut status_line).unwrap();
-        let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            self.reader.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body).unwrap();
-        (status, String::from_utf8(body).unwrap())
-    }
+    KeepAlive::open(addr).send(method, path, TOKEN, body)
 }

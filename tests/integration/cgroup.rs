@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use blufio::{AUTO_MB, Context};
 use blufio_platform::CgroupReader;
+use blufio_testkit::assert_contains;
 
 use crate::{prometheus, support};
 
@@ -19,14 +20,19 @@ fn fixture(name: &str, max: &str, current: &str) -> PathBuf {
     root
 }
 
-#[test]
-fn cgroup_limit_and_usage_are_exported_and_auto_thresholds_follow_them() {
-    let root = fixture("v2", "1073741824\n", "52428800\n");
-    let reader = CgroupReader::find(&root, "0::/system.slice/blufio.service\n");
+/// Starts a daemon in the cgroup under `root`, with "auto" thresholds.
+fn start_in(root: &std::path::Path) -> support::TestDaemon {
+    let reader = CgroupReader::find(root, "0::/system.slice/blufio.service\n");
     let mut config = support::config_with_token("cgroup-token-0123456789");
     config.daemon.memory_limit_mb = AUTO_MB;
     config.daemon.memory_warn_mb = AUTO_MB;
-    let daemon = support::start_with(Context::builder(config).with_cgroup_reader(reader));
+    support::start_with(Context::builder(config).with_cgroup_reader(reader))
+}
+
+#[test]
+fn cgroup_limit_and_usage_are_exported_and_auto_thresholds_follow_them() {
+    let root = fixture("v2", "1073741824\n", "52428800\n");
+    let daemon = start_in(&root);
 
     let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
@@ -53,9 +59,8 @@ fn cgroup_limit_and_usage_are_exported_and_auto_thresholds_follow_them() {
     )
     .unwrap();
     daemon.ctx.cgroup.refresh();
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_memory_cgroup_usage_bytes", &[]),
+        support::metric(&daemon, "blufio_memory_cgroup_usage_bytes", &[]),
         Some((60 * MIB) as f64)
     );
     daemon.stop();
@@ -65,20 +70,13 @@ fn cgroup_limit_and_usage_are_exported_and_auto_thresholds_follow_them() {
 #[test]
 fn an_unlimited_cgroup_exports_no_limit_and_auto_falls_back_to_defaults() {
     let root = fixture("max", "max\n", "4096\n");
-    let reader = CgroupReader::find(&root, "0::/system.slice/blufio.service\n");
-    let mut config = support::config_with_token("cgroup-token-0123456789");
-    config.daemon.memory_limit_mb = AUTO_MB;
-    config.daemon.memory_warn_mb = AUTO_MB;
-    let daemon = support::start_with(Context::builder(config).with_cgroup_reader(reader));
+    let daemon = start_in(&root);
     let metrics = daemon.get_ok("/metrics");
     assert!(
         !metrics.contains("blufio_memory_cgroup_limit_bytes"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("blufio_memory_cgroup_usage_bytes 4096"),
-        "{metrics}"
-    );
+    assert_contains(&metrics, "blufio_memory_cgroup_usage_bytes 4096");
     let health = daemon
         .authed("cgroup-token-0123456789", "GET", "/v1/health", None)
         .json();

@@ -1,121 +1,34 @@
 //! The `blufio` binary as an operator runs it: signals, exit codes and error messages.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
+use std::{net::TcpListener, process::Stdio, time::Duration};
+
+use blufio_testkit::assert_contains;
+use blufio_testkit::{
+    http,
+    process::{KillOnDrop, free_port, port_config, temp_dir, write_config},
 };
 
-use crate::support;
+use crate::support::{self, binary, serve};
 
-pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_blufio");
-
-/// Returns a command running the `blufio` binary. Under `cargo xtask test-cross` the binary
-/// is foreign: cargo's runner variable for this target (qemu-user) is inherited from cargo, so
-/// it is used here too, since the host kernel cannot execute the binary by itself.
-pub(crate) fn blufio() -> Command {
-    let runner_var = format!(
-        "CARGO_TARGET_{}_RUNNER",
-        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
-    );
-    let runner = std::env::var(runner_var).unwrap_or_default();
-    let mut parts = runner.split_whitespace();
-    match parts.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(parts).arg(BINARY);
-            command
-        }
-        None => Command::new(BINARY),
-    }
-}
-
-pub(crate) fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("blufio-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Picks a port the OS says is free right now.
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the binary and waits for its "listening on" log line (no sleeping and retrying).
-#[allow(clippy::zombie_processes)] // The caller waits for the child.
-pub(crate) fn start_binary(
-    config: &str,
-    name: &str,
-) -> (Child, std::net::SocketAddr, mpsc::Receiver<String>) {
-    let dir = temp_dir(name);
-    let path = dir.join("blufio.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = blufio()
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("BLUFIO_LOG", "info")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("daemon logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split(' ').next().unwrap().parse().unwrap();
-            return (child, addr, lines);
-        }
-    }
-}
-
-pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
-    for _ in 0..300 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.kill().unwrap();
-    panic!("daemon did not exit within 15 s");
+/// Health and gateway on `port` with `token`.
+fn token_config(port: u16, token: &str) -> String {
+    format!("{}token = \"{token}\"\n", port_config(port))
 }
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
     let port = free_port();
-    let config = format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n");
-    let (mut child, addr, lines) = start_binary(&config, "sigterm");
+    let config = port_config(port);
+    let mut daemon = serve(&config, "sigterm");
+    let addr = daemon.addr();
     assert_eq!(
         support::request(addr, "GET", "/health", &[], None).status,
         200
     );
-    // SAFETY-free: `kill` the command sends SIGTERM to the child's pid.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = wait(&mut child);
+    daemon.signal("TERM");
+    let exit = daemon.wait(support::EXIT_TIMEOUT);
     assert_eq!(exit.code(), Some(0), "{exit:?}");
-    let log: Vec<String> = lines.try_iter().collect();
+    let log: Vec<String> = daemon.lines().try_iter().collect();
     assert!(
         log.iter().any(|line| line.contains("shut down cleanly")),
         "{log:?}"
@@ -153,7 +66,8 @@ fn two_workers_are_the_main_thread_and_one_more_even_with_a_provider_client() {
          base_url = \"http://127.0.0.1:9/v1\"\napi_key_file = \"{}\"\n",
         key.display()
     );
-    let (mut child, addr, _lines) = start_binary(&config, "threads");
+    let mut daemon = serve(&config, "threads");
+    let addr = daemon.addr();
     for _ in 0..20 {
         assert_eq!(
             support::request(addr, "GET", "/health", &[], None).status,
@@ -162,21 +76,20 @@ fn two_workers_are_the_main_thread_and_one_more_even_with_a_provider_client() {
     }
     // The provider's HTTP client has spawned its pool reapers by now: on the daemon's own
     // executor, so no executor threads beyond the workers (and async-io's reactor thread).
-    let names = thread_names(child.id());
+    let names = thread_names(daemon.pid());
     // Stopped before asserting, so a failure leaves no daemon behind.
-    child.kill().unwrap();
-    wait(&mut child);
+    daemon.kill();
     // Besides the main thread: one worker and async-io's reactor.
     assert_eq!(names, ["async-io", "blufio-worker-0"]);
 }
 
 #[test]
 fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
-    let port = free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"status-token-0123456789\"\n"
+    let mut daemon = serve(
+        &token_config(free_port(), "status-token-0123456789"),
+        "status",
     );
-    let (mut child, addr, _lines) = start_binary(&config, "status");
+    let addr = daemon.addr();
     let created = support::request(
         addr,
         "POST",
@@ -189,41 +102,21 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
     );
     assert_eq!(created.status, 201, "{}", created.body);
     let path = temp_dir("status").join("blufio.toml");
-    let output = blufio()
-        .args(["status", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = binary().run_config(&["status"], &path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
-    assert!(
-        stdout.contains(&format!("blufio at http://{addr}: healthy")),
-        "{stdout}"
-    );
+    assert_contains(&stdout, &format!("blufio at http://{addr}: healthy"));
     assert!(stdout.contains("% of warn"), "{stdout}");
-    assert!(
-        stdout.contains("thresholds   warn 150.0 MiB, limit 200.0 MiB"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "thresholds   warn 150.0 MiB, limit 200.0 MiB");
     assert!(stdout.contains("  cgroup       "), "{stdout}");
-    assert!(
-        stdout.contains("admission accepting; readiness ready"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "admission accepting; readiness ready");
     assert!(stdout.contains("sessions     1 of 1000"), "{stdout}");
-    assert!(
-        stdout.contains("budget       $0.00 of $10.00 spent today (UTC)"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "budget       $0.00 of $10.00 spent today (UTC)");
     // Not a terminal: no bar.
     assert!(!stdout.contains("[#"), "{stdout}");
     assert!(!stdout.contains("status-token"));
 
-    let output = blufio()
-        .args(["status", "--json", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = binary().run_config(&["status", "--json"], &path);
     assert_eq!(output.status.code(), Some(0));
     let document: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(document["status"], "healthy");
@@ -233,13 +126,8 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
     assert_eq!(document["memory_limit_bytes"], 200 * 1024 * 1024);
     assert!(document["memory_heap_bytes"].as_u64().unwrap() > 0);
 
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let output = blufio()
-        .args(["status", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    daemon.kill();
+    let output = binary().run_config(&["status"], &path);
     assert_eq!(output.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("blufio is not running at"), "{stderr}");
@@ -248,56 +136,35 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
 
 #[test]
 fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
-    let port = free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"right-token-0123456789\"\n"
+    let mut daemon = serve(
+        &token_config(free_port(), "right-token-0123456789"),
+        "status-token",
     );
-    let (mut child, addr, _lines) = start_binary(&config, "status-token");
+    let addr = daemon.addr();
+    let port = addr.port();
     let wrong = temp_dir("status-token").join("wrong.toml");
-    std::fs::write(
-        &wrong,
-        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"wrong-token-0123456789\"\n"),
-    )
-    .unwrap();
-    let output = blufio()
-        .args(["status", "--config"])
-        .arg(&wrong)
-        .output()
-        .unwrap();
+    std::fs::write(&wrong, token_config(port, "wrong-token-0123456789")).unwrap();
+    let output = binary().run_config(&["status"], &wrong);
     assert_eq!(output.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("refused the configured gateway token"),
-        "{stderr}"
-    );
+    assert_contains(&stderr, "refused the configured gateway token");
     assert!(!stderr.contains("wrong-token"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
-    let output = blufio()
-        .args([
-            "health",
-            "--url",
-            &format!("http://{addr}/health"),
-            "--timeout",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let output = binary().run(&[
+        "health",
+        "--url",
+        &format!("http://{addr}/health"),
+        "--timeout",
+        "2",
+    ]);
     assert_eq!(output.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&output.stdout).contains(": 200 healthy"));
-    let output = blufio()
-        .args(["health", "--config"])
-        .arg(&wrong)
-        .output()
-        .unwrap();
+    let output = binary().run_config(&["health"], &wrong);
     assert_eq!(output.status.code(), Some(0));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    daemon.kill();
 
-    let output = blufio()
-        .args(["health", "--url", &format!("http://{addr}/health")])
-        .output()
-        .unwrap();
+    let output = binary().run(&["health", "--url", &format!("http://{addr}/health")]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&output.stderr)
@@ -310,29 +177,14 @@ fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
 
 #[test]
 fn status_against_a_garbage_stream_stops_at_the_bound() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let chunk = [b'x'; 65536];
-                while stream.write_all(&chunk).is_ok() {}
-            });
-        }
+    let port = http::stand_in(|mut stream| {
+        use std::io::Write;
+        let chunk = [b'x'; 65536];
+        while stream.write_all(&chunk).is_ok() {}
     });
     let path = temp_dir("garbage").join("blufio.toml");
-    std::fs::write(
-        &path,
-        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    )
-    .unwrap();
-    let output = blufio()
-        .args(["status", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    std::fs::write(&path, port_config(port)).unwrap();
+    let output = binary().run_config(&["status"], &path);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not an HTTP reply"), "{stderr}");
@@ -340,26 +192,18 @@ fn status_against_a_garbage_stream_stops_at_the_bound() {
 
 #[test]
 fn config_default_is_the_example_file_and_show_redacts_secrets() {
-    let output = blufio().args(["config", "default"]).output().unwrap();
+    let output = binary().run(&["config", "default"]);
     assert_eq!(output.status.code(), Some(0));
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/blufio.example.toml"))
             .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout), example);
 
-    let dir = temp_dir("config-show");
-    let path = dir.join("blufio.toml");
-    std::fs::write(
-        &path,
+    let path = write_config(
+        &temp_dir("config-show"),
         "[daemon]\nhealth_port = 9100\n[gateway]\ntoken = \"hunter2-secret-0123\"\n",
-    )
-    .unwrap();
-    let output = blufio()
-        .args(["config", "show", "--config"])
-        .arg(&path)
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .output()
-        .unwrap();
+    );
+    let output = binary().run_config(&["config", "show"], &path);
     assert_eq!(output.status.code(), Some(0));
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(!shown.contains("hunter2"), "{shown}");
@@ -369,12 +213,7 @@ fn config_default_is_the_example_file_and_show_redacts_secrets() {
     assert!(shown.contains("[agent]"), "{shown}");
 
     for command in [&["check-config"][..], &["config", "check"][..]] {
-        let output = blufio()
-            .args(command)
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let output = binary().run_config(command, &path);
         assert_eq!(output.status.code(), Some(0), "{command:?}");
         assert!(String::from_utf8_lossy(&output.stdout).contains(": ok"));
     }
@@ -382,18 +221,11 @@ fn config_default_is_the_example_file_and_show_redacts_secrets() {
 
 #[test]
 fn config_typo_names_file_line_and_key_and_exits_78() {
-    let dir = temp_dir("typo");
-    let path = dir.join("blufio.toml");
-    std::fs::write(
-        &path,
+    let path = write_config(
+        &temp_dir("typo"),
         "[daemon]\nhealth_port = 3000\nmemroy_warn_mb = 100\n",
-    )
-    .unwrap();
-    let output = blufio()
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    );
+    let output = binary().run_config(&["serve"], &path);
     assert_eq!(output.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let expected = format!("{}:3:1: key `memroy_warn_mb`", path.display());
@@ -403,10 +235,7 @@ fn config_typo_names_file_line_and_key_and_exits_78() {
 
 #[test]
 fn missing_explicit_config_file_exits_78() {
-    let output = blufio()
-        .args(["--config", "/nonexistent/blufio.toml"])
-        .output()
-        .unwrap();
+    let output = binary().run(&["--config", "/nonexistent/blufio.toml"]);
     assert_eq!(output.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/blufio.toml"));
 }
@@ -417,12 +246,9 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
     let port = taken.local_addr().unwrap().port();
     let dir = temp_dir("busy");
     let path = dir.join("blufio.toml");
-    std::fs::write(
-        &path,
-        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    )
-    .unwrap();
-    let output = blufio()
+    std::fs::write(&path, port_config(port)).unwrap();
+    let output = binary()
+        .command()
         .args(["serve", "--config"])
         .arg(&path)
         .env("BLUFIO_LOG", "off")
@@ -430,53 +256,36 @@ fn busy_port_is_a_one_line_error_naming_the_address() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("cannot bind 127.0.0.1:{port}")),
-        "{stderr}"
-    );
+    assert_contains(&stderr, &format!("cannot bind 127.0.0.1:{port}"));
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
 #[test]
 fn unknown_command_is_a_usage_error() {
-    let output = blufio().arg("frobnicate").output().unwrap();
+    let output = binary().run(&["frobnicate"]);
     assert_eq!(output.status.code(), Some(2));
 }
 
 #[test]
 fn status_exits_1_when_the_daemon_reports_degraded() {
     // A stand-in answering /health the way a daemon under memory pressure does.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
+    let port = http::stand_in(|mut stream| {
         use std::io::{Read, Write};
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-                request.push(byte[0]);
-            }
-            let body = r#"{"status":"degraded","uptime_secs":7,"memory_heap_bytes":220000000,"memory_rss_bytes":260000000,"active_sessions":3}"#;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            request.push(byte[0]);
         }
+        let body = r#"{"status":"degraded","uptime_secs":7,"memory_heap_bytes":220000000,"memory_rss_bytes":260000000,"active_sessions":3}"#;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
     });
     let path = temp_dir("degraded").join("blufio.toml");
-    std::fs::write(
-        &path,
-        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    )
-    .unwrap();
-    let output = blufio()
-        .args(["status", "--config"])
-        .arg(&path)
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .output()
-        .unwrap();
+    std::fs::write(&path, port_config(port)).unwrap();
+    let output = binary().run_config(&["status"], &path);
     assert_eq!(output.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(": degraded"), "{stdout}");
@@ -491,20 +300,12 @@ fn log_lines_with_journal(name: &str, announce_journal: bool) -> String {
     let dir = temp_dir(name);
     let port = free_port();
     let config_path = dir.join("blufio.toml");
-    std::fs::write(
-        &config_path,
-        format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    )
-    .unwrap();
+    std::fs::write(&config_path, port_config(port)).unwrap();
     let log_path = dir.join("stderr.log");
     let log_file = std::fs::File::create(&log_path).unwrap();
     let identity = log_file.metadata().unwrap();
-    let mut command = blufio();
+    let mut command = binary().serve_command(&config_path);
     command
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("BLUFIO_LOG", "info")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);
@@ -516,7 +317,8 @@ fn log_lines_with_journal(name: &str, announce_journal: bool) -> String {
     } else {
         command.env_remove("JOURNAL_STREAM");
     }
-    let mut child = command.spawn().unwrap();
+    // Killed when the log is read (on return, or when a failure unwinds).
+    let _child = KillOnDrop(command.spawn().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut text = String::new();
     while std::time::Instant::now() < deadline {
@@ -526,8 +328,6 @@ fn log_lines_with_journal(name: &str, announce_journal: bool) -> String {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
     text
 }
 

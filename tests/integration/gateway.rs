@@ -74,22 +74,15 @@ fn messages_open_a_session_or_continue_one() {
     assert_eq!(info["message_count"], 4);
     assert_eq!(daemon.get("/health").json()["active_sessions"], 1);
 
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
-    assert_eq!(
-        exposition.value("blufio_messages_total", &[("channel", "http")]),
-        Some(2.0)
-    );
-    assert_eq!(
-        exposition.value("blufio_response_latency_seconds_count", &[]),
-        Some(2.0)
-    );
-    assert_eq!(
-        exposition.value(
+    prometheus::parse(&daemon.get_ok("/metrics")).assert_values(&[
+        ("blufio_messages_total", &[("channel", "http")], 2.0),
+        ("blufio_response_latency_seconds_count", &[], 2.0),
+        (
             "blufio_tokens_total",
-            &[("model", "scripted-1"), ("type", "input")]
+            &[("model", "scripted-1"), ("type", "input")],
+            22.0,
         ),
-        Some(22.0)
-    );
+    ]);
     daemon.stop();
 }
 
@@ -107,23 +100,16 @@ fn malformed_messages_get_4xx_json_and_change_nothing() {
     )
     .assert_error(404, "session_not_found");
     assert_eq!(daemon.get("/health").json()["active_sessions"], 0);
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
-    assert_eq!(
-        exposition.value("blufio_errors_total", &[("type", "bad_request")]),
-        Some(4.0)
-    );
-    assert_eq!(
-        exposition.value("blufio_messages_total", &[("channel", "http")]),
-        Some(0.0)
-    );
+    prometheus::parse(&daemon.get_ok("/metrics")).assert_values(&[
+        ("blufio_errors_total", &[("type", "bad_request")], 4.0),
+        ("blufio_messages_total", &[("channel", "http")], 0.0),
+    ]);
     daemon.stop();
 }
 
 #[test]
 fn agent_failures_map_to_clear_statuses() {
-    let mut config = Config::for_tests();
-    config.agent.timeout_secs = 1;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.agent.timeout_secs = 1);
     let upstream = post_message(&daemon, r#"{"content": "upstream"}"#);
     upstream.assert_error(502, "agent_upstream");
     assert!(!upstream.body.contains("secret upstream detail"));
@@ -167,9 +153,7 @@ fn without_an_agent_messages_get_503_and_sessions_still_work() {
 
 #[test]
 fn spending_the_budget_turns_messages_into_429() {
-    let mut config = Config::for_tests();
-    config.cost.daily_budget_usd = 1.0;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.cost.daily_budget_usd = 1.0);
     for _ in 0..2 {
         assert_eq!(
             post_message(&daemon, r#"{"content": "costly"}"#).status,
@@ -177,9 +161,8 @@ fn spending_the_budget_turns_messages_into_429() {
         );
     }
     post_message(&daemon, r#"{"content": "costly"}"#).assert_error(429, "budget_exhausted");
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_budget_remaining_usd", &[]),
+        support::metric(&daemon, "blufio_budget_remaining_usd", &[]),
         Some(0.0)
     );
     daemon.stop();
@@ -222,9 +205,7 @@ fn every_v1_route_and_ws_refuse_a_missing_or_wrong_token() {
 
 #[test]
 fn oversized_bodies_get_413_without_being_read() {
-    let mut config = Config::for_tests();
-    config.gateway.max_message_bytes = 1024;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.gateway.max_message_bytes = 1024);
     // Only the head is sent: the declared length alone earns the 413, no byte of body is
     // awaited.
     let head_only = format!(
@@ -249,9 +230,7 @@ fn oversized_bodies_get_413_without_being_read() {
 
 #[test]
 fn max_sessions_refuses_with_503_and_retry_after() {
-    let mut config = Config::for_tests();
-    config.gateway.max_sessions = 2;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.gateway.max_sessions = 2);
     for _ in 0..2 {
         assert_eq!(
             daemon.authed(TOKEN, "POST", "/v1/sessions", None).status,
@@ -331,9 +310,7 @@ fn above_the_memory_limit_new_sessions_get_503_while_open_ones_keep_talking() {
 
 #[test]
 fn idle_sessions_are_evicted_by_the_background_task() {
-    let mut config = Config::for_tests();
-    config.gateway.session_idle_timeout_secs = 1;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.gateway.session_idle_timeout_secs = 1);
     assert_eq!(
         daemon.authed(TOKEN, "POST", "/v1/sessions", None).status,
         201
@@ -341,9 +318,12 @@ fn idle_sessions_are_evicted_by_the_background_task() {
     assert_eq!(daemon.get("/health").json()["active_sessions"], 1);
     // The eviction task checks every 500 ms; the session is idle after 1 s.
     wait_for_active_sessions(&daemon, 0);
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_sessions_shed_total", &[("reason", "idle_timeout")]),
+        support::metric(
+            &daemon,
+            "blufio_sessions_shed_total",
+            &[("reason", "idle_timeout")]
+        ),
         Some(1.0)
     );
     daemon.stop();

@@ -2,14 +2,7 @@
 //! address and reported once per episode, malformed requests leave one line per episode, and
 //! nothing below the configured log level is ever printed.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 // Other loopback addresses than 127.0.0.1 exist by default on Linux only.
 #[cfg(target_os = "linux")]
 use std::{
@@ -20,10 +13,9 @@ use std::{
 #[cfg(target_os = "linux")]
 use blufio::{Config, internals::client_fault::AUTH_FAILURE_LIMIT};
 
-use crate::{
-    cli::{blufio, free_port, temp_dir, wait},
-    support,
-};
+use blufio_testkit::process::{Daemon, write_config};
+
+use crate::support::{self, free_port, temp_dir};
 #[cfg(target_os = "linux")]
 use crate::{
     prometheus,
@@ -33,73 +25,41 @@ use crate::{
 const TOKEN: &str = "hostile-auth-token-0123456789";
 
 /// Starts the binary with `config` and without `BLUFIO_LOG`, so `[daemon] log_level` (and a
-/// reload of it) is what filters the log; returns the child, its address, its stderr lines
-/// and the config path (rewritten by reload tests).
-#[allow(clippy::zombie_processes)] // The caller waits for the child.
-fn start_configured_binary(
-    config: &str,
-    name: &str,
-) -> (Child, SocketAddr, mpsc::Receiver<String>, PathBuf) {
-    let path = temp_dir(name).join("blufio.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = blufio()
-        .args(["serve", "--config"])
-        .arg(&path)
+/// reload of it) is what filters the log; returns the daemon, which knows its
+/// address, its stderr lines and the config path (rewritten by reload tests).
+fn start_configured_binary(config: &str, name: &str) -> Daemon {
+    let path = write_config(&temp_dir(name), config);
+    let mut command = support::binary().serve_command(&path);
+    command
         .env_remove("BLUFIO_LOG")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
         .env_remove("JOURNAL_STREAM")
-        .env_remove("OPENAI_API_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("daemon logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split(' ').next().unwrap().parse().unwrap();
-            return (child, addr, lines, path);
-        }
-    }
+        .env_remove("OPENAI_API_KEY");
+    Daemon::start(&mut command, path)
 }
 
-/// Collects stderr lines up to and including the first that contains `marker` (bounded).
-fn lines_until(lines: &mpsc::Receiver<String>, marker: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(remaining) {
-            Ok(line) => {
-                let done = line.contains(marker);
-                seen.push(line);
-                if done {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("no line with {marker:?} within 30 s; saw {seen:#?}"),
-        }
-    }
+/// Sends SIGTERM, collects the log up to "shut down" and asserts a clean exit.
+fn stop_and_log(daemon: &mut Daemon) -> Vec<String> {
+    daemon.signal("TERM");
+    let log = daemon.lines_until("shut down", Duration::from_secs(30));
+    let exit = daemon.wait(support::EXIT_TIMEOUT);
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    log
 }
 
-fn signal(child: &Child, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// The lines of `log` about client `who` (an address).
+#[cfg(target_os = "linux")]
+fn mentioning<'a>(log: &'a [String], who: &str) -> Vec<&'a String> {
+    log.iter()
+        .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
+        .collect()
+}
+
+/// Health and gateway on `port` with `TOKEN`, logging at info.
+fn info_config(port: u16) -> String {
+    format!(
+        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
+    )
 }
 
 /// Sends `count` messages at once; each fails against the dead upstream after retries, so
@@ -148,14 +108,16 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
             key.display()
         )
     };
-    let (mut child, addr, lines, path) = start_configured_binary(&config("info"), "log-level");
+    let mut daemon = start_configured_binary(&config("info"), "log-level");
+    let addr = daemon.addr();
+    let path = daemon.config().to_owned();
 
     // At info: the retry warning repeats (three messages, two retries each), and its
     // held-back repeats must not come out as DEBUG lines.
     fail_messages(addr, 3);
     std::fs::write(&path, config("debug")).unwrap();
-    signal(&child, "-HUP");
-    let at_info = lines_until(&lines, "reloaded");
+    daemon.signal("HUP");
+    let at_info = daemon.lines_until("reloaded", Duration::from_secs(30));
     assert!(
         at_info
             .iter()
@@ -167,16 +129,13 @@ fn repeated_warnings_print_nothing_below_the_configured_level_before_and_after_a
     // Raised to debug by a reload, debug lines do show (so the check above can fail).
     fail_messages(addr, 2);
     std::fs::write(&path, config("info")).unwrap();
-    signal(&child, "-HUP");
-    let at_debug = lines_until(&lines, "reloaded");
+    daemon.signal("HUP");
+    let at_debug = daemon.lines_until("reloaded", Duration::from_secs(30));
     assert!(!debug_lines(&at_debug).is_empty(), "{at_debug:#?}");
 
     // Lowered to info again by a reload: hidden again.
     fail_messages(addr, 3);
-    signal(&child, "-TERM");
-    let after = lines_until(&lines, "shut down");
-    let exit = wait(&mut child);
-    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    let after = stop_and_log(&mut daemon);
     assert_eq!(debug_lines(&after), Vec::<&String>::new(), "{after:#?}");
 }
 
@@ -325,12 +284,8 @@ fn requests_without_credentials_are_refused_but_never_throttle_the_address() {
 #[cfg(target_os = "linux")]
 #[test]
 fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
-    let port = free_port();
-    let config = format!(
-        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
-    );
-    let (mut child, addr, lines, _) = start_configured_binary(&config, "fault-episodes");
+    let mut daemon = start_configured_binary(&info_config(free_port()), "fault-episodes");
+    let addr = daemon.addr();
 
     // One guesser, reconnecting whenever it is closed on.
     let guesser = Ipv4Addr::new(127, 0, 0, 7);
@@ -363,46 +318,52 @@ fn token_guessing_and_malformed_requests_leave_one_line_per_episode_at_info() {
         assert_eq!(health_from(typist, addr, "typo").status, 401);
     }
 
-    signal(&child, "-TERM");
-    let log = lines_until(&lines, "shut down");
-    assert_eq!(wait(&mut child).code(), Some(0));
-    let mentioning = |who: &str| -> Vec<&String> {
-        log.iter()
-            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
-            .collect()
-    };
+    let log = stop_and_log(&mut daemon);
+    let mentioning = |who: &str| mentioning(&log, who);
     // One WARN when the throttle starts, one INFO line of totals (here at exit).
     let guessing = mentioning("127.0.0.7");
     assert_eq!(guessing.len(), 2, "{log:#?}");
-    assert!(
-        guessing[0].starts_with("[WARN")
-            && guessing[0].contains("token guessing from 127.0.0.7: 10 failed authentications"),
-        "{guessing:?}"
+    assert_line(
+        &guessing,
+        0,
+        "[WARN",
+        "token guessing from 127.0.0.7: 10 failed authentications",
     );
-    assert!(
-        guessing[1].starts_with("[INFO")
-            && guessing[1].contains(
-                "token guessing from 127.0.0.7 stopped: 10 failed authentications and 30 \
-                 requests answered 429"
-            ),
-        "{guessing:?}"
+    assert_line(
+        &guessing,
+        1,
+        "[INFO",
+        "token guessing from 127.0.0.7 stopped: 10 failed authentications and 30 requests \
+         answered 429",
     );
     // One INFO line at the first malformed request, the counts when the episode ends.
     let malformed = mentioning("127.0.0.8");
     assert_eq!(malformed.len(), 2, "{log:#?}");
-    assert!(
-        malformed[0].starts_with("[INFO")
-            && malformed[0].contains("malformed request from 127.0.0.8 (bad_request)"),
-        "{malformed:?}"
+    assert_line(
+        &malformed,
+        0,
+        "[INFO",
+        "malformed request from 127.0.0.8 (bad_request)",
     );
-    assert!(
-        malformed[1].starts_with("[INFO")
-            && malformed[1].contains("malformed requests from 127.0.0.8: 20 in the last")
-            && malformed[1].ends_with("(bad_request 20)"),
-        "{malformed:?}"
+    assert_line(
+        &malformed,
+        1,
+        "[INFO",
+        "malformed requests from 127.0.0.8: 20 in the last",
     );
+    assert!(malformed[1].ends_with("(bad_request 20)"), "{malformed:?}");
     assert_eq!(mentioning("127.0.0.9"), Vec::<&String>::new(), "{log:#?}");
     assert_eq!(debug_lines(&log), Vec::<&String>::new(), "{log:#?}");
+}
+
+/// Asserts that line `index` of `lines` starts with `level` and contains `text`.
+#[cfg(target_os = "linux")]
+#[track_caller]
+fn assert_line(lines: &[&String], index: usize, level: &str, text: &str) {
+    assert!(
+        lines[index].starts_with(level) && lines[index].contains(text),
+        "{lines:?}"
+    );
 }
 
 /// Writes `bytes` from `source`, closes the sending side and waits for the daemon to close
@@ -431,12 +392,8 @@ fn bad_requests(addr: SocketAddr) -> f64 {
 #[cfg(target_os = "linux")]
 #[test]
 fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
-    let port = free_port();
-    let config = format!(
-        "[daemon]\nlog_level = \"info\"\nhealth_port = {port}\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n"
-    );
-    let (mut child, addr, lines, _) = start_configured_binary(&config, "hang-ups");
+    let mut daemon = start_configured_binary(&info_config(free_port()), "hang-ups");
+    let addr = daemon.addr();
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
 
     let quitter = Ipv4Addr::new(127, 0, 0, 10);
@@ -479,14 +436,8 @@ fn clients_that_hang_up_mid_request_are_not_counted_or_logged_as_malformed() {
     assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
     assert_eq!(bad_requests(addr), 2.0);
 
-    signal(&child, "-TERM");
-    let log = lines_until(&lines, "shut down");
-    assert_eq!(wait(&mut child).code(), Some(0));
-    let mentioning = |who: &str| -> Vec<&String> {
-        log.iter()
-            .filter(|line| line.contains(&format!("{who}:")) || line.contains(&format!("{who} ")))
-            .collect()
-    };
+    let log = stop_and_log(&mut daemon);
+    let mentioning = |who: &str| mentioning(&log, who);
     assert_eq!(mentioning("127.0.0.10"), Vec::<&String>::new(), "{log:#?}");
     let malformed = mentioning("127.0.0.11");
     assert!(

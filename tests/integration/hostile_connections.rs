@@ -11,21 +11,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blufio::{Context, FixedRss, ManualHeap, internals::connection::CONNECTION_BASE_BYTES};
+use blufio::{ManualHeap, internals::connection::CONNECTION_BASE_BYTES};
+use blufio_testkit::http;
 
 use crate::{
-    cli, prometheus,
+    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
 const MIB: u64 = 1024 * 1024;
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set timeout");
-    stream
+    http::connect_with_timeout(addr, Duration::from_secs(10))
 }
 
 fn exposition(addr: SocketAddr) -> prometheus::Exposition {
@@ -130,13 +127,14 @@ fn read_settled(addr: SocketAddr) -> Reading {
 #[test]
 fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_them() {
     const HELD: usize = 300;
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\nmemory_warn_mb = 900\n\
          memory_limit_mb = 1000\nmax_connections = 1000\nmax_connections_per_ip = 1000\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n[agent]\nprovider = \"echo\"\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "connection-charge");
+    let mut daemon = support::serve(&config, "connection-charge");
+    let addr = daemon.addr();
     // A request line in pieces is collected by the request-target transport, not trillium.
     let mut partial_line = b"GET /".to_vec();
     partial_line.extend(std::iter::repeat_n(b'a', 6000));
@@ -168,8 +166,7 @@ fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_t
         per_connection.push((*state, heap, charged));
         drop(held);
     }
-    child.kill().unwrap();
-    cli::wait(&mut child);
+    daemon.kill();
     let report = format!("(state, heap, charged) per connection: {per_connection:?}");
     for (state, heap, charged) in &per_connection {
         // What the sessions see is the heap less the charge: an under-charge is session heap.
@@ -181,32 +178,19 @@ fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_t
     assert!(body_heap < 40_000.0, "{report}");
 }
 
-/// Starts a daemon with `memory_warn_mb = 20` on a heap set by hand, and a session of 6
-/// history messages idle long enough to be trimmed under pressure. Returns the daemon, its
-/// heap and the session id.
+/// The shared idle-session daemon: sessions count as idle for shedding after 2 s, and the
+/// rest of the test has 6 s before the session would be closed as idle.
 fn daemon_with_an_idle_session() -> (TestDaemon, Arc<ManualHeap>, String) {
-    let heap = Arc::new(ManualHeap::new(10 * MIB));
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.memory_warn_mb = 20;
-    config.daemon.memory_limit_mb = 30;
-    config.daemon.max_connections_per_ip = 1000;
-    // Sessions count as idle for shedding after a quarter of this (2 s), and the rest of the
-    // test has 6 s before the session would be closed as idle.
-    config.gateway.session_idle_timeout_secs = 8;
-    let daemon = support::start_with(
-        Context::builder(config)
-            .with_heap_source(Arc::clone(&heap))
-            .with_rss_source(FixedRss(Some(15 * MIB)))
-            .with_agent(support::ScriptedAgent),
-    );
-    let created = daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content": "one"}"#));
-    let id = created.json()["session_id"].as_str().unwrap().to_owned();
-    for text in ["two", "three"] {
-        let body = format!(r#"{{"session_id": "{id}", "content": "{text}"}}"#);
-        daemon.authed(TOKEN, "POST", "/v1/messages", Some(&body));
+    support::daemon_with_an_idle_session(8, Duration::from_millis(2200))
+}
+
+/// Opens `count` connections to the gateway that each send `head` and then wait.
+fn hold(daemon: &TestDaemon, count: usize, head: &[u8]) -> Vec<TcpStream> {
+    let mut held: Vec<TcpStream> = (0..count).map(|_| connect(daemon.gateway_addr())).collect();
+    for stream in &mut held {
+        stream.write_all(head).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(2200));
-    (daemon, heap, id)
+    held
 }
 
 fn assert_session_untouched(daemon: &TestDaemon, id: &str) {
@@ -224,10 +208,7 @@ fn assert_session_untouched(daemon: &TestDaemon, id: &str) {
 #[test]
 fn sessions_are_not_trimmed_when_shed_connections_still_show_in_the_next_heap_reading() {
     let (daemon, heap, id) = daemon_with_an_idle_session();
-    let mut held: Vec<TcpStream> = (0..150).map(|_| connect(daemon.gateway_addr())).collect();
-    for stream in &mut held {
-        stream.write_all(&partial_head()).unwrap();
-    }
+    let mut held = hold(&daemon, 150, &partial_head());
     // Each holds at least its base and the 6,000 header bytes it sent.
     let floor = 150 * (CONNECTION_BASE_BYTES + 6000);
     wait_until("the partial heads to be charged", || {
@@ -267,10 +248,7 @@ fn sessions_are_not_trimmed_when_shed_connections_still_show_in_the_next_heap_re
 #[test]
 fn connections_waiting_on_a_declared_body_are_shed_like_partial_heads() {
     let (daemon, heap, id) = daemon_with_an_idle_session();
-    let mut held: Vec<TcpStream> = (0..40).map(|_| connect(daemon.gateway_addr())).collect();
-    for stream in &mut held {
-        stream.write_all(&declared_body_head()).unwrap();
-    }
+    let mut held = hold(&daemon, 40, &declared_body_head());
     // Reading a body, each is charged its base and the request's state.
     let floor = 40
         * blufio::internals::connection::fixed_cost(
@@ -301,9 +279,7 @@ fn connections_waiting_on_a_declared_body_are_shed_like_partial_heads() {
 
 #[test]
 fn a_body_past_its_deadline_gets_408_and_the_socket_closes_at_once() {
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.request_timeout_secs = 1;
-    let daemon = support::start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.request_timeout_secs = 1);
     let mut stream = connect(daemon.gateway_addr());
     stream
         .write_all(

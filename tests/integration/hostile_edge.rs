@@ -17,9 +17,10 @@ use std::{
 };
 
 use blufio::Config;
+use blufio_testkit::http;
 
 use crate::{
-    cli, prometheus,
+    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
@@ -147,9 +148,7 @@ const INCOMPLETE_HEAD: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Drip: a";
 
 #[test]
 fn a_slow_head_flood_at_the_cap_leaves_room_for_probes_and_real_clients() {
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.max_connections = 48;
-    let daemon = support::start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.max_connections = 48);
     let addr = daemon.addr();
 
     // A real client kept alive from before the flood, idle while it lasts.
@@ -296,21 +295,14 @@ fn clients_that_never_read_their_responses_leave_room_for_probes_and_real_client
 
 #[test]
 fn eviction_at_the_cap_spares_requests_in_progress() {
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.max_connections = 40;
-    let daemon = support::start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.max_connections = 40);
     let addr = daemon.addr();
     // A request in progress (its handler sleeps 3 s) from the busiest address.
     let busy_source = Ipv4Addr::new(127, 0, 0, 20);
     let mut busy = connect_from(busy_source, addr).unwrap();
     let body = r#"{"content":"slow"}"#;
-    write!(
-        busy,
-        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    busy.write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     // The message opens a session: from then on its handler runs.
     support::wait_for_active_sessions(&daemon, 1);
     // The same address then fills the port with incomplete heads, and more arrive.
@@ -406,10 +398,7 @@ fn request_lines_of_every_length_sent_at_once_get_a_json_status() {
 #[test]
 fn oversized_headers_split_into_pieces_still_get_431() {
     let daemon = support::start(Config::for_tests());
-    let head = format!(
-        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(10_000)
-    );
+    let head = http::big_head(10_000);
     let status = served_in_pieces(&daemon, head.as_bytes(), 40, Duration::from_millis(5));
     assert_eq!(status, 431);
     daemon.stop();
@@ -445,12 +434,13 @@ fn heap_after_a_tick(addr: SocketAddr) -> f64 {
 fn dripped_heads_hold_no_more_memory_than_their_bytes() {
     const CONNECTIONS: usize = 64;
     const PIECES: usize = 64;
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\nrequest_timeout_secs = 60\n\
          max_connections_per_ip = 256\n[gateway]\nport = {port}\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "dripped-heads");
+    let mut daemon = support::serve(&config, "dripped-heads");
+    let addr = daemon.addr();
     let before = heap_after_a_tick(addr);
     // A head of 7,000 bytes, all but its last two bytes dripped in 64 pieces to each of 64
     // connections, one round of pieces every 20 ms.
@@ -474,9 +464,9 @@ fn dripped_heads_hold_no_more_memory_than_their_bytes() {
         .map(|stream| read_response(stream).map(|response| response.status))
         .collect();
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &daemon.pid().to_string()])
         .status();
-    assert_eq!(cli::wait(&mut child).code(), Some(0));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
     assert!(
         statuses.iter().all(|status| *status == Some(200)),
         "{statuses:?}"
@@ -569,13 +559,8 @@ fn keep_posting(addr: SocketAddr, index: usize, drain_seen: &AtomicBool) -> Tall
 
 #[test]
 fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_close() {
-    let port = cli::free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
-         [agent]\nprovider = \"echo\"\necho_delay_ms = 20\n"
-    );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "sigterm-keep-alive");
+    let mut daemon = support::serve_drain(20, "sigterm-keep-alive");
+    let addr = daemon.addr();
     // A WebSocket that never answers the close frame keeps the first stage of the drain open
     // for its whole budget, as a busy daemon's sockets do.
     let bearer = format!("Bearer {TOKEN}");
@@ -589,11 +574,7 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
         })
         .collect();
     thread::sleep(Duration::from_millis(500));
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    daemon.signal("TERM");
     // `/ready` turns 503 when the drain begins: any request sent after that must be answered
     // with `Connection: close`.
     let started = Instant::now();
@@ -608,7 +589,7 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
         thread::sleep(Duration::from_millis(2));
     }
     let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    assert_eq!(cli::wait(&mut child).code(), Some(0));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
     let responses: u64 = tallies.iter().map(|t| t.responses).sum();
     let dropped: u64 = tallies.iter().map(|t| t.dropped).sum();
     let kept_alive: u64 = tallies.iter().map(|t| t.kept_alive_in_drain).sum();
@@ -632,13 +613,8 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
 
 #[test]
 fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
-    let port = cli::free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
-         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
-         [agent]\nprovider = \"echo\"\necho_delay_ms = 1500\n"
-    );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "sigterm-slow-heads");
+    let mut daemon = support::serve_drain(1500, "sigterm-slow-heads");
+    let addr = daemon.addr();
     let heads: Vec<TcpStream> = (0..32u8)
         .map(|index| {
             let mut stream = connect_from(Ipv4Addr::new(127, 0, 2, index % 8 + 1), addr).unwrap();
@@ -649,22 +625,14 @@ fn sigterm_during_a_slow_head_flood_exits_without_waiting_for_the_heads() {
     // A request the daemon is answering when the drain begins (its reply takes 1.5 s).
     let mut in_flight = connect(addr);
     let body = r#"{"content":"in flight"}"#;
-    write!(
-        in_flight,
-        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    in_flight
+        .write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     thread::sleep(Duration::from_millis(500));
     let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    daemon.signal("TERM");
     let response = read_response(&mut in_flight);
-    let exit = cli::wait(&mut child);
+    let exit = daemon.wait(support::EXIT_TIMEOUT);
     let took = signalled.elapsed();
     eprintln!(
         "exited {exit:?} {took:?} after SIGTERM with {} slow heads open",

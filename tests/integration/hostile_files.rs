@@ -3,24 +3,28 @@
 //! keys the daemon cannot apply live, and a connection cap above the open-file limit.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use blufio::{Agent, Call, Config, Context, Reply, ReplyFuture, Usage};
 
+use blufio_testkit::assert_contains;
+use blufio_testkit::process::{Spawned, free_port};
+
 use crate::{
-    cli::{self, blufio},
     prometheus,
     support::{self, TOKEN},
 };
 
 /// What one reply costs with [`PricedAgent`].
 const REPLY_USD: f64 = 0.25;
+
+/// How long a daemon may take to drain and exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Answers every message at a fixed price, so spend is written without an upstream.
 struct PricedAgent;
@@ -57,110 +61,31 @@ fn mkfifo(path: &Path) {
     assert!(status.success(), "mkfifo {}", path.display());
 }
 
-/// A child process whose stderr lines arrive on a channel.
-struct Spawned {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
 fn spawn(command: &mut Command) -> Spawned {
-    let mut child = command
-        .env("BLUFIO_LOG", "info")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (sender, lines) = mpsc::channel();
-    for stream in [
-        Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stdout.take().unwrap()),
-    ] {
-        let sender = sender.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    Spawned { child, lines }
-}
-
-impl Spawned {
-    /// Waits for the exit status; a process still running after `limit` is killed and the
-    /// test fails (on a hang, the old behaviour, instead of hanging the suite).
-    fn exit_within(&mut self, limit: Duration) -> (i32, Vec<String>) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // The reader threads end with the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                let output = self.lines.try_iter().collect();
-                return (status.code().unwrap_or(-1), output);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                let output: Vec<String> = self.lines.try_iter().collect();
-                panic!("still running after {limit:?} (hung on a file?): {output:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for a line containing `needle`, returning it.
-    fn line_containing(&self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        panic!("no line containing {needle:?} within {limit:?}: {seen:#?}");
-    }
-
-    fn address(&self) -> SocketAddr {
-        let line = self.line_containing("listening on http://", Duration::from_secs(30));
-        let rest = line.split("listening on http://").nth(1).unwrap();
-        rest.split(' ').next().unwrap().parse().unwrap()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([name, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn stop(mut self) {
-        self.signal("-TERM");
-        let (code, output) = self.exit_within(Duration::from_secs(20));
-        assert_eq!(code, 0, "{output:#?}");
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    Spawned::spawn_collecting(
+        command
+            .env("BLUFIO_LOG", "info")
+            .env_remove("BLUFIO_GATEWAY_TOKEN"),
+        true,
+    )
 }
 
 fn serve(config: &Path) -> Spawned {
-    spawn(blufio().args(["serve", "--config"]).arg(config))
+    spawn(
+        support::binary()
+            .command()
+            .args(["serve", "--config"])
+            .arg(config),
+    )
 }
 
 fn check_config(config: &Path) -> Spawned {
-    spawn(blufio().args(["check-config", "--config"]).arg(config))
+    spawn(
+        support::binary()
+            .command()
+            .args(["check-config", "--config"])
+            .arg(config),
+    )
 }
 
 /// `GET path` with a short read timeout: `None` when nothing answers in time.
@@ -178,7 +103,7 @@ fn get_within(addr: SocketAddr, path: &str, limit: Duration) -> Option<u16> {
 }
 
 fn port_config(extra: &str) -> String {
-    let port = cli::free_port();
+    let port = free_port();
     format!("[daemon]\nhealth_port = {port}\n{extra}\n[gateway]\nport = {port}\n")
 }
 
@@ -206,15 +131,12 @@ fn a_fifo_as_config_token_or_spend_file_is_refused_with_exit_78_and_never_hangs(
         (&state_config, "spend.json"),
     ] {
         for mut child in [check_config(config), serve(config)] {
-            let (code, output) = child.exit_within(Duration::from_secs(10));
+            let (code, output) = child.finish(Duration::from_secs(10));
             assert_eq!(code, 78, "{config:?}: {output:#?}");
             let error = output.iter().find(|line| line.starts_with("blufio: "));
             let error = error.unwrap_or_else(|| panic!("{config:?}: {output:#?}"));
             assert!(error.contains(expected), "{error}");
-            assert!(
-                error.contains("FIFO (named pipe), not a regular file"),
-                "{error}"
-            );
+            assert_contains(error, "FIFO (named pipe), not a regular file");
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -240,7 +162,7 @@ fn a_spend_file_linked_to_dev_zero_or_sparse_is_refused_without_reading_it() {
         let config = dir.join(format!("{state}.toml"));
         std::fs::write(&config, port_config(&format!("state_dir = \"{state}\""))).unwrap();
         let started = Instant::now();
-        let (code, output) = serve(&config).exit_within(Duration::from_secs(10));
+        let (code, output) = serve(&config).finish(Duration::from_secs(10));
         assert_eq!(code, 78, "{output:#?}");
         assert!(
             output.iter().any(|line| line.contains(expected)),
@@ -267,15 +189,15 @@ fn a_reload_meeting_a_fifo_token_file_is_refused_while_health_keeps_answering() 
         format!("{}token_file = \"token\"\n", port_config("workers = 1")),
     )
     .unwrap();
-    let daemon = serve(&config);
-    let addr = daemon.address();
+    let mut daemon = serve(&config);
+    let addr = daemon.wait_for_addr();
     std::fs::remove_file(&token).unwrap();
     mkfifo(&token);
 
     for attempt in 1..=2 {
-        daemon.signal("-HUP");
+        daemon.signal("HUP");
         // Every refused reload is an error line, the second within a minute too.
-        let refused = daemon.line_containing("reload refused", Duration::from_secs(15));
+        let refused = daemon.wait_for_line("reload refused", Duration::from_secs(15));
         assert!(refused.contains("ERROR"), "attempt {attempt}: {refused}");
         assert!(refused.contains("FIFO (named pipe)"), "{refused}");
         assert_eq!(
@@ -293,7 +215,7 @@ fn a_reload_meeting_a_fifo_token_file_is_refused_while_health_keeps_answering() 
         None,
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
-    daemon.stop();
+    daemon.stop(STOP_TIMEOUT);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -307,7 +229,7 @@ fn a_reload_names_every_changed_key_and_applies_the_daily_budget_at_once() {
              [agent]\nmodel = \"{model}\"\n[cost]\ndaily_budget_usd = {budget:?}\n"
         )
     };
-    std::fs::write(&config_path, text(cli::free_port(), 1.0, "first-model")).unwrap();
+    std::fs::write(&config_path, text(free_port(), 1.0, "first-model")).unwrap();
     let config = Config::load(Some(&config_path)).unwrap();
     let daemon = support::start_with(
         Context::builder(config)
@@ -317,7 +239,7 @@ fn a_reload_names_every_changed_key_and_applies_the_daily_budget_at_once() {
     let health = || daemon.authed(TOKEN, "GET", "/v1/health", None).json();
     assert_eq!(health()["budget"]["daily_usd"], 1.0);
 
-    std::fs::write(&config_path, text(cli::free_port(), 5.0, "second-model")).unwrap();
+    std::fs::write(&config_path, text(free_port(), 5.0, "second-model")).unwrap();
     let report = async_io::block_on(blufio::internals::reload::reload(&daemon.ctx)).unwrap();
     assert_eq!(report.changed, ["[cost] daily_budget_usd"], "{report}");
     for key in ["[agent] model", "[daemon] health_port", "[gateway] port"] {
@@ -415,9 +337,9 @@ fn a_second_daemon_on_the_same_state_dir_is_refused_naming_the_directory_and_pid
     std::fs::write(&first_config, port_config("state_dir = \"state\"")).unwrap();
     let second_config = dir.join("second.toml");
     std::fs::write(&second_config, port_config("state_dir = \"state\"")).unwrap();
-    let first = serve(&first_config);
-    first.address();
-    let (code, output) = serve(&second_config).exit_within(Duration::from_secs(10));
+    let mut first = serve(&first_config);
+    first.wait_for_addr();
+    let (code, output) = serve(&second_config).finish(Duration::from_secs(10));
     assert_eq!(code, 78, "{output:#?}");
     let error = output
         .iter()
@@ -425,15 +347,12 @@ fn a_second_daemon_on_the_same_state_dir_is_refused_naming_the_directory_and_pid
         .unwrap_or_else(|| panic!("{output:#?}"));
     assert!(error.contains(&state.display().to_string()), "{error}");
     // Under qemu-user the pid is the emulator's, which is the child's own.
-    assert!(
-        error.contains(&format!("pid {}", first.child.id())),
-        "{error}"
-    );
-    first.stop();
+    assert!(error.contains(&format!("pid {}", first.pid())), "{error}");
+    first.stop(STOP_TIMEOUT);
     // Once the first is gone, the directory is free again.
-    let again = serve(&second_config);
-    again.address();
-    again.stop();
+    let mut again = serve(&second_config);
+    again.wait_for_addr();
+    again.stop(STOP_TIMEOUT);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -452,10 +371,7 @@ fn two_daemons_in_one_process_need_two_state_dirs() {
     let error = Context::new(config("a")).unwrap_err();
     assert!(error.is_config(), "exit 78");
     let message = error.to_string();
-    assert!(
-        message.contains(&dir.join("a").display().to_string()),
-        "{message}"
-    );
+    assert_contains(&message, &dir.join("a").display().to_string());
     assert!(message.contains("in this process"), "{message}");
     first.stop();
     second.stop();
@@ -473,33 +389,27 @@ fn check_config_reads_the_spend_file_as_start_up_would() {
     let config = dir.join("blufio.toml");
     std::fs::write(&config, port_config("state_dir = \"state\"")).unwrap();
 
-    std::fs::write(
-        state.join("spend.json"),
-        r#"{"version":1,"utc_day":20000,"spent_u"#,
-    )
-    .unwrap();
-    let (code, output) = check_config(&config).exit_within(Duration::from_secs(10));
+    // Writes the spend file, runs check-config and returns its exit code and output.
+    let check_with_spend = |spend: &str| {
+        std::fs::write(state.join("spend.json"), spend).unwrap();
+        check_config(&config).finish(Duration::from_secs(10))
+    };
+    let (code, output) = check_with_spend(r#"{"version":1,"utc_day":20000,"spent_u"#);
     assert_eq!(code, 78, "{output:#?}");
+    let found = |output: &[String], wanted: fn(&str) -> bool| output.iter().any(|l| wanted(l));
     assert!(
-        output
-            .iter()
-            .any(|line| line.contains("spend.json") && line.contains("not valid JSON")),
+        found(&output, |line| line.contains("spend.json")
+            && line.contains("not valid JSON")),
         "{output:#?}"
     );
-    let (code, _) = serve(&config).exit_within(Duration::from_secs(10));
+    let (code, _) = serve(&config).finish(Duration::from_secs(10));
     assert_eq!(code, 78, "start-up agrees");
 
-    std::fs::write(
-        state.join("spend.json"),
-        r#"{"version":1,"utc_day":20000,"spent_usd":1.5}"#,
-    )
-    .unwrap();
-    let (code, output) = check_config(&config).exit_within(Duration::from_secs(10));
+    let (code, output) = check_with_spend(r#"{"version":1,"utc_day":20000,"spent_usd":1.5}"#);
     assert_eq!(code, 0, "{output:#?}");
     assert!(
-        output
-            .iter()
-            .any(|line| line.starts_with("state: ") && line.contains("ok")),
+        found(&output, |line| line.starts_with("state: ")
+            && line.contains("ok")),
         "{output:#?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -509,20 +419,17 @@ fn check_config_reads_the_spend_file_as_start_up_would() {
 /// binary is foreign, as the fd-exhaustion test does.
 #[cfg(target_os = "linux")]
 fn under_fd_limit(args: &[&str], config: &Path) -> Spawned {
-    let runner_var = format!(
-        "CARGO_TARGET_{}_RUNNER",
-        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
-    );
+    let binary = support::binary();
     spawn(
         Command::new("bash")
             .args([
                 "-c",
                 "ulimit -n 256 && exec $RUNNER \"$0\" \"$1\" --config \"$2\"",
             ])
-            .arg(cli::BINARY)
+            .arg(binary.path())
             .args(args)
             .arg(config)
-            .env("RUNNER", std::env::var(runner_var).unwrap_or_default()),
+            .env("RUNNER", binary.runner()),
     )
 }
 
@@ -533,8 +440,7 @@ fn max_connections_past_the_open_file_limit_is_clamped_with_a_warning_naming_bot
     let config = dir.join("blufio.toml");
     std::fs::write(&config, port_config("max_connections = 1000")).unwrap();
 
-    let (code, output) =
-        under_fd_limit(&["check-config"], &config).exit_within(Duration::from_secs(10));
+    let (code, output) = under_fd_limit(&["check-config"], &config).finish(Duration::from_secs(10));
     assert_eq!(code, 0, "{output:#?}");
     let warning = output
         .iter()
@@ -544,12 +450,12 @@ fn max_connections_past_the_open_file_limit_is_clamped_with_a_warning_naming_bot
     assert!(warning.contains("open-file limit is 256"), "{warning}");
     assert!(warning.contains("at most 192"), "{warning}");
 
-    let daemon = under_fd_limit(&["serve"], &config);
-    let warning = daemon.line_containing("max_connections = 1000", Duration::from_secs(30));
+    let mut daemon = under_fd_limit(&["serve"], &config);
+    let warning = daemon.wait_for_line("max_connections = 1000", Duration::from_secs(30));
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains("open-file limit is 256"), "{warning}");
     assert!(warning.contains("at most 192"), "{warning}");
-    let addr = daemon.address();
+    let addr = daemon.wait_for_addr();
     // Past the clamped cap the daemon refuses with a JSON 503 instead of running out of
     // descriptors: every connection gets an answer or a close, none hangs.
     let flood: Vec<TcpStream> = (0..300)
@@ -564,6 +470,6 @@ fn max_connections_past_the_open_file_limit_is_clamped_with_a_warning_naming_bot
             "/health never answered after the flood"
         );
     }
-    daemon.stop();
+    daemon.stop(STOP_TIMEOUT);
     std::fs::remove_dir_all(&dir).unwrap();
 }

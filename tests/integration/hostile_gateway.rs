@@ -6,58 +6,35 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use blufio::{Config, Provider, Secret};
+use blufio::{Config, Provider};
+use blufio_testkit::assert_contains;
+use blufio_testkit::http;
+use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
-    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
 const KEY: &str = "sk-hostile-gateway-5e4d3c2b1a";
 
 fn provider_config(provider: Provider, fake: &FakeProvider) -> Config {
-    let mut config = support::config_with_token(TOKEN);
-    config.agent.provider = provider;
-    config.agent.base_url = Some(fake.url());
-    config.agent.model = Some(match provider {
-        Provider::OpenAi => "llama3.2".to_owned(),
-        _ => "claude-sonnet-4-5".to_owned(),
-    });
-    config.agent.api_key = Some(Secret::new(KEY));
-    config.agent.timeout_secs = 10;
-    config
-}
-
-fn post(daemon: &TestDaemon, body: &str) -> support::Response {
-    daemon.authed(TOKEN, "POST", "/v1/messages", Some(body))
-}
-
-fn metric(daemon: &TestDaemon, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    prometheus::parse(&daemon.get_ok("/metrics")).value(name, labels)
+    support::provider_config(provider, fake.url(), KEY, "llama3.2")
 }
 
 fn errors(daemon: &TestDaemon, kind: &str) -> f64 {
-    metric(daemon, "blufio_errors_total", &[("type", kind)]).unwrap_or(0.0)
+    support::metric(daemon, "blufio_errors_total", &[("type", kind)]).unwrap_or(0.0)
 }
 
 /// Opens a streamed `POST /v1/messages` and returns the socket, the response not yet read.
 fn open_stream(addr: SocketAddr, body: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    let mut stream = http::connect_with_timeout(addr, Duration::from_secs(20));
     stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
+        .write_all(http::message_request(TOKEN, body).as_bytes())
         .unwrap();
-    write!(
-        stream,
-        "POST /v1/messages HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
     stream
 }
 
@@ -89,7 +66,7 @@ fn wait_for_metric(
 ) -> Option<f64> {
     let mut value = None;
     for _ in 0..400 {
-        value = metric(daemon, name, labels);
+        value = support::metric(daemon, name, labels);
         if value.is_some_and(&done) {
             break;
         }
@@ -106,7 +83,7 @@ fn absurd_upstream_usage_is_held_to_what_the_exchange_could_use() {
         "ok", absurd, absurd,
     ))]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     assert_eq!(reply.status, 200, "{}", reply.body);
     let usage = reply.json()["usage"].clone();
     // "hi" is 2 bytes; max_tokens is 1024: nothing near 10^18 tokens can be true.
@@ -116,7 +93,7 @@ fn absurd_upstream_usage_is_held_to_what_the_exchange_could_use() {
     let spent = health["budget"]["spent_today_usd"].as_f64().unwrap();
     assert!(spent > 0.0 && spent < 0.02, "charged {spent} USD: {health}");
     assert_eq!(errors(&daemon, "agent_malformed"), 1.0);
-    let input = metric(
+    let input = support::metric(
         &daemon,
         "blufio_tokens_total",
         &[("model", "claude-sonnet-4-5"), ("type", "input")],
@@ -138,9 +115,7 @@ fn open_sessions(daemon: &TestDaemon, count: usize) {
 
 #[test]
 fn the_session_list_is_paged_by_a_cursor_and_bad_paging_gets_400() {
-    let mut config = support::config_with_token(TOKEN);
-    config.gateway.max_sessions = 300;
-    let daemon = support::start(config);
+    let daemon = support::start_adjusted(|config| config.gateway.max_sessions = 300);
     open_sessions(&daemon, 250);
     let first = daemon.authed(TOKEN, "GET", "/v1/sessions", None);
     assert_eq!(first.status, 200, "{}", first.body);
@@ -195,9 +170,7 @@ fn the_session_list_is_paged_by_a_cursor_and_bad_paging_gets_400() {
 
 #[test]
 fn a_list_of_ten_thousand_sessions_answers_one_small_page() {
-    let mut config = support::config_with_token(TOKEN);
-    config.gateway.max_sessions = 10_000;
-    let daemon = support::start(config);
+    let daemon = support::start_adjusted(|config| config.gateway.max_sessions = 10_000);
     open_sessions(&daemon, 10_000);
     let reply = daemon.authed(TOKEN, "GET", "/v1/sessions", None);
     assert_eq!(reply.status, 200);
@@ -213,9 +186,7 @@ fn a_list_of_ten_thousand_sessions_answers_one_small_page() {
 #[test]
 #[ignore = "load measurement, run by hand"]
 fn probe_latency_while_clients_loop_on_the_session_list() {
-    let mut config = support::config_with_token(TOKEN);
-    config.gateway.max_sessions = 10_000;
-    let daemon = support::start(config);
+    let daemon = support::start_adjusted(|config| config.gateway.max_sessions = 10_000);
     open_sessions(&daemon, 10_000);
     let gateway = daemon.gateway_addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -332,11 +303,7 @@ fn a_cancelled_stream_is_charged_for_the_text_it_delivered() {
     // message_start (which says 1 output token), block start, ping, four deltas; then the
     // upstream keeps "thinking" until the client leaves.
     chunks.truncate(7);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([Scripted::hanging(chunks)]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
     let mut stream = open_stream(
         daemon.gateway_addr(),
@@ -383,7 +350,7 @@ fn estimated_usage_counts_the_system_prompt_and_says_it_is_estimated() {
     let mut config = provider_config(Provider::OpenAi, &fake);
     config.agent.system = Some("s".repeat(400));
     let daemon = support::start(config);
-    let response = post(&daemon, r#"{"content": "12345678", "stream": true}"#);
+    let response = support::post_message(&daemon, r#"{"content": "12345678", "stream": true}"#);
     let done = response
         .body
         .split("event: done\ndata: ")
@@ -395,7 +362,7 @@ fn estimated_usage_counts_the_system_prompt_and_says_it_is_estimated() {
     assert_eq!(done["usage"]["input_tokens"], 102, "{done}");
     assert_eq!(done["usage"]["output_tokens"], 2, "{done}");
     assert_eq!(done["usage"]["estimated"], true, "{done}");
-    let exact = post(&daemon, r#"{"content": "again"}"#).json();
+    let exact = support::post_message(&daemon, r#"{"content": "again"}"#).json();
     assert_eq!(exact["usage"]["estimated"], false, "{exact}");
     daemon.stop();
 }
@@ -408,7 +375,7 @@ fn a_retry_after_past_the_deadline_is_answered_429_at_once() {
     config.agent.timeout_secs = 4;
     let daemon = support::start(config);
     let sent = Instant::now();
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(429, "rate_limited");
     assert_eq!(reply.header("retry-after"), Some("5"));
     // Waiting would have ended in a 504 at the 4 s deadline.
@@ -424,13 +391,7 @@ fn a_retry_after_past_the_deadline_is_answered_429_at_once() {
 #[test]
 fn shutdown_ends_a_stream_with_a_shutting_down_event() {
     let fake = FakeProvider::start();
-    let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
-    chunks.truncate(4);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([fake_provider::anthropic_hanging(30)]);
     let daemon = support::start(provider_config(Provider::Anthropic, &fake));
     let mut stream = open_stream(
         daemon.gateway_addr(),
@@ -446,10 +407,7 @@ fn shutdown_ends_a_stream_with_a_shutting_down_event() {
         .expect("the stream ends cleanly, not with a reset");
     seen.extend_from_slice(&rest);
     let text = String::from_utf8_lossy(&seen).into_owned();
-    assert!(
-        text.contains("event: error\ndata: {\"error\":\"shutting_down\""),
-        "{text}"
-    );
+    assert_contains(&text, "event: error\ndata: {\"error\":\"shutting_down\"");
     // The chunked body is terminated: the client saw a complete response.
     assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
     assert!(
@@ -519,7 +477,7 @@ fn session_bodies_with_fields_are_refused_and_failed_first_messages_leave_no_ses
         r#"{"content": "ratelimit"}"#,
         r#"{"content": "upstream", "stream": true}"#,
     ] {
-        let reply = post(&daemon, body);
+        let reply = support::post_message(&daemon, body);
         assert!(reply.status >= 400, "{body}: {}", reply.body);
         assert!(reply.json()["session_id"].is_null());
     }
@@ -527,7 +485,7 @@ fn session_bodies_with_fields_are_refused_and_failed_first_messages_leave_no_ses
     let listed = daemon.authed(TOKEN, "GET", "/v1/sessions", None).json();
     assert_eq!(listed["sessions"].as_array().unwrap().len(), 3, "{listed}");
     // A first message that succeeds keeps its session.
-    let ok = post(&daemon, r#"{"content": "hello"}"#);
+    let ok = support::post_message(&daemon, r#"{"content": "hello"}"#);
     assert_eq!(ok.status, 200);
     support::wait_for_active_sessions(&daemon, 4);
     daemon.stop();
@@ -542,7 +500,7 @@ fn a_missing_ollama_model_is_named_with_the_pull_command_in_v1_health() {
         r#"{"error":"model \"llama3.2\" not found, try pulling it first"}"#,
     ));
     let daemon = support::start(provider_config(Provider::OpenAi, &fake));
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(502, "agent_rejected");
     assert!(reply.body.contains("HTTP 404"), "{}", reply.body);
     let health = daemon.authed(TOKEN, "GET", "/v1/health", None).json();
@@ -555,64 +513,22 @@ fn a_missing_ollama_model_is_named_with_the_pull_command_in_v1_health() {
     daemon.stop();
 }
 
-/// Starts the binary on `config_text` with `ANTHROPIC_API_KEY` set; returns the child, its
-/// address, the receiver of its log lines and its config file.
-#[allow(clippy::zombie_processes)] // The caller waits for the child (`stop_binary`).
-fn start_binary_with_key(
-    config_text: &str,
-    name: &str,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-    std::path::PathBuf,
-) {
-    use std::io::{BufRead, BufReader};
-
-    let dir = crate::cli::temp_dir(name);
-    let config_path = dir.join("blufio.toml");
-    std::fs::write(&config_path, config_text).unwrap();
-    let mut child = crate::cli::blufio()
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("BLUFIO_LOG", "info")
-        .env("ANTHROPIC_API_KEY", KEY)
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = sender.send(line);
-        }
-    });
-    loop {
-        let line = lines.recv_timeout(Duration::from_secs(30)).unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split(' ').next().unwrap().parse().unwrap();
-            return (child, addr, lines, config_path);
-        }
-    }
+/// Starts the binary on `config_text` with `ANTHROPIC_API_KEY` set and waits until it
+/// listens.
+fn start_binary_with_key(config_text: &str, name: &str) -> Daemon {
+    let path = write_config(&support::temp_dir(name), config_text);
+    let mut command = support::binary().serve_command(&path);
+    command.env("ANTHROPIC_API_KEY", KEY);
+    Daemon::start(&mut command, path)
 }
 
-fn stop_binary(
-    mut child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-) -> Vec<String> {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(crate::cli::wait(&mut child).code(), Some(0));
-    lines.iter().collect()
+/// Sends SIGTERM, asserts exit 0 and returns the lines logged since the start-up.
+fn stop_binary(mut daemon: Daemon) -> Vec<String> {
+    daemon.stop(support::EXIT_TIMEOUT)
 }
 
 fn binary_config(fake: &FakeProvider) -> String {
-    let port = crate::cli::free_port();
+    let port = support::free_port();
     format!(
         "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
          [agent]\nprovider = \"anthropic\"\nbase_url = \"{}\"\ntimeout_secs = 20\n",
@@ -633,8 +549,8 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
         &[],
         &format!(r#"{{"type":"error","error":{{"type":"authentication_error","message":"invalid x-api-key {KEY}"}}}}"#),
     ));
-    let (child, addr, lines, config_path) =
-        start_binary_with_key(&binary_config(&fake), "refused-key");
+    let daemon = start_binary_with_key(&binary_config(&fake), "refused-key");
+    let (addr, config_path) = (daemon.addr(), daemon.config().to_owned());
     let auth = format!("Bearer {TOKEN}");
     let headers = [
         ("Authorization", auth.as_str()),
@@ -654,7 +570,8 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
         "{}",
         health.body
     );
-    let output = crate::cli::blufio()
+    let output = support::binary()
+        .command()
         .args(["status", "--config"])
         .arg(&config_path)
         .env("ANTHROPIC_API_KEY", KEY)
@@ -666,22 +583,19 @@ fn a_refused_key_is_logged_once_and_status_shows_provider_model_error_and_small_
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        stdout.contains("budget       $0.000594 of $10.00 spent today (UTC)"),
-        "{stdout}"
+    assert_contains(
+        &stdout,
+        "budget       $0.000594 of $10.00 spent today (UTC)",
     );
-    assert!(
-        stdout.contains("upstream     anthropic, model claude-sonnet-4-5, API key set"),
-        "{stdout}"
+    assert_contains(
+        &stdout,
+        "upstream     anthropic, model claude-sonnet-4-5, API key set",
     );
     assert!(stdout.contains("last error   "), "{stdout}");
-    assert!(
-        stdout.contains("HTTP 401: check the API key (ANTHROPIC_API_KEY"),
-        "{stdout}"
-    );
+    assert_contains(&stdout, "HTTP 401: check the API key (ANTHROPIC_API_KEY");
     assert!(!stdout.contains(KEY));
 
-    let log = stop_binary(child, lines);
+    let log = stop_binary(daemon);
     let refusals: Vec<&String> = log
         .iter()
         .filter(|line| line.contains("refused the call"))
@@ -715,7 +629,8 @@ fn retries_are_logged_under_their_own_cause() {
         Scripted::status(529, &[], "{}"),
         ok(),
     ]);
-    let (child, addr, lines, _) = start_binary_with_key(&binary_config(&fake), "retry-causes");
+    let daemon = start_binary_with_key(&binary_config(&fake), "retry-causes");
+    let addr = daemon.addr();
     let auth = format!("Bearer {TOKEN}");
     let headers = [
         ("Authorization", auth.as_str()),
@@ -731,7 +646,7 @@ fn retries_are_logged_under_their_own_cause() {
         );
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
-    let log = stop_binary(child, lines);
+    let log = stop_binary(daemon);
     let retries: Vec<&String> = log
         .iter()
         .filter(|line| line.contains("retrying in"))

@@ -5,19 +5,22 @@
 //! daemon keeps serving.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use async_tungstenite::tungstenite::Message;
 use blufio::Config;
+use blufio_testkit::assert_contains;
+use blufio_testkit::http;
+use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
-    cli, prometheus,
-    support::{self, TOKEN, TestDaemon, start_gateway, wait_for_active_sessions},
+    prometheus,
+    support::{
+        self, TOKEN, TestDaemon, free_port, start_gateway, temp_dir, wait_for_active_sessions,
+    },
 };
 
 fn error_count(daemon: &TestDaemon, kind: &str) -> f64 {
@@ -66,9 +69,7 @@ fn invalid_utf8_in_a_json_body_gets_400_invalid_json() {
 
 #[test]
 fn deeply_nested_json_gets_400_without_overflowing_the_stack() {
-    let mut config = Config::for_tests();
-    config.gateway.max_message_bytes = 400_000;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.gateway.max_message_bytes = 400_000);
     let deep = "[".repeat(100_000);
     let bodies = [
         deep.clone(),
@@ -260,10 +261,7 @@ fn the_token_is_in_no_response() {
 
 /// Opens `/ws` by hand, so the test can write frames no client library would.
 fn raw_websocket(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut stream = http::connect_with_timeout(addr, Duration::from_secs(30));
     write!(
         stream,
         "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -362,19 +360,10 @@ fn websocket_protocol_errors_close_with_1002_1007_and_1009() {
         assert_eq!(close_code(&mut stream), Some(*expected), "{name}");
     }
     // A message split into frames that together pass the limit gets 1009 from a real client.
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let close = async_io::block_on(async {
-        use futures_lite::StreamExt;
         ws.send(Message::text("a".repeat(70_000))).await.unwrap();
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
+        support::ws_close_frame(&mut ws).await
     });
     assert_eq!(u16::from(close.unwrap().code), 1009);
 
@@ -382,96 +371,37 @@ fn websocket_protocol_errors_close_with_1002_1007_and_1009() {
     assert_eq!(error_count(&daemon, "websocket_protocol"), 4.0);
     assert_eq!(error_count(&daemon, "payload_too_large"), 2.0);
     // The daemon keeps serving WebSockets.
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let reply = support::ws_exchange(&mut ws, r#"{"content": "still here"}"#);
     assert_eq!(reply["content"], "re: still here (history 0)");
     assert_serving(&daemon);
     daemon.stop();
 }
 
-/// A `blufio serve` child whose whole stderr is collected.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+/// Starts `blufio serve` on `config` (written next to any files the test put in `dir`), with
+/// `BLUFIO_LOG` set to `log_env` or unset, and waits for its "listening on" line.
+fn start_binary(dir: &std::path::Path, config: &str, log_env: Option<&str>) -> Daemon {
+    let path = write_config(dir, config);
+    let mut command = support::binary().serve_command(&path);
+    command.env_remove("BLUFIO_LOG");
+    if let Some(filter) = log_env {
+        command.env("BLUFIO_LOG", filter);
+    }
+    Daemon::start(&mut command, path)
 }
 
-impl Binary {
-    /// Starts the binary with `config` (written next to any files the test put in `dir`) and
-    /// waits for its "listening on" line.
-    #[allow(clippy::zombie_processes)] // `stop` waits for the child.
-    fn start(dir: &std::path::Path, config: &str, log_env: Option<&str>) -> Binary {
-        let path = dir.join("blufio.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut command = cli::blufio();
-        command
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env_remove("BLUFIO_GATEWAY_TOKEN")
-            .env_remove("BLUFIO_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(filter) = log_env {
-            command.env("BLUFIO_LOG", filter);
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut seen = Vec::new();
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("daemon logs its address; got {seen:?}"));
-            let addr = line
-                .split("listening on http://")
-                .nth(1)
-                .map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
-            seen.push(line);
-            if let Some(addr) = addr {
-                return Binary {
-                    child,
-                    addr,
-                    lines,
-                    seen,
-                };
-            }
-        }
-    }
-
-    /// Sends SIGTERM, waits for exit 0 and returns everything the daemon wrote to stderr.
-    fn stop(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        // The reader thread ends at EOF, when the daemon has exited.
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) {
-            self.seen.push(line);
-        }
-        let exit = self.child.wait().unwrap();
-        assert_eq!(exit.code(), Some(0), "{:?}", self.seen);
-        self.seen.join("\n")
-    }
+/// Sends SIGTERM, waits for exit 0 and returns everything the daemon wrote to stderr.
+fn stop_binary(mut daemon: Daemon) -> String {
+    daemon.shut_down(Duration::from_secs(30)).join("\n")
 }
 
 #[test]
 fn trace_logs_carry_no_token_in_headers_subprotocols_or_messages() {
-    let dir = cli::temp_dir("trace-redaction");
+    let dir = temp_dir("trace-redaction");
     let token = "trace-secret-0123456789abcdef";
     std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
-    let port = cli::free_port();
-    let binary = Binary::start(
+    let port = free_port();
+    let binary = start_binary(
         &dir,
         &format!(
             "[daemon]\nhealth_port = {port}\nlog_level = \"trace\"\n\
@@ -479,7 +409,7 @@ fn trace_logs_carry_no_token_in_headers_subprotocols_or_messages() {
         ),
         None,
     );
-    let addr = binary.addr;
+    let addr = binary.addr();
     let auth = format!("Bearer {token}");
     let response = support::request(
         addr,
@@ -507,7 +437,7 @@ fn trace_logs_carry_no_token_in_headers_subprotocols_or_messages() {
     assert_eq!(reply["content"], "over ws");
     async_io::block_on(ws.close(None)).unwrap();
 
-    let log = binary.stop();
+    let log = stop_binary(binary);
     assert!(!log.contains(token), "token in the log:\n{log}");
     assert!(!log.contains("presented-but-wrong"), "{log}");
     // The heads were logged (trace is on) with their credentials replaced.
@@ -519,9 +449,9 @@ fn trace_logs_carry_no_token_in_headers_subprotocols_or_messages() {
 
 #[test]
 fn a_flood_of_stalled_clients_logs_at_most_one_error_line() {
-    let dir = cli::temp_dir("error-flood");
-    let port = cli::free_port();
-    let binary = Binary::start(
+    let dir = temp_dir("error-flood");
+    let port = free_port();
+    let binary = start_binary(
         &dir,
         &format!(
             "[daemon]\nhealth_port = {port}\nrequest_timeout_secs = 1\n[gateway]\nport = {port}\n"
@@ -530,7 +460,7 @@ fn a_flood_of_stalled_clients_logs_at_most_one_error_line() {
     );
     let clients: Vec<TcpStream> = (0..40)
         .map(|_| {
-            let mut stream = TcpStream::connect(binary.addr).unwrap();
+            let mut stream = TcpStream::connect(binary.addr()).unwrap();
             stream.write_all(b"GET /hea").unwrap();
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
@@ -544,10 +474,10 @@ fn a_flood_of_stalled_clients_logs_at_most_one_error_line() {
         let _ = stream.read_to_end(&mut rest);
     }
     assert_eq!(
-        support::request(binary.addr, "GET", "/health", &[], None).status,
+        support::request(binary.addr(), "GET", "/health", &[], None).status,
         200
     );
-    let log = binary.stop();
+    let log = stop_binary(binary);
     let error_lines: Vec<&str> = log
         .lines()
         .filter(|line| {
@@ -573,10 +503,7 @@ fn a_flood_of_stalled_clients_logs_at_most_one_error_line() {
 fn a_config_of_dev_zero_fails_fast_with_exit_78() {
     for command in ["serve", "check-config"] {
         let started = Instant::now();
-        let output = cli::blufio()
-            .args([command, "--config", "/dev/zero"])
-            .output()
-            .unwrap();
+        let output = support::binary().run(&[command, "--config", "/dev/zero"]);
         let elapsed = started.elapsed();
         assert_eq!(output.status.code(), Some(78));
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -591,11 +518,11 @@ fn a_config_of_dev_zero_fails_fast_with_exit_78() {
 
 #[test]
 fn token_problems_name_their_source_exit_78_and_never_echo_the_token() {
-    let dir = cli::temp_dir("token-problems");
+    let dir = temp_dir("token-problems");
     let check = |config: &str, env_token: Option<&str>| {
         let path = dir.join("blufio.toml");
         std::fs::write(&path, config).unwrap();
-        let mut command = cli::blufio();
+        let mut command = support::binary().command();
         command.args(["check-config", "--config"]).arg(&path);
         match env_token {
             Some(token) => command.env("BLUFIO_GATEWAY_TOKEN", token),
@@ -613,10 +540,7 @@ fn token_problems_name_their_source_exit_78_and_never_echo_the_token() {
 
     let (code, text) = check("[gateway]\ntoken_file = \"token\"\n", None);
     assert_eq!(code, Some(78));
-    assert!(
-        text.contains(&format!("cannot read token file {token_path}: ")),
-        "{text}"
-    );
+    assert_contains(&text, &format!("cannot read token file {token_path}: "));
 
     std::fs::write(dir.join("token"), "nul-inside-\0-0123456789\n").unwrap();
     let (code, text) = check("[gateway]\ntoken_file = \"token\"\n", None);
@@ -637,17 +561,17 @@ fn token_problems_name_their_source_exit_78_and_never_echo_the_token() {
 
     let (code, text) = check("[gateway]\ntoken = \"hunter2\"\n", None);
     assert_eq!(code, Some(78));
-    assert!(
-        text.contains("[gateway] token: the token is 7 bytes long; use at least 16"),
-        "{text}"
+    assert_contains(
+        &text,
+        "[gateway] token: the token is 7 bytes long; use at least 16",
     );
     assert!(!text.contains("hunter2"), "{text}");
 
     let (code, text) = check("", Some("two words-0123456789"));
     assert_eq!(code, Some(78));
-    assert!(
-        text.contains("environment: BLUFIO_GATEWAY_TOKEN: the token contains whitespace at byte 3"),
-        "{text}"
+    assert_contains(
+        &text,
+        "environment: BLUFIO_GATEWAY_TOKEN: the token contains whitespace at byte 3",
     );
     assert!(!text.contains("two words"), "{text}");
 

@@ -6,15 +6,16 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use blufio::{Config, Context, FixedRss, ManualHeap};
+use blufio_testkit::http;
 
 use crate::{
-    cli, prometheus,
+    prometheus,
     support::{self, TOKEN, TestDaemon, start_gateway},
 };
 
@@ -44,11 +45,7 @@ fn assert_health_is_fast(addr: SocketAddr) {
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set timeout");
-    stream
+    http::connect_with_timeout(addr, Duration::from_secs(10))
 }
 
 /// Reads until the server closes; returns what it sent.
@@ -261,10 +258,7 @@ fn a_flood_from_one_address_past_the_per_ip_cap_gets_503_json() {
 #[test]
 fn oversized_heads_get_431_json_instead_of_a_reset() {
     let daemon = support::start(Config::for_tests());
-    let big_header = format!(
-        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(64 * 1024)
-    );
+    let big_header = http::big_head(64 * 1024);
     let many_headers = format!(
         "GET /health HTTP/1.1\r\nHost: x\r\n{}\r\n",
         "X-Many: a\r\n".repeat(10_000)
@@ -366,27 +360,9 @@ fn smuggling_attempts_are_still_refused() {
 
 #[test]
 fn connections_holding_memory_are_shed_instead_of_sessions() {
-    let heap = Arc::new(ManualHeap::new(10 * MIB));
-    let mut config = support::config_with_token(TOKEN);
-    config.daemon.memory_warn_mb = 20;
-    config.daemon.memory_limit_mb = 30;
-    config.daemon.max_connections_per_ip = 1000;
-    // Sessions count as idle for shedding after a quarter of this: 1 s.
-    config.gateway.session_idle_timeout_secs = 4;
-    let daemon = support::start_with(
-        Context::builder(config)
-            .with_heap_source(Arc::clone(&heap))
-            .with_rss_source(FixedRss(Some(15 * MIB)))
-            .with_agent(support::ScriptedAgent),
-    );
-    // A real user's session with some history, idle long enough to be trimmed under pressure.
-    let created = daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content": "one"}"#));
-    let id = created.json()["session_id"].as_str().unwrap().to_owned();
-    for text in ["two", "three"] {
-        let body = format!(r#"{{"session_id": "{id}", "content": "{text}"}}"#);
-        daemon.authed(TOKEN, "POST", "/v1/messages", Some(&body));
-    }
-    std::thread::sleep(Duration::from_millis(1200));
+    // A real user's session with some history, idle long enough to be trimmed under pressure
+    // (sessions count as idle for shedding after a quarter of 4 s: 1 s).
+    let (daemon, heap, id) = support::daemon_with_an_idle_session(4, Duration::from_millis(1200));
 
     // 150 anonymous connections each holding a partial head: about 3 MiB charged to them.
     let mut held: Vec<TcpStream> = Vec::new();
@@ -477,10 +453,10 @@ fn resident_memory_over_the_limit_purges_and_reports_degraded() {
 #[test]
 #[cfg(target_os = "linux")]
 fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
-    use std::io::BufRead;
+    use blufio_testkit::process::Spawned;
 
-    let port = cli::free_port();
-    let dir = cli::temp_dir("fd-limit");
+    let port = support::free_port();
+    let dir = support::temp_dir("fd-limit");
     let path = dir.join("blufio.toml");
     // max_connections above the lowered fd limit, so the limit and not the cap is what is hit.
     std::fs::write(
@@ -493,44 +469,22 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     .unwrap();
     // Under `cargo xtask test-cross` the binary is foreign: run it through cargo's runner
     // (qemu-user), as the CLI tests do; `$RUNNER` is empty otherwise.
-    let runner_var = format!(
-        "CARGO_TARGET_{}_RUNNER",
-        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
+    let binary = support::binary();
+    let mut child = Spawned::spawn(
+        Command::new("bash")
+            .args(["-c", "exec $RUNNER \"$0\" serve --config \"$1\""])
+            .arg(binary.path())
+            .arg(&path)
+            .env("RUNNER", binary.runner())
+            .env("BLUFIO_LOG", "info")
+            .env_remove("BLUFIO_GATEWAY_TOKEN"),
     );
-    let mut child = Command::new("bash")
-        .args(["-c", "exec $RUNNER \"$0\" serve --config \"$1\""])
-        .arg(cli::BINARY)
-        .arg(&path)
-        .env("RUNNER", std::env::var(runner_var).unwrap_or_default())
-        .env("BLUFIO_LOG", "info")
-        .env_remove("BLUFIO_GATEWAY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let addr: SocketAddr = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("listening");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split(' ').next().unwrap().parse().unwrap();
-        }
-    };
+    let addr = child.wait_for_addr();
     let lowered = libc::rlimit {
         rlim_cur: 256,
         rlim_max: 256,
     };
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let pid = libc::pid_t::try_from(child.pid()).unwrap();
     // SAFETY: `lowered` is a valid rlimit and the old-limit pointer may be null.
     let status = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lowered, std::ptr::null_mut()) };
     assert_eq!(status, 0, "prlimit: {}", std::io::Error::last_os_error());
@@ -548,9 +502,9 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     let flood: Vec<TcpStream> = (0..400)
         .filter_map(|_| TcpStream::connect(addr).ok())
         .collect();
-    let cpu_before = cpu_seconds(child.id());
+    let cpu_before = cpu_seconds(child.pid());
     std::thread::sleep(Duration::from_secs(1));
-    let cpu_during = cpu_seconds(child.id()) - cpu_before;
+    let cpu_during = cpu_seconds(child.pid()) - cpu_before;
     assert!(
         cpu_during < 0.5,
         "accept loop spun: {cpu_during} s CPU in 1 s"
@@ -561,10 +515,7 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
     let mut health = None;
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(100));
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        let mut stream = http::connect_with_timeout(addr, Duration::from_secs(3));
         let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let mut raw = Vec::new();
         if stream.read_to_end(&mut raw).is_ok() && raw.starts_with(b"HTTP/1.1 200") {
@@ -579,8 +530,8 @@ fn a_child_daemon_flooded_past_its_fd_limit_backs_off_and_recovers() {
         .unwrap();
     assert!(failures >= 1.0, "{failures}");
 
-    terminate(&mut child);
-    let logged: Vec<String> = lines.iter().collect();
+    terminate(child.child());
+    let logged: Vec<String> = child.lines().iter().collect();
     // One line per episode, not per failure: the backlog the flood leaves may start a second
     // short episode after the first recovery, but never one line per failed accept.
     let episodes = logged

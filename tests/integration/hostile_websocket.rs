@@ -5,7 +5,6 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,8 +13,7 @@ use blufio::{Config, Provider, Secret};
 use futures_lite::StreamExt;
 
 use crate::{
-    cli::{start_binary, temp_dir, wait},
-    fake_provider::{self, FakeProvider, Scripted},
+    fake_provider::{self, FakeProvider},
     prometheus,
     support::{self, TOKEN, start_gateway},
 };
@@ -201,9 +199,7 @@ fn a_flood_of_empty_continuation_frames_is_closed_with_1009() {
 
 #[test]
 fn a_message_dripped_in_one_byte_fragments_is_closed_at_the_request_timeout() {
-    let mut config = Config::for_tests();
-    config.daemon.request_timeout_secs = 2;
-    let daemon = start_gateway(config);
+    let daemon = support::start_gateway_with(|config| config.daemon.request_timeout_secs = 2);
     let mut ws = RawWs::connect(daemon.gateway_addr());
     let started = Instant::now();
     ws.send(&client_frame(1, false, b"{")).unwrap();
@@ -330,9 +326,7 @@ fn long_replies_go_out_in_frames_of_at_most_4_kib() {
 #[test]
 fn every_frame_the_server_sends_names_its_type() {
     let daemon = start_gateway(Config::for_tests());
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let reply = support::ws_exchange(&mut ws, r#"{"content": "hello"}"#);
     assert_eq!(reply["type"], "reply");
     assert_eq!(reply["content"], "re: hello (history 0)");
@@ -378,10 +372,10 @@ fn every_frame_the_server_sends_names_its_type() {
 #[test]
 fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
     let name = "ws-token-rotation";
-    let dir = temp_dir(name);
+    let dir = support::temp_dir(name);
     let token_path = dir.join("token");
     std::fs::write(&token_path, format!("{TOKEN}\n")).unwrap();
-    let port = crate::cli::free_port();
+    let port = support::free_port();
     let config = |warn_mb: u64| {
         format!(
             "[daemon]\nhealth_port = {port}\nmemory_warn_mb = {warn_mb}\n[gateway]\nport = {port}\n\
@@ -389,24 +383,11 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
             token_path.display().to_string()
         )
     };
-    let (mut child, addr, lines) = start_binary(&config(100), name);
-    let expect_log = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("no log line containing {needle:?}");
-    };
+    let mut daemon = support::serve(&config(100), name);
+    let addr = daemon.addr();
+    let expect_log = |needle: &str| daemon.wait_for_line(needle, Duration::from_secs(20));
     let hup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        daemon.signal("HUP");
     };
     let auth = format!("Bearer {TOKEN}");
     let (mut ws, _) = support::ws_connect(addr, &[("Authorization", &auth)]).unwrap();
@@ -430,15 +411,7 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
     assert!(line.contains("[gateway] token"), "{line}");
     let started = Instant::now();
     let frame = async_io::block_on(futures_lite::future::or(
-        async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => return frame,
-                    Some(Ok(_)) => continue,
-                    other => panic!("expected a close frame, got {other:?}"),
-                }
-            }
-        },
+        async { support::ws_close_frame(&mut ws).await },
         async {
             async_io::Timer::after(Duration::from_secs(10)).await;
             panic!("the socket opened with the old token is still open 10 s after the reload");
@@ -460,12 +433,8 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
         support::ws_exchange(&mut fresh, r#"{"content": "after"}"#)["content"],
         "after"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(wait(&mut child).code(), Some(0));
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
 }
 
 /// Returns `/health`'s `memory_heap_bytes` from the first monitor tick that ran entirely after
@@ -501,15 +470,15 @@ fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connectio
     const SOCKETS: usize = 400;
     // The real binary, so the heap that `/health` reports is the daemon's alone.
     let name = "ws-idle-heap";
-    let port = crate::cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\n\
          max_connections_per_ip = 1000\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 1000\n\
          [agent]\nprovider = \"echo\"\n"
     );
-    let (child, addr, _lines) = start_binary(&config, name);
-    let mut child = KillOnDrop(child);
+    let mut daemon = support::serve(&config, name);
+    let addr = daemon.addr();
     // Warm up the allocator's caches and the session registry with sockets that come and go.
     drop((0..20).map(|_| RawWs::connect(addr)).collect::<Vec<_>>());
     support::request(addr, "GET", "/metrics", &[], None);
@@ -543,36 +512,14 @@ fn idle_websockets_hold_at_most_16_kib_of_heap_each_and_are_charged_as_connectio
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(wait(&mut child.0).code(), Some(0));
-}
-
-/// A child daemon that a failing test does not leave running.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
 }
 
 #[test]
 fn shutdown_ends_a_websocket_stream_with_a_shutting_down_frame_then_1001() {
     let fake = FakeProvider::start();
-    let mut chunks = fake_provider::anthropic_stream(&["partial"], 30, 0);
-    chunks.truncate(4);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([fake_provider::anthropic_hanging(30)]);
     let mut config = support::config_with_token(TOKEN);
     config.agent.provider = Provider::Anthropic;
     config.agent.base_url = Some(fake.url());

@@ -41,36 +41,26 @@ fn two_daemons_in_one_process_never_see_each_others_numbers() {
     let pressed_metrics = prometheus::parse(&pressed.get_ok("/metrics"));
     let calm_metrics = prometheus::parse(&calm.get_ok("/metrics"));
     let http = [("channel", "http")];
-    assert_eq!(
-        pressed_metrics.value("blufio_messages_total", &http),
-        Some(3.0)
-    );
-    assert_eq!(
-        calm_metrics.value("blufio_messages_total", &http),
-        Some(0.0)
-    );
-    assert_eq!(
-        pressed_metrics.value("blufio_memory_pressure", &[]),
-        Some(1.0)
-    );
-    assert_eq!(calm_metrics.value("blufio_memory_pressure", &[]), Some(0.0));
-    assert_eq!(
-        pressed_metrics.value("blufio_memory_rss_bytes", &[]),
-        Some(2000.0 * 4096.0)
-    );
-    assert_eq!(
-        calm_metrics.value("blufio_memory_rss_bytes", &[]),
-        Some(1000.0 * 4096.0)
-    );
     let not_found = [("type", "not_found")];
-    assert_eq!(
-        pressed_metrics.value("blufio_errors_total", &not_found),
-        Some(1.0)
-    );
-    assert_eq!(
-        calm_metrics.value("blufio_errors_total", &not_found),
-        Some(0.0)
-    );
+    // Each series: what the pressed daemon shows, what the calm one shows.
+    for (name, labels, pressed_value, calm_value) in [
+        ("blufio_messages_total", &http[..], 3.0, 0.0),
+        ("blufio_memory_pressure", &[][..], 1.0, 0.0),
+        (
+            "blufio_memory_rss_bytes",
+            &[][..],
+            2000.0 * 4096.0,
+            1000.0 * 4096.0,
+        ),
+        ("blufio_errors_total", &not_found[..], 1.0, 0.0),
+    ] {
+        assert_eq!(
+            pressed_metrics.value(name, labels),
+            Some(pressed_value),
+            "{name}"
+        );
+        assert_eq!(calm_metrics.value(name, labels), Some(calm_value), "{name}");
+    }
     assert_eq!(pressed_heap.purges(), 1);
     assert_eq!(calm_heap.purges(), 0);
 

@@ -4,7 +4,6 @@
 
 mod cgroup;
 mod cli;
-mod fake_provider;
 mod gateway;
 mod health;
 mod hostile_auth;
@@ -26,3 +25,5 @@ mod service;
 mod support;
 mod time;
 mod websocket;
+
+use blufio_testkit::fake_provider;

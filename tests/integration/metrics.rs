@@ -81,9 +81,8 @@ fn handler_errors_are_counted_by_type() {
     let daemon = support::start(Config::for_tests());
     daemon.get("/missing");
     daemon.get("/missing-too");
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_errors_total", &[("type", "not_found")]),
+        support::metric(&daemon, "blufio_errors_total", &[("type", "not_found")]),
         Some(2.0)
     );
     daemon.stop();
@@ -100,20 +99,12 @@ fn failing_heap_reader_counts_an_error_and_keeps_serving() {
     heap.set_failing(true);
     daemon.tick();
     daemon.tick();
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
-    assert_eq!(
-        exposition.value("blufio_errors_total", &[("type", "memory_monitor")]),
-        Some(2.0)
-    );
     // The last good reading is kept, not replaced by a fake zero.
-    assert_eq!(
-        exposition.value("blufio_memory_heap_bytes", &[]),
-        Some(10.0 * 1024.0 * 1024.0)
-    );
-    assert_eq!(
-        exposition.value("blufio_memory_rss_bytes", &[]),
-        Some(4096.0)
-    );
+    prometheus::parse(&daemon.get_ok("/metrics")).assert_values(&[
+        ("blufio_errors_total", &[("type", "memory_monitor")], 2.0),
+        ("blufio_memory_heap_bytes", &[], 10.0 * 1024.0 * 1024.0),
+        ("blufio_memory_rss_bytes", &[], 4096.0),
+    ]);
     heap.set_failing(false);
     heap.set(11 * 1024 * 1024);
     daemon.tick();

@@ -23,7 +23,18 @@ pub struct Exposition {
     pub families: HashMap<String, Family>,
 }
 
+/// One expected series: name, labels and value.
+pub type Series<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 impl Exposition {
+    /// Asserts each `(name, labels, value)` series has exactly that value.
+    #[track_caller]
+    pub fn assert_values(&self, expected: &[Series]) {
+        for (name, labels, value) in expected {
+            assert_eq!(self.value(name, labels), Some(*value), "{name} {labels:?}");
+        }
+    }
+
     /// Returns the value of the sample with exactly these labels.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.families

@@ -4,54 +4,31 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use blufio::{Config, Provider, Secret};
+use blufio::{Config, Provider};
+use blufio_testkit::http;
+use blufio_testkit::process::{Daemon, write_config};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
-    prometheus,
     support::{self, TOKEN, TestDaemon},
 };
 
 const KEY: &str = "sk-test-9f8e7d6c5b4a";
 
 fn provider_config(provider: Provider, fake: &FakeProvider) -> Config {
-    let mut config = support::config_with_token(TOKEN);
-    config.agent.provider = provider;
-    config.agent.base_url = Some(fake.url());
-    config.agent.model = Some(match provider {
-        Provider::OpenAi => "test-model".to_owned(),
-        _ => "claude-sonnet-4-5".to_owned(),
-    });
-    config.agent.api_key = Some(Secret::new(KEY));
-    config.agent.timeout_secs = 10;
-    config
+    support::provider_config(provider, fake.url(), KEY, "test-model")
 }
 
 fn start(provider: Provider, fake: &FakeProvider) -> TestDaemon {
     support::start(provider_config(provider, fake))
 }
 
-fn post(daemon: &TestDaemon, body: &str) -> support::Response {
-    daemon.authed(TOKEN, "POST", "/v1/messages", Some(body))
-}
-
-fn metric(daemon: &TestDaemon, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    prometheus::parse(&daemon.get_ok("/metrics")).value(name, labels)
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "blufio-providers-{}-{name}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// The `blufio_errors_total` series of `kind`.
+fn errors(daemon: &TestDaemon, kind: &str) -> Option<f64> {
+    support::metric(daemon, "blufio_errors_total", &[("type", kind)])
 }
 
 #[test]
@@ -67,13 +44,13 @@ fn anthropic_conversation_sends_the_whole_history_and_counts_usage_and_cost() {
     config.cost.daily_budget_usd = 5.0;
     let daemon = support::start(config);
 
-    let first = post(&daemon, r#"{"content": "hi"}"#);
+    let first = support::post_message(&daemon, r#"{"content": "hi"}"#);
     assert_eq!(first.status, 200, "{}", first.body);
     let first = first.json();
     assert_eq!(first["content"], "Hello!");
     assert_eq!(first["usage"]["input_tokens"], 500);
     let id = first["session_id"].as_str().unwrap();
-    let second = post(
+    let second = support::post_message(
         &daemon,
         &format!(r#"{{"session_id": "{id}", "content": "more"}}"#),
     );
@@ -101,17 +78,17 @@ fn anthropic_conversation_sends_the_whole_history_and_counts_usage_and_cost() {
 
     let model = ("model", "claude-sonnet-4-5");
     assert_eq!(
-        metric(&daemon, "blufio_tokens_total", &[model, ("type", "input")]),
+        support::metric(&daemon, "blufio_tokens_total", &[model, ("type", "input")]),
         Some(1040.0)
     );
     assert_eq!(
-        metric(&daemon, "blufio_tokens_total", &[model, ("type", "output")]),
+        support::metric(&daemon, "blufio_tokens_total", &[model, ("type", "output")]),
         Some(1000.0)
     );
     // 1040 input at $3/M + 1000 output at $15/M = $0.00312 + $0.015.
-    let cost = metric(&daemon, "blufio_cost_usd_total", &[model]).unwrap();
+    let cost = support::metric(&daemon, "blufio_cost_usd_total", &[model]).unwrap();
     assert!((cost - 0.01812).abs() < 1e-9, "{cost}");
-    let remaining = metric(&daemon, "blufio_budget_remaining_usd", &[]).unwrap();
+    let remaining = support::metric(&daemon, "blufio_budget_remaining_usd", &[]).unwrap();
     assert!((remaining - 4.98188).abs() < 1e-9, "{remaining}");
     daemon.stop();
 }
@@ -123,9 +100,9 @@ fn openai_conversation_sends_the_system_prompt_history_and_bearer_key() {
     let mut config = provider_config(Provider::OpenAi, &fake);
     config.agent.system = Some("sys".to_owned());
     let daemon = support::start(config);
-    let first = post(&daemon, r#"{"content": "ping"}"#).json();
+    let first = support::post_message(&daemon, r#"{"content": "ping"}"#).json();
     let id = first["session_id"].as_str().unwrap();
-    let second = post(
+    let second = support::post_message(
         &daemon,
         &format!(r#"{{"session_id": "{id}", "content": "ping 2"}}"#),
     )
@@ -148,7 +125,7 @@ fn openai_conversation_sends_the_system_prompt_history_and_bearer_key() {
         ])
     );
     assert_eq!(
-        metric(
+        support::metric(
             &daemon,
             "blufio_tokens_total",
             &[("model", "test-model"), ("type", "input")]
@@ -157,7 +134,7 @@ fn openai_conversation_sends_the_system_prompt_history_and_bearer_key() {
     );
     // An unknown (local) model is free.
     assert_eq!(
-        metric(&daemon, "blufio_cost_usd_total", &[("model", "test-model")]),
+        support::metric(&daemon, "blufio_cost_usd_total", &[("model", "test-model")]),
         Some(0.0)
     );
     daemon.stop();
@@ -172,7 +149,7 @@ fn a_429_then_200_is_retried_after_retry_after() {
     ]);
     let daemon = start(Provider::Anthropic, &fake);
     let started = Instant::now();
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["content"], "finally");
     assert!(started.elapsed() >= Duration::from_millis(900));
@@ -186,7 +163,7 @@ fn a_429_asking_for_a_long_wait_is_passed_on_with_retry_after() {
     fake.push([Scripted::status(429, &[("retry-after", "60")], "{}")]);
     let daemon = start(Provider::OpenAi, &fake);
     let started = Instant::now();
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(429, "rate_limited");
     assert_eq!(reply.header("retry-after"), Some("60"));
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -195,14 +172,7 @@ fn a_429_asking_for_a_long_wait_is_passed_on_with_retry_after() {
         1,
         "a wait beyond 20 s is not spent in the daemon"
     );
-    assert_eq!(
-        metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_rate_limit")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(errors(&daemon, "agent_rate_limit"), Some(1.0));
     daemon.stop();
 }
 
@@ -218,7 +188,7 @@ fn a_stream_without_usage_is_charged_by_estimate() {
         hang: false,
     }]);
     let daemon = start(Provider::OpenAi, &fake);
-    let response = post(&daemon, r#"{"content": "12345678", "stream": true}"#);
+    let response = support::post_message(&daemon, r#"{"content": "12345678", "stream": true}"#);
     let (name, done) = sse_events(&response.body).pop().unwrap();
     assert_eq!(name, "done");
     assert_eq!(done["content"], "abcdefgh");
@@ -238,7 +208,7 @@ fn overloaded_and_server_errors_exhaust_retries_into_a_clean_502() {
         Scripted::status(529, &[], secret_body),
     ]);
     let daemon = start(Provider::Anthropic, &fake);
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(502, "agent_upstream");
     assert!(
         !reply.body.contains("internal upstream detail"),
@@ -246,14 +216,7 @@ fn overloaded_and_server_errors_exhaust_retries_into_a_clean_502() {
         reply.body
     );
     assert_eq!(fake.requests().len(), 3);
-    assert_eq!(
-        metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_upstream")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(errors(&daemon, "agent_upstream"), Some(1.0));
     let health = daemon.authed(TOKEN, "GET", "/v1/health", None).json();
     let upstream = &health["upstream"];
     assert_eq!(upstream["provider"], "anthropic");
@@ -279,20 +242,13 @@ fn other_4xx_is_not_retried_and_not_dumped() {
         r#"{"error":{"message":"invalid x-api-key sk-test-9f8e7d6c5b4a"}}"#,
     )]);
     let daemon = start(Provider::Anthropic, &fake);
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     reply.assert_error(502, "agent_rejected");
     assert!(reply.body.contains("HTTP 401"), "{}", reply.body);
     assert!(!reply.body.contains("invalid x-api-key"), "{}", reply.body);
     assert!(!reply.body.contains(KEY));
     assert_eq!(fake.requests().len(), 1);
-    assert_eq!(
-        metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_rejected")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(errors(&daemon, "agent_rejected"), Some(1.0));
     daemon.stop();
 }
 
@@ -307,10 +263,10 @@ fn a_slow_upstream_hits_the_timeout_with_504() {
     config.agent.timeout_secs = 1;
     let daemon = support::start(config);
     let started = Instant::now();
-    post(&daemon, r#"{"content": "hi"}"#).assert_error(504, "agent_timeout");
+    support::post_message(&daemon, r#"{"content": "hi"}"#).assert_error(504, "agent_timeout");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(
-        metric(&daemon, "blufio_errors_total", &[("type", "agent_timeout")]),
+        support::metric(&daemon, "blufio_errors_total", &[("type", "agent_timeout")]),
         Some(1.0)
     );
     daemon.stop();
@@ -325,18 +281,11 @@ fn malformed_upstream_json_is_a_502() {
     ]);
     let daemon = start(Provider::OpenAi, &fake);
     for _ in 0..2 {
-        let reply = post(&daemon, r#"{"content": "hi"}"#);
+        let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
         reply.assert_error(502, "agent_malformed");
         assert!(!reply.body.contains("<html>"));
     }
-    assert_eq!(
-        metric(
-            &daemon,
-            "blufio_errors_total",
-            &[("type", "agent_malformed")]
-        ),
-        Some(2.0)
-    );
+    assert_eq!(errors(&daemon, "agent_malformed"), Some(2.0));
     daemon.stop();
 }
 
@@ -368,7 +317,7 @@ fn an_anthropic_stream_arrives_as_sse_deltas_in_order_then_usage() {
         hang: false,
     }]);
     let daemon = start(Provider::Anthropic, &fake);
-    let response = post(&daemon, r#"{"content": "hi", "stream": true}"#);
+    let response = support::post_message(&daemon, r#"{"content": "hi", "stream": true}"#);
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.header("content-type"), Some("text/event-stream"));
     let events = sse_events(&response.body);
@@ -390,7 +339,7 @@ fn an_anthropic_stream_arrives_as_sse_deltas_in_order_then_usage() {
         .json();
     assert_eq!(session["message_count"], 2);
     assert_eq!(
-        metric(
+        support::metric(
             &daemon,
             "blufio_tokens_total",
             &[("model", "claude-sonnet-4-5"), ("type", "output")]
@@ -398,7 +347,7 @@ fn an_anthropic_stream_arrives_as_sse_deltas_in_order_then_usage() {
         Some(5.0)
     );
     assert_eq!(
-        metric(&daemon, "blufio_time_to_first_token_seconds_count", &[]),
+        support::metric(&daemon, "blufio_time_to_first_token_seconds_count", &[]),
         Some(1.0)
     );
     daemon.stop();
@@ -416,9 +365,7 @@ fn an_openai_stream_arrives_as_websocket_delta_frames_then_a_final_frame() {
         hang: false,
     }]);
     let daemon = start(Provider::OpenAi, &fake);
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let frames = async_io::block_on(async {
         ws.send(Message::text(r#"{"content": "count", "stream": true}"#))
             .await
@@ -456,27 +403,17 @@ fn an_openai_stream_arrives_as_websocket_delta_frames_then_a_final_frame() {
 #[test]
 fn a_client_dropping_mid_stream_cancels_the_upstream_and_is_still_charged() {
     let fake = FakeProvider::start();
-    let mut chunks = fake_provider::anthropic_stream(&["partial"], 50, 0);
     // Everything up to the first delta, then the upstream keeps "thinking".
-    chunks.truncate(4);
-    fake.push([Scripted::Stream {
-        chunks,
-        gap: Duration::from_millis(5),
-        hang: true,
-    }]);
+    fake.push([fake_provider::anthropic_hanging(50)]);
     let daemon = start(Provider::Anthropic, &fake);
     let body = r#"{"content": "tell me a long story", "stream": true}"#;
     let mut stream = TcpStream::connect(daemon.gateway_addr()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    write!(
-        stream,
-        "POST /v1/messages HTTP/1.1\r\nHost: blufio\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    stream
+        .write_all(http::message_request(TOKEN, body).as_bytes())
+        .unwrap();
     let mut seen = Vec::new();
     let mut buffer = [0; 1024];
     while !String::from_utf8_lossy(&seen).contains("event: delta") {
@@ -492,7 +429,7 @@ fn a_client_dropping_mid_stream_cancels_the_upstream_and_is_still_charged() {
     // The reported input tokens are still charged.
     let mut charged = None;
     for _ in 0..200 {
-        charged = metric(
+        charged = support::metric(
             &daemon,
             "blufio_tokens_total",
             &[("model", "claude-sonnet-4-5"), ("type", "input")],
@@ -506,7 +443,7 @@ fn a_client_dropping_mid_stream_cancels_the_upstream_and_is_still_charged() {
     // The session the message opened is closed: the client never learned its id.
     let sessions = daemon.authed(TOKEN, "GET", "/v1/sessions", None).json();
     assert_eq!(sessions["sessions"], serde_json::json!([]), "{sessions}");
-    let cost = metric(
+    let cost = support::metric(
         &daemon,
         "blufio_cost_usd_total",
         &[("model", "claude-sonnet-4-5")],
@@ -520,7 +457,7 @@ fn a_client_dropping_mid_stream_cancels_the_upstream_and_is_still_charged() {
 fn the_budget_stops_calls_once_spent_and_stays_spent_after_a_restart() {
     let fake = FakeProvider::start();
     fake.set_fallback(Scripted::ok(&fake_provider::anthropic_reply("ok", 1, 0)));
-    let state_dir = temp_dir("budget");
+    let state_dir = support::temp_dir("budget");
     let config = || {
         let mut config = provider_config(Provider::Anthropic, &fake);
         config.daemon.state_dir = Some(state_dir.clone());
@@ -536,14 +473,17 @@ fn the_budget_stops_calls_once_spent_and_stays_spent_after_a_restart() {
         config
     };
     let daemon = support::start(config());
-    assert_eq!(post(&daemon, r#"{"content": "hi"}"#).status, 200);
-    let refused = post(&daemon, r#"{"content": "hi"}"#);
+    assert_eq!(
+        support::post_message(&daemon, r#"{"content": "hi"}"#).status,
+        200
+    );
+    let refused = support::post_message(&daemon, r#"{"content": "hi"}"#);
     refused.assert_error(429, "budget_exhausted");
     let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=86_400).contains(&retry_after), "{retry_after}");
     assert_eq!(fake.requests().len(), 1, "no upstream call once spent");
     assert_eq!(
-        metric(&daemon, "blufio_budget_remaining_usd", &[]),
+        support::metric(&daemon, "blufio_budget_remaining_usd", &[]),
         Some(0.0)
     );
     daemon.stop();
@@ -562,7 +502,7 @@ fn the_budget_stops_calls_once_spent_and_stays_spent_after_a_restart() {
 #[test]
 fn a_truncated_state_file_is_reported_not_zeroed() {
     let fake = FakeProvider::start();
-    let state_dir = temp_dir("truncated");
+    let state_dir = support::temp_dir("truncated");
     let state_file = state_dir.join("spend.json");
     std::fs::write(&state_file, r#"{"version":1,"utc_day":20000,"spent_u"#).unwrap();
     let mut config = provider_config(Provider::Anthropic, &fake);
@@ -586,21 +526,21 @@ fn a_private_ca_in_ca_file_secures_the_upstream_and_the_bundle_refuses_it() {
     let (ca_pem, server_config) = fake_provider::tls_pair();
     let fake = FakeProvider::start_with(Some(server_config));
     fake.set_fallback(Scripted::ok(&fake_provider::openai_reply("over tls", 1, 1)));
-    let dir = temp_dir("tls");
+    let dir = support::temp_dir("tls");
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
 
     let mut config = provider_config(Provider::OpenAi, &fake);
     config.agent.ca_file = Some(ca_file);
     let daemon = support::start(config);
-    let reply = post(&daemon, r#"{"content": "hi"}"#);
+    let reply = support::post_message(&daemon, r#"{"content": "hi"}"#);
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["content"], "over tls");
     daemon.stop();
 
     // Without ca_file only the public roots are trusted: the handshake fails.
     let daemon = start(Provider::OpenAi, &fake);
-    post(&daemon, r#"{"content": "hi"}"#).assert_error(502, "agent_upstream");
+    support::post_message(&daemon, r#"{"content": "hi"}"#).assert_error(502, "agent_upstream");
     assert_eq!(fake.requests().len(), 1);
     daemon.stop();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -608,11 +548,6 @@ fn a_private_ca_in_ca_file_secures_the_upstream_and_the_bundle_refuses_it() {
 
 #[test]
 fn the_api_key_appears_in_no_log_line_and_no_response() {
-    use std::{
-        io::{BufRead, BufReader},
-        process::{Command, Stdio},
-    };
-
     let fake = FakeProvider::start();
     let failing = format!(r#"{{"error":"bad key {KEY}"}}"#);
     fake.push([
@@ -623,47 +558,23 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
         Scripted::status(500, &[], &failing),
         Scripted::ok("not json"),
     ]);
-    let port = crate::cli::free_port();
-    let dir = crate::cli::temp_dir("provider-key");
-    let config_path = dir.join("blufio.toml");
-    std::fs::write(
-        &config_path,
-        format!(
+    let port = support::free_port();
+    let dir = support::temp_dir("provider-key");
+    let config_path = write_config(
+        &dir,
+        &format!(
             "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
              [agent]\nprovider = \"anthropic\"\nbase_url = \"{}\"\n",
             fake.url()
         ),
-    )
-    .unwrap();
-    let mut child = crate::cli::blufio()
-        .args(["serve", "--config"])
-        .arg(&config_path)
+    );
+    let mut command = support::binary().serve_command(&config_path);
+    command
         .env("BLUFIO_LOG", "trace")
-        .env("ANTHROPIC_API_KEY", KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (sender, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = sender.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = lines.recv_timeout(Duration::from_secs(30)).unwrap();
-        let addr = line
-            .split("listening on http://")
-            .nth(1)
-            .map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
-        log.push(line);
-        if let Some(addr) = addr {
-            break addr;
-        }
-    };
+        .env("ANTHROPIC_API_KEY", KEY);
+    let mut daemon = Daemon::start(&mut command, config_path);
+    let addr = daemon.addr();
+    let mut log = daemon.startup.clone();
     let auth = format!("Bearer {TOKEN}");
     let headers = [
         ("Authorization", auth.as_str()),
@@ -687,12 +598,7 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
     responses.push(support::request(addr, "GET", "/metrics", &[], None));
     assert_eq!(fake.requests()[0].header("x-api-key"), Some(KEY));
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(crate::cli::wait(&mut child).code(), Some(0));
-    log.extend(lines.iter());
+    log.extend(daemon.stop(support::EXIT_TIMEOUT));
     assert!(
         log.iter().any(|line| line.contains("retrying in")),
         "the failures were logged: {log:?}"
@@ -715,7 +621,7 @@ fn the_api_key_appears_in_no_log_line_and_no_response() {
 
 #[test]
 fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
-    let dir = crate::cli::temp_dir("provider-config");
+    let dir = support::temp_dir("provider-config");
     for (name, agent, expected) in [
         (
             "nokey",
@@ -737,7 +643,8 @@ fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
     ] {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, format!("[agent]\n{agent}")).unwrap();
-        let output = crate::cli::blufio()
+        let output = support::binary()
+            .command()
             .args(["serve", "--config"])
             .arg(&path)
             .env_remove("ANTHROPIC_API_KEY")

@@ -3,111 +3,54 @@
 //! reloads over live connections, and signals that must not kill it.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, mpsc},
+    path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use blufio::{Config, Context, FixedRss, ManualHeap, NotifySettings};
+use blufio_testkit::process::{Spawned, write_config};
 
-use crate::{
-    cli::{blufio, free_port, temp_dir, wait},
-    support,
-};
+use crate::support::{self, EXIT_TIMEOUT, binary, free_port, port_config, temp_dir};
 
 const MIB: u64 = 1024 * 1024;
 
-/// A `blufio serve` child with its stderr lines.
-struct Service {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+/// Starts `blufio serve` on `config_path` with no service-manager variables but `env`, and
+/// `BLUFIO_LOG` set to `log` (unset when empty).
+fn start_service(config_path: &Path, env: &[(&str, &str)], log: &str) -> Spawned {
+    let mut command = binary().serve_command(config_path);
+    command
+        .env_remove("BLUFIO_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID");
+    if !log.is_empty() {
+        command.env("BLUFIO_LOG", log);
+    }
+    command.envs(env.iter().copied());
+    Spawned::spawn(&mut command)
 }
 
-impl Service {
-    fn start(config_path: &Path, env: &[(&str, &str)], log: &str) -> Service {
-        let mut command = blufio();
-        command
-            .args(["serve", "--config"])
-            .arg(config_path)
-            .env_remove("BLUFIO_LOG")
-            .env_remove("BLUFIO_GATEWAY_TOKEN")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if !log.is_empty() {
-            command.env("BLUFIO_LOG", log);
-        }
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Service { child, lines }
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn expect_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        panic!("no log line containing {needle:?}; saw {seen:?}");
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits until the kernel reports the child stopped (state `T` in `/proc/<pid>/stat`).
-    fn wait_until_stopped(&self) {
-        let path = format!("/proc/{}/stat", self.child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let stat = std::fs::read_to_string(&path).unwrap();
-            let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
-            if state == Some("T") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the child never stopped: {stat}");
-            std::thread::yield_now();
-        }
-    }
-
-    fn stop(mut self) {
-        self.signal("TERM");
-        let exit = wait(&mut self.child);
-        assert_eq!(exit.code(), Some(0), "{exit:?}");
-    }
+/// Waits for a log line containing `needle` and returns it.
+fn expect_log(service: &Spawned, needle: &str) -> String {
+    service.wait_for_line(needle, Duration::from_secs(20))
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Waits until the kernel reports the child stopped (state `T` in `/proc/<pid>/stat`).
+fn wait_until_stopped(service: &Spawned) {
+    let path = format!("/proc/{}/stat", service.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(&path).unwrap();
+        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+        if state == Some("T") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the child never stopped: {stat}");
+        std::thread::yield_now();
     }
 }
 
@@ -161,12 +104,6 @@ impl Manager {
     }
 }
 
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("blufio.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -181,7 +118,7 @@ fn ready_after_bind_then_watchdog_status_reload_and_stopping() {
     );
     let path = write_config(&dir, &config);
     let socket = dir.join("notify.sock");
-    let daemon = Service::start(
+    let daemon = start_service(
         &path,
         &[
             ("NOTIFY_SOCKET", socket.to_str().unwrap()),
@@ -220,7 +157,7 @@ fn ready_after_bind_then_watchdog_status_reload_and_stopping() {
 
     // A stopped process stops pinging; it resumes when continued.
     daemon.signal("STOP");
-    daemon.wait_until_stopped();
+    wait_until_stopped(&daemon);
     manager.drain();
     assert_eq!(manager.next(Duration::from_millis(900)), None);
     daemon.signal("CONT");
@@ -237,13 +174,13 @@ fn ready_after_bind_then_watchdog_status_reload_and_stopping() {
         .unwrap();
     assert!(usec > 0);
     manager.expect("READY=1");
-    daemon.expect_log("reloaded");
+    expect_log(&daemon, "reloaded");
 
     // SIGUSR1 and SIGUSR2 are logged and ignored, never fatal.
     daemon.signal("USR1");
-    daemon.expect_log("received SIGUSR1; ignored");
+    expect_log(&daemon, "received SIGUSR1; ignored");
     daemon.signal("USR2");
-    daemon.expect_log("received SIGUSR2; ignored");
+    expect_log(&daemon, "received SIGUSR2; ignored");
     assert_eq!(
         support::request(addr(port), "GET", "/health", &[], None).status,
         200
@@ -252,7 +189,7 @@ fn ready_after_bind_then_watchdog_status_reload_and_stopping() {
     daemon.signal("TERM");
     manager.expect("STOPPING=1");
     let mut daemon = daemon;
-    let exit = wait(&mut daemon.child);
+    let exit = daemon.wait(EXIT_TIMEOUT);
     assert_eq!(exit.code(), Some(0), "{exit:?}");
 }
 
@@ -263,18 +200,15 @@ fn notifies_an_abstract_socket() {
     let manager = Manager::bind_abstract(&name);
     let dir = temp_dir("notify-abstract");
     let port = free_port();
-    let path = write_config(
-        &dir,
-        &format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    );
-    let daemon = Service::start(&path, &[("NOTIFY_SOCKET", &format!("@{name}"))], "info");
+    let path = write_config(&dir, &port_config(port));
+    let daemon = start_service(&path, &[("NOTIFY_SOCKET", &format!("@{name}"))], "info");
     manager.expect("READY=1");
     // No WATCHDOG_USEC: no watchdog pings, only the status line.
     daemon.signal("TERM");
     let (_, before) = manager.expect("STOPPING=1");
     assert!(before.iter().all(|m| !m.contains("WATCHDOG")), "{before:?}");
     let mut daemon = daemon;
-    assert_eq!(wait(&mut daemon.child).code(), Some(0));
+    assert_eq!(daemon.wait(EXIT_TIMEOUT).code(), Some(0));
 }
 
 #[test]
@@ -283,13 +217,10 @@ fn bind_failure_never_sends_ready() {
     let manager = Manager::bind_path(&dir.join("notify.sock"));
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let path = write_config(
-        &dir,
-        &format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    );
+    let path = write_config(&dir, &port_config(port));
     let socket = dir.join("notify.sock");
-    let mut daemon = Service::start(&path, &[("NOTIFY_SOCKET", socket.to_str().unwrap())], "off");
-    assert_eq!(wait(&mut daemon.child).code(), Some(1));
+    let mut daemon = start_service(&path, &[("NOTIFY_SOCKET", socket.to_str().unwrap())], "off");
+    assert_eq!(daemon.wait(EXIT_TIMEOUT).code(), Some(1));
     let messages = manager.drain();
     assert!(
         messages.iter().all(|m| !m.contains("READY=1")),
@@ -301,16 +232,13 @@ fn bind_failure_never_sends_ready() {
 fn without_notify_socket_nothing_is_logged_about_it() {
     let dir = temp_dir("notify-none");
     let port = free_port();
-    let path = write_config(
-        &dir,
-        &format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    );
-    let daemon = Service::start(&path, &[], "debug");
-    daemon.expect_log("listening on");
+    let path = write_config(&dir, &port_config(port));
+    let daemon = start_service(&path, &[], "debug");
+    expect_log(&daemon, "listening on");
     let mut daemon = daemon;
     daemon.signal("TERM");
-    assert_eq!(wait(&mut daemon.child).code(), Some(0));
-    let log: Vec<String> = daemon.lines.try_iter().collect();
+    assert_eq!(daemon.wait(EXIT_TIMEOUT).code(), Some(0));
+    let log: Vec<String> = daemon.lines().try_iter().collect();
     assert!(log.iter().all(|line| !line.contains("notif")), "{log:?}");
 }
 
@@ -320,9 +248,9 @@ fn a_stalled_monitor_stops_the_watchdog() {
     let path = dir.join("notify.sock");
     let manager = Manager::bind_path(&path);
     let heap = Arc::new(ManualHeap::new(10 * MIB));
-    let (release, released) = mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
     let released = std::sync::Mutex::new(released);
-    let (entered, hook_entered) = mpsc::channel::<()>();
+    let (entered, hook_entered) = std::sync::mpsc::channel::<()>();
     let entered = std::sync::Mutex::new(entered);
     let mut config = Config::for_tests();
     config.daemon.monitor_interval_secs = 1;
@@ -422,8 +350,8 @@ fn sighup_rotates_the_token_without_dropping_a_connection_or_session() {
         )
     };
     let path = write_config(&dir, &config(""));
-    let daemon = Service::start(&path, &[], "info");
-    daemon.expect_log("listening on");
+    let mut daemon = start_service(&path, &[], "info");
+    expect_log(&daemon, "listening on");
 
     let mut connection = KeepAlive::connect(addr(port));
     let (status, body) = connection.send("POST", "/v1/sessions", "old-token-1234567890");
@@ -436,7 +364,7 @@ fn sighup_rotates_the_token_without_dropping_a_connection_or_session() {
     std::fs::write(&token_path, "new-token-0987654321\n").unwrap();
     std::fs::write(&path, config("memory_warn_mb = 120\n")).unwrap();
     daemon.signal("HUP");
-    let line = daemon.expect_log("reloaded");
+    let line = expect_log(&daemon, "reloaded");
     assert!(line.contains("[gateway] token"), "{line}");
     assert!(line.contains("[daemon] memory_warn_mb"), "{line}");
     assert!(
@@ -455,7 +383,7 @@ fn sighup_rotates_the_token_without_dropping_a_connection_or_session() {
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["memory_warn_bytes"], 120 * MIB);
     assert_eq!(health["active_sessions"], 1);
-    daemon.stop();
+    daemon.stop(EXIT_TIMEOUT);
 }
 
 #[test]
@@ -466,12 +394,12 @@ fn sighup_with_an_invalid_file_keeps_the_running_config() {
         "[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\ntoken = \"kept-token-123456\"\n"
     );
     let path = write_config(&dir, &good);
-    let daemon = Service::start(&path, &[], "info");
-    daemon.expect_log("listening on");
+    let mut daemon = start_service(&path, &[], "info");
+    expect_log(&daemon, "listening on");
 
     std::fs::write(&path, format!("{good}memroy_warn_mb = 1\n")).unwrap();
     daemon.signal("HUP");
-    let line = daemon.expect_log("reload refused");
+    let line = expect_log(&daemon, "reload refused");
     let expected = format!("{}:6:1: key `memroy_warn_mb`", path.display());
     assert!(line.contains(&expected), "{line}");
 
@@ -483,19 +411,16 @@ fn sighup_with_an_invalid_file_keeps_the_running_config() {
         None,
     );
     assert_eq!(health.status, 200, "{}", health.body);
-    daemon.stop();
+    daemon.stop(EXIT_TIMEOUT);
 }
 
 #[test]
 fn sighup_reports_a_port_change_as_needing_a_restart() {
     let dir = temp_dir("reload-port");
     let port = free_port();
-    let path = write_config(
-        &dir,
-        &format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n"),
-    );
-    let daemon = Service::start(&path, &[], "info");
-    daemon.expect_log("listening on");
+    let path = write_config(&dir, &port_config(port));
+    let mut daemon = start_service(&path, &[], "info");
+    expect_log(&daemon, "listening on");
     let other = free_port();
     std::fs::write(
         &path,
@@ -503,13 +428,13 @@ fn sighup_reports_a_port_change_as_needing_a_restart() {
     )
     .unwrap();
     daemon.signal("HUP");
-    let line = daemon.expect_log("needs restart");
+    let line = expect_log(&daemon, "needs restart");
     assert!(line.contains("[daemon] health_port"), "{line}");
     assert_eq!(
         support::request(addr(port), "GET", "/health", &[], None).status,
         200
     );
-    daemon.stop();
+    daemon.stop(EXIT_TIMEOUT);
 }
 
 #[test]
@@ -525,12 +450,12 @@ fn sighup_changes_the_log_level_live() {
     };
     let path = write_config(&dir, &config("warn"));
     // No BLUFIO_LOG: the file's log_level rules, and a reload changes it.
-    let daemon = Service::start(&path, &[("NOTIFY_SOCKET", socket.to_str().unwrap())], "");
+    let mut daemon = start_service(&path, &[("NOTIFY_SOCKET", socket.to_str().unwrap())], "");
     manager.expect("READY=1");
 
     std::fs::write(&path, config("info")).unwrap();
     daemon.signal("HUP");
-    daemon.expect_log("changed [daemon] log_level");
+    expect_log(&daemon, "changed [daemon] log_level");
 
     manager.expect("READY=1");
     std::fs::write(&path, config("error")).unwrap();
@@ -546,7 +471,7 @@ fn sighup_changes_the_log_level_live() {
     let mut seen = Vec::new();
     let refused = loop {
         let line = daemon
-            .lines
+            .lines()
             .recv_timeout(Duration::from_secs(20))
             .expect("the refused reload is logged");
         if line.contains("reload refused") {
@@ -559,5 +484,5 @@ fn sighup_changes_the_log_level_live() {
         seen.iter().all(|line| !line.contains("SIGUSR1")),
         "{seen:?}"
     );
-    daemon.stop();
+    daemon.stop(EXIT_TIMEOUT);
 }

@@ -1,14 +1,38 @@
-//! Test support: start a daemon in-process on port 0, talk plain HTTP/1.1 to it over real
-//! sockets, stop it through its handle.
+//! Test support: start a daemon in-process on port 0 (or the real binary through the kit),
+//! talk plain HTTP/1.1 to it over real sockets, stop it through its handle.
 
 use std::{
-    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     sync::Arc,
     time::Duration,
 };
 
 use blufio::{Config, Context, ContextBuilder, Daemon};
+pub use blufio_testkit::http::{Response, parse_response, request, send_raw};
+use blufio_testkit::process::{self, Binary};
+pub use blufio_testkit::process::{free_port, port_config, temp_dir};
+
+/// How long a test waits for the real binary to exit after it was told to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The `blufio` binary of this build. Under `cargo xtask test-cross` it is foreign: cargo's
+/// runner variable for this target (qemu-user) is inherited from cargo, so it is used here
+/// too, since the host kernel cannot execute the binary by itself.
+pub fn binary() -> Binary {
+    let runner_var = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        env!("BLUFIO_TARGET").to_uppercase().replace('-', "_")
+    );
+    Binary::new(
+        env!("CARGO_BIN_EXE_blufio"),
+        std::env::var(runner_var).unwrap_or_default(),
+    )
+}
+
+/// Serves `config` with the real binary and waits for its "listening on" line.
+pub fn serve(config: &str, name: &str) -> process::Daemon {
+    binary().serve(config, name)
+}
 
 /// A running daemon plus the context the test can poke.
 pub struct TestDaemon {
@@ -103,122 +127,6 @@ impl Drop for TestDaemon {
             daemon.shut_down_blocking(Duration::from_secs(5));
         }
     }
-}
-
-/// A parsed HTTP response.
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|error| panic!("body is not JSON ({error}): {:?}", self.body))
-    }
-
-    /// Asserts a JSON error body with this code.
-    pub fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{}", self.body);
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "{self:?}"
-        );
-        let json = self.json();
-        assert_eq!(json["error"], code, "{json}");
-        assert!(
-            json["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{json}"
-        );
-    }
-}
-
-/// Sends one HTTP/1.1 request with `Connection: close` and reads the whole response.
-pub fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Response {
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        raw.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if let Some(body) = body {
-        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    raw.push_str("\r\n");
-    if let Some(body) = body {
-        raw.push_str(body);
-    }
-    send_raw(addr, raw.as_bytes())
-}
-
-/// Writes raw bytes and parses whatever comes back.
-pub fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Response {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set timeout");
-    stream.write_all(bytes).expect("write request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read response");
-    parse_response(&raw)
-}
-
-pub fn parse_response(raw: &[u8]) -> Response {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("status line");
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
-        .collect();
-    let chunked = headers.iter().any(|(name, value)| {
-        name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-    out
 }
 
 /// An agent driven by the message text, for exercising every gateway outcome:
@@ -352,4 +260,115 @@ pub fn wait_for_active_sessions(daemon: &TestDaemon, expected: u64) {
         "active_sessions never reached {expected}: {}",
         daemon.get("/health").body
     );
+}
+
+/// A gateway config with `TOKEN` whose agent is `provider` at `base_url` with `key`;
+/// `openai_model` is the model an OpenAI-compatible provider asks for.
+pub fn provider_config(
+    provider: blufio::internals::config::Provider,
+    base_url: String,
+    key: &str,
+    openai_model: &str,
+) -> Config {
+    let mut config = config_with_token(TOKEN);
+    config.agent.provider = provider;
+    config.agent.base_url = Some(base_url);
+    config.agent.model = Some(match provider {
+        blufio::internals::config::Provider::OpenAi => openai_model.to_owned(),
+        _ => "claude-sonnet-4-5".to_owned(),
+    });
+    config.agent.api_key = Some(blufio::Secret::new(key));
+    config.agent.timeout_secs = 10;
+    config
+}
+
+/// `POST /v1/messages` with `TOKEN` and a JSON body.
+pub fn post_message(daemon: &TestDaemon, body: &str) -> Response {
+    daemon.authed(TOKEN, "POST", "/v1/messages", Some(body))
+}
+
+/// The value of one series in the daemon's `/metrics`.
+pub fn metric(daemon: &TestDaemon, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    crate::prometheus::parse(&daemon.get_ok("/metrics")).value(name, labels)
+}
+
+/// Starts a daemon with `memory_warn_mb = 20` on a heap set by hand, and a session of 6
+/// history messages left idle for `idle_for`, so that it can be trimmed under pressure (with
+/// `idle_timeout_secs`, sessions count as idle for shedding after a quarter of it). Returns
+/// the daemon, its heap and the session id.
+pub fn daemon_with_an_idle_session(
+    idle_timeout_secs: u64,
+    idle_for: Duration,
+) -> (TestDaemon, Arc<blufio::ManualHeap>, String) {
+    const MIB: u64 = 1024 * 1024;
+    let heap = Arc::new(blufio::ManualHeap::new(10 * MIB));
+    let mut config = config_with_token(TOKEN);
+    config.daemon.memory_warn_mb = 20;
+    config.daemon.memory_limit_mb = 30;
+    config.daemon.max_connections_per_ip = 1000;
+    config.gateway.session_idle_timeout_secs = idle_timeout_secs;
+    let daemon = start_with(
+        Context::builder(config)
+            .with_heap_source(Arc::clone(&heap))
+            .with_rss_source(blufio::FixedRss(Some(15 * MIB)))
+            .with_agent(ScriptedAgent),
+    );
+    let created = daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content": "one"}"#));
+    let id = created.json()["session_id"].as_str().unwrap().to_owned();
+    for text in ["two", "three"] {
+        let body = format!(r#"{{"session_id": "{id}", "content": "{text}"}}"#);
+        daemon.authed(TOKEN, "POST", "/v1/messages", Some(&body));
+    }
+    std::thread::sleep(idle_for);
+    (daemon, heap, id)
+}
+
+/// Starts the gateway of [`start_gateway`] on the test config as `adjust` leaves it.
+pub fn start_gateway_with(adjust: impl FnOnce(&mut Config)) -> TestDaemon {
+    let mut config = Config::for_tests();
+    adjust(&mut config);
+    start_gateway(config)
+}
+
+/// Opens `/ws` on the gateway with `TOKEN` as a bearer header.
+pub fn ws_authed(daemon: &TestDaemon) -> WsClient {
+    let auth = format!("Bearer {TOKEN}");
+    ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)])
+        .unwrap()
+        .0
+}
+
+/// Reads frames until the close frame and returns it (`None` for a close without a code).
+pub async fn ws_close_frame(
+    ws: &mut WsClient,
+) -> Option<async_tungstenite::tungstenite::protocol::CloseFrame> {
+    use async_tungstenite::tungstenite::Message;
+    use futures_lite::StreamExt;
+
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Serves, with the real binary, a config for drain tests: a 10 s grace, room for many
+/// clients from one address, and the echo agent answering after `echo_delay_ms`.
+pub fn serve_drain(echo_delay_ms: u64, name: &str) -> process::Daemon {
+    let port = free_port();
+    let config = format!(
+        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\n\
+         [agent]\nprovider = \"echo\"\necho_delay_ms = {echo_delay_ms}\n"
+    );
+    serve(&config, name)
+}
+
+/// Starts a daemon (no agent) on the config of [`config_with_token`] as `adjust` leaves it.
+pub fn start_adjusted(adjust: impl FnOnce(&mut Config)) -> TestDaemon {
+    let mut config = config_with_token(TOKEN);
+    adjust(&mut config);
+    start(config)
 }

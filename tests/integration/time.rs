@@ -3,20 +3,11 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::{cli, support};
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{name}");
-}
+use crate::support;
 
 fn monitor_ticks(addr: SocketAddr) -> u64 {
     let body = support::request(addr, "GET", "/metrics", &[], None).body;
@@ -28,15 +19,16 @@ fn monitor_ticks(addr: SocketAddr) -> u64 {
 
 #[test]
 fn the_monitor_skips_ticks_missed_while_stopped_instead_of_bursting() {
-    let port = cli::free_port();
+    let port = support::free_port();
     let config = format!(
         "[daemon]\nhealth_port = {port}\nmonitor_interval_secs = 1\n[gateway]\nport = {port}\n"
     );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "sigstop");
+    let mut daemon = support::serve(&config, "sigstop");
+    let addr = daemon.addr();
     let before = monitor_ticks(addr);
-    signal(&child, "STOP");
+    daemon.signal("STOP");
     thread::sleep(Duration::from_secs(4));
-    signal(&child, "CONT");
+    daemon.signal("CONT");
     // The first request after SIGCONT is served once the process runs again; by then the
     // overdue tick has fired once. Four missed ticks run back to back would show here.
     thread::sleep(Duration::from_millis(300));
@@ -57,8 +49,8 @@ fn the_monitor_skips_ticks_missed_while_stopped_instead_of_bursting() {
         later - after_resume,
         resumed.elapsed()
     );
-    signal(&child, "TERM");
-    assert_eq!(cli::wait(&mut child).code(), Some(0));
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
 }
 
 /// Bytes this thread allocated minus bytes it freed, from jemalloc's per-thread counters, so
@@ -123,14 +115,8 @@ fn a_million_latency_observations_without_a_scrape_keep_the_heap_flat() {
 
 #[test]
 fn sigterm_with_64_clients_mid_request_completes_every_request_and_exits_zero() {
-    let port = cli::free_port();
-    let config = format!(
-        "[daemon]\nhealth_port = {port}\nshutdown_grace_secs = 10\nmax_connections_per_ip = 256\n\
-         [gateway]\nport = {port}\ntoken = \"{}\"\n\
-         [agent]\nprovider = \"echo\"\necho_delay_ms = 1500\n",
-        support::TOKEN
-    );
-    let (mut child, addr, _lines) = cli::start_binary(&config, "sigterm-64");
+    let mut daemon = support::serve_drain(1500, "sigterm-64");
+    let addr = daemon.addr();
     let bearer = format!("Bearer {}", support::TOKEN);
     let mut clients = Vec::new();
     for index in 0..48 {
@@ -169,9 +155,9 @@ fn sigterm_with_64_clients_mid_request_completes_every_request_and_exits_zero() 
         assert!(started.elapsed() < Duration::from_secs(5), "{health}");
         thread::sleep(Duration::from_millis(10));
     }
-    signal(&child, "TERM");
+    daemon.signal("TERM");
     for client in clients {
         client.join().expect("every started request completes");
     }
-    assert_eq!(cli::wait(&mut child).code(), Some(0));
+    assert_eq!(daemon.wait(support::EXIT_TIMEOUT).code(), Some(0));
 }

@@ -1,20 +1,13 @@
 //! `/ws` with a real WebSocket client.
 
-use async_tungstenite::tungstenite::Message;
 use blufio::Config;
-use futures_lite::StreamExt;
 
-use crate::{
-    prometheus,
-    support::{self, TOKEN, start_gateway, wait_for_active_sessions},
-};
+use crate::support::{self, TOKEN, start_gateway, wait_for_active_sessions};
 
 #[test]
 fn a_websocket_conversation_is_one_session() {
     let daemon = start_gateway(Config::for_tests());
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     assert_eq!(daemon.get("/health").json()["active_sessions"], 1);
 
     let first = support::ws_exchange(&mut ws, r#"{"content": "hello"}"#);
@@ -43,9 +36,8 @@ fn a_websocket_conversation_is_one_session() {
 
     async_io::block_on(ws.close(None)).unwrap();
     wait_for_active_sessions(&daemon, 0);
-    let exposition = prometheus::parse(&daemon.get_ok("/metrics"));
     assert_eq!(
-        exposition.value("blufio_messages_total", &[("channel", "ws")]),
+        support::metric(&daemon, "blufio_messages_total", &[("channel", "ws")]),
         Some(4.0)
     );
     daemon.stop();
@@ -92,19 +84,9 @@ fn dropped_websockets_release_their_sessions() {
 #[test]
 fn shutdown_closes_websockets_with_going_away() {
     let daemon = start_gateway(Config::for_tests());
-    let auth = format!("Bearer {TOKEN}");
-    let (mut ws, _) =
-        support::ws_connect(daemon.gateway_addr(), &[("Authorization", &auth)]).unwrap();
+    let mut ws = support::ws_authed(&daemon);
     let stopper = std::thread::spawn(move || daemon.stop());
-    let frame = async_io::block_on(async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    });
+    let frame = async_io::block_on(async { support::ws_close_frame(&mut ws).await });
     assert_eq!(u16::from(frame.unwrap().code), 1001);
     stopper.join().unwrap();
 }

@@ -14,16 +14,15 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// The same shape and length as a typical blufio `/health` answer.
 const HEALTH: &str = r#"{"status":"healthy","uptime_secs":3,"memory_heap_bytes":404968,"memory_rss_bytes":7421952,"active_sessions":0}"#;
 
+/// The next argument as a number, if it is one.
+fn number<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>) -> Option<T> {
+    args.next().and_then(|arg| arg.parse().ok())
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let port: u16 = args
-        .next()
-        .and_then(|port| port.parse().ok())
-        .expect("usage: blufio-floor PORT [METRICS_BYTES]");
-    let metrics_bytes: usize = args
-        .next()
-        .and_then(|bytes| bytes.parse().ok())
-        .unwrap_or(4400);
+    let port: u16 = number(&mut args).expect("usage: blufio-floor PORT [METRICS_BYTES]");
+    let metrics_bytes: usize = number(&mut args).unwrap_or(4400);
     // Built once at start-up and shared by every request, as a constant would be.
     let metrics: &'static [u8] = Vec::leak(metrics_text(metrics_bytes));
 

@@ -13,9 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-#[cfg(feature = "tls")]
-use trillium_rustls::rustls;
-
 /// The server side of TLS; nothing can be one in a build without the `tls` feature.
 #[cfg(feature = "tls")]
 pub type TlsConfig = Arc<rustls::ServerConfig>;
@@ -53,6 +50,16 @@ impl Scripted {
         }
     }
 
+    /// A stream of `chunks` 5 ms apart that then hangs (sending comments) until the client
+    /// goes away.
+    pub fn hanging(chunks: Vec<String>) -> Scripted {
+        Scripted::Stream {
+            chunks,
+            gap: Duration::from_millis(5),
+            hang: true,
+        }
+    }
+
     pub fn status(status: u16, headers: &[(&str, &str)], body: &str) -> Scripted {
         Scripted::Body {
             status,
@@ -75,10 +82,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        crate::http::find_header(&self.headers, name)
     }
 }
 
@@ -397,6 +401,14 @@ pub fn openai_stream(deltas: &[&str], prompt_tokens: u64, completion_tokens: u64
     ));
     chunks.push("data: [DONE]\n\n".to_owned());
     chunks
+}
+
+/// An Anthropic stream of "partial" (`input_tokens` in its `message_start`) cut after its
+/// first text delta, that then hangs: the upstream keeps "thinking".
+pub fn anthropic_hanging(input_tokens: u64) -> Scripted {
+    let mut chunks = anthropic_stream(&["partial"], input_tokens, 0);
+    chunks.truncate(4);
+    Scripted::hanging(chunks)
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, server TLS config).
