@@ -127,38 +127,12 @@ fn read_version(root: &Path) -> Result<String> {
     })
 }
 
-/// Returns the `version` of the `[package]` table of a Cargo.toml.
-///
-/// A deliberately small parser: blufio's manifest writes `version = "x.y.z"` on one line, and a
-/// full TOML parser would be a dependency for one string.
+/// Returns the `version` of the `[package]` table of a Cargo.toml; `None` when the manifest is
+/// not TOML or the table has no version string.
 pub fn package_version(manifest: &str) -> Option<String> {
-    let mut in_package = false;
-    for line in manifest.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_package = line == "[package]";
-            continue;
-        }
-        if !in_package {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        if key.trim() != "version" {
-            continue;
-        }
-        let value = value.trim();
-        let value = value
-            .split_once('#')
-            .map_or(value, |(before, _)| before)
-            .trim();
-        return value
-            .strip_prefix('"')
-            .and_then(|value| value.strip_suffix('"'))
-            .map(str::to_owned);
-    }
-    None
+    let manifest: toml::Table = manifest.parse().ok()?;
+    let version = manifest.get("package")?.get("version")?.as_str()?;
+    Some(version.to_owned())
 }
 
 /// Returns the timestamp for archive entries: `SOURCE_DATE_EPOCH` if set, else the time of the

@@ -9,6 +9,8 @@
 mod bench;
 mod dist;
 mod fuzz;
+mod json;
+mod process;
 mod setup_cross;
 mod smoke;
 mod soak;

@@ -34,8 +34,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::smoke;
+use crate::process::{self, ChildGuard};
 use crate::{Result, cargo, describe, run_status, target_dir};
+use crate::{json, smoke};
 
 /// The token the load uses; the soak daemon listens on 127.0.0.1 only.
 const TOKEN: &str = "soak-token-0123456789abcdef";
@@ -109,7 +110,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             .map_err(|error| format!("cannot remove {}: {error}", state_dir.display()))?;
     }
     let config = out_dir.join("soak.toml");
-    fs::write(&config, config_text(smoke::free_port()?, &state_dir)?)?;
+    fs::write(&config, config_text(process::free_port()?, &state_dir)?)?;
     check_config(
         &binary,
         &config,
@@ -125,8 +126,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         .stderr
         .take()
         .ok_or("the daemon's stderr is not piped")?;
-    let mut daemon = Daemon(child);
-    let pid = daemon.0.id();
+    let mut daemon = ChildGuard::new(child);
+    let pid = daemon.id();
     let log = out_dir.join("daemon.log");
     let address = listening_address(stderr, &log, STARTUP_TIMEOUT)?;
     println!(
@@ -167,7 +168,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         thread::sleep(
             (started + Duration::from_secs(second)).saturating_duration_since(Instant::now()),
         );
-        if let Some(status) = daemon.0.try_wait()? {
+        if let Some(status) = daemon.try_wait()? {
             outcome = Err(format!(
                 "the daemon exited during the soak: {status}; the end of {}:\n{}",
                 log.display(),
@@ -221,8 +222,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     fs::write(out_dir.join("soak.csv"), csv(&samples))?;
     fs::write(out_dir.join("soak.svg"), svg(&samples, warmup))?;
     outcome?;
-    smoke::terminate(&daemon.0)?;
-    match smoke::wait_timeout(&mut daemon.0, Duration::from_secs(30))? {
+    process::terminate(&daemon)?;
+    match process::wait_timeout(&mut daemon, Duration::from_secs(30))? {
         Some(status) if status.success() => {}
         Some(status) => {
             return Err(format!(
@@ -277,15 +278,13 @@ fn check_config(binary: &Path, config: &Path, log: &Path, timeout: Duration) -> 
     let output = fs::File::create(log)?;
     let mut command = daemon_command(binary, "check-config", config);
     command.stdout(output.try_clone()?).stderr(output);
-    let mut child = command
-        .spawn()
-        .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?;
-    let status = smoke::wait_timeout(&mut child, timeout)?;
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    match status {
+    // A check that overruns its time is killed when the guard drops.
+    let mut child = ChildGuard::new(
+        command
+            .spawn()
+            .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?,
+    );
+    match process::wait_timeout(&mut child, timeout)? {
         Some(status) if status.success() => Ok(()),
         Some(status) => Err(format!(
             "the daemon refuses the soak's configuration {} (`{}` exited with {status}); \
@@ -495,9 +494,8 @@ fn config_text(port: u16, state_dir: &Path) -> Result<String> {
     let state_dir = state_dir
         .to_str()
         .ok_or_else(|| format!("the state directory {} is not UTF-8", state_dir.display()))?;
-    // A JSON string is a TOML basic string (same quote and backslash escapes, `\uXXXX` for
-    // control characters), so any path is quoted correctly.
-    let state_dir = serde_json::to_string(state_dir)?;
+    // Quoted as JSON, which is also a TOML basic string, so any path is quoted correctly.
+    let state_dir = json::quote(state_dir);
     Ok(format!(
         "[daemon]\n\
          bind = \"127.0.0.1\"\n\
@@ -517,18 +515,6 @@ fn config_text(port: u16, state_dir: &Path) -> Result<String> {
          [cost]\n\
          daily_budget_usd = 5.0\n"
     ))
-}
-
-/// The daemon under soak; dropping it kills the process if the soak failed before shutdown.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Waits for the daemon's "listening on" line while a thread copies its whole log to `log`;
@@ -898,9 +884,8 @@ fn read_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
 }
 
 /// Returns the `id` of a `POST /v1/sessions` answer.
-fn session_id(json: &str) -> Option<String> {
-    let answer: serde_json::Value = serde_json::from_str(json).ok()?;
-    Some(answer.get("id")?.as_str()?.to_owned())
+fn session_id(answer: &str) -> Option<String> {
+    json::string(answer, "id")
 }
 
 fn csv(samples: &[Sample]) -> String {
