@@ -3,8 +3,10 @@
 //!
 //! This file only dispatches to one module per task and holds the few helpers every task needs
 //! (the project root, the cargo to call, running a command with an error that names it). How to
-//! build for a given target lives in `target.rs`; the tasks never re-derive it. There are no
-//! shell scripts and no global state: each task gets the project root as an argument.
+//! build for a given target lives in `target.rs`, the child processes the tasks start (a guard
+//! that kills them, SIGTERM, a bounded wait) in `process.rs`, and the JSON they read in
+//! `json.rs`; the tasks never re-derive them. There are no shell scripts and no global state:
+//! each task gets the project root as an argument.
 
 mod bench;
 mod dist;

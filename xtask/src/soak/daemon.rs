@@ -209,21 +209,21 @@ mod tests {
         path
     }
 
+    /// Runs `check_config` on a fake daemon, logging next to it.
+    fn check_fake_config(binary: &Path, timeout: Duration) -> Result<()> {
+        let log = binary.with_file_name("check-config.log");
+        check_config(binary, Path::new("soak.toml"), &log, timeout)
+    }
+
     #[test]
     fn a_refused_configuration_fails_the_soak_with_the_daemons_message() {
         let binary = fake_daemon(
             "refused",
             "echo \"blufio: $3: [agent] budget_usd: was a lifetime limit\" >&2; exit 78",
         );
-        let log = binary.with_file_name("check-config.log");
-        let error = check_config(
-            &binary,
-            Path::new("soak.toml"),
-            &log,
-            Duration::from_secs(60),
-        )
-        .unwrap_err()
-        .to_string();
+        let error = check_fake_config(&binary, Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("refuses the soak's configuration"),
             "{error}"
@@ -234,29 +234,16 @@ mod tests {
             "{error}"
         );
         let accepted = fake_daemon("accepted", "test \"$1 $2\" = \"check-config --config\"");
-        let log = accepted.with_file_name("check-config.log");
-        check_config(
-            &accepted,
-            Path::new("soak.toml"),
-            &log,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        check_fake_config(&accepted, Duration::from_secs(60)).unwrap();
     }
 
     #[test]
     fn a_check_config_that_hangs_fails_the_soak_in_bounded_time() {
         let binary = fake_daemon("hangs", "exec sleep 60");
-        let log = binary.with_file_name("check-config.log");
         let started = Instant::now();
-        let error = check_config(
-            &binary,
-            Path::new("soak.toml"),
-            &log,
-            Duration::from_secs(1),
-        )
-        .unwrap_err()
-        .to_string();
+        let error = check_fake_config(&binary, Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("did not finish within 1 s"), "{error}");
         assert!(started.elapsed() < Duration::from_secs(30));
     }
