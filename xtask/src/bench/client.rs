@@ -7,12 +7,14 @@ use std::net::{SocketAddr, TcpStream};
 use super::IO_TIMEOUT;
 use crate::Result;
 
+/// A keep-alive HTTP/1.1 client that reads `Content-Length` framed responses into one buffer
+/// it reuses, so the load generator itself allocates nothing per request.
 #[derive(Debug)]
 pub(super) struct Client {
-    pub(super) stream: TcpStream,
-    pub(super) buffer: Vec<u8>,
+    stream: TcpStream,
+    buffer: Vec<u8>,
     /// Bytes of `buffer` that hold received data.
-    pub(super) filled: usize,
+    filled: usize,
 }
 
 impl Client {
@@ -67,10 +69,10 @@ impl Client {
 /// The parts of a response head the client needs.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Head {
-    pub(super) status: u16,
+    status: u16,
     /// Length of the head including the blank line.
-    pub(super) length: usize,
-    pub(super) body_length: usize,
+    length: usize,
+    body_length: usize,
 }
 
 /// Parses a response head once it is complete; `Ok(None)` while more bytes are needed.

@@ -13,6 +13,7 @@ use super::report::{Report, Unit};
 use super::{CONNECTIONS, IO_TIMEOUT, TOKEN};
 use crate::{Result, json};
 
+/// Builds a request that a client sends in one write.
 pub(super) fn request_bytes(method: &str, path: &str, body: &str) -> Vec<u8> {
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: bench\r\n");
     if path.starts_with("/v1") {
@@ -47,9 +48,9 @@ pub(super) fn message_request(client: &mut Client) -> Result<Vec<u8>> {
 #[derive(Debug, Default)]
 pub(super) struct LoadResult {
     /// Latency of every request, in µs.
-    pub(super) latencies: Vec<u32>,
+    latencies: Vec<u32>,
     /// Sum of the turns' wall-clock lengths.
-    pub(super) elapsed: Duration,
+    elapsed: Duration,
 }
 
 impl LoadResult {
@@ -237,7 +238,6 @@ pub(super) fn open_sessions(addr: SocketAddr, count: usize) -> Result<()> {
     Ok(())
 }
 
-/// Sends one request on a fresh connection; returns the status and the body length.
 /// Returns blufio's `memory_heap_bytes` from `/health` (jemalloc's `stats.allocated` at the
 /// last monitor tick): live data, as opposed to pages the allocator keeps.
 pub(super) fn heap_bytes(addr: SocketAddr) -> Result<Option<f64>> {
@@ -247,14 +247,12 @@ pub(super) fn heap_bytes(addr: SocketAddr) -> Result<Option<f64>> {
     Ok(json::number(&body, "memory_heap_bytes"))
 }
 
+/// Sends one request on a fresh connection; returns the status and the body length.
 pub(super) fn get(addr: SocketAddr, path: &str) -> Result<(u16, usize)> {
     let mut client = Client::connect(addr)?;
     let (status, body) = client.send(&request_bytes("GET", path, ""))?;
     Ok((status, body.len()))
 }
-
-/// A keep-alive HTTP/1.1 client that reads `Content-Length` framed responses into one buffer
-/// it reuses, so the load generator itself allocates nothing per request.
 
 #[cfg(test)]
 mod tests {

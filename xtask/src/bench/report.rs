@@ -60,10 +60,10 @@ pub(super) fn thousands(value: u64) -> String {
 
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Row {
-    pub(super) measure: String,
-    pub(super) unit: Unit,
-    pub(super) blufio: Option<f64>,
-    pub(super) floor: Option<f64>,
+    measure: String,
+    unit: Unit,
+    blufio: Option<f64>,
+    floor: Option<f64>,
 }
 
 impl Row {
@@ -79,8 +79,8 @@ impl Row {
 #[derive(Debug)]
 pub(super) struct Report {
     pub(super) mode: &'static str,
-    pub(super) rows: Vec<Row>,
-    pub(super) notes: Vec<String>,
+    rows: Vec<Row>,
+    notes: Vec<String>,
 }
 
 impl Report {

@@ -50,7 +50,7 @@ pub(super) enum Side {
 /// A running side.
 #[derive(Debug)]
 pub(super) struct Server {
-    pub(super) child: ChildGuard,
+    child: ChildGuard,
     pub(super) addr: SocketAddr,
     pub(super) cold_start: Duration,
 }

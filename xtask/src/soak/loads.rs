@@ -23,7 +23,7 @@ pub(super) struct LoadStats {
     pub(super) load: Load,
     pub(super) ok: AtomicU64,
     pub(super) failed: AtomicU64,
-    pub(super) first_error: Mutex<Option<String>>,
+    first_error: Mutex<Option<String>>,
 }
 
 impl LoadStats {
@@ -70,10 +70,10 @@ impl LoadStats {
 /// What one load thread did over the run, for the verdict.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct LoadTally {
-    pub(super) name: &'static str,
-    pub(super) ok: u64,
-    pub(super) failed: u64,
-    pub(super) first_error: Option<String>,
+    name: &'static str,
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
 }
 
 /// Judges the load: every kind of load must have succeeded at least once, and at most
