@@ -2,23 +2,51 @@
 //! are judged by.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::loads::LoadStats;
 use super::{GROWTH_FLOOR_BYTES, GROWTH_PERCENT, SESSION_IDLE_TIMEOUT_SECS, WINDOW};
-use crate::Result;
+use crate::{Result, smoke};
 
 /// One per-second reading.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Sample {
-    pub(super) second: u64,
-    pub(super) rss: Option<u64>,
-    pub(super) heap: Option<u64>,
-    pub(super) resident: Option<u64>,
-    pub(super) ok: u64,
-    pub(super) failed: u64,
+    second: u64,
+    rss: Option<u64>,
+    heap: Option<u64>,
+    resident: Option<u64>,
+    ok: u64,
+    failed: u64,
 }
 
 impl Sample {
+    /// Second `second` of the run: the daemon's VmRSS now, the heap and resident gauges read
+    /// from `/metrics`, and the load rounds so far.
+    pub(super) fn read(
+        second: u64,
+        pid: u32,
+        (heap, resident): (Option<u64>, Option<u64>),
+        loads: &[Arc<LoadStats>],
+    ) -> Sample {
+        Sample {
+            second,
+            rss: smoke::vm_rss_kib(pid).map(|kib| kib * 1024),
+            heap,
+            resident,
+            ok: loads
+                .iter()
+                .map(|stats| stats.ok.load(Ordering::Relaxed))
+                .sum(),
+            failed: loads
+                .iter()
+                .map(|stats| stats.failed.load(Ordering::Relaxed))
+                .sum(),
+        }
+    }
+
     pub(super) fn describe(&self) -> String {
         format!(
             "t={}s rss={} heap={} resident={} ok={} failed={}",
@@ -30,6 +58,17 @@ impl Sample {
             self.failed
         )
     }
+}
+
+/// The heap and resident gauges of the daemon's `/metrics`; `None` when it did not answer.
+pub(super) fn gauges(address: SocketAddr) -> Option<(Option<u64>, Option<u64>)> {
+    let response = smoke::get(address, "/metrics").ok()?;
+    let text = String::from_utf8_lossy(&response.body);
+    let gauge = |name| smoke::metric_value(&text, name).map(|value| value as u64);
+    Some((
+        gauge("blufio_memory_heap_bytes"),
+        gauge("blufio_memory_resident_bytes"),
+    ))
 }
 
 pub(super) fn mib(bytes: Option<u64>) -> String {

@@ -38,7 +38,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::process::{self, ChildGuard};
-use crate::{Result, cargo, run_status, smoke, target_dir};
+use crate::{Result, cargo, run_status, target_dir};
 use daemon::{check_config, config_text, daemon_command, listening_address, log_tail};
 use loads::{LOADS, LoadStats, LoadTally, check_loads};
 use memory::{Sample, check_bound, csv, svg, warmup_samples};
@@ -182,14 +182,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             .into());
             break;
         }
-        let gauges = smoke::get(address, "/metrics").ok().map(|response| {
-            let text = String::from_utf8_lossy(&response.body).into_owned();
-            let gauge = |name| smoke::metric_value(&text, name).map(|value| value as u64);
-            (
-                gauge("blufio_memory_heap_bytes"),
-                gauge("blufio_memory_resident_bytes"),
-            )
-        });
+        let gauges = memory::gauges(address);
         metric_failures = if gauges.is_some() {
             0
         } else {
@@ -199,21 +192,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             outcome = Err("/metrics failed five times in a row".into());
             break;
         }
-        let (heap, resident) = gauges.unwrap_or_default();
-        let sample = Sample {
-            second,
-            rss: smoke::vm_rss_kib(pid).map(|kib| kib * 1024),
-            heap,
-            resident,
-            ok: loads
-                .iter()
-                .map(|stats| stats.ok.load(Ordering::Relaxed))
-                .sum(),
-            failed: loads
-                .iter()
-                .map(|stats| stats.failed.load(Ordering::Relaxed))
-                .sum(),
-        };
+        let sample = Sample::read(second, pid, gauges.unwrap_or_default(), &loads);
         if second.is_multiple_of(60) {
             println!("soak: {}", sample.describe());
         }
