@@ -18,6 +18,10 @@
 //! It does not judge the numbers: the table is for people and `--json` for comparing commits.
 //! `--quick` is a smoke mode (short rounds, fewer connections, the allocation bench in the
 //! debug profile) that proves the bench still works; its figures mean little.
+//!
+//! This file holds the options and the run, row by row; building the binaries is in `build.rs`,
+//! the two running sides in `server.rs`, the load in `load.rs` over the client in `client.rs`,
+//! and the table and JSON in `report.rs`.
 
 mod build;
 mod client;

@@ -22,6 +22,10 @@
 //! 0 on SIGTERM, and if the load itself went wrong: a kind of load that never succeeded, or more
 //! than 1 % of all rounds failed (a soak whose requests are all refused would otherwise pass on
 //! flat memory). It does not measure latency or throughput; `benches/gateway.rs` does.
+//!
+//! This file holds the options and the run; the daemon's configuration and start are in
+//! `daemon.rs`, the load mix in `loads.rs` over the HTTP and WebSocket client in `client.rs`,
+//! and the samples, their CSV and SVG and the growth bound in `memory.rs`.
 
 mod client;
 mod daemon;
