@@ -16,8 +16,8 @@ use std::time::Instant;
 use flate2::{Compression, GzBuilder};
 use sha2::{Digest, Sha256};
 
+use crate::project::{Result, describe, run_output, run_status, target_dir};
 use crate::target::{BuildEnv, DEFAULT_TARGETS, Target, ToolchainChoice};
-use crate::{Result, describe, run_output, run_status, target_dir};
 
 const PACKAGE: &str = "blufio";
 
@@ -358,7 +358,8 @@ version = "1"
 
     #[test]
     fn the_real_manifest_has_a_version() {
-        let manifest = fs::read_to_string(crate::project_root().join("Cargo.toml")).unwrap();
+        let manifest =
+            fs::read_to_string(crate::project::project_root().join("Cargo.toml")).unwrap();
         assert!(package_version(&manifest).is_some());
     }
 
@@ -440,7 +441,8 @@ version = "1"
 
     #[test]
     fn archives_are_byte_identical_across_runs() {
-        let dir = crate::target_dir(&crate::project_root()).join("tmp/xtask-dist-test");
+        let dir =
+            crate::project::target_dir(&crate::project::project_root()).join("tmp/xtask-dist-test");
         let _ = fs::remove_dir_all(&dir);
         let stage_dir = dir.join("blufio-0.0.0-test");
         fs::create_dir_all(&stage_dir).unwrap();

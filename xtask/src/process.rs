@@ -8,7 +8,7 @@ use std::process::{Child, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::Result;
+use crate::project::Result;
 
 /// A child process that is killed and reaped when dropped, unless it has already exited: a
 /// task that fails midway must not leave its daemons running (and their binaries busy for the

@@ -21,8 +21,9 @@ use flate2::read::GzDecoder;
 use serde_json::Value;
 
 use crate::process::{ChildGuard, free_port, terminate, wait_timeout};
+use crate::project::{Result, describe, target_dir};
 use crate::target::{BuildEnv, Target};
-use crate::{Result, describe, dist, json, target_dir};
+use crate::{dist, json};
 
 /// qemu-user is slow to start a large binary; native start-up takes milliseconds.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);

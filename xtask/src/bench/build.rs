@@ -10,7 +10,8 @@ use std::process::Command;
 use toml::{Table, Value};
 
 use super::Options;
-use crate::{Result, cargo, describe, json, run_output, run_status, target_dir};
+use crate::json;
+use crate::project::{Result, cargo, describe, run_output, run_status, target_dir};
 
 /// The binaries under test.
 #[derive(Debug)]

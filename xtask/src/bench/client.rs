@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use super::IO_TIMEOUT;
-use crate::Result;
+use crate::project::Result;
 
 /// A keep-alive HTTP/1.1 client that reads `Content-Length` framed responses into one buffer
 /// it reuses, so the load generator itself allocates nothing per request.

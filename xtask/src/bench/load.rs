@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use super::client::Client;
 use super::report::{Report, Unit};
 use super::{CONNECTIONS, IO_TIMEOUT, TOKEN};
-use crate::{Result, json};
+use crate::json;
+use crate::project::Result;
 
 /// Builds a request that a client sends in one write.
 pub(super) fn request_bytes(method: &str, path: &str, body: &str) -> Vec<u8> {

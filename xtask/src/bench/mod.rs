@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Result, target_dir};
+use crate::project::{Result, target_dir};
 use build::{allocation_bench, build, check_floor_lock, file_size};
 use load::{
     LoadResult, get, heap_bytes, load, median, message_request, open_idle_connections,

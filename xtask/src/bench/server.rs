@@ -15,7 +15,7 @@ use super::load::{get, request_bytes};
 use super::report::{Report, Unit};
 use super::{STARTUP_TIMEOUT, TOKEN};
 use crate::process::{ChildGuard, free_port, terminate, wait_timeout};
-use crate::{Result, describe};
+use crate::project::{Result, describe};
 
 /// Raises this process's soft open-files limit towards `wanted` (children inherit it) and
 /// returns the limit now in force.

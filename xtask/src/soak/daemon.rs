@@ -11,8 +11,9 @@ use std::thread;
 use std::time::Duration;
 
 use super::{SESSION_IDLE_TIMEOUT_SECS, TOKEN};
+use crate::json;
 use crate::process::{self, ChildGuard};
-use crate::{Result, describe, json};
+use crate::project::{Result, describe};
 
 /// The command line for the daemon under soak, with the environment every invocation shares
 /// (`check-config` must judge exactly what `serve` will run with).

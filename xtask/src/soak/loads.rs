@@ -14,7 +14,7 @@ use super::client::{
     auth_header, connect, expect_status, invalid, read_frame, read_head, request, send, session_id,
     status_of, write_frame,
 };
-use crate::Result;
+use crate::project::Result;
 
 /// One load thread's rounds: answered as expected, failed, and the first failure's reason.
 #[derive(Debug)]

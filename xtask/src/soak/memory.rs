@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use super::loads::LoadStats;
 use super::{GROWTH_FLOOR_BYTES, GROWTH_PERCENT, SESSION_IDLE_TIMEOUT_SECS, WINDOW};
-use crate::{Result, smoke};
+use crate::project::Result;
+use crate::smoke;
 
 /// One per-second reading.
 #[derive(Debug, Clone, PartialEq)]

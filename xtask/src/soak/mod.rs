@@ -42,7 +42,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::process::{self, ChildGuard};
-use crate::{Result, cargo, run_status, target_dir};
+use crate::project::{Result, cargo, run_status, target_dir};
 use daemon::{check_config, config_text, daemon_command, listening_address, log_tail};
 use loads::{LOADS, LoadStats, LoadTally, check_loads};
 use memory::{Sample, check_bound, csv, svg, warmup_samples};
