@@ -16,8 +16,8 @@ use std::time::Instant;
 use flate2::{Compression, GzBuilder};
 use sha2::{Digest, Sha256};
 
+use crate::project::{Result, describe, run_output, run_status, target_dir};
 use crate::target::{BuildEnv, DEFAULT_TARGETS, Target, ToolchainChoice};
-use crate::{Result, describe, run_output, run_status, target_dir};
 
 const PACKAGE: &str = "blufio";
 
@@ -127,38 +127,12 @@ fn read_version(root: &Path) -> Result<String> {
     })
 }
 
-/// Returns the `version` of the `[package]` table of a Cargo.toml.
-///
-/// A deliberately small parser: blufio's manifest writes `version = "x.y.z"` on one line, and a
-/// full TOML parser would be a dependency for one string.
+/// Returns the `version` of the `[package]` table of a Cargo.toml; `None` when the manifest is
+/// not TOML or the table has no version string.
 pub fn package_version(manifest: &str) -> Option<String> {
-    let mut in_package = false;
-    for line in manifest.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_package = line == "[package]";
-            continue;
-        }
-        if !in_package {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        if key.trim() != "version" {
-            continue;
-        }
-        let value = value.trim();
-        let value = value
-            .split_once('#')
-            .map_or(value, |(before, _)| before)
-            .trim();
-        return value
-            .strip_prefix('"')
-            .and_then(|value| value.strip_suffix('"'))
-            .map(str::to_owned);
-    }
-    None
+    let manifest: toml::Table = manifest.parse().ok()?;
+    let version = manifest.get("package")?.get("version")?.as_str()?;
+    Some(version.to_owned())
 }
 
 /// Returns the timestamp for archive entries: `SOURCE_DATE_EPOCH` if set, else the time of the
@@ -384,7 +358,8 @@ version = "1"
 
     #[test]
     fn the_real_manifest_has_a_version() {
-        let manifest = fs::read_to_string(crate::project_root().join("Cargo.toml")).unwrap();
+        let manifest =
+            fs::read_to_string(crate::project::project_root().join("Cargo.toml")).unwrap();
         assert!(package_version(&manifest).is_some());
     }
 
@@ -466,7 +441,8 @@ version = "1"
 
     #[test]
     fn archives_are_byte_identical_across_runs() {
-        let dir = crate::target_dir(&crate::project_root()).join("tmp/xtask-dist-test");
+        let dir =
+            crate::project::target_dir(&crate::project::project_root()).join("tmp/xtask-dist-test");
         let _ = fs::remove_dir_all(&dir);
         let stage_dir = dir.join("blufio-0.0.0-test");
         fs::create_dir_all(&stage_dir).unwrap();

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{Result, cargo, describe, run_status, target_dir};
+use crate::project::{Result, cargo, describe, run_status, target_dir};
 
 /// The targets in `fuzz/Cargo.toml`, in the order they run.
 const TARGETS: &[&str] = &["config", "proc", "message", "http_request"];

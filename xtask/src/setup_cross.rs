@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use crate::{Result, find_in_path, run_output, run_status};
+use crate::project::{Result, find_in_path, run_output, run_status};
 
 const APT_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",

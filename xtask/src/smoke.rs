@@ -4,23 +4,26 @@
 //! waits for `/health`, checks that `/health` and `/metrics` report non-zero memory, then sends
 //! SIGTERM and expects exit status 0 within 15 s.
 //!
-//! It speaks just enough HTTP/1.1 to do that, with `Connection: close`, and reads the two JSON
-//! fields and two metrics it needs by hand. It does not measure performance; the resident size
-//! it prints under qemu includes the emulator.
+//! It speaks just enough HTTP/1.1 to do that, with `Connection: close`, reads the two JSON
+//! fields it needs through `json.rs` and two metrics by hand. It does not measure performance;
+//! the resident size it prints under qemu includes the emulator.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use flate2::read::GzDecoder;
+use serde_json::Value;
 
+use crate::process::{ChildGuard, free_port, terminate, wait_timeout};
+use crate::project::{Result, describe, target_dir};
 use crate::target::{BuildEnv, Target};
-use crate::{Result, describe, dist, target_dir};
+use crate::{dist, json};
 
 /// qemu-user is slow to start a large binary; native start-up takes milliseconds.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -86,7 +89,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let child = command
         .spawn()
         .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?;
-    let mut daemon = Daemon { child };
+    let mut daemon = ChildGuard::new(child);
 
     let result = probe(&mut daemon, port);
     if let Err(error) = result {
@@ -101,25 +104,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The daemon under test; dropping it kills the process if a check failed before shutdown.
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn probe(daemon: &mut Daemon, port: u16) -> Result<()> {
+fn probe(daemon: &mut Child, port: u16) -> Result<()> {
     let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let started = Instant::now();
     let health = loop {
-        if let Some(status) = daemon.child.try_wait()? {
+        if let Some(status) = daemon.try_wait()? {
             return Err(format!("the daemon exited before answering /health: {status}").into());
         }
         match get(address, "/health") {
@@ -163,12 +152,12 @@ fn probe(daemon: &mut Daemon, port: u16) -> Result<()> {
     }
 
     // Under qemu-user this is the emulator's resident size, guest and translator together.
-    if let Some(resident) = vm_rss_kib(daemon.child.id()) {
-        println!("    VmRSS of pid {}: {resident} kB", daemon.child.id());
+    if let Some(resident) = vm_rss_kib(daemon.id()) {
+        println!("    VmRSS of pid {}: {resident} kB", daemon.id());
     }
 
-    terminate(&daemon.child)?;
-    let status = wait_timeout(&mut daemon.child, SHUTDOWN_TIMEOUT)?
+    terminate(daemon)?;
+    let status = wait_timeout(daemon, SHUTDOWN_TIMEOUT)?
         .ok_or_else(|| format!("the daemon did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM"))?;
     if !status.success() {
         return Err(
@@ -180,14 +169,14 @@ fn probe(daemon: &mut Daemon, port: u16) -> Result<()> {
 }
 
 fn check_health(body: &str) -> Result<()> {
-    if json_field(body, "status") != Some("\"healthy\"") {
+    if json::field(body, "status") != Some(Value::from("healthy")) {
         return Err(format!("/health is not healthy: {body}").into());
     }
     for field in ["memory_rss_bytes", "memory_heap_bytes"] {
         let value =
-            json_field(body, field).ok_or_else(|| format!("/health has no {field}: {body}"))?;
-        match value.parse::<u64>() {
-            Ok(bytes) if bytes > 0 => {}
+            json::field(body, field).ok_or_else(|| format!("/health has no {field}: {body}"))?;
+        match value.as_u64() {
+            Some(bytes) if bytes > 0 => {}
             _ => return Err(format!("/health reports {field} = {value}, expected > 0").into()),
         }
     }
@@ -222,13 +211,6 @@ fn extract_binary(archive: &Path, destination: &Path) -> Result<PathBuf> {
         }
     }
     Err(format!("{} contains no blufio binary", archive.display()).into())
-}
-
-/// Returns a port that was free a moment ago: bind port 0, read the port, release it.
-pub(crate) fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|error| format!("cannot bind 127.0.0.1:0: {error}"))?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Returns the daemon configuration used by the smoke test.
@@ -317,16 +299,6 @@ fn decode_chunked(mut raw: &[u8]) -> std::result::Result<Vec<u8>, String> {
     }
 }
 
-/// Returns the raw value of a top-level field of a flat JSON object (a number, `null`, or a
-/// quoted string with its quotes). Enough for /health, whose values hold no commas or braces.
-fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let quoted = format!("\"{key}\"");
-    let after_key = &json[json.find(&quoted)? + quoted.len()..];
-    let value = after_key.trim_start().strip_prefix(':')?.trim_start();
-    let end = value.find([',', '}']).unwrap_or(value.len());
-    Some(value[..end].trim())
-}
-
 /// Returns the value of the first sample of `name` in Prometheus text format.
 pub(crate) fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -354,50 +326,11 @@ pub(crate) fn vm_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-pub(crate) fn terminate(child: &Child) -> Result<()> {
-    let pid = libc::pid_t::try_from(child.id())?;
-    // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is our own
-    // child, which has not been reaped yet, so it cannot name a recycled process.
-    let result = unsafe { libc::kill(pid, libc::SIGTERM) };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "cannot send SIGTERM to pid {pid}: {}",
-            io::Error::last_os_error()
-        )
-        .into())
-    }
-}
-
-pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if started.elapsed() > timeout {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const HEALTH: &str = r#"{"status":"healthy","uptime_secs":3,"memory_heap_bytes":123456,"memory_rss_bytes":null,"active_sessions":0}"#;
-
-    #[test]
-    fn json_fields_are_extracted() {
-        assert_eq!(json_field(HEALTH, "status"), Some("\"healthy\""));
-        assert_eq!(json_field(HEALTH, "memory_heap_bytes"), Some("123456"));
-        assert_eq!(json_field(HEALTH, "memory_rss_bytes"), Some("null"));
-        assert_eq!(json_field(HEALTH, "active_sessions"), Some("0"));
-        assert_eq!(json_field(HEALTH, "missing"), None);
-        assert_eq!(json_field("{ \"a\" : 5 }", "a"), Some("5"));
-    }
 
     #[test]
     fn health_without_rss_fails() {

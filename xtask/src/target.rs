@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::{Result, cargo, describe, find_in_path, run_output};
+use crate::project::{Result, cargo, describe, find_in_path, run_output};
 
 /// Facts about a target triple that blufio knows how to cross-build on Debian.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,7 +433,7 @@ impl BuildEnv {
 
     /// Returns the directory cargo writes `profile` artefacts for `target` to.
     pub fn profile_dir(&self, target: &Target, profile: &str) -> PathBuf {
-        crate::target_dir(&self.root)
+        crate::project::target_dir(&self.root)
             .join(target.triple())
             .join(profile)
     }

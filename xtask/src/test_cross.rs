@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::Result;
+use crate::project::Result;
 use crate::target::{BuildEnv, Target, Toolchain, ToolchainChoice, cargo_target_var};
 
 /// Runs the `test-cross` task.
@@ -63,5 +63,5 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         // Cargo splits the runner on spaces; the qemu paths contain none.
         command.env(cargo_target_var(&triple, "RUNNER"), runner.join(" "));
     }
-    crate::run_status(&mut command)
+    crate::project::run_status(&mut command)
 }

@@ -8,7 +8,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::Result;
+use crate::project::Result;
 
 /// Runs the `tidy` task.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -16,7 +16,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         return Err(format!("tidy: unexpected argument `{arg}`").into());
     }
     let mut files = Vec::new();
-    collect_rust_files(root, &crate::target_dir(root), &mut files)?;
+    collect_rust_files(root, &crate::project::target_dir(root), &mut files)?;
     files.sort();
 
     let mut problems = Vec::new();
