@@ -29,7 +29,10 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 use trillium_server_common::Acceptor;
 
-use crate::connection::{Phase, Tracked};
+use crate::{
+    connection::{Phase, Tracked},
+    transport::forward_transport,
+};
 
 /// Wraps accepted connections in [`DeadlineTransport`].
 #[derive(Debug, Clone, Copy)]
@@ -429,23 +432,7 @@ impl<T: Transport> AsyncWrite for DeadlineTransport<T> {
     }
 }
 
-impl<T: Transport> Transport for DeadlineTransport<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-}
+forward_transport!(DeadlineTransport<T>, inner, T: Transport);
 
 #[cfg(test)]
 mod tests {

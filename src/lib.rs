@@ -59,6 +59,7 @@ mod small_file;
 pub mod state_dir;
 mod sync;
 mod tasks;
+mod transport;
 
 pub use crate::{
     agent::{Agent, AgentError, Reply, Usage},

@@ -11,9 +11,7 @@
 use std::{
     io,
     net::IpAddr,
-    pin::Pin,
     sync::Arc,
-    task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
 };
 
@@ -33,6 +31,7 @@ use crate::{
     read_buffer::ReadBufferTransport,
     readiness,
     request_target::{self, RequestTargetTransport},
+    transport::{forward_async_read, forward_async_write, forward_transport},
 };
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -288,63 +287,9 @@ type ConnectionTransport = Boxed<
 /// keep-alive connection, 5,000 of them against a release build.
 struct Boxed<T>(Box<T>);
 
-impl<T: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for Boxed<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl<T: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for Boxed<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().0).poll_close(cx)
-    }
-}
-
-impl<T: trillium::Transport> trillium::Transport for Boxed<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.0.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.0.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.0.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.0.peer_addr()
-    }
-
-    fn negotiated_alpn(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
-        self.0.negotiated_alpn()
-    }
-}
+forward_async_read!(Boxed<T>, 0, T: futures_lite::AsyncRead + Unpin);
+forward_async_write!(Boxed<T>, 0, T: futures_lite::AsyncWrite + Unpin);
+forward_transport!(Boxed<T>, 0, T: trillium::Transport);
 
 /// Drives one admitted connection until it closes, is shed, or the listener shuts down.
 /// `drain` (a guard on `ctx.shutdown`) makes the drain wait for the connection's requests;

@@ -13,13 +13,15 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
-    time::Duration,
 };
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 
-use crate::connection::{Phase, Tracked};
+use crate::{
+    connection::{Phase, Tracked},
+    transport::{forward_async_write, forward_transport},
+};
 
 /// Reports the capacity of the head buffer it is read into; see the module docs.
 #[derive(Debug)]
@@ -72,46 +74,5 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBufferTransport<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBufferTransport<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl<T: Transport> Transport for ReadBufferTransport<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-}
+forward_async_write!(ReadBufferTransport<T>, inner, T: AsyncWrite + Unpin);
+forward_transport!(ReadBufferTransport<T>, inner, T: Transport);

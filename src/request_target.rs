@@ -15,13 +15,15 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
-    time::Duration,
 };
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 
-use crate::connection::{MemoryCharge, Phase, Tracked};
+use crate::{
+    connection::{MemoryCharge, Phase, Tracked},
+    transport::{forward_async_write, forward_transport},
+};
 
 /// The longest request line, CRLF included: the parser's whole head limit (trillium-http's
 /// `head_max_len`, 8 KiB). A longer one ends the connection with [`RequestLineTooLong`], which
@@ -226,41 +228,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for RequestTargetTransport<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl<T: Transport> Transport for RequestTargetTransport<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-}
+forward_async_write!(RequestTargetTransport<T>, inner, T: AsyncWrite + Unpin);
+forward_transport!(RequestTargetTransport<T>, inner, T: Transport);
 
 #[cfg(test)]
 mod tests {

@@ -24,10 +24,13 @@ use std::{
 };
 
 use async_io::Timer;
-use futures_lite::{AsyncRead, AsyncWrite, Stream};
+use futures_lite::{AsyncRead, Stream};
 use trillium::Transport;
 
-use crate::connection::Tracked;
+use crate::{
+    connection::Tracked,
+    transport::{forward_async_write, forward_transport},
+};
 
 /// Frames one message may have, control frames sent in its middle included. Browsers send a
 /// message as one frame; 1,024 frames still carry the default `max_message_bytes` (64 KiB) in
@@ -404,53 +407,8 @@ impl AsyncRead for MessageLimitTransport {
     }
 }
 
-impl AsyncWrite for MessageLimitTransport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl Transport for MessageLimitTransport {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-
-    fn negotiated_alpn(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
-        self.inner.negotiated_alpn()
-    }
-}
+forward_async_write!(MessageLimitTransport, inner);
+forward_transport!(MessageLimitTransport, inner);
 
 #[cfg(test)]
 mod tests {
