@@ -25,13 +25,13 @@ use std::{
 use std::{sync::Arc, time::Instant};
 
 use async_io::Timer;
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncWrite;
 use trillium::Transport;
 use trillium_server_common::Acceptor;
 
 use crate::{
     connection::{Phase, Tracked},
-    transport::forward_transport,
+    transport::{async_read_into, forward_transport},
 };
 
 /// Wraps accepted connections in [`DeadlineTransport`].
@@ -295,11 +295,7 @@ fn with_deadline<R>(
 impl<T: Transport> DeadlineTransport<T> {
     /// Reads a later piece of a request head into `buf`, holding received bytes back until
     /// they fill it or end the head (see [`HeadReads`]).
-    fn poll_read_head(
-        &mut self,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
+    fn read_head(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
             let staged = self.head.staged.len();
             let wanted = buf.len();
@@ -360,42 +356,39 @@ impl<T: Transport> DeadlineTransport<T> {
     }
 }
 
-impl<T: Transport> AsyncRead for DeadlineTransport<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(error) = this.check_phase(cx) {
+async_read_into!(DeadlineTransport<T>, T: Transport);
+
+impl<T: Transport> DeadlineTransport<T> {
+    fn read_into(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.check_phase(cx) {
             return Poll::Ready(Err(error));
         }
-        if let Some(tracked) = &this.tracked
+        if let Some(tracked) = &self.tracked
             && tracked.responding()
         {
             // trillium-http reads again only once the response is out.
             tracked.set_responding(false);
         }
-        let in_head = this
+        let in_head = self
             .tracked
             .as_ref()
             .is_some_and(|tracked| tracked.phase() == Phase::Head);
         let result = if in_head && !buf.is_empty() {
-            this.poll_read_head(cx, buf)
+            self.read_head(cx, buf)
         } else {
-            let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-            if let (Some(tracked), Poll::Ready(Ok(read))) = (&this.tracked, &result)
+            let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+            if let (Some(tracked), Poll::Ready(Ok(read))) = (&self.tracked, &result)
                 && *read > 0
                 && tracked.phase() == Phase::Idle
             {
                 // The first byte of a request starts its head, and with it the head
                 // deadline. This first read is returned as it is: most heads arrive whole.
                 tracked.set_phase(Phase::Head);
-                this.head.start(buf.get(..*read).unwrap_or_default());
+                self.head.start(buf.get(..*read).unwrap_or_default());
             }
             result
         };
-        with_deadline(result, &mut this.read_deadline, this.timeout, cx, "read")
+        with_deadline(result, &mut self.read_deadline, self.timeout, cx, "read")
     }
 }
 
@@ -446,11 +439,14 @@ mod tests {
         },
     };
 
-    use metrics::Recorder;
+    use futures_lite::AsyncRead;
     use trillium_http::{HttpContext, KnownHeaderName, Status};
 
     use super::*;
-    use crate::connection::{Connections, Listener};
+    use crate::{
+        connection::{Listener, registry},
+        transport::forward_async_write,
+    };
 
     /// A peer that sends its bytes one per read, then closes, and keeps what it is sent.
     struct Drip {
@@ -459,17 +455,18 @@ mod tests {
         written: Arc<Mutex<Vec<u8>>>,
     }
 
-    impl AsyncRead for Drip {
-        fn poll_read(
-            self: Pin<&mut Self>,
+    async_read_into!(Drip);
+
+    impl Drip {
+        fn read_into(
+            &mut self,
             _cx: &mut TaskContext<'_>,
             buf: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            match (this.data.get(this.at), buf.first_mut()) {
+            match (self.data.get(self.at), buf.first_mut()) {
                 (Some(byte), Some(out)) => {
                     *out = *byte;
-                    this.at += 1;
+                    self.at += 1;
                     Poll::Ready(Ok(1))
                 }
                 _ => Poll::Ready(Ok(0)),
@@ -504,48 +501,25 @@ mod tests {
         largest: Arc<AtomicUsize>,
     }
 
-    impl<T: AsyncRead + Unpin> AsyncRead for Largest<T> {
-        fn poll_read(
-            self: Pin<&mut Self>,
+    async_read_into!(Largest<T>, T: AsyncRead + Unpin);
+
+    impl<T: AsyncRead + Unpin> Largest<T> {
+        fn read_into(
+            &mut self,
             cx: &mut TaskContext<'_>,
             buf: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            this.largest.fetch_max(buf.len(), Ordering::Relaxed);
-            Pin::new(&mut this.inner).poll_read(cx, buf)
+            self.largest.fetch_max(buf.len(), Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
         }
     }
 
-    impl<T: AsyncWrite + Unpin> AsyncWrite for Largest<T> {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut TaskContext<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-        }
-
-        fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_close(cx)
-        }
-    }
+    forward_async_write!(Largest<T>, inner, T: AsyncWrite + Unpin);
 
     /// Runs trillium-http's own parser over `head` dripped one byte per read; returns what
     /// was written back, the parser's result and the largest read buffer it offered.
     fn parse_dripped(head: &[u8]) -> (String, Result<(), String>, usize) {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let key = metrics::Key::from_static_name("test");
-        let metadata = metrics::Metadata::new("test", metrics::Level::INFO, None);
-        let connections = Connections::new(
-            10,
-            10,
-            recorder.register_gauge(&key, &metadata),
-            recorder.register_gauge(&key, &metadata),
-        );
+        let connections = registry(10, 10);
         let guard = connections
             .admit(Listener::Gateway, IpAddr::V4(Ipv4Addr::LOCALHOST))
             .0

@@ -20,7 +20,7 @@ use trillium::Transport;
 
 use crate::{
     connection::{Phase, Tracked},
-    transport::{forward_async_write, forward_transport},
+    transport::{async_read_into, forward_async_write, forward_transport},
 };
 
 /// Reports the capacity of the head buffer it is read into; see the module docs.
@@ -43,32 +43,29 @@ impl<T> ReadBufferTransport<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ReadBufferTransport<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let phase = this.tracked.phase();
+async_read_into!(ReadBufferTransport<T>, T: AsyncRead + Unpin);
+
+impl<T: AsyncRead + Unpin> ReadBufferTransport<T> {
+    fn read_into(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let phase = self.tracked.phase();
         let offered = buf.len() as u64;
         match phase {
             // A read between requests starts a head: the reader offers its whole buffer.
             Phase::Idle => {
-                this.delivered = 0;
-                this.tracked.note_read_buffer(offered);
+                self.delivered = 0;
+                self.tracked.note_read_buffer(offered);
             }
-            Phase::Head => this
+            Phase::Head => self
                 .tracked
-                .note_read_buffer(this.delivered.saturating_add(offered)),
+                .note_read_buffer(self.delivered.saturating_add(offered)),
             // Body and WebSocket reads go to buffers their handlers charge.
             Phase::Busy | Phase::Body | Phase::Upgraded => {}
         }
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(read)) = &result
             && matches!(phase, Phase::Idle | Phase::Head)
         {
-            this.delivered = this.delivered.saturating_add(*read as u64);
+            self.delivered = self.delivered.saturating_add(*read as u64);
         }
         result
     }

@@ -92,6 +92,24 @@ macro_rules! forward_async_read {
     };
 }
 
+/// Implements `AsyncRead` for `$wrapper` through its inherent `read_into(&mut self, cx,
+/// buf)`: every wrapper is `Unpin`, so what it changes about a read needs no `Pin` plumbing.
+/// Same forms as [`forward_transport!`].
+macro_rules! async_read_into {
+    ($wrapper:ty $(, $param:ident: $($bound:tt)+)?) => {
+        impl $(<$param: $($bound)+>)? futures_lite::AsyncRead for $wrapper {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut [u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                self.get_mut().read_into(cx, buf)
+            }
+        }
+    };
+}
+
+pub(crate) use async_read_into;
 pub(crate) use forward_async_read;
 pub(crate) use forward_async_write;
 pub(crate) use forward_transport;

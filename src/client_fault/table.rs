@@ -352,12 +352,15 @@ mod tests {
     use super::*;
     use crate::client_fault::v4;
 
+    /// An empty table of `capacity` clients, the time it starts at, and a list for reports.
+    fn fresh(capacity: usize) -> (FaultTable, Instant, Vec<Report>) {
+        (FaultTable::new(capacity), Instant::now(), Vec::new())
+    }
+
     #[test]
     fn ten_failures_in_a_minute_block_the_client_for_a_minute_and_no_other() {
-        let mut table = FaultTable::new(MAX_CLIENTS);
-        let start = Instant::now();
+        let (mut table, start, mut reports) = fresh(MAX_CLIENTS);
         let at = |millis: u64| start + Duration::from_millis(millis);
-        let mut reports = Vec::new();
         for attempt in 0..9 {
             assert_eq!(
                 table.auth_failed(v4(5), at(attempt * 100), AUTH_FAILURE_LIMIT, &mut reports),
@@ -431,9 +434,7 @@ mod tests {
 
     #[test]
     fn failures_spread_over_more_than_a_minute_never_block() {
-        let mut table = FaultTable::new(MAX_CLIENTS);
-        let start = Instant::now();
-        let mut reports = Vec::new();
+        let (mut table, start, mut reports) = fresh(MAX_CLIENTS);
         for attempt in 0..100 {
             let now = start + Duration::from_secs(attempt * 7);
             assert_eq!(
@@ -451,10 +452,8 @@ mod tests {
 
     #[test]
     fn an_episode_ends_with_its_totals_once_the_client_has_been_quiet_for_a_minute() {
-        let mut table = FaultTable::new(MAX_CLIENTS);
-        let start = Instant::now();
+        let (mut table, start, mut reports) = fresh(MAX_CLIENTS);
         let at = |secs: u64| start + Duration::from_secs(secs);
-        let mut reports = Vec::new();
         for _ in 0..10 {
             table.auth_failed(v4(5), at(0), AUTH_FAILURE_LIMIT, &mut reports);
         }
@@ -486,9 +485,7 @@ mod tests {
 
     #[test]
     fn at_exit_every_open_episode_is_summed_up() {
-        let mut table = FaultTable::new(MAX_CLIENTS);
-        let start = Instant::now();
-        let mut reports = Vec::new();
+        let (mut table, start, mut reports) = fresh(MAX_CLIENTS);
         for _ in 0..12 {
             table.auth_failed(v4(5), start, AUTH_FAILURE_LIMIT, &mut reports);
         }
@@ -519,10 +516,8 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_one_line_per_episode_then_counts_per_kind() {
-        let mut table = FaultTable::new(MAX_CLIENTS);
-        let start = Instant::now();
+        let (mut table, start, mut reports) = fresh(MAX_CLIENTS);
         let at = |secs: u64| start + Duration::from_secs(secs);
-        let mut reports = Vec::new();
         for second in 0..30 {
             for _ in 0..10 {
                 table.malformed(v4(5), ErrorKind::BadRequest, at(second), &mut reports);
@@ -555,9 +550,7 @@ mod tests {
 
     #[test]
     fn lines_naming_clients_are_capped_per_minute_and_the_rest_counted() {
-        let mut table = FaultTable::new(MAX_CLIENTS);
-        let start = Instant::now();
-        let mut reports = Vec::new();
+        let (mut table, start, mut reports) = fresh(MAX_CLIENTS);
         for last in 0..50 {
             table.malformed(v4(last), ErrorKind::BadRequest, start, &mut reports);
         }
@@ -568,9 +561,7 @@ mod tests {
 
     #[test]
     fn the_table_stays_bounded_and_evicts_blocked_clients_last() {
-        let mut table = FaultTable::new(64);
-        let start = Instant::now();
-        let mut reports = Vec::new();
+        let (mut table, start, mut reports) = fresh(64);
         for _ in 0..AUTH_FAILURE_LIMIT {
             table.auth_failed(v4(1), start, AUTH_FAILURE_LIMIT, &mut reports);
         }

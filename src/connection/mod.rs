@@ -149,7 +149,7 @@ const OTHER: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10,
 
 /// A registry for tests, its gauges on a recorder of its own.
 #[cfg(test)]
-fn registry(max: usize, per_ip: usize) -> Connections {
+pub(crate) fn registry(max: usize, per_ip: usize) -> Connections {
     use metrics::Recorder;
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let key = metrics::Key::from_static_name("test");
