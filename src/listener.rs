@@ -31,7 +31,7 @@ use crate::{
     read_buffer::ReadBufferTransport,
     readiness,
     request_target::{self, RequestTargetTransport},
-    transport::{forward_async_read, forward_async_write, forward_transport},
+    transport::{async_read_into, forward_async_write, forward_transport},
 };
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -287,7 +287,7 @@ type ConnectionTransport = Boxed<
 /// keep-alive connection, 5,000 of them against a release build.
 struct Boxed<T>(Box<T>);
 
-forward_async_read!(Boxed<T>, 0, T: futures_lite::AsyncRead + Unpin);
+async_read_into!(Boxed<T>, forward 0, T: futures_lite::AsyncRead + Unpin);
 forward_async_write!(Boxed<T>, 0, T: futures_lite::AsyncWrite + Unpin);
 forward_transport!(Boxed<T>, 0, T: trillium::Transport);
 

@@ -76,40 +76,37 @@ macro_rules! forward_async_write {
     };
 }
 
-/// Implements `AsyncRead` for `$wrapper` by forwarding to `self.$field`; same forms as
-/// [`forward_transport!`]. Only a wrapper that changes nothing it reads needs it.
-macro_rules! forward_async_read {
-    ($wrapper:ty, $field:tt $(, $param:ident: $($bound:tt)+)?) => {
-        impl $(<$param: $($bound)+>)? futures_lite::AsyncRead for $wrapper {
+/// Implements `AsyncRead` for `$wrapper`, whose reads go either through its inherent
+/// `read_into(&mut self, cx, buf)` (every wrapper is `Unpin`, so what it changes about a read
+/// needs no `Pin` plumbing), or, with `forward $field`, straight to `self.$field` (a wrapper
+/// that changes nothing it reads). Same forms as [`forward_transport!`] otherwise.
+macro_rules! async_read_into {
+    (@impl [$($generics:tt)*] $wrapper:ty, |$this:ident, $cx:ident, $buf:ident| $read:expr) => {
+        impl<$($generics)*> futures_lite::AsyncRead for $wrapper {
             fn poll_read(
                 self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &mut [u8],
+                $cx: &mut std::task::Context<'_>,
+                $buf: &mut [u8],
             ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.get_mut().$field).poll_read(cx, buf)
+                let $this = self.get_mut();
+                $read
             }
         }
     };
-}
-
-/// Implements `AsyncRead` for `$wrapper` through its inherent `read_into(&mut self, cx,
-/// buf)`: every wrapper is `Unpin`, so what it changes about a read needs no `Pin` plumbing.
-/// Same forms as [`forward_transport!`].
-macro_rules! async_read_into {
+    ($wrapper:ty, forward $field:tt $(, $param:ident: $($bound:tt)+)?) => {
+        $crate::transport::async_read_into!(
+            @impl [$($param: $($bound)+)?] $wrapper,
+            |this, cx, buf| std::pin::Pin::new(&mut this.$field).poll_read(cx, buf)
+        );
+    };
     ($wrapper:ty $(, $param:ident: $($bound:tt)+)?) => {
-        impl $(<$param: $($bound)+>)? futures_lite::AsyncRead for $wrapper {
-            fn poll_read(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &mut [u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                self.get_mut().read_into(cx, buf)
-            }
-        }
+        $crate::transport::async_read_into!(
+            @impl [$($param: $($bound)+)?] $wrapper,
+            |this, cx, buf| this.read_into(cx, buf)
+        );
     };
 }
 
 pub(crate) use async_read_into;
-pub(crate) use forward_async_read;
 pub(crate) use forward_async_write;
 pub(crate) use forward_transport;
