@@ -13,7 +13,11 @@ mod admission;
 mod registry;
 mod tracked;
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 pub use registry::{Connections, Episode};
 pub use tracked::{ConnectionGuard, ConnectionMemory, MemoryCharge, Tracked};
@@ -140,6 +144,15 @@ pub enum Phase {
     /// head, so it is shed with them. The body deadline that started with [`Phase::Busy`]
     /// runs on.
     Body = 4,
+}
+
+/// Subtracts `bytes` from `counter`, stopping at zero; returns the value before.
+fn subtract_saturating(counter: &AtomicU64, bytes: u64) -> u64 {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+            Some(held.saturating_sub(bytes))
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::{
 
 use metrics::Gauge;
 
-use super::{admission::Counts, *};
+use super::{admission::Counts, subtract_saturating, *};
 
 pub(super) struct Shared {
     pub(super) counts: Mutex<Counts>,
@@ -62,12 +62,7 @@ impl Shared {
             return;
         }
         // Saturating: a release never exceeds what was charged, but stay safe if it did.
-        let previous = self
-            .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                Some(held.saturating_sub(bytes))
-            })
-            .unwrap_or(0);
+        let previous = subtract_saturating(&self.bytes, bytes);
         self.memory_gauge.set(previous.saturating_sub(bytes) as f64);
     }
 

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use super::{registry::Shared, *};
+use super::{registry::Shared, subtract_saturating, *};
 
 /// One open connection as the registry and the memory monitor see it.
 ///
@@ -167,12 +167,7 @@ impl Tracked {
         if bytes == 0 || self.closed.load(Ordering::Acquire) {
             return;
         }
-        let previous = self
-            .charged_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                Some(held.saturating_sub(bytes))
-            })
-            .unwrap_or(0);
+        let previous = subtract_saturating(&self.charged_bytes, bytes);
         self.registry.subtract(previous.min(bytes));
     }
 
