@@ -2,7 +2,8 @@
 
 use std::{fmt, time::Duration};
 
-use super::*;
+use super::client::*;
+use crate::metrics::ErrorKind;
 
 /// What a log line says; [`fmt::Display`] gives its text.
 #[derive(Debug, Clone, PartialEq, Eq)]

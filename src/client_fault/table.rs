@@ -6,7 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::*;
+use super::{client::*, report::Report};
+use crate::metrics::ErrorKind;
 
 /// One client's faults. Only `Copy` fields: no allocation per client.
 #[derive(Debug, Clone, Copy)]
@@ -350,7 +351,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::client_fault::v4;
+    use crate::client_fault::client::v4;
 
     /// An empty table of `capacity` clients, the time it starts at, and a list for reports.
     fn fresh(capacity: usize) -> (FaultTable, Instant, Vec<Report>) {
