@@ -2,7 +2,6 @@
 //! closing a connection that holds a slot for nothing.
 
 use std::{
-    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{
         Arc,
@@ -11,31 +10,11 @@ use std::{
     time::Instant,
 };
 
-use super::*;
-
-#[derive(Debug, Default)]
-pub(super) struct Counts {
-    pub(super) next_id: u64,
-    pub(super) total: usize,
-    pub(super) gateway: usize,
-    pub(super) per_ip: HashMap<(Listener, IpAddr), usize>,
-    pub(super) open: BTreeMap<u64, Arc<Tracked>>,
-    /// Connections evicted but not closed yet (in total, and on the gateway): they still
-    /// hold a descriptor, but no longer count against the limits.
-    pub(super) evicting: usize,
-    pub(super) evicting_gateway: usize,
-    pub(super) at_limit: Option<AtLimit>,
-}
-
-/// An episode at the connection limit, for the once-per-episode log.
-#[derive(Debug)]
-pub(super) struct AtLimit {
-    started: Instant,
-    /// The latest connection refused or let in by closing another.
-    last: Instant,
-    refused: u64,
-    evicted: u64,
-}
+use super::{
+    limits::*,
+    registry::{Connections, Episode},
+    tracked::{AtLimit, ConnectionGuard, Counts, Tracked},
+};
 
 impl Counts {
     /// Picks the connection to close so that a new one on `listener` fits: one that costs its

@@ -1,15 +1,21 @@
 //! One open connection as the registry sees it ([`Tracked`]: phase, memory charge, eviction
-//! marks) and the handles that hold and charge it.
+//! marks), the handles that hold and charge it, and the state all of them share with the
+//! registry (counts and the memory total).
 
 use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
     net::IpAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
+    time::Instant,
 };
 
-use super::{registry::Shared, subtract_saturating, *};
+use metrics::Gauge;
+
+use super::limits::*;
 
 /// One open connection as the registry and the memory monitor see it.
 ///
@@ -270,119 +276,103 @@ impl Drop for ConnectionGuard {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::connection::{IP, registry};
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    pub(super) next_id: u64,
+    pub(super) total: usize,
+    pub(super) gateway: usize,
+    pub(super) per_ip: HashMap<(Listener, IpAddr), usize>,
+    pub(super) open: BTreeMap<u64, Arc<Tracked>>,
+    /// Connections evicted but not closed yet (in total, and on the gateway): they still
+    /// hold a descriptor, but no longer count against the limits.
+    pub(super) evicting: usize,
+    pub(super) evicting_gateway: usize,
+    pub(super) at_limit: Option<AtLimit>,
+}
 
-    #[test]
-    fn dropping_a_guard_releases_its_place_and_memory() {
-        let connections = registry(1, 1);
-        let guard = connections.admit(Listener::Probes, IP).0.unwrap();
-        assert_eq!(connections.memory_bytes(), CONNECTION_BASE_BYTES);
-        guard.tracked().set_phase(Phase::Head);
-        guard.tracked().note_read_buffer(512);
-        guard.tracked().charge(100);
-        assert_eq!(
-            connections.memory_bytes(),
-            CONNECTION_BASE_BYTES + HEAD_STATE_BYTES + 512 + 100
-        );
-        assert!(connections.admit(Listener::Probes, IP).0.is_err());
-        let tracked = Arc::clone(guard.tracked());
-        drop(guard);
-        assert_eq!(connections.memory_bytes(), 0);
-        // A buffer released after its connection closed leaves the total alone.
-        tracked.release(100);
-        tracked.charge(50);
-        assert_eq!(connections.memory_bytes(), 0);
-        assert!(connections.admit(Listener::Probes, IP).0.is_ok());
+/// An episode at the connection limit, for the once-per-episode log.
+#[derive(Debug)]
+pub(super) struct AtLimit {
+    pub(super) started: Instant,
+    /// The latest connection refused or let in by closing another.
+    pub(super) last: Instant,
+    pub(super) refused: u64,
+    pub(super) evicted: u64,
+}
+
+pub(super) struct Shared {
+    pub(super) counts: Mutex<Counts>,
+    /// The origin of the millisecond timestamps kept in atomics.
+    pub(super) epoch: Instant,
+    /// Heap charged to all open connections.
+    pub(super) bytes: AtomicU64,
+    /// The highest `bytes` since the memory monitor last asked ([`Connections::take_peak`]).
+    pub(super) peak: AtomicU64,
+    pub(super) open_gauge: Gauge,
+    pub(super) memory_gauge: Gauge,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(super) fn now_millis(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    #[test]
-    fn an_upgraded_connection_is_charged_the_websocket_cost_until_it_closes() {
-        let connections = registry(10, 10);
-        let plain = connections.admit(Listener::Gateway, IP).0.unwrap();
-        let socket = connections.admit(Listener::Gateway, IP).0.unwrap();
-        socket.tracked().note_read_buffer(4096);
-        socket.tracked().set_phase(Phase::Busy);
-        socket.tracked().set_phase(Phase::Upgraded);
-        // Marked twice on the way (before the 101 and after it): counted once.
-        socket.tracked().set_phase(Phase::Upgraded);
-        let plain_cost = fixed_cost(Phase::Idle, false);
-        assert_eq!(connections.memory_bytes(), plain_cost + UPGRADED_COST_BYTES);
-        drop(socket);
-        assert_eq!(connections.memory_bytes(), plain_cost);
-        drop(plain);
-        assert_eq!(connections.memory_bytes(), 0);
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // Plain counters; a panic elsewhere cannot leave them half-written.
+        crate::sync::lock(&self.counts)
     }
 
-    #[test]
-    fn the_read_buffer_charge_only_grows_and_phases_set_the_fixed_part() {
-        let connections = registry(2, 2);
-        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
-        let tracked = guard.tracked();
-        tracked.set_phase(Phase::Head);
-        tracked.note_read_buffer(1024);
-        tracked.note_read_buffer(24);
-        assert_eq!(
-            tracked.memory_bytes(),
-            fixed_cost(Phase::Head, false) + 1024
-        );
-        tracked.set_phase(Phase::Busy);
-        tracked.set_phase(Phase::Idle);
-        assert_eq!(tracked.memory_bytes(), fixed_cost(Phase::Idle, true) + 1024);
-        assert_eq!(connections.memory_bytes(), tracked.memory_bytes());
-    }
-
-    #[test]
-    fn a_memory_charge_follows_its_buffer_and_is_released_on_drop() {
-        let connections = registry(1, 1);
-        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
-        let base = connections.memory_bytes();
-        let mut charge = MemoryCharge::new(Some(Arc::clone(guard.tracked())));
-        charge.set(4096);
-        charge.set(8192);
-        assert_eq!(connections.memory_bytes(), base + 8192);
-        charge.set(1024);
-        assert_eq!(connections.memory_bytes(), base + 1024);
-        drop(charge);
-        assert_eq!(connections.memory_bytes(), base);
-    }
-
-    #[test]
-    fn a_response_its_client_stopped_reading_can_be_closed_after_a_second() {
-        let connections = registry(10, 10);
-        let guard = connections.admit(Listener::Gateway, IP).0.unwrap();
-        let tracked = guard.tracked();
-        tracked.set_phase(Phase::Busy);
-        tracked.set_phase(Phase::Idle);
-        tracked.set_responding(true);
-        tracked.note_write_blocked();
-        assert!(!tracked.write_stalled(), "flow control, for now");
-        // Progress within the second forgets the block.
-        tracked.note_write_progress();
-        assert_eq!(tracked.write_blocked.load(Ordering::Acquire), 0);
-        // A block that has lasted a second (backdated here) marks the reader as stalled, and
-        // a trickle of progress does not clear it.
-        let long_ago = connections
-            .shared
-            .now_millis()
-            .saturating_add(1)
-            .saturating_sub(WRITE_BLOCKED_EVICTABLE.as_millis() as u64);
-        tracked
-            .write_blocked
-            .store(long_ago.max(1), Ordering::Release);
-        if long_ago == 0 {
-            // The registry is younger than a second: wait for the block to age.
-            std::thread::sleep(WRITE_BLOCKED_EVICTABLE);
+    pub(super) fn add(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
         }
-        assert!(tracked.write_stalled());
-        tracked.note_write_progress();
-        assert!(tracked.write_stalled());
-        assert_eq!(connections.shed(1), 1, "shed with the idle ones");
-        // The next response starts afresh.
-        tracked.set_responding(false);
-        tracked.set_responding(true);
-        assert!(!tracked.write_stalled());
+        let total = self
+            .bytes
+            .fetch_add(bytes, Ordering::AcqRel)
+            .saturating_add(bytes);
+        self.peak.fetch_max(total, Ordering::AcqRel);
+        self.memory_gauge.set(total as f64);
+    }
+
+    pub(super) fn subtract(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        // Saturating: a release never exceeds what was charged, but stay safe if it did.
+        let previous = subtract_saturating(&self.bytes, bytes);
+        self.memory_gauge.set(previous.saturating_sub(bytes) as f64);
+    }
+
+    pub(super) fn leave(&self, id: u64, key: (Listener, IpAddr), evicted: bool) {
+        let total = {
+            let mut counts = self.lock();
+            counts.open.remove(&id);
+            if evicted {
+                counts.evicting = counts.evicting.saturating_sub(1);
+                if key.0 == Listener::Gateway {
+                    counts.evicting_gateway = counts.evicting_gateway.saturating_sub(1);
+                }
+            }
+            counts.total = counts.total.saturating_sub(1);
+            if key.0 == Listener::Gateway {
+                counts.gateway = counts.gateway.saturating_sub(1);
+            }
+            if let Some(count) = counts.per_ip.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.per_ip.remove(&key);
+                }
+            }
+            counts.total
+        };
+        self.open_gauge.set(total as f64);
     }
 }
