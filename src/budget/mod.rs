@@ -35,6 +35,7 @@ use std::{
 use metrics::Gauge;
 
 pub use state::{STATE_FILE, check_state_dir, until_midnight};
+
 pub use writer::WRITE_RETRY;
 
 use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter, sync::lock};
@@ -43,6 +44,7 @@ use writer::Writer;
 
 /// Distinct models tracked in `blufio_cost_usd_total`; later ones share `model="other"`.
 const MAX_MODEL_LABELS: usize = 16;
+
 /// Today's spend against the daily limit.
 #[derive(Debug)]
 pub struct Budget {
@@ -290,12 +292,14 @@ impl Budget {
         }
     }
 }
+
 fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
 impl Drop for Budget {
     fn drop(&mut self) {
         if let Some(writer) = &self.writer {
@@ -303,6 +307,7 @@ impl Drop for Budget {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use std::time::UNIX_EPOCH;

@@ -14,6 +14,7 @@ use crate::error::Error;
 
 /// The state file's name inside `[daemon] state_dir`.
 pub const STATE_FILE: &str = "spend.json";
+
 pub(super) const SECONDS_PER_DAY: u64 = 86_400;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Day {
@@ -126,6 +127,7 @@ pub fn check_state_dir(state_dir: &Path, now: SystemTime) -> Result<String, Erro
         None => format!("state: {} not written yet", path.display()),
     })
 }
+
 /// Replaces `path` atomically: temporary file, sync, rename, sync of the directory. A
 /// failure leaves no temporary file behind.
 pub(super) fn write_state(path: &Path, day: Day) -> io::Result<()> {

@@ -12,6 +12,7 @@ use crate::{error::Error, metrics::ErrorCounter, sync::lock};
 
 /// How often the spend writer retries a failed write while no reply asks it to.
 pub const WRITE_RETRY: Duration = Duration::from_secs(5);
+
 /// The spend writer: a thread of the budget's own that saves the latest total, so no disk
 /// write (or its `fsync`) ever runs on the daemon's executor.
 #[derive(Debug)]

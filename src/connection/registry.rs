@@ -171,6 +171,7 @@ impl Connections {
 
 #[cfg(test)]
 pub(crate) const IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 #[cfg(test)]
 pub(crate) const OTHER: std::net::IpAddr =
     std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
