@@ -7,7 +7,7 @@
 //! response its client has stopped reading), and it
 //! lets the memory monitor attribute heap to connections and close them (oldest incomplete
 //! head first) instead of touching sessions. It does not read or write sockets: that is
-//! `listener.rs`.
+//! `listener/`.
 
 mod admission;
 mod limits;

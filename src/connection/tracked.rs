@@ -242,7 +242,7 @@ impl Drop for MemoryCharge {
 }
 
 /// A connection's memory account as request handlers find it in the conn's state (see
-/// `listener.rs`), to charge the buffers they hold for it.
+/// `listener/connection.rs`), to charge the buffers they hold for it.
 #[derive(Debug, Clone)]
 pub struct ConnectionMemory(pub Arc<Tracked>);
 
