@@ -38,7 +38,7 @@ pub(super) async fn refuse(mut stream: async_net::TcpStream, refusal: Refusal) {
 
 /// Returns a complete HTTP/1.1 response with a `{"error", "message"}` body that closes the
 /// connection.
-pub(super) fn json_response(status: u16, reason: &str, code: &str, message: &str) -> Vec<u8> {
+fn json_response(status: u16, reason: &str, code: &str, message: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error": code, "message": message }).to_string();
     format!(
         "HTTP/1.1 {status} {reason}\r\nServer: blufio\r\nContent-Type: application/json\r\n\
@@ -52,6 +52,32 @@ pub(super) fn json_response(status: u16, reason: &str, code: &str, message: &str
 pub(super) fn count_malformed(ctx: &Context, ip: IpAddr, kind: ErrorKind) {
     ctx.metrics.count_error(kind);
     ctx.client_faults.malformed(ip, kind);
+}
+
+/// Answers an HTTP/2 prior-knowledge preface with a JSON 505 and closes.
+pub(super) async fn answer_http2(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
+    count_malformed(ctx, ip, ErrorKind::Http2Refused);
+    log::debug!("refusing HTTP/2 prior-knowledge connection from {ip}");
+    let response = json_response(
+        505,
+        "HTTP Version Not Supported",
+        "http2_not_supported",
+        "this server speaks HTTP/1.1 only",
+    );
+    write_and_close(writer, &response).await;
+}
+
+/// Answers a request head over the size limit with a JSON 431 and closes.
+pub(super) async fn answer_head_too_large(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
+    count_malformed(ctx, ip, ErrorKind::HeaderTooLarge);
+    log::debug!("request head from {ip} too large; answering 431");
+    let response = json_response(
+        431,
+        "Request Header Fields Too Large",
+        "header_too_large",
+        "the request head is larger than the server accepts",
+    );
+    write_and_close(writer, &response).await;
 }
 
 /// Answers a request line longer than the head limit with a JSON 414 and closes.
@@ -72,7 +98,7 @@ pub(super) async fn answer_uri_too_long(ctx: &Context, writer: async_net::TcpStr
 
 /// Writes `response`, then reads and drops what the client still sends for a moment, so
 /// closing does not reset the connection before the client has read the response.
-pub(super) async fn write_and_close(mut writer: async_net::TcpStream, response: &[u8]) {
+async fn write_and_close(mut writer: async_net::TcpStream, response: &[u8]) {
     let written = writer
         .write_all(response)
         .or(async {

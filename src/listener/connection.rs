@@ -20,7 +20,7 @@ use crate::{
     transport::{async_read_into, forward_async_write, forward_transport},
 };
 
-use super::answer::{answer_uri_too_long, count_malformed, json_response, write_and_close};
+use super::answer::{answer_head_too_large, answer_http2, answer_uri_too_long, count_malformed};
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -141,15 +141,7 @@ async fn drive<H: Handler, D>(
         }
     };
     if peek.as_slice() == HTTP2_PREFACE {
-        count_malformed(ctx, ip, ErrorKind::Http2Refused);
-        log::debug!("refusing HTTP/2 prior-knowledge connection from {ip}");
-        let response = json_response(
-            505,
-            "HTTP Version Not Supported",
-            "http2_not_supported",
-            "this server speaks HTTP/1.1 only",
-        );
-        write_and_close(writer, &response).await;
+        answer_http2(ctx, writer, ip).await;
         return None;
     }
 
@@ -217,15 +209,7 @@ async fn drive<H: Handler, D>(
         }
         Ok(None) | Err(trillium_http::Error::Closed) => {}
         Err(trillium_http::Error::HeadersTooLong) => {
-            count_malformed(ctx, ip, ErrorKind::HeaderTooLarge);
-            log::debug!("request head from {ip} too large; answering 431");
-            let response = json_response(
-                431,
-                "Request Header Fields Too Large",
-                "header_too_large",
-                "the request head is larger than the server accepts",
-            );
-            write_and_close(writer, &response).await;
+            answer_head_too_large(ctx, writer, ip).await;
         }
         Err(trillium_http::Error::Io(error))
             if request_target::is_request_line_too_long(&error) =>
