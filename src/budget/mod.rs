@@ -35,7 +35,6 @@ use std::{
 use metrics::Gauge;
 
 pub use state::{STATE_FILE, check_state_dir, until_midnight};
-
 pub use writer::WRITE_RETRY;
 
 use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter, sync::lock};

@@ -46,7 +46,6 @@ pub use client::{
     NAMED_LINES_PER_EPISODE, is_malformed,
 };
 pub use report::Report;
-
 pub use table::FaultTable;
 
 use crate::{logging, metrics::ErrorKind};

@@ -15,7 +15,6 @@ const REFUSAL_WRITE_BUDGET: Duration = Duration::from_secs(1);
 /// How long, and how many bytes, the rest of an oversized head is read and dropped after a
 /// 431, so the client sees the response rather than a reset.
 const LINGER_BUDGET: Duration = Duration::from_millis(500);
-
 const LINGER_MAX_BYTES: usize = 256 * 1024;
 
 /// Answers a connection refused at a limit with a 503 and closes it.

@@ -34,16 +34,14 @@ use connection::serve_connection;
 
 /// The first pause after a failed `accept`; it doubles up to [`ACCEPT_BACKOFF_MAX`].
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How often, and at most how long, the accept loop waits for connections closed to make room.
 const EVICTION_WAIT_STEP: Duration = Duration::from_millis(1);
-
 const EVICTION_WAIT_MAX: Duration = Duration::from_millis(100);
+
 /// Request headers a connection's map has room for before it grows (trillium's default: 32).
 const REQUEST_HEADER_CAPACITY: usize = 8;
-
 /// Response headers a connection's map has room for before it grows (trillium's default: 32).
 const RESPONSE_HEADER_CAPACITY: usize = 8;
 
