@@ -87,6 +87,7 @@ mod small_file;
 mod state_dir;
 mod sync;
 mod tasks;
+mod transport;
 
 // What a host embedding daemons needs: the context and its builder, the configuration, the
 // daemon's lifecycle, the agent and memory-source traits.

@@ -13,13 +13,15 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
-    time::Duration,
 };
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 
-use crate::connection::{Phase, Tracked};
+use crate::{
+    connection::{Phase, Tracked},
+    transport::{async_read_into, forward_async_write, forward_transport},
+};
 
 /// Reports the capacity of the head buffer it is read into; see the module docs.
 #[derive(Debug)]
@@ -41,77 +43,33 @@ impl<T> ReadBufferTransport<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ReadBufferTransport<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let phase = this.tracked.phase();
+async_read_into!(ReadBufferTransport<T>, T: AsyncRead + Unpin);
+
+impl<T: AsyncRead + Unpin> ReadBufferTransport<T> {
+    fn read_into(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let phase = self.tracked.phase();
         let offered = buf.len() as u64;
         match phase {
             // A read between requests starts a head: the reader offers its whole buffer.
             Phase::Idle => {
-                this.delivered = 0;
-                this.tracked.note_read_buffer(offered);
+                self.delivered = 0;
+                self.tracked.note_read_buffer(offered);
             }
-            Phase::Head => this
+            Phase::Head => self
                 .tracked
-                .note_read_buffer(this.delivered.saturating_add(offered)),
+                .note_read_buffer(self.delivered.saturating_add(offered)),
             // Body and WebSocket reads go to buffers their handlers charge.
             Phase::Busy | Phase::Body | Phase::Upgraded => {}
         }
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(read)) = &result
             && matches!(phase, Phase::Idle | Phase::Head)
         {
-            this.delivered = this.delivered.saturating_add(*read as u64);
+            self.delivered = self.delivered.saturating_add(*read as u64);
         }
         result
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBufferTransport<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl<T: Transport> Transport for ReadBufferTransport<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-}
+forward_async_write!(ReadBufferTransport<T>, inner, T: AsyncWrite + Unpin);
+forward_transport!(ReadBufferTransport<T>, inner, T: Transport);

@@ -15,13 +15,15 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
-    time::Duration,
 };
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use trillium::Transport;
 
-use crate::connection::{MemoryCharge, Phase, Tracked};
+use crate::{
+    connection::{MemoryCharge, Phase, Tracked},
+    transport::{async_read_into, forward_async_write, forward_transport},
+};
 
 /// The longest request line, CRLF included: the parser's whole head limit (trillium-http's
 /// `head_max_len`, 8 KiB). A longer one ends the connection with [`RequestLineTooLong`], which
@@ -158,25 +160,22 @@ pub fn origin_form(line: &[u8]) -> Option<Vec<u8>> {
     Some([method, b" ", &path, b" ", rest].concat())
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if !this.pending.is_empty() {
-            return Poll::Ready(Ok(this.serve_pending(buf)));
+async_read_into!(RequestTargetTransport<T>, T: AsyncRead + Unpin);
+
+impl<T: AsyncRead + Unpin> RequestTargetTransport<T> {
+    fn read_into(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(self.serve_pending(buf)));
         }
         // A request line is taken once per request: after the previous one reached its handler
         // (the count moved on), and not from a body or a WebSocket.
-        let requests = this.tracked.requests();
-        let phase = this.tracked.phase();
-        if matches!(phase, Phase::Idle | Phase::Head) && this.line_taken_at != Some(requests) {
-            // The common case: the whole request line arrives in this read and is already in
+        let requests = self.tracked.requests();
+        let phase = self.tracked.phase();
+        if matches!(phase, Phase::Idle | Phase::Head) && self.line_taken_at != Some(requests) {
+            // The common case: the whole request line arrives in self read and is already in
             // origin form. It goes straight to the caller, without a copy or an allocation.
-            if this.line.is_empty() {
-                let read = match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            if self.line.is_empty() {
+                let read = match Pin::new(&mut self.inner).poll_read(cx, buf) {
                     Poll::Ready(Ok(read)) => read,
                     other => return other,
                 };
@@ -187,80 +186,47 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestTargetTransport<T> {
                         return Poll::Ready(Err(request_line_too_long()));
                     }
                     Some(line) if origin_form(line).is_none() => {
-                        this.line_taken_at = Some(requests);
+                        self.line_taken_at = Some(requests);
                         return Poll::Ready(Ok(read));
                     }
                     _ if read == 0 => return Poll::Ready(Ok(0)),
                     // Absolute form, or a line still incomplete: collect it below.
                     _ => {
-                        this.line.extend_from_slice(received);
-                        this.recharge();
+                        self.line.extend_from_slice(received);
+                        self.recharge();
                     }
                 }
             }
             // Collect the request line, then hand it on (rewritten if absolute-form).
             let mut chunk = [0u8; 1024];
             loop {
-                let end = this.line.windows(2).position(|pair| pair == b"\r\n");
-                if too_long(end.unwrap_or(this.line.len())) {
-                    this.line = Vec::new();
+                let end = self.line.windows(2).position(|pair| pair == b"\r\n");
+                if too_long(end.unwrap_or(self.line.len())) {
+                    self.line = Vec::new();
                     return Poll::Ready(Err(request_line_too_long()));
                 }
                 if end.is_some() {
-                    return Poll::Ready(Ok(this.take_line(end, requests, buf)));
+                    return Poll::Ready(Ok(self.take_line(end, requests, buf)));
                 }
-                let read = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                let read = match Pin::new(&mut self.inner).poll_read(cx, &mut chunk) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                     Poll::Ready(Ok(read)) => read,
                 };
                 if read == 0 {
-                    return Poll::Ready(Ok(this.take_line(None, requests, buf)));
+                    return Poll::Ready(Ok(self.take_line(None, requests, buf)));
                 }
-                this.line
+                self.line
                     .extend_from_slice(chunk.get(..read).unwrap_or_default());
-                this.recharge();
+                self.recharge();
             }
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for RequestTargetTransport<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl<T: Transport> Transport for RequestTargetTransport<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-}
+forward_async_write!(RequestTargetTransport<T>, inner, T: AsyncWrite + Unpin);
+forward_transport!(RequestTargetTransport<T>, inner, T: Transport);
 
 #[cfg(test)]
 mod tests {

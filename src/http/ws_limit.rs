@@ -24,10 +24,13 @@ use std::{
 };
 
 use async_io::Timer;
-use futures_lite::{AsyncRead, AsyncWrite, Stream};
+use futures_lite::{AsyncRead, Stream};
 use trillium::Transport;
 
-use crate::connection::Tracked;
+use crate::{
+    connection::Tracked,
+    transport::{async_read_into, forward_async_write, forward_transport},
+};
 
 /// Frames one message may have, control frames sent in its middle included. Browsers send a
 /// message as one frame; 1,024 frames still carry the default `max_message_bytes` (64 KiB) in
@@ -361,96 +364,48 @@ impl Drop for MessageLimitTransport {
     }
 }
 
-impl AsyncRead for MessageLimitTransport {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(limit) = this.pending {
+async_read_into!(MessageLimitTransport);
+
+impl MessageLimitTransport {
+    fn read_into(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if let Some(limit) = self.pending {
             return Poll::Ready(Err(limit.into_io()));
         }
-        if this.expired() {
-            this.pending = Some(MessageLimit::TooSlow);
+        if self.expired() {
+            self.pending = Some(MessageLimit::TooSlow);
             return Poll::Ready(Err(MessageLimit::TooSlow.into_io()));
         }
-        let read = match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        let read = match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(read)) => read,
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
             Poll::Pending => {
                 // Wake at the open message's deadline even if the client sends nothing more.
-                if this.open.is_some() && Pin::new(&mut this.timer).poll_next(cx).is_ready() {
-                    this.pending = Some(MessageLimit::TooSlow);
+                if self.open.is_some() && Pin::new(&mut self.timer).poll_next(cx).is_ready() {
+                    self.pending = Some(MessageLimit::TooSlow);
                     return Poll::Ready(Err(MessageLimit::TooSlow.into_io()));
                 }
                 return Poll::Pending;
             }
         };
-        let scanned = this.scanner.scan(buf.get(..read).unwrap_or_default());
-        this.follow_message();
+        let scanned = self.scanner.scan(buf.get(..read).unwrap_or_default());
+        self.follow_message();
         match scanned {
             Ok(()) => Poll::Ready(Ok(read)),
             Err((0, limit)) => {
-                this.pending = Some(limit);
+                self.pending = Some(limit);
                 Poll::Ready(Err(limit.into_io()))
             }
             // The frames before the offending one reach tungstenite; the next read fails.
             Err((offset, limit)) => {
-                this.pending = Some(limit);
+                self.pending = Some(limit);
                 Poll::Ready(Ok(offset))
             }
         }
     }
 }
 
-impl AsyncWrite for MessageLimitTransport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl Transport for MessageLimitTransport {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-
-    fn negotiated_alpn(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
-        self.inner.negotiated_alpn()
-    }
-}
+forward_async_write!(MessageLimitTransport, inner);
+forward_transport!(MessageLimitTransport, inner);
 
 #[cfg(test)]
 mod tests {

@@ -17,32 +17,29 @@
 //! `blufio_cost_usd_total{model}` (a float counter the `metrics` types cannot hold) is
 //! rendered from here.
 
-use crate::sync::lock;
+mod state;
+mod writer;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::{self, Write as _},
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
 use metrics::Gauge;
-use serde_json::{Value, json};
 
-use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter};
+pub use state::{STATE_FILE, check_state_dir, until_midnight};
+pub use writer::WRITE_RETRY;
 
-/// The state file's name inside `[daemon] state_dir`.
-pub const STATE_FILE: &str = "spend.json";
-
-/// How often the spend writer retries a failed write while no reply asks it to.
-pub const WRITE_RETRY: Duration = Duration::from_secs(5);
+use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter, sync::lock};
+use state::{Day, day_index, read_state};
+use writer::Writer;
 
 /// Distinct models tracked in `blufio_cost_usd_total`; later ones share `model="other"`.
 const MAX_MODEL_LABELS: usize = 16;
-
-const SECONDS_PER_DAY: u64 = 86_400;
 
 /// Today's spend against the daily limit, which callers pass in from the live settings
 /// (`Live::daily_budget_usd`, 0: no limit), so a reload changes it in one place.
@@ -53,13 +50,6 @@ pub struct Budget {
     lifetime_by_model: Mutex<BTreeMap<String, f64>>,
     remaining_gauge: Gauge,
     writer: Option<Arc<Writer>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Day {
-    /// Days since the Unix epoch (UTC).
-    index: u64,
-    spent_usd: f64,
 }
 
 /// The budget is spent until the next UTC midnight.
@@ -291,238 +281,6 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn day_index(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs() / SECONDS_PER_DAY)
-}
-
-/// Returns the time until the next UTC midnight (at least one second).
-pub fn until_midnight(now: SystemTime) -> Duration {
-    let seconds = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    Duration::from_secs((SECONDS_PER_DAY - seconds % SECONDS_PER_DAY).max(1))
-}
-
-fn render_state(day: Day) -> String {
-    let value: Value = json!({
-        "version": 1,
-        "utc_day": day.index,
-        "spent_usd": day.spent_usd,
-    });
-    format!("{value}\n")
-}
-
-fn parse_state(text: &str) -> Result<Day, String> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|error| format!("the spend state is not valid JSON ({error})"))?;
-    if value["version"] != 1 {
-        return Err("the spend state has an unknown version".to_owned());
-    }
-    let index = value["utc_day"]
-        .as_u64()
-        .ok_or("the spend state has no utc_day")?;
-    let spent_usd = value["spent_usd"]
-        .as_f64()
-        .filter(|usd| usd.is_finite() && *usd >= 0.0)
-        .ok_or("the spend state has no valid spent_usd")?;
-    Ok(Day { index, spent_usd })
-}
-
-/// Reads the state file; `None` when there is none yet.
-fn read_state(path: &Path) -> Result<Option<Day>, Error> {
-    let text = match crate::small_file::read_capped(path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => {
-            return Err(Error::State {
-                path: path.to_owned(),
-                message: format!(
-                    "cannot read the spend state: {error}; refusing to start rather than \
-                     forget today's spend (replace it with the regular file blufio wrote, or \
-                     delete it to reset the spend to 0)"
-                ),
-            });
-        }
-    };
-    parse_state(&text)
-        .map(Some)
-        .map_err(|message| Error::State {
-            path: path.to_owned(),
-            message: format!(
-                "{message}; refusing to start rather than forget today's spend \
-                 (fix the file, or delete it to reset the spend to 0)"
-            ),
-        })
-}
-
-/// Checks the state files in `state_dir` as start-up would read them, creating and writing
-/// nothing (`blufio check-config`). Returns a line describing what was found.
-///
-/// # Errors
-///
-/// Returns [`Error::State`] when start-up would refuse the directory or the spend file.
-pub fn check_state_dir(state_dir: &Path, now: SystemTime) -> Result<String, Error> {
-    match fs::metadata(state_dir) {
-        Ok(metadata) if metadata.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::State {
-                path: state_dir.to_owned(),
-                message: "[daemon] state_dir is not a directory".to_owned(),
-            });
-        }
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            return Ok(format!(
-                "state: {} does not exist yet (created at start)",
-                state_dir.display()
-            ));
-        }
-        Err(error) => {
-            return Err(Error::State {
-                path: state_dir.to_owned(),
-                message: format!("cannot read the state directory: {error}"),
-            });
-        }
-    }
-    let path = state_dir.join(STATE_FILE);
-    Ok(match read_state(&path)? {
-        Some(day) if day.index == day_index(now) => format!(
-            "state: {} ok, ${} spent today",
-            path.display(),
-            day.spent_usd
-        ),
-        Some(_) => format!("state: {} ok, nothing spent today", path.display()),
-        None => format!("state: {} not written yet", path.display()),
-    })
-}
-
-/// The spend writer: a thread of the budget's own that saves the latest total, so no disk
-/// write (or its `fsync`) ever runs on the daemon's executor.
-#[derive(Debug)]
-struct Writer {
-    state: Mutex<WriterState>,
-    wake: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct WriterState {
-    /// The latest total not yet saved.
-    pending: Option<Day>,
-    /// A write is under way.
-    writing: bool,
-    /// While writes fail: no attempt before this instant unless a new total arrives.
-    retry_at: Option<Instant>,
-    /// Why the last write failed, while they fail.
-    failing: Option<String>,
-    /// Failed writes so far.
-    failures: u64,
-    /// The budget is gone: write what is pending once, then end.
-    closed: bool,
-}
-
-impl Writer {
-    fn start(path: PathBuf, errors: ErrorCounter) -> Result<Arc<Writer>, Error> {
-        let writer = Arc::new(Writer {
-            state: Mutex::new(WriterState::default()),
-            wake: Condvar::new(),
-        });
-        let shared = Arc::clone(&writer);
-        std::thread::Builder::new()
-            .name("blufio-spend".to_owned())
-            .spawn(move || shared.run(&path, &errors))
-            .map_err(|source| Error::Io {
-                context: "cannot start the spend writer thread".to_owned(),
-                source,
-            })?;
-        Ok(writer)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, WriterState> {
-        lock(&self.state)
-    }
-
-    fn submit(&self, day: Day) {
-        let mut state = self.lock();
-        state.pending = Some(day);
-        // A new reply is a new chance: a failing disk is tried again at once.
-        state.retry_at = None;
-        self.wake.notify_all();
-    }
-
-    fn close(&self) {
-        self.lock().closed = true;
-        self.wake.notify_all();
-    }
-
-    fn run(&self, path: &Path, errors: &ErrorCounter) {
-        loop {
-            let day = {
-                let mut state = self.lock();
-                loop {
-                    let now = Instant::now();
-                    match (state.pending, state.retry_at) {
-                        (Some(_), None) => break,
-                        (Some(_), Some(at)) if at <= now || state.closed => break,
-                        (Some(_), Some(at)) => {
-                            state = self
-                                .wake
-                                .wait_timeout(state, at - now)
-                                .map_or_else(|poisoned| poisoned.into_inner().0, |(s, _)| s);
-                        }
-                        (None, _) if state.closed => return,
-                        (None, _) => {
-                            state = self
-                                .wake
-                                .wait(state)
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        }
-                    }
-                }
-                state.writing = true;
-                state.pending.take()
-            };
-            let Some(day) = day else { continue };
-            let result = write_state(path, day);
-            let mut state = self.lock();
-            state.writing = false;
-            match result {
-                Ok(()) => {
-                    state.retry_at = None;
-                    if let Some(error) = state.failing.take() {
-                        log::info!(
-                            "today's spend is saved to {} again (the last failure: {error})",
-                            path.display()
-                        );
-                    }
-                }
-                Err(error) => {
-                    errors.increment();
-                    state.failures += 1;
-                    // A newer total that arrived meanwhile supersedes this one.
-                    if state.pending.is_none() {
-                        state.pending = Some(day);
-                    }
-                    state.retry_at = Some(Instant::now() + WRITE_RETRY);
-                    if state.failing.is_none() {
-                        log::error!(
-                            "cannot save today's spend to {}: {error}; it is counted in memory \
-                             and retried every {} s, but a restart now would forget it (is \
-                             the state directory read-only or full?)",
-                            path.display(),
-                            WRITE_RETRY.as_secs()
-                        );
-                    }
-                    state.failing = Some(error.to_string());
-                    if state.closed {
-                        return;
-                    }
-                }
-            }
-            self.wake.notify_all();
-        }
-    }
-}
-
 impl Drop for Budget {
     fn drop(&mut self) {
         if let Some(writer) = &self.writer {
@@ -531,43 +289,11 @@ impl Drop for Budget {
     }
 }
 
-/// Replaces `path` atomically: temporary file, sync, rename, sync of the directory. A
-/// failure leaves no temporary file behind.
-fn write_state(path: &Path, day: Day) -> io::Result<()> {
-    let temporary = path.with_extension("json.tmp");
-    // A leftover from a crash (or anything else at that name) goes first; `create_new` then
-    // refuses to follow a symlink or to open a FIFO planted there.
-    match fs::remove_file(&temporary) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => {
-            return Err(io::Error::new(
-                error.kind(),
-                format!("cannot remove {}: {error}", temporary.display()),
-            ));
-        }
-        _ => {}
-    }
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&temporary)
-        .and_then(|mut file| {
-            file.write_all(render_state(day).as_bytes())?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&temporary, path));
-    if let Err(error) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(error);
-    }
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    use super::{state::SECONDS_PER_DAY, *};
 
     fn gauge() -> Gauge {
         Gauge::noop()
@@ -699,49 +425,5 @@ mod tests {
             "{out}"
         );
         assert_eq!(budget.remaining_usd(0.0, at(NOON)), f64::INFINITY);
-    }
-}
-
-#[cfg(test)]
-mod writer_tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_write_leaves_no_temporary_file_is_reported_and_is_retried() {
-        let dir = std::env::temp_dir().join(format!(
-            "blufio-budget-failing-{}-{:?}",
-            std::process::id(),
-            SystemTime::now()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        let now = SystemTime::now();
-        let config = CostConfig::default();
-        let budget = Budget::open(
-            &config,
-            Some(&dir),
-            Gauge::noop(),
-            ErrorCounter::noop(),
-            now,
-        )
-        .unwrap();
-        // A non-empty directory where the state file goes: the rename fails, as root too.
-        let blocker = dir.join(STATE_FILE);
-        fs::create_dir_all(blocker.join("in-the-way")).unwrap();
-        budget.spend("m", 0.5, config.daily_budget_usd, now);
-        assert!(!async_io::block_on(budget.settle(Duration::from_secs(10))));
-        assert!(!budget.persisted());
-        assert!(budget.write_error().is_some());
-        assert!(!dir.join("spend.json.tmp").exists(), "temporary file left");
-        fs::remove_dir_all(&blocker).unwrap();
-        // The pending total is written on a later attempt, without another reply.
-        let deadline = Instant::now() + WRITE_RETRY + Duration::from_secs(10);
-        while !budget.persisted() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(budget.persisted());
-        assert!(async_io::block_on(budget.settle(Duration::from_secs(10))));
-        let text = fs::read_to_string(&blocker).unwrap();
-        assert!(text.contains("\"spent_usd\":0.5"), "{text}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,11 +25,18 @@ use std::{
 use std::{sync::Arc, time::Instant};
 
 use async_io::Timer;
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncWrite;
 use trillium::Transport;
 use trillium_server_common::Acceptor;
 
-use crate::connection::{Phase, Tracked};
+mod head;
+
+use head::HeadReads;
+
+use crate::{
+    connection::{Phase, Tracked},
+    transport::{async_read_into, forward_transport},
+};
 
 /// Wraps accepted connections in [`DeadlineTransport`].
 #[derive(Debug, Clone, Copy)]
@@ -69,62 +76,6 @@ pub struct DeadlineTransport<T> {
     phase_timer: LazyTimer,
     expired: Option<Phase>,
     head: HeadReads,
-}
-
-/// What the transport knows of the request head arriving on it, to bound the parser's buffer.
-///
-/// trillium-http 1.6.1 doubles its head buffer before every read of a head, however few bytes
-/// the previous read returned, so a client dripping a head one byte per read grew it
-/// geometrically (a 50-byte drip reached 471 MiB). After the first read of a head, this
-/// transport therefore returns a read only once it fills the buffer it was given, or ends
-/// the head (`CRLF CRLF`), or the peer closes; until then the bytes wait here. Each doubling
-/// of the parser's buffer is then matched by bytes received, so it never holds more than
-/// twice the head (at most 16 KiB for the 8 KiB limit), however the head is split.
-#[derive(Debug, Default)]
-struct HeadReads {
-    /// Bytes read but not yet returned (fewer than the caller's buffer holds).
-    staged: Vec<u8>,
-    /// The last four bytes of the head so far, to spot its end across reads.
-    tail: u32,
-    /// Whether the head has a byte other than CR and LF: empty lines before a request line
-    /// (which the parser skips) do not end it, beyond one release for the parser to see them.
-    content: bool,
-    /// Whether an end was already released before any content.
-    released_empty: bool,
-    /// The capacity of `staged` charged to the connection.
-    charged: u64,
-}
-
-impl HeadReads {
-    /// Starts a new head with the bytes of its first read (which is returned as it is).
-    fn start(&mut self, first: &[u8]) {
-        // Per request, so no byte loop: the tail, and whether any byte is content (usually
-        // the first one).
-        self.tail = first
-            .iter()
-            .rev()
-            .take(4)
-            .rev()
-            .fold(0, |tail, byte| (tail << 8) | u32::from(*byte));
-        self.content = first.iter().any(|byte| !matches!(byte, b'\r' | b'\n'));
-        self.released_empty = !self.content && first.windows(4).any(|four| four == b"\r\n\r\n");
-    }
-
-    /// Feeds received head bytes; returns true when they end the head.
-    fn scan(&mut self, bytes: &[u8]) -> bool {
-        let mut ended = false;
-        for byte in bytes {
-            self.tail = (self.tail << 8) | u32::from(*byte);
-            self.content |= !matches!(byte, b'\r' | b'\n');
-            if self.tail == u32::from_be_bytes(*b"\r\n\r\n")
-                && (self.content || !self.released_empty)
-            {
-                ended = true;
-                self.released_empty |= !self.content;
-            }
-        }
-        ended
-    }
 }
 
 /// A timer that is re-registered only when it fires, not every time its deadline moves.
@@ -292,11 +243,7 @@ fn with_deadline<R>(
 impl<T: Transport> DeadlineTransport<T> {
     /// Reads a later piece of a request head into `buf`, holding received bytes back until
     /// they fill it or end the head (see [`HeadReads`]).
-    fn poll_read_head(
-        &mut self,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
+    fn read_head(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
             let staged = self.head.staged.len();
             let wanted = buf.len();
@@ -357,42 +304,39 @@ impl<T: Transport> DeadlineTransport<T> {
     }
 }
 
-impl<T: Transport> AsyncRead for DeadlineTransport<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(error) = this.check_phase(cx) {
+async_read_into!(DeadlineTransport<T>, T: Transport);
+
+impl<T: Transport> DeadlineTransport<T> {
+    fn read_into(&mut self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.check_phase(cx) {
             return Poll::Ready(Err(error));
         }
-        if let Some(tracked) = &this.tracked
+        if let Some(tracked) = &self.tracked
             && tracked.responding()
         {
             // trillium-http reads again only once the response is out.
             tracked.set_responding(false);
         }
-        let in_head = this
+        let in_head = self
             .tracked
             .as_ref()
             .is_some_and(|tracked| tracked.phase() == Phase::Head);
         let result = if in_head && !buf.is_empty() {
-            this.poll_read_head(cx, buf)
+            self.read_head(cx, buf)
         } else {
-            let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-            if let (Some(tracked), Poll::Ready(Ok(read))) = (&this.tracked, &result)
+            let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+            if let (Some(tracked), Poll::Ready(Ok(read))) = (&self.tracked, &result)
                 && *read > 0
                 && tracked.phase() == Phase::Idle
             {
                 // The first byte of a request starts its head, and with it the head
                 // deadline. This first read is returned as it is: most heads arrive whole.
                 tracked.set_phase(Phase::Head);
-                this.head.start(buf.get(..*read).unwrap_or_default());
+                self.head.start(buf.get(..*read).unwrap_or_default());
             }
             result
         };
-        with_deadline(result, &mut this.read_deadline, this.timeout, cx, "read")
+        with_deadline(result, &mut self.read_deadline, self.timeout, cx, "read")
     }
 }
 
@@ -429,23 +373,7 @@ impl<T: Transport> AsyncWrite for DeadlineTransport<T> {
     }
 }
 
-impl<T: Transport> Transport for DeadlineTransport<T> {
-    fn set_linger(&mut self, linger: Option<Duration>) -> io::Result<()> {
-        self.inner.set_linger(linger)
-    }
-
-    fn set_nodelay(&mut self, nodelay: bool) -> io::Result<()> {
-        self.inner.set_nodelay(nodelay)
-    }
-
-    fn set_ip_ttl(&mut self, ttl: u32) -> io::Result<()> {
-        self.inner.set_ip_ttl(ttl)
-    }
-
-    fn peer_addr(&self) -> io::Result<Option<std::net::SocketAddr>> {
-        self.inner.peer_addr()
-    }
-}
+forward_transport!(DeadlineTransport<T>, inner, T: Transport);
 
 #[cfg(test)]
 mod tests {
@@ -459,11 +387,14 @@ mod tests {
         },
     };
 
-    use metrics::Recorder;
+    use futures_lite::AsyncRead;
     use trillium_http::{HttpContext, KnownHeaderName, Status};
 
     use super::*;
-    use crate::connection::{Connections, Listener};
+    use crate::{
+        connection::{Listener, registry},
+        transport::forward_async_write,
+    };
 
     /// A peer that sends its bytes one per read, then closes, and keeps what it is sent.
     struct Drip {
@@ -472,17 +403,18 @@ mod tests {
         written: Arc<Mutex<Vec<u8>>>,
     }
 
-    impl AsyncRead for Drip {
-        fn poll_read(
-            self: Pin<&mut Self>,
+    async_read_into!(Drip);
+
+    impl Drip {
+        fn read_into(
+            &mut self,
             _cx: &mut TaskContext<'_>,
             buf: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            match (this.data.get(this.at), buf.first_mut()) {
+            match (self.data.get(self.at), buf.first_mut()) {
                 (Some(byte), Some(out)) => {
                     *out = *byte;
-                    this.at += 1;
+                    self.at += 1;
                     Poll::Ready(Ok(1))
                 }
                 _ => Poll::Ready(Ok(0)),
@@ -517,48 +449,25 @@ mod tests {
         largest: Arc<AtomicUsize>,
     }
 
-    impl<T: AsyncRead + Unpin> AsyncRead for Largest<T> {
-        fn poll_read(
-            self: Pin<&mut Self>,
+    async_read_into!(Largest<T>, T: AsyncRead + Unpin);
+
+    impl<T: AsyncRead + Unpin> Largest<T> {
+        fn read_into(
+            &mut self,
             cx: &mut TaskContext<'_>,
             buf: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            this.largest.fetch_max(buf.len(), Ordering::Relaxed);
-            Pin::new(&mut this.inner).poll_read(cx, buf)
+            self.largest.fetch_max(buf.len(), Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
         }
     }
 
-    impl<T: AsyncWrite + Unpin> AsyncWrite for Largest<T> {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut TaskContext<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-        }
-
-        fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_close(cx)
-        }
-    }
+    forward_async_write!(Largest<T>, inner, T: AsyncWrite + Unpin);
 
     /// Runs trillium-http's own parser over `head` dripped one byte per read; returns what
     /// was written back, the parser's result and the largest read buffer it offered.
     fn parse_dripped(head: &[u8]) -> (String, Result<(), String>, usize) {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let key = metrics::Key::from_static_name("test");
-        let metadata = metrics::Metadata::new("test", metrics::Level::INFO, None);
-        let connections = Connections::new(
-            10,
-            10,
-            recorder.register_gauge(&key, &metadata),
-            recorder.register_gauge(&key, &metadata),
-        );
+        let connections = registry(10, 10);
         let guard = connections
             .admit(Listener::Gateway, IpAddr::V4(Ipv4Addr::LOCALHOST))
             .0
@@ -617,24 +526,5 @@ mod tests {
             Err(trillium_http::Error::HeadersTooLong.to_string())
         );
         assert!(largest <= 8 * 1024, "largest read buffer {largest}");
-    }
-
-    #[test]
-    fn empty_lines_before_a_request_release_one_short_read_at_most() {
-        let mut reads = HeadReads::default();
-        reads.start(b"\r\n");
-        // The parser skips these, so each end of "head" here would be a read for nothing.
-        assert!(reads.scan(b"\r\n"));
-        assert!(!reads.scan(b"\r\n"));
-        assert!(!reads.scan(b"\r\n\r\n"));
-        assert!(!reads.scan(b"GET / HTTP/1.1\r\n"));
-        assert!(reads.scan(b"\r\n"));
-        // A first read that ends a head of empty lines already was that one short read.
-        reads.start(b"\r\n\r\n");
-        assert!(!reads.scan(b"\r\n"));
-        // A head split after its first read ends where its CRLF CRLF arrives, across reads.
-        reads.start(b"GET / HTTP/1.1\r\nHost: x\r");
-        assert!(!reads.scan(b"\n"));
-        assert!(reads.scan(b"\r\n"));
     }
 }

@@ -6,9 +6,11 @@
 //! The standard `process_*` metrics are rendered from a fresh [`ProcessSample`] on each
 //! scrape, since `process_cpu_seconds_total` is a float counter the `metrics` types cannot hold.
 
+mod describe;
+mod labels;
+
 use std::{
     collections::HashMap,
-    fmt::Write as _,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -16,12 +18,16 @@ use std::{
 };
 
 use blufio_platform::ProcessSample;
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
 use crate::error::Error;
+
+pub use labels::{Channel, ErrorCounter, ErrorKind, ShedReason, TokenType};
+
+use describe::{registry_describe, render_process};
 
 /// Upper bounds of the response latency histogram buckets, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -30,195 +36,6 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Distinct model names tracked in `blufio_tokens_total`; later ones share `model="other"`.
 const MAX_MODEL_LABELS: usize = 16;
-
-/// The fixed set of `type` labels of `blufio_errors_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// A memory reader (heap or RSS) failed during a monitor tick.
-    MemoryMonitor,
-    /// A request was malformed (bad JSON, missing field).
-    BadRequest,
-    /// A request had no or a wrong bearer token.
-    Unauthorized,
-    /// A request named a path or object that does not exist.
-    NotFound,
-    /// A request used a method the path does not support.
-    MethodNotAllowed,
-    /// A request body was larger than allowed.
-    PayloadTooLarge,
-    /// A request was refused by admission control (memory or session limit).
-    AdmissionRejected,
-    /// The agent's upstream failed.
-    AgentUpstream,
-    /// The agent timed out.
-    AgentTimeout,
-    /// The agent refused for budget or rate limits.
-    AgentRateLimit,
-    /// No agent is configured.
-    NoAgent,
-    /// Something failed inside blufio.
-    Internal,
-    /// A WebSocket client broke the protocol (bad framing, a text frame that is not UTF-8);
-    /// the connection was closed with 1002 or 1007.
-    WebSocketProtocol,
-    /// The model provider refused a request (a 4xx other than 429).
-    AgentRejected,
-    /// The model provider answered something that is not its documented JSON.
-    AgentMalformed,
-    /// The daily budget is spent.
-    BudgetExhausted,
-    /// A connection opened with the HTTP/2 preface, which blufio does not serve.
-    Http2Refused,
-    /// A connection was refused at `max_connections` or `max_connections_per_ip`.
-    ConnectionLimit,
-    /// Accepting a connection failed (out of file descriptors, usually).
-    AcceptFailed,
-    /// A request head was not complete within `request_timeout_secs` of its first byte.
-    HeadTimeout,
-    /// A request body was not complete within `request_timeout_secs` of its head.
-    BodyTimeout,
-    /// A request head was larger than the parser allows (answered 431).
-    HeaderTooLarge,
-    /// A connection was closed to relieve memory pressure it caused.
-    ConnectionShed,
-    /// Today's spend could not be saved to `<state_dir>/spend.json` (retried until it can).
-    StateWrite,
-    /// A request came from a client blocked after repeated failed authentications (429).
-    AuthThrottled,
-    /// A request line was longer than the head limit (answered 414).
-    UriTooLong,
-    /// A connection with an incomplete head (or none yet) was closed at `max_connections` to
-    /// make room for a new one.
-    ConnectionEvicted,
-}
-
-impl ErrorKind {
-    /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 27] = [
-        ErrorKind::MemoryMonitor,
-        ErrorKind::BadRequest,
-        ErrorKind::Unauthorized,
-        ErrorKind::NotFound,
-        ErrorKind::MethodNotAllowed,
-        ErrorKind::PayloadTooLarge,
-        ErrorKind::AdmissionRejected,
-        ErrorKind::AgentUpstream,
-        ErrorKind::AgentTimeout,
-        ErrorKind::AgentRateLimit,
-        ErrorKind::NoAgent,
-        ErrorKind::Internal,
-        ErrorKind::WebSocketProtocol,
-        ErrorKind::AgentRejected,
-        ErrorKind::AgentMalformed,
-        ErrorKind::BudgetExhausted,
-        ErrorKind::Http2Refused,
-        ErrorKind::ConnectionLimit,
-        ErrorKind::AcceptFailed,
-        ErrorKind::HeadTimeout,
-        ErrorKind::BodyTimeout,
-        ErrorKind::HeaderTooLarge,
-        ErrorKind::ConnectionShed,
-        ErrorKind::StateWrite,
-        ErrorKind::AuthThrottled,
-        ErrorKind::UriTooLong,
-        ErrorKind::ConnectionEvicted,
-    ];
-
-    /// Returns the label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::MemoryMonitor => "memory_monitor",
-            ErrorKind::BadRequest => "bad_request",
-            ErrorKind::Unauthorized => "unauthorized",
-            ErrorKind::NotFound => "not_found",
-            ErrorKind::MethodNotAllowed => "method_not_allowed",
-            ErrorKind::PayloadTooLarge => "payload_too_large",
-            ErrorKind::AdmissionRejected => "admission_rejected",
-            ErrorKind::AgentUpstream => "agent_upstream",
-            ErrorKind::AgentTimeout => "agent_timeout",
-            ErrorKind::AgentRateLimit => "agent_rate_limit",
-            ErrorKind::NoAgent => "no_agent",
-            ErrorKind::Internal => "internal",
-            ErrorKind::WebSocketProtocol => "websocket_protocol",
-            ErrorKind::AgentRejected => "agent_rejected",
-            ErrorKind::AgentMalformed => "agent_malformed",
-            ErrorKind::BudgetExhausted => "budget_exhausted",
-            ErrorKind::Http2Refused => "http2_refused",
-            ErrorKind::ConnectionLimit => "connection_limit",
-            ErrorKind::AcceptFailed => "accept_failed",
-            ErrorKind::HeadTimeout => "head_timeout",
-            ErrorKind::BodyTimeout => "body_timeout",
-            ErrorKind::HeaderTooLarge => "header_too_large",
-            ErrorKind::ConnectionShed => "connection_shed",
-            ErrorKind::StateWrite => "state_write",
-            ErrorKind::AuthThrottled => "auth_throttled",
-            ErrorKind::UriTooLong => "uri_too_long",
-            ErrorKind::ConnectionEvicted => "connection_evicted",
-        }
-    }
-}
-
-/// One kind of `blufio_errors_total`, counted from wherever it is held.
-#[derive(Debug, Clone)]
-pub struct ErrorCounter {
-    counter: Counter,
-    count: Arc<AtomicU64>,
-}
-
-impl ErrorCounter {
-    /// Returns a handle that counts nowhere (for tests and hosts without metrics).
-    pub fn noop() -> ErrorCounter {
-        ErrorCounter {
-            counter: Counter::noop(),
-            count: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Counts one error.
-    pub fn increment(&self) {
-        self.counter.increment(1);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// The channel a message arrived on (`blufio_messages_total{channel}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Channel {
-    /// `POST /v1/messages`.
-    Http,
-    /// A `/ws` WebSocket frame.
-    WebSocket,
-}
-
-/// Why the memory monitor shed something (`blufio_sessions_shed_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShedReason {
-    /// An idle session's history was trimmed under memory pressure.
-    HistoryTrimmed,
-    /// An idle session was closed under memory pressure.
-    PressureEvicted,
-    /// A session passed its idle timeout.
-    IdleTimeout,
-}
-
-/// Token direction (`blufio_tokens_total{type}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TokenType {
-    /// Tokens sent to the model.
-    Input,
-    /// Tokens the model produced.
-    Output,
-}
-
-impl TokenType {
-    fn as_str(self) -> &'static str {
-        match self {
-            TokenType::Input => "input",
-            TokenType::Output => "output",
-        }
-    }
-}
 
 /// The daemon's metric handles and the recorder that renders them.
 pub struct Metrics {
@@ -502,130 +319,4 @@ impl Registry<'_> {
         self.recorder
             .register_histogram(&Self::key(name, &[]), &METADATA)
     }
-}
-
-/// Help text, one line per metric name.
-const DESCRIPTIONS: &[(&str, &str)] = &[
-    ("blufio_messages_total", "Messages received, by channel."),
-    (
-        "blufio_tokens_total",
-        "Model tokens used by the agent, by model and type (input or output).",
-    ),
-    ("blufio_active_sessions", "Sessions open now."),
-    (
-        "blufio_budget_remaining_usd",
-        "Agent budget left today (UTC day), in US dollars (+Inf when unlimited).",
-    ),
-    (
-        "blufio_response_latency_seconds",
-        "Time from receiving a message to sending the reply, in seconds.",
-    ),
-    (
-        "blufio_memory_heap_bytes",
-        "Bytes allocated by the application on the heap (jemalloc stats.allocated).",
-    ),
-    (
-        "blufio_memory_resident_bytes",
-        "Bytes in physically resident allocator pages (jemalloc stats.resident).",
-    ),
-    (
-        "blufio_memory_rss_bytes",
-        "Resident set size of the process at the last memory sample, in bytes.",
-    ),
-    (
-        "blufio_memory_pressure",
-        "1 while the heap is above memory_warn_mb (with hysteresis), else 0.",
-    ),
-    (
-        "blufio_admission_rejecting",
-        "1 while new sessions are refused because the heap is above memory_limit_mb.",
-    ),
-    (
-        "blufio_memory_purges_total",
-        "Allocator purges run under memory pressure.",
-    ),
-    ("blufio_errors_total", "Errors, by type."),
-    (
-        "blufio_time_to_first_token_seconds",
-        "Time from a streamed message's arrival to its first text delta, in seconds.",
-    ),
-    (
-        "blufio_sessions_shed_total",
-        "Sessions trimmed or closed to free memory or after idling, by reason.",
-    ),
-    (
-        "blufio_open_connections",
-        "Client connections open now, all listeners.",
-    ),
-    (
-        "blufio_connection_memory_bytes",
-        "Heap attributed to open client connections (a fixed cost each plus buffered head bytes).",
-    ),
-    (
-        "blufio_monitor_ticks_total",
-        "Memory monitor ticks run; after a pause (SIGSTOP) it skips missed ticks, never bursts.",
-    ),
-];
-
-fn registry_describe(recorder: &PrometheusRecorder) {
-    for (name, help) in DESCRIPTIONS {
-        let key = KeyName::from_const_str(name);
-        let help = SharedString::const_str(help);
-        if name.ends_with("_total") {
-            recorder.describe_counter(key, None, help);
-        } else if name.ends_with("_seconds") {
-            recorder.describe_histogram(key, None, help);
-        } else {
-            recorder.describe_gauge(key, None, help);
-        }
-    }
-}
-
-/// Renders the standard process metrics; a field without a reading is left out entirely.
-fn render_process(sample: &ProcessSample, out: &mut String) {
-    let mut metric = |name: &str, kind: &str, help: &str, value: Option<f64>| {
-        if let Some(value) = value {
-            // Writing to a String cannot fail.
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
-            );
-        }
-    };
-    metric(
-        "process_cpu_seconds_total",
-        "counter",
-        "Total user and system CPU time spent in seconds.",
-        sample.cpu_seconds,
-    );
-    metric(
-        "process_open_fds",
-        "gauge",
-        "Number of open file descriptors.",
-        sample.open_fds.map(|v| v as f64),
-    );
-    metric(
-        "process_max_fds",
-        "gauge",
-        "Maximum number of open file descriptors.",
-        sample.max_fds.map(|v| v as f64),
-    );
-    metric(
-        "process_virtual_memory_bytes",
-        "gauge",
-        "Virtual memory size in bytes.",
-        sample.virtual_memory_bytes.map(|v| v as f64),
-    );
-    metric(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size in bytes.",
-        sample.resident_memory_bytes.map(|v| v as f64),
-    );
-    metric(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since unix epoch in seconds.",
-        sample.start_time_seconds,
-    );
 }
