@@ -39,7 +39,7 @@ pub enum Report {
     MalformedEnded {
         /// The client.
         client: Client,
-        /// Malformed requests per kind, in [`MALFORMED`] order, zeros left out.
+        /// Malformed requests per kind, in `MALFORMED` order, zeros left out.
         counts: Vec<(ErrorKind, u64)>,
         /// From the first malformed request to the last.
         lasted: Duration,
