@@ -9,7 +9,6 @@
 //! left by a crash locks nothing. It does not protect the directory from other programs.
 
 use std::{
-    fmt,
     fs::{self, File, OpenOptions},
     io::{Read, Seek, Write},
     path::{Path, PathBuf},
@@ -25,17 +24,10 @@ pub const LOCK_FILE: &str = "blufio.lock";
 const MAX_PID_BYTES: u64 = 32;
 
 /// An exclusive hold on a state directory; released by [`StateLock::release`] or on drop.
+#[derive(Debug)]
 pub struct StateLock {
     dir: PathBuf,
     file: Mutex<Option<File>>,
-}
-
-impl fmt::Debug for StateLock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StateLock")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
-    }
 }
 
 impl StateLock {

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt,
     net::IpAddr,
     sync::{
         Arc, Mutex,
@@ -300,6 +299,7 @@ pub(super) struct AtLimit {
     pub(super) evicted: u64,
 }
 
+#[derive(Debug)]
 pub(super) struct Shared {
     pub(super) counts: Mutex<Counts>,
     /// The origin of the millisecond timestamps kept in atomics.
@@ -310,14 +310,6 @@ pub(super) struct Shared {
     pub(super) peak: AtomicU64,
     pub(super) open_gauge: Gauge,
     pub(super) memory_gauge: Gauge,
-}
-
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("bytes", &self.bytes)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Shared {

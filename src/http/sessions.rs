@@ -63,10 +63,7 @@ impl Handler for SessionsHandler {
                 list(ctx, conn)
             }
             SessionAction::Get => {
-                let session = conn
-                    .param("id")
-                    .filter(|id| is_session_id(id))
-                    .and_then(|id| ctx.sessions.get(id));
+                let session = session_id(&conn).and_then(|id| ctx.sessions.get(id));
                 match session {
                     Some(session) => {
                         response::json(conn, Status::Ok, &session_json(&session.info()))
@@ -75,10 +72,7 @@ impl Handler for SessionsHandler {
                 }
             }
             SessionAction::Delete => {
-                let closed = conn
-                    .param("id")
-                    .filter(|id| is_session_id(id))
-                    .is_some_and(|id| ctx.sessions.close(id));
+                let closed = session_id(&conn).is_some_and(|id| ctx.sessions.close(id));
                 if closed {
                     conn.with_status(Status::NoContent).halt()
                 } else {
@@ -119,6 +113,11 @@ async fn create_options(ctx: &Context, conn: Conn) -> Result<Conn, Conn> {
     body::read_json::<NoOptions>(ctx, conn)
         .await
         .map(|(conn, _)| conn)
+}
+
+/// Returns the `{id}` of the path when it has the form of a session id.
+fn session_id(conn: &Conn) -> Option<&str> {
+    conn.param("id").filter(|id| is_session_id(id))
 }
 
 /// The options of a new session: none, so only an empty object is accepted.

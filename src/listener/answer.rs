@@ -53,46 +53,64 @@ pub(super) fn count_malformed(ctx: &Context, ip: IpAddr, kind: ErrorKind) {
     ctx.client_faults.malformed(ip, kind);
 }
 
-/// Answers an HTTP/2 prior-knowledge preface with a JSON 505 and closes.
-pub(super) async fn answer_http2(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
-    count_malformed(ctx, ip, ErrorKind::Http2Refused);
-    log::debug!("refusing HTTP/2 prior-knowledge connection from {ip}");
-    let response = json_response(
-        505,
-        "HTTP Version Not Supported",
-        "http2_not_supported",
-        "this server speaks HTTP/1.1 only",
-    );
-    write_and_close(writer, &response).await;
+/// A request the listener answers itself, before any handler.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Malformed {
+    /// An HTTP/2 prior-knowledge preface: 505.
+    Http2,
+    /// A request head over the size limit: 431.
+    HeadTooLarge,
+    /// A request line longer than the head limit: 414.
+    UriTooLong,
 }
 
-/// Answers a request head over the size limit with a JSON 431 and closes.
-pub(super) async fn answer_head_too_large(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
-    count_malformed(ctx, ip, ErrorKind::HeaderTooLarge);
-    log::debug!("request head from {ip} too large; answering 431");
-    let response = json_response(
-        431,
-        "Request Header Fields Too Large",
-        "header_too_large",
-        "the request head is larger than the server accepts",
-    );
-    write_and_close(writer, &response).await;
-}
-
-/// Answers a request line longer than the head limit with a JSON 414 and closes.
-pub(super) async fn answer_uri_too_long(ctx: &Context, writer: async_net::TcpStream, ip: IpAddr) {
-    count_malformed(ctx, ip, ErrorKind::UriTooLong);
-    log::debug!("request line from {ip} too long; answering 414");
-    let response = json_response(
-        414,
-        "URI Too Long",
-        "uri_too_long",
-        &format!(
-            "the request line is longer than the server accepts ({} bytes)",
-            request_target::MAX_LINE
-        ),
-    );
-    write_and_close(writer, &response).await;
+/// Answers `malformed` from `ip` with its JSON status, counts it and closes.
+pub(super) async fn answer(
+    ctx: &Context,
+    writer: async_net::TcpStream,
+    ip: IpAddr,
+    malformed: Malformed,
+) {
+    let (kind, status, reason, code, message) = match malformed {
+        Malformed::Http2 => {
+            log::debug!("refusing HTTP/2 prior-knowledge connection from {ip}");
+            let message = "this server speaks HTTP/1.1 only".to_owned();
+            (
+                ErrorKind::Http2Refused,
+                505,
+                "HTTP Version Not Supported",
+                "http2_not_supported",
+                message,
+            )
+        }
+        Malformed::HeadTooLarge => {
+            log::debug!("request head from {ip} too large; answering 431");
+            let message = "the request head is larger than the server accepts".to_owned();
+            (
+                ErrorKind::HeaderTooLarge,
+                431,
+                "Request Header Fields Too Large",
+                "header_too_large",
+                message,
+            )
+        }
+        Malformed::UriTooLong => {
+            log::debug!("request line from {ip} too long; answering 414");
+            let message = format!(
+                "the request line is longer than the server accepts ({} bytes)",
+                request_target::MAX_LINE
+            );
+            (
+                ErrorKind::UriTooLong,
+                414,
+                "URI Too Long",
+                "uri_too_long",
+                message,
+            )
+        }
+    };
+    count_malformed(ctx, ip, kind);
+    write_and_close(writer, &json_response(status, reason, code, &message)).await;
 }
 
 /// Writes `response`, then reads and drops what the client still sends for a moment, so

@@ -20,7 +20,7 @@ use crate::{
     transport::{async_read_into, forward_async_write, forward_transport},
 };
 
-use super::answer::{answer_head_too_large, answer_http2, answer_uri_too_long, count_malformed};
+use super::answer::{Malformed, answer, count_malformed};
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -129,7 +129,7 @@ async fn drive<H: Handler, D>(
         None => return None,
         Some(Ok(peek)) => peek,
         Some(Err(error)) if request_target::is_request_line_too_long(&error) => {
-            answer_uri_too_long(ctx, writer, ip).await;
+            answer(ctx, writer, ip, Malformed::UriTooLong).await;
             return None;
         }
         Some(Err(error)) => {
@@ -141,7 +141,7 @@ async fn drive<H: Handler, D>(
         }
     };
     if peek.as_slice() == HTTP2_PREFACE {
-        answer_http2(ctx, writer, ip).await;
+        answer(ctx, writer, ip, Malformed::Http2).await;
         return None;
     }
 
@@ -209,12 +209,12 @@ async fn drive<H: Handler, D>(
         }
         Ok(None) | Err(trillium_http::Error::Closed) => {}
         Err(trillium_http::Error::HeadersTooLong) => {
-            answer_head_too_large(ctx, writer, ip).await;
+            answer(ctx, writer, ip, Malformed::HeadTooLarge).await;
         }
         Err(trillium_http::Error::Io(error))
             if request_target::is_request_line_too_long(&error) =>
         {
-            answer_uri_too_long(ctx, writer, ip).await;
+            answer(ctx, writer, ip, Malformed::UriTooLong).await;
         }
         Err(trillium_http::Error::Io(error)) => {
             // A timeout while a head or body was arriving is that phase's deadline (whole or

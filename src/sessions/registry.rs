@@ -364,6 +364,14 @@ mod tests {
         (Sessions::new(SessionCounters::noop()), limits)
     }
 
+    /// Opens an HTTP session and keeps it.
+    fn kept(sessions: &Sessions, limits: &Limits) -> Arc<Session> {
+        sessions
+            .open(SessionKind::Http, limits, false)
+            .unwrap()
+            .keep()
+    }
+
     #[test]
     fn memory_rejection_refuses_new_sessions() {
         let (sessions, limits) = registry(10);
@@ -394,10 +402,7 @@ mod tests {
     #[test]
     fn kept_sessions_stay_until_closed() {
         let (sessions, limits) = registry(10);
-        let session = sessions
-            .open(SessionKind::Http, &limits, false)
-            .unwrap()
-            .keep();
+        let session = kept(&sessions, &limits);
         let id = session.id().to_owned();
         drop(session);
         assert_eq!(sessions.active(), 1);
@@ -448,10 +453,7 @@ mod tests {
     #[test]
     fn live_count_follows_the_last_reference() {
         let (sessions, limits) = registry(10);
-        let session = sessions
-            .open(SessionKind::Http, &limits, false)
-            .unwrap()
-            .keep();
+        let session = kept(&sessions, &limits);
         assert!(sessions.close(session.id()));
         assert_eq!(sessions.active(), 1, "an in-flight request still holds it");
         drop(session);
