@@ -3,7 +3,7 @@
 //! Prices are US dollars per million tokens. An operator's `[cost.models."<model>"]` entry
 //! wins; otherwise a built-in table covers current Anthropic models, matched by the longest
 //! prefix so dated model IDs (`claude-sonnet-4-5-20250929`) find their family. Unknown and
-//! local models cost 0. The spend itself lives in `budget.rs`, not here.
+//! local models cost 0. The spend itself lives in `budget/`, not here.
 
 use std::collections::BTreeMap;
 

@@ -333,7 +333,7 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
     })
 }
 
-/// Starts serving on `listener` with blufio's own accept loop (`listener.rs`); it stops when
+/// Starts serving on `listener` with blufio's own accept loop (`listener/`); it stops when
 /// `ctx.shutdown` fires, so no handle is kept.
 fn serve(ctx: &Arc<Context>, listener: TcpListener, scope: Scope) -> Result<(), Error> {
     let addr = local_addr(&listener)?;

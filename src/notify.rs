@@ -3,7 +3,7 @@
 //! `STOPPING=1` on drain and `RELOADING=1` around a reload.
 //!
 //! Without a notification socket every call is a no-op that logs nothing. The socket itself
-//! is `blufio_platform::NotifySocket`; the environment is read in `config.rs`, never here.
+//! is `blufio_platform::NotifySocket`; the environment is read in `config/`, never here.
 
 use std::{
     ffi::OsString,

@@ -44,7 +44,7 @@ pub(crate) async fn monitor(ctx: Arc<Context>) {
         }
         ctx.notifier.watchdog();
         // Lets the installed logger write the counts of repeated errors whose episode ended
-        // quietly (see `logging.rs`); a no-op when no logger is installed.
+        // quietly (see `logging/rate_limit.rs`); a no-op when no logger is installed.
         log::logger().flush();
         // Ends quiet token-guessing and malformed-request episodes with their totals.
         ctx.client_faults.sweep();

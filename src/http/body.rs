@@ -4,7 +4,7 @@
 //! a chunked body is refused as soon as it passes the limit (trillium enforces it while
 //! reading), so an oversized body is never buffered whole. The buffer grows with the bytes
 //! that arrive, never with the length a client declares, and is charged to the connection
-//! (`connection.rs`); a body that misses its deadline gets a 408 and the socket closes.
+//! (`connection/`); a body that misses its deadline gets a 408 and the socket closes.
 //!
 //! JSON is UTF-8 (RFC 8259): the body is parsed from its bytes, so invalid UTF-8 is refused
 //! with 400 `invalid_json` instead of being replaced, whatever charset the client claims.
@@ -67,7 +67,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
         Err(error) if error.kind() == io::ErrorKind::Unsupported => {
             return Err(too_large(ctx, conn, limit));
         }
-        // The whole-body or stall deadline (`deadline.rs`): answer if it can be written at
+        // The whole-body or stall deadline (`deadline/`): answer if it can be written at
         // once and close, rather than keep the socket for a body that is not coming.
         Err(error) if error.kind() == io::ErrorKind::TimedOut => {
             log::debug!("closing connection: {error}");
