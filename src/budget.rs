@@ -580,14 +580,8 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "blufio-budget-{name}-{}-{:?}",
-            std::process::id(),
-            SystemTime::now()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+    fn temp_dir(name: &str) -> blufio_testkit::temp::TempDir {
+        blufio_testkit::temp::temp_dir(&format!("budget-{name}"))
     }
 
     const NOON: u64 = 20_000 * SECONDS_PER_DAY + 12 * 3600;
@@ -618,7 +612,7 @@ mod tests {
         let dir = temp_dir("reopen");
         let budget = Budget::open(
             &config(1.0),
-            Some(&dir),
+            Some(dir.path()),
             gauge(),
             ErrorCounter::noop(),
             at(NOON),
@@ -633,7 +627,7 @@ mod tests {
         assert!(!dir.join("spend.json.tmp").exists());
         let budget = Budget::open(
             &config(1.0),
-            Some(&dir),
+            Some(dir.path()),
             gauge(),
             ErrorCounter::noop(),
             at(NOON + 60),
@@ -643,7 +637,7 @@ mod tests {
         // Yesterday's file means nothing is spent today.
         let budget = Budget::open(
             &config(1.0),
-            Some(&dir),
+            Some(dir.path()),
             gauge(),
             ErrorCounter::noop(),
             at(NOON + 86_400),
@@ -664,7 +658,7 @@ mod tests {
             fs::write(dir.join(STATE_FILE), text).unwrap();
             let error = Budget::open(
                 &config(1.0),
-                Some(&dir),
+                Some(dir.path()),
                 gauge(),
                 ErrorCounter::noop(),
                 at(NOON),
@@ -708,17 +702,12 @@ mod writer_tests {
 
     #[test]
     fn a_failed_write_leaves_no_temporary_file_is_reported_and_is_retried() {
-        let dir = std::env::temp_dir().join(format!(
-            "blufio-budget-failing-{}-{:?}",
-            std::process::id(),
-            SystemTime::now()
-        ));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = blufio_testkit::temp::temp_dir("budget-failing");
         let now = SystemTime::now();
         let config = CostConfig::default();
         let budget = Budget::open(
             &config,
-            Some(&dir),
+            Some(dir.path()),
             Gauge::noop(),
             ErrorCounter::noop(),
             now,
