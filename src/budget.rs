@@ -612,7 +612,7 @@ mod tests {
         let dir = temp_dir("reopen");
         let budget = Budget::open(
             &config(1.0),
-            Some(dir.path()),
+            Some(&dir),
             gauge(),
             ErrorCounter::noop(),
             at(NOON),
@@ -627,7 +627,7 @@ mod tests {
         assert!(!dir.join("spend.json.tmp").exists());
         let budget = Budget::open(
             &config(1.0),
-            Some(dir.path()),
+            Some(&dir),
             gauge(),
             ErrorCounter::noop(),
             at(NOON + 60),
@@ -637,7 +637,7 @@ mod tests {
         // Yesterday's file means nothing is spent today.
         let budget = Budget::open(
             &config(1.0),
-            Some(dir.path()),
+            Some(&dir),
             gauge(),
             ErrorCounter::noop(),
             at(NOON + 86_400),
@@ -658,7 +658,7 @@ mod tests {
             fs::write(dir.join(STATE_FILE), text).unwrap();
             let error = Budget::open(
                 &config(1.0),
-                Some(dir.path()),
+                Some(&dir),
                 gauge(),
                 ErrorCounter::noop(),
                 at(NOON),
@@ -707,7 +707,7 @@ mod writer_tests {
         let config = CostConfig::default();
         let budget = Budget::open(
             &config,
-            Some(dir.path()),
+            Some(&dir),
             Gauge::noop(),
             ErrorCounter::noop(),
             now,
