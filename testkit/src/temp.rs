@@ -16,14 +16,16 @@ pub struct TempDir {
 }
 
 impl TempDir {
-    /// Creates `blufio-test-<pid>-<name>-<n>`, with the first `n` whose directory does not
+    /// Creates `blufio-test-<pid>-<n>-<name>`, with the first `n` whose directory does not
     /// exist yet, so two calls with one name (or a stale directory of a recycled pid) never
-    /// share files, without any counter kept between calls.
+    /// share files, without any counter kept between calls. The name ends the path, as it
+    /// did before the guard, so a test that looks for a word in a logged path sees no
+    /// number glued to it.
     pub fn new(name: &str) -> io::Result<TempDir> {
         let base = std::env::temp_dir();
         let pid = std::process::id();
         for n in 0u32.. {
-            let path = base.join(format!("blufio-test-{pid}-{name}-{n}"));
+            let path = base.join(format!("blufio-test-{pid}-{n}-{name}"));
             match fs::create_dir(&path) {
                 Ok(()) => return Ok(TempDir { path }),
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
