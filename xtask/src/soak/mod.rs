@@ -42,6 +42,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blufio_testkit::process::{KillOnDrop, signal, try_free_port, wait_timeout};
+use blufio_testkit::temp::TempDir;
 
 use crate::project::{Result, cargo, run_status, target_dir};
 use daemon::{check_config, config_text, daemon_command, listening_address, log_tail};
@@ -113,12 +114,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     };
     let out_dir = target_dir(root).join("soak");
     fs::create_dir_all(&out_dir)?;
-    let state_dir = out_dir.join("state");
-    // A previous run's spend must not count against this run's budget.
-    if state_dir.exists() {
-        fs::remove_dir_all(&state_dir)
-            .map_err(|error| format!("cannot remove {}: {error}", state_dir.display()))?;
-    }
+    // A fresh state directory, so no earlier spend counts against this run's budget; declared
+    // before the daemon, so it is removed after the daemon is stopped or killed, on every way
+    // out of the run (a failure included).
+    let state_dir = TempDir::new("soak-state")
+        .map_err(|error| format!("cannot create the soak's state directory: {error}"))?;
     let config = out_dir.join("soak.toml");
     fs::write(&config, config_text(try_free_port()?, &state_dir)?)?;
     check_config(
