@@ -105,11 +105,7 @@ mod tests {
 
     #[test]
     fn a_locked_directory_is_refused_until_released() {
-        let dir = std::env::temp_dir().join(format!(
-            "blufio-state-lock-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
+        let dir = blufio_testkit::temp::temp_dir("state-lock");
         let first = StateLock::acquire(&dir).unwrap();
         let pid = fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
         assert_eq!(pid.trim(), std::process::id().to_string());
@@ -122,6 +118,5 @@ mod tests {
         first.release();
         let again = StateLock::acquire(&dir).unwrap();
         drop(again);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -306,14 +306,8 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "blufio-budget-{name}-{}-{:?}",
-            std::process::id(),
-            SystemTime::now()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+    fn temp_dir(name: &str) -> blufio_testkit::temp::TempDir {
+        blufio_testkit::temp::temp_dir(&format!("budget-{name}"))
     }
 
     const NOON: u64 = 20_000 * SECONDS_PER_DAY + 12 * 3600;

@@ -154,12 +154,7 @@ mod writer_tests {
 
     #[test]
     fn a_failed_write_leaves_no_temporary_file_is_reported_and_is_retried() {
-        let dir = std::env::temp_dir().join(format!(
-            "blufio-budget-failing-{}-{:?}",
-            std::process::id(),
-            SystemTime::now()
-        ));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = blufio_testkit::temp::temp_dir("budget-failing");
         let now = SystemTime::now();
         let config = CostConfig::default();
         let budget = Budget::open(

@@ -1,9 +1,8 @@
 //! Unit tests of loading, validating and showing the configuration.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::Path};
+
+use blufio_testkit::temp::TempDir;
 
 use super::{validate::check_token, *};
 
@@ -136,8 +135,7 @@ fn missing_explicit_file_is_an_error() {
 
 #[test]
 fn token_comes_from_env_then_file() {
-    let dir = std::env::temp_dir().join(format!("blufio-config-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("token");
     let token_path = dir.join("token");
     fs::write(&token_path, "from-file-0123456789\n").unwrap();
     let config_path = dir.join("blufio.toml");
@@ -167,8 +165,7 @@ fn token_comes_from_env_then_file() {
 
 #[test]
 fn provider_key_comes_from_env_then_api_key_file() {
-    let dir = std::env::temp_dir().join(format!("blufio-config-key-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("key");
     let key_path = dir.join("api_key");
     fs::write(&key_path, "sk-from-file\n").unwrap();
     let config_path = dir.join("blufio.toml");
@@ -314,10 +311,8 @@ fn secrets_are_not_printed() {
     assert!(!format!("{config:?}").contains("hunter2"));
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("blufio-config-{}-{name}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(name: &str) -> TempDir {
+    blufio_testkit::temp::temp_dir(&format!("config-{name}"))
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! The test kit of blufio, shared by the integration tests, the benches and xtask: a raw
-//! HTTP client, the real binary as a child process, and fake model providers.
+//! HTTP client, the real binary as a child process, fake model providers and temp dirs that
+//! remove themselves.
 
 pub mod fake_provider;
 pub mod http;
 pub mod process;
+pub mod temp;
 
 /// Asserts that `haystack` contains `needle`, showing the whole haystack when it does not.
 #[track_caller]

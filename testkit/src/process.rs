@@ -3,14 +3,18 @@
 //! daemon that is that process plus the address it logged.
 
 use std::{
+    io,
     io::{BufRead, BufReader, Read},
     net::{SocketAddr, TcpListener},
     ops::{Deref, DerefMut},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::mpsc,
+    thread,
     time::{Duration, Instant},
 };
+
+use crate::temp::{TempDir, temp_dir};
 
 /// How long a daemon may take to log its listening address.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,18 +87,12 @@ impl Binary {
     }
 
     /// Writes `config` to a fresh temp dir named after `name`, serves it and waits until the
-    /// daemon logs its address.
+    /// daemon logs its address; the dir goes when the daemon drops.
     pub fn serve(&self, config: &str, name: &str) -> Daemon {
-        let path = write_config(&temp_dir(name), config);
-        Daemon::start(&mut self.serve_command(&path), path)
+        let dir = temp_dir(name);
+        let path = write_config(&dir, config);
+        Daemon::start(&mut self.serve_command(&path), path).keeping(dir)
     }
-}
-
-/// A directory for one test's files, unique to this process and `name`.
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("blufio-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Writes `blufio.toml` with `text` into `dir` and returns its path.
@@ -109,19 +107,72 @@ pub fn port_config(port: u16) -> String {
     format!("[daemon]\nhealth_port = {port}\n[gateway]\nport = {port}\n")
 }
 
-/// Picks a port the OS says is free right now.
+/// Picks a port the OS says is free right now; panics if none can be bound.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    try_free_port().unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// A child process that is killed (and reaped) when dropped, so a failing test leaves no
-/// process behind.
+/// Returns a port that was free a moment ago: bind port 0, read the port, release it.
+pub fn try_free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|error| {
+        io::Error::new(error.kind(), format!("cannot bind 127.0.0.1:0: {error}"))
+    })?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Sends a signal by name (`TERM`, `HUP`, `STOP`, …) to `pid` through `kill`, which needs no
+/// unsafe code here (std can only send SIGKILL).
+pub fn signal(pid: u32, name: &str) -> io::Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "kill -{name} {pid} failed: {status}"
+        )))
+    }
+}
+
+/// Waits for a child to exit; `None` if it is still running after `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if started.elapsed() > timeout {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process that is killed (and reaped) when dropped, so a failing test or task leaves
+/// no process behind (nor its binary busy for the next run).
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> KillOnDrop {
+        KillOnDrop(child)
+    }
+}
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -232,27 +283,22 @@ impl Spawned {
         None
     }
 
-    /// Sends a signal by name (`TERM`, `HUP`, `STOP`, …) through `kill`, which needs no
-    /// unsafe code here.
+    /// Sends a signal by name (`TERM`, `HUP`, `STOP`, …); panics if `kill` fails.
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name}");
+        if let Err(error) = signal(self.pid(), name) {
+            panic!("kill -{name}: {error}");
+        }
     }
 
     /// Waits for the child to exit; kills it and panics after `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.0.try_wait().unwrap() {
-                return status;
+        match wait_timeout(&mut self.child.0, timeout).unwrap() {
+            Some(status) => status,
+            None => {
+                self.child.0.kill().unwrap();
+                panic!("process did not exit within {timeout:?}");
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        self.child.0.kill().unwrap();
-        panic!("process did not exit within {timeout:?}");
     }
 
     /// Waits for the exit (killing the child and failing, with its output, after `timeout`,
@@ -307,6 +353,8 @@ impl Spawned {
 #[derive(Debug)]
 pub struct Daemon {
     process: Spawned,
+    /// The temp dir of its files, removed after the process (declared first) is killed.
+    dir: Option<TempDir>,
     addr: SocketAddr,
     config: PathBuf,
     /// The lines logged before the address, in order.
@@ -333,10 +381,17 @@ impl Daemon {
         startup.push(line);
         Daemon {
             process,
+            dir: None,
             addr,
             config,
             startup,
         }
+    }
+
+    /// Keeps `dir` (its config, state, …) until the daemon drops, then removes it.
+    pub fn keeping(mut self, dir: TempDir) -> Daemon {
+        self.dir = Some(dir);
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,18 +1,17 @@
 //! Cgroup memory through the real `/metrics` and `/v1/health`, with a fixture cgroup tree
 //! standing in for `/sys/fs/cgroup`, and the "auto" thresholds derived from it.
 
-use std::path::PathBuf;
-
 use blufio::{AUTO_MB, Context};
 use blufio_platform::CgroupReader;
 use blufio_testkit::assert_contains;
+use blufio_testkit::temp::{TempDir, temp_dir};
 
 use crate::{prometheus, support};
 
 const MIB: u64 = 1024 * 1024;
 
-fn fixture(name: &str, max: &str, current: &str) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("blufio-it-cgroup-{}-{name}", std::process::id()));
+fn fixture(name: &str, max: &str, current: &str) -> TempDir {
+    let root = temp_dir(&format!("cgroup-{name}"));
     let dir = root.join("system.slice/blufio.service");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("memory.max"), max).unwrap();

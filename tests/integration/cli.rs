@@ -5,7 +5,8 @@ use std::{net::TcpListener, process::Stdio, time::Duration};
 use blufio_testkit::assert_contains;
 use blufio_testkit::{
     http,
-    process::{KillOnDrop, free_port, port_config, temp_dir, write_config},
+    process::{KillOnDrop, free_port, port_config, write_config},
+    temp::temp_dir,
 };
 
 use crate::support::{self, binary, serve};
@@ -101,7 +102,7 @@ fn status_reports_a_running_daemon_in_plain_and_json_and_exit_3_when_gone() {
         Some("{}"),
     );
     assert_eq!(created.status, 201, "{}", created.body);
-    let path = temp_dir("status").join("blufio.toml");
+    let path = daemon.config().to_owned();
     let output = binary().run_config(&["status"], &path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
@@ -142,7 +143,8 @@ fn status_with_a_wrong_token_exits_4_and_health_probes_once() {
     );
     let addr = daemon.addr();
     let port = addr.port();
-    let wrong = temp_dir("status-token").join("wrong.toml");
+    let dir = temp_dir("status-token");
+    let wrong = dir.join("wrong.toml");
     std::fs::write(&wrong, token_config(port, "wrong-token-0123456789")).unwrap();
     let output = binary().run_config(&["status"], &wrong);
     assert_eq!(output.status.code(), Some(4));
@@ -182,7 +184,8 @@ fn status_against_a_garbage_stream_stops_at_the_bound() {
         let chunk = [b'x'; 65536];
         while stream.write_all(&chunk).is_ok() {}
     });
-    let path = temp_dir("garbage").join("blufio.toml");
+    let dir = temp_dir("garbage");
+    let path = dir.join("blufio.toml");
     std::fs::write(&path, port_config(port)).unwrap();
     let output = binary().run_config(&["status"], &path);
     assert_eq!(output.status.code(), Some(1));
@@ -199,8 +202,9 @@ fn config_default_is_the_example_file_and_show_redacts_secrets() {
             .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout), example);
 
+    let dir = temp_dir("config-show");
     let path = write_config(
-        &temp_dir("config-show"),
+        &dir,
         "[daemon]\nhealth_port = 9100\n[gateway]\ntoken = \"hunter2-secret-0123\"\n",
     );
     let output = binary().run_config(&["config", "show"], &path);
@@ -221,10 +225,8 @@ fn config_default_is_the_example_file_and_show_redacts_secrets() {
 
 #[test]
 fn config_typo_names_file_line_and_key_and_exits_78() {
-    let path = write_config(
-        &temp_dir("typo"),
-        "[daemon]\nhealth_port = 3000\nmemroy_warn_mb = 100\n",
-    );
+    let dir = temp_dir("typo");
+    let path = write_config(&dir, "[daemon]\nhealth_port = 3000\nmemroy_warn_mb = 100\n");
     let output = binary().run_config(&["serve"], &path);
     assert_eq!(output.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -283,7 +285,8 @@ fn status_exits_1_when_the_daemon_reports_degraded() {
             body.len()
         );
     });
-    let path = temp_dir("degraded").join("blufio.toml");
+    let dir = temp_dir("degraded");
+    let path = dir.join("blufio.toml");
     std::fs::write(&path, port_config(port)).unwrap();
     let output = binary().run_config(&["status"], &path);
     assert_eq!(output.status.code(), Some(1));

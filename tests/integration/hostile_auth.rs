@@ -28,13 +28,14 @@ const TOKEN: &str = "hostile-auth-token-0123456789";
 /// reload of it) is what filters the log; returns the daemon, which knows its
 /// address, its stderr lines and the config path (rewritten by reload tests).
 fn start_configured_binary(config: &str, name: &str) -> Daemon {
-    let path = write_config(&temp_dir(name), config);
+    let dir = temp_dir(name);
+    let path = write_config(&dir, config);
     let mut command = support::binary().serve_command(&path);
     command
         .env_remove("BLUFIO_LOG")
         .env_remove("JOURNAL_STREAM")
         .env_remove("OPENAI_API_KEY");
-    Daemon::start(&mut command, path)
+    Daemon::start(&mut command, path).keeping(dir)
 }
 
 /// Sends SIGTERM, collects the log up to "shut down" and asserts a clean exit.

@@ -5,7 +5,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -14,6 +14,7 @@ use blufio::{Agent, Call, Config, Context, Reply, ReplyFuture, Usage};
 
 use blufio_testkit::assert_contains;
 use blufio_testkit::process::{Spawned, free_port};
+use blufio_testkit::temp::temp_dir;
 
 use crate::{
     prometheus,
@@ -44,16 +45,6 @@ impl Agent for PricedAgent {
             })
         })
     }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "blufio-files-{}-{name}-{:?}",
-        std::process::id(),
-        Instant::now()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn mkfifo(path: &Path) {
@@ -263,7 +254,7 @@ fn a_reload_names_every_changed_key_and_applies_the_daily_budget_at_once() {
 fn an_unwritable_state_dir_is_reported_leaves_no_temporary_file_and_recovers() {
     let state = temp_dir("unwritable");
     let mut config = support::config_with_token(TOKEN);
-    config.daemon.state_dir = Some(state.clone());
+    config.daemon.state_dir = Some(state.to_path_buf());
     let daemon = support::start_with(Context::builder(config).with_agent(PricedAgent));
     let post = || daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content":"hi"}"#));
     let health = || daemon.authed(TOKEN, "GET", "/v1/health", None).json();

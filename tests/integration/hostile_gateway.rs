@@ -516,10 +516,11 @@ fn a_missing_ollama_model_is_named_with_the_pull_command_in_v1_health() {
 /// Starts the binary on `config_text` with `ANTHROPIC_API_KEY` set and waits until it
 /// listens.
 fn start_binary_with_key(config_text: &str, name: &str) -> Daemon {
-    let path = write_config(&support::temp_dir(name), config_text);
+    let dir = support::temp_dir(name);
+    let path = write_config(&dir, config_text);
     let mut command = support::binary().serve_command(&path);
     command.env("ANTHROPIC_API_KEY", KEY);
-    Daemon::start(&mut command, path)
+    Daemon::start(&mut command, path).keeping(dir)
 }
 
 /// Sends SIGTERM, asserts exit 0 and returns the lines logged since the start-up.

@@ -397,7 +397,7 @@ fn rotating_the_token_closes_websockets_opened_with_the_old_one() {
     );
 
     // A reload that keeps the token keeps the socket.
-    std::fs::write(dir.join("blufio.toml"), config(120)).unwrap();
+    std::fs::write(daemon.config(), config(120)).unwrap();
     hup();
     expect_log("reloaded");
     assert_eq!(

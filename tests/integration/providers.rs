@@ -460,7 +460,7 @@ fn the_budget_stops_calls_once_spent_and_stays_spent_after_a_restart() {
     let state_dir = support::temp_dir("budget");
     let config = || {
         let mut config = provider_config(Provider::Anthropic, &fake);
-        config.daemon.state_dir = Some(state_dir.clone());
+        config.daemon.state_dir = Some(state_dir.to_path_buf());
         config.cost.daily_budget_usd = 1.0;
         // One input token costs 2 USD here, so the first reply spends the day's budget.
         config.cost.models.insert(
@@ -506,7 +506,7 @@ fn a_truncated_state_file_is_reported_not_zeroed() {
     let state_file = state_dir.join("spend.json");
     std::fs::write(&state_file, r#"{"version":1,"utc_day":20000,"spent_u"#).unwrap();
     let mut config = provider_config(Provider::Anthropic, &fake);
-    config.daemon.state_dir = Some(state_dir.clone());
+    config.daemon.state_dir = Some(state_dir.to_path_buf());
     let error = blufio::Context::new(config).unwrap_err();
     assert!(error.is_config(), "exit 78");
     let message = error.to_string();

@@ -10,7 +10,8 @@ use std::{
 use blufio::{Config, Context, ContextBuilder, Daemon};
 pub use blufio_testkit::http::{Response, parse_response, request, send_raw};
 use blufio_testkit::process::{self, Binary};
-pub use blufio_testkit::process::{free_port, port_config, temp_dir};
+pub use blufio_testkit::process::{free_port, port_config};
+pub use blufio_testkit::temp::temp_dir;
 
 /// How long a test waits for the real binary to exit after it was told to.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -3,16 +3,16 @@
 //!
 //! This file only dispatches to one module per task. The few helpers every task needs (the
 //! error type, the project root, the cargo to call, running a command with an error that names
-//! it) live in `project.rs`, how to build for a given target in `target.rs`, the child
-//! processes the tasks start (a guard that kills them, SIGTERM, a bounded wait) in
-//! `process.rs`, and the JSON they read in `json.rs`; the tasks never re-derive them. There are
+//! it) live in `project.rs`, how to build for a given target in `target.rs`, the JSON
+//! the tasks read in `json.rs`; the child processes they start (a guard that kills them,
+//! SIGTERM, a bounded wait, a free port) come from the shared test kit (`testkit/`). The tasks
+//! never re-derive them. There are
 //! no shell scripts and no global state: each task gets the project root as an argument.
 
 mod bench;
 mod dist;
 mod fuzz;
 mod json;
-mod process;
 mod project;
 mod setup_cross;
 mod smoke;

@@ -17,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use blufio_testkit::process::{KillOnDrop, signal, try_free_port, wait_timeout};
 use flate2::read::GzDecoder;
 use serde_json::Value;
 
-use crate::process::{ChildGuard, free_port, terminate, wait_timeout};
 use crate::project::{Result, describe, target_dir};
 use crate::target::{BuildEnv, Target};
 use crate::{dist, json};
@@ -62,7 +62,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     fs::create_dir_all(&work_dir)?;
     let binary = extract_binary(&archive, &work_dir.join("blufio"))?;
 
-    let port = free_port()?;
+    let port = try_free_port()?;
     let config = work_dir.join("blufio.toml");
     fs::write(&config, config_text(port))?;
     let log = work_dir.join("blufio.log");
@@ -89,7 +89,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let child = command
         .spawn()
         .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?;
-    let mut daemon = ChildGuard::new(child);
+    let mut daemon = KillOnDrop::new(child);
 
     let result = probe(&mut daemon, port);
     if let Err(error) = result {
@@ -156,7 +156,7 @@ fn probe(daemon: &mut Child, port: u16) -> Result<()> {
         println!("    VmRSS of pid {}: {resident} kB", daemon.id());
     }
 
-    terminate(daemon)?;
+    signal(daemon.id(), "TERM")?;
     let status = wait_timeout(daemon, SHUTDOWN_TIMEOUT)?
         .ok_or_else(|| format!("the daemon did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM"))?;
     if !status.success() {

@@ -9,12 +9,13 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use blufio_testkit::process::{KillOnDrop, signal, try_free_port, wait_timeout};
+
 use super::build::Binaries;
 use super::client::Client;
 use super::load::{get, request_bytes};
 use super::report::{Report, Unit};
 use super::{STARTUP_TIMEOUT, TOKEN};
-use crate::process::{ChildGuard, free_port, terminate, wait_timeout};
 use crate::project::{Result, describe};
 
 /// Raises this process's soft open-files limit towards `wanted` (children inherit it) and
@@ -50,7 +51,7 @@ pub(super) enum Side {
 /// A running side.
 #[derive(Debug)]
 pub(super) struct Server {
-    child: ChildGuard,
+    child: KillOnDrop,
     pub(super) addr: SocketAddr,
     pub(super) cold_start: Duration,
 }
@@ -63,7 +64,7 @@ impl Server {
         config: &Path,
         metrics_bytes: usize,
     ) -> Result<Server> {
-        let port = free_port()?;
+        let port = try_free_port()?;
         let mut command = match side {
             Side::Blufio => {
                 fs::write(config, blufio_config(port))?;
@@ -95,7 +96,7 @@ impl Server {
             .spawn()
             .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?;
         let mut server = Server {
-            child: ChildGuard::new(child),
+            child: KillOnDrop::new(child),
             addr,
             cold_start: Duration::ZERO,
         };
@@ -127,7 +128,7 @@ impl Server {
     }
 
     pub(super) fn stop(mut self) -> Result<()> {
-        terminate(&self.child)?;
+        signal(self.child.id(), "TERM")?;
         if wait_timeout(&mut self.child, Duration::from_secs(15))?.is_none() {
             self.child.kill()?;
             self.child.wait()?;

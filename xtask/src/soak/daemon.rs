@@ -10,9 +10,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use blufio_testkit::process::{KillOnDrop, wait_timeout};
+
 use super::{SESSION_IDLE_TIMEOUT_SECS, TOKEN};
 use crate::json;
-use crate::process::{self, ChildGuard};
 use crate::project::{Result, describe};
 
 /// The command line for the daemon under soak, with the environment every invocation shares
@@ -43,12 +44,12 @@ pub(super) fn check_config(
     let mut command = daemon_command(binary, "check-config", config);
     command.stdout(output.try_clone()?).stderr(output);
     // A check that overruns its time is killed when the guard drops.
-    let mut child = ChildGuard::new(
+    let mut child = KillOnDrop::new(
         command
             .spawn()
             .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?,
     );
-    match process::wait_timeout(&mut child, timeout)? {
+    match wait_timeout(&mut child, timeout)? {
         Some(status) if status.success() => Ok(()),
         Some(status) => Err(format!(
             "the daemon refuses the soak's configuration {} (`{}` exited with {status}); \
@@ -174,6 +175,8 @@ mod tests {
     use std::process::Child;
     use std::time::Instant;
 
+    use blufio_testkit::temp::{TempDir, temp_dir};
+
     use super::*;
 
     #[test]
@@ -192,22 +195,16 @@ mod tests {
         );
     }
 
-    /// A fresh directory per test and process, so parallel tests and runs never share files.
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("blufio-soak-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    /// Writes an executable shell script that stands in for the daemon.
-    fn fake_daemon(name: &str, script: &str) -> PathBuf {
+    /// Writes an executable shell script that stands in for the daemon, in a fresh temp dir
+    /// that lives as long as the returned guard.
+    fn fake_daemon(name: &str, script: &str) -> (TempDir, PathBuf) {
         use std::os::unix::fs::PermissionsExt;
 
-        let path = temp_dir(name).join("blufio");
+        let dir = temp_dir(&format!("soak-{name}"));
+        let path = dir.join("blufio");
         fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        (dir, path)
     }
 
     /// Runs `check_config` on a fake daemon, logging next to it.
@@ -218,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_refused_configuration_fails_the_soak_with_the_daemons_message() {
-        let binary = fake_daemon(
+        let (_dir, binary) = fake_daemon(
             "refused",
             "echo \"blufio: $3: [agent] budget_usd: was a lifetime limit\" >&2; exit 78",
         );
@@ -232,13 +229,14 @@ mod tests {
         ] {
             assert!(error.contains(expected), "{error}");
         }
-        let accepted = fake_daemon("accepted", "test \"$1 $2\" = \"check-config --config\"");
+        let (_accepted_dir, accepted) =
+            fake_daemon("accepted", "test \"$1 $2\" = \"check-config --config\"");
         check_fake_config(&accepted, Duration::from_secs(60)).unwrap();
     }
 
     #[test]
     fn a_check_config_that_hangs_fails_the_soak_in_bounded_time() {
-        let binary = fake_daemon("hangs", "exec sleep 60");
+        let (_dir, binary) = fake_daemon("hangs", "exec sleep 60");
         let started = Instant::now();
         let error = check_fake_config(&binary, Duration::from_secs(1))
             .unwrap_err()
@@ -259,7 +257,7 @@ mod tests {
 
     #[test]
     fn the_listening_line_gives_the_address_and_an_early_exit_gives_the_log() {
-        let dir = temp_dir("listening");
+        let dir = temp_dir("soak-listening");
         let (mut child, stderr) = piped_stderr(
             "echo '[INFO  blufio::daemon] listening on http://127.0.0.1:4321 (health)' >&2",
         );

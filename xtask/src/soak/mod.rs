@@ -41,7 +41,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::process::{self, ChildGuard};
+use blufio_testkit::process::{KillOnDrop, signal, try_free_port, wait_timeout};
+use blufio_testkit::temp::TempDir;
+
 use crate::project::{Result, cargo, run_status, target_dir};
 use daemon::{check_config, config_text, daemon_command, listening_address, log_tail};
 use loads::{LOADS, LoadStats, LoadTally, check_loads};
@@ -112,14 +114,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     };
     let out_dir = target_dir(root).join("soak");
     fs::create_dir_all(&out_dir)?;
-    let state_dir = out_dir.join("state");
-    // A previous run's spend must not count against this run's budget.
-    if state_dir.exists() {
-        fs::remove_dir_all(&state_dir)
-            .map_err(|error| format!("cannot remove {}: {error}", state_dir.display()))?;
-    }
+    // A fresh state directory, so no earlier spend counts against this run's budget; declared
+    // before the daemon, so it is removed after the daemon is stopped or killed, on every way
+    // out of the run (a failure included).
+    let state_dir = TempDir::new("soak-state")
+        .map_err(|error| format!("cannot create the soak's state directory: {error}"))?;
     let config = out_dir.join("soak.toml");
-    fs::write(&config, config_text(process::free_port()?, &state_dir)?)?;
+    fs::write(&config, config_text(try_free_port()?, &state_dir)?)?;
     check_config(
         &binary,
         &config,
@@ -135,7 +136,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         .stderr
         .take()
         .ok_or("the daemon's stderr is not piped")?;
-    let mut daemon = ChildGuard::new(child);
+    let mut daemon = KillOnDrop::new(child);
     let pid = daemon.id();
     let log = out_dir.join("daemon.log");
     let address = listening_address(stderr, &log, STARTUP_TIMEOUT)?;
@@ -210,8 +211,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     fs::write(out_dir.join("soak.csv"), csv(&samples))?;
     fs::write(out_dir.join("soak.svg"), svg(&samples, warmup))?;
     outcome?;
-    process::terminate(&daemon)?;
-    match process::wait_timeout(&mut daemon, Duration::from_secs(30))? {
+    signal(daemon.id(), "TERM")?;
+    match wait_timeout(&mut daemon, Duration::from_secs(30))? {
         Some(status) if status.success() => {}
         Some(status) => {
             return Err(format!(
