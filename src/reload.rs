@@ -175,12 +175,11 @@ fn apply(ctx: &Context, mut new: Config) -> ReloadReport {
 /// Names every key `new` changes: the live ones against the `running` live settings, every
 /// other one (needing a restart) against the configuration the daemon `started` with.
 fn compare(started: &Config, running: &Live, new: &Config) -> ReloadReport {
-    let live_keys = Live::keys();
     ReloadReport {
         changed: running.changed_keys(&Live::from_config(new)),
         needs_restart: changed_keys(started, new)
             .into_iter()
-            .filter(|key| !live_keys.contains(key))
+            .filter(|key| !Live::KEYS.contains(&key.as_str()))
             .collect(),
     }
 }
@@ -327,7 +326,7 @@ mod tests {
         let changed = changed_keys(&running, &new);
         let mut sorted = changed.clone();
         sorted.sort();
-        let mut expected = Live::keys();
+        let mut expected: Vec<String> = Live::KEYS.iter().map(|key| (*key).to_owned()).collect();
         expected.sort();
         assert_eq!(
             sorted, expected,
