@@ -187,7 +187,8 @@ impl Sessions {
     pub fn list(&self) -> Vec<SessionInfo> {
         let sessions: Vec<Arc<Session>> = self.lock().values().cloned().collect();
         let mut infos: Vec<SessionInfo> = sessions.iter().map(|session| session.info()).collect();
-        infos.sort_by(|a, b| {
+        // Ids are unique, so this order is total and an unstable sort gives it exactly.
+        infos.sort_unstable_by(|a, b| {
             a.created_at
                 .cmp(&b.created_at)
                 .then_with(|| a.id.cmp(&b.id))
@@ -273,7 +274,8 @@ impl Sessions {
             }
         }
         idle.retain(|(_, session)| session.kind() == SessionKind::Http);
-        idle.sort_by_key(|(idle_for, _)| std::cmp::Reverse(*idle_for));
+        // Ties in idle time may close in any order: an unstable sort is enough, and smaller.
+        idle.sort_unstable_by_key(|(idle_for, _)| std::cmp::Reverse(*idle_for));
         let to_close = idle.len().div_ceil(10);
         let mut closed = 0;
         {
