@@ -30,10 +30,6 @@ macro_rules! forward_transport {
             fn peer_addr(&self) -> std::io::Result<Option<std::net::SocketAddr>> {
                 self.$field.peer_addr()
             }
-
-            fn negotiated_alpn(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
-                self.$field.negotiated_alpn()
-            }
         }
     };
 }

@@ -222,12 +222,17 @@ async fn call_agent(
     deltas: Option<&DeltaSender>,
 ) -> Result<crate::agent::Reply, MessageError> {
     let agent = ctx.agent.as_ref().ok_or(MessageError::NoAgent)?;
+    // One reading of the live settings for the whole call, so a reload lands between calls.
+    let (daily_usd, timeout_secs) = {
+        let live = ctx.live();
+        (live.daily_budget_usd, live.agent_timeout_secs)
+    };
     ctx.budget
-        .check(ctx.live().daily_budget_usd, SystemTime::now())
+        .check(daily_usd, SystemTime::now())
         .map_err(|exhausted| MessageError::BudgetExhausted {
             retry_after: exhausted.retry_after,
         })?;
-    let timeout = Duration::from_secs(ctx.live().agent_timeout_secs);
+    let timeout = Duration::from_secs(timeout_secs);
     let now = Instant::now();
     let deadline = now.checked_add(timeout).unwrap_or(now);
     let call = Call {
