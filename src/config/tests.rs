@@ -19,6 +19,17 @@ fn refusal(text: &str) -> String {
     parse(text).unwrap().validate("f").unwrap_err().to_string()
 }
 
+/// Writes `secret` to a file in `dir` and a `blufio.toml` whose last line is `key_line =`
+/// that file's path; returns the config's path.
+fn config_with_secret_file(dir: &Path, key_line: &str, secret: &str) -> std::path::PathBuf {
+    let secret_path = dir.join("secret");
+    fs::write(&secret_path, secret).unwrap();
+    let config_path = dir.join("blufio.toml");
+    let text = format!("{key_line} = {:?}\n", secret_path.display().to_string());
+    fs::write(&config_path, text).unwrap();
+    config_path
+}
+
 #[test]
 fn parse_validated_rejects_what_load_rejects() {
     let path = Path::new("/etc/blufio.toml");
@@ -136,17 +147,8 @@ fn missing_explicit_file_is_an_error() {
 #[test]
 fn token_comes_from_env_then_file() {
     let dir = temp_dir("token");
-    let token_path = dir.join("token");
-    fs::write(&token_path, "from-file-0123456789\n").unwrap();
-    let config_path = dir.join("blufio.toml");
-    fs::write(
-        &config_path,
-        format!(
-            "[gateway]\ntoken_file = {:?}\n",
-            token_path.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config_path =
+        config_with_secret_file(&dir, "[gateway]\ntoken_file", "from-file-0123456789\n");
     let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
     assert_eq!(
         config.gateway.token.unwrap().expose(),
@@ -166,17 +168,11 @@ fn token_comes_from_env_then_file() {
 #[test]
 fn provider_key_comes_from_env_then_api_key_file() {
     let dir = temp_dir("key");
-    let key_path = dir.join("api_key");
-    fs::write(&key_path, "sk-from-file\n").unwrap();
-    let config_path = dir.join("blufio.toml");
-    fs::write(
-        &config_path,
-        format!(
-            "[agent]\nprovider = \"anthropic\"\napi_key_file = {:?}\n",
-            key_path.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config_path = config_with_secret_file(
+        &dir,
+        "[agent]\nprovider = \"anthropic\"\napi_key_file",
+        "sk-from-file\n",
+    );
     let config = Config::load_with_env(Some(&config_path), no_env).unwrap();
     assert_eq!(config.agent.api_key.unwrap().expose(), "sk-from-file");
     let config = Config::load_with_env(Some(&config_path), |name| {

@@ -409,31 +409,9 @@ forward_transport!(MessageLimitTransport, inner);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use blufio_testkit::ws::client_frame as frame;
 
-    /// A masked client frame with `payload`.
-    fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            short @ 0..126 => bytes.push(0x80 | short as u8),
-            medium @ 126..65536 => {
-                bytes.push(0x80 | 126);
-                bytes.extend_from_slice(&(medium as u16).to_be_bytes());
-            }
-            long => {
-                bytes.push(0x80 | 127);
-                bytes.extend_from_slice(&(long as u64).to_be_bytes());
-            }
-        }
-        bytes.extend_from_slice(&[1, 2, 3, 4]);
-        bytes.extend(
-            payload
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b ^ (i as u8 % 4 + 1)),
-        );
-        bytes
-    }
+    use super::*;
 
     #[test]
     fn whole_messages_close_as_soon_as_their_last_byte_passes() {

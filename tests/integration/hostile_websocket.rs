@@ -10,6 +10,7 @@ use std::{
 
 use async_tungstenite::tungstenite::Message;
 use blufio::{Config, Provider, Secret};
+use blufio_testkit::ws::client_frame;
 use futures_lite::StreamExt;
 
 use crate::{
@@ -143,31 +144,6 @@ fn parse_server_frame(bytes: &[u8]) -> Option<(ServerFrame, usize)> {
         },
         header + length,
     ))
-}
-
-/// A masked client frame carrying `payload`.
-fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        short @ 0..126 => bytes.push(0x80 | short as u8),
-        medium @ 126..65536 => {
-            bytes.push(0x80 | 126);
-            bytes.extend_from_slice(&(medium as u16).to_be_bytes());
-        }
-        long => {
-            bytes.push(0x80 | 127);
-            bytes.extend_from_slice(&(long as u64).to_be_bytes());
-        }
-    }
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    bytes.extend_from_slice(&mask);
-    bytes.extend(
-        payload
-            .iter()
-            .enumerate()
-            .map(|(index, byte)| byte ^ mask[index % 4]),
-    );
-    bytes
 }
 
 fn connection_memory(daemon: &support::TestDaemon) -> f64 {

@@ -8,8 +8,10 @@ use std::{
 };
 
 use blufio::{Config, Provider};
-use blufio_testkit::http;
-use blufio_testkit::process::{Daemon, write_config};
+use blufio_testkit::{
+    http,
+    process::{Daemon, write_config},
+};
 
 use crate::{
     fake_provider::{self, FakeProvider, Scripted},
