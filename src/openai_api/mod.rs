@@ -20,7 +20,7 @@ pub use self::{
         MAX_STOP, parse_request,
     },
     response::{
-        ChunkEncoder, DONE, FinishReason, ModelEntry, TokenUsage, completion, completion_id,
-        models_list,
+        ChunkEncoder, DONE, FinishReason, KEEP_ALIVE, ModelEntry, TokenUsage, completion,
+        completion_id, models_list,
     },
 };

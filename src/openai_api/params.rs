@@ -253,6 +253,7 @@ impl<'de> Visitor<'de> for ResponseFormatSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let state = self.0;
         let mut kind = None;
+        let mut seen = Vec::new();
         while let Some(key) = next_key(&mut map)? {
             if key != "type" {
                 // `json_schema` and the like: refused as a format, not walked.
@@ -261,7 +262,7 @@ impl<'de> Visitor<'de> for ResponseFormatSeed<'_> {
                     "only `response_format` {\"type\": \"text\"} is supported",
                 )));
             }
-            once(state, &mut Vec::new(), "type", || {
+            once(state, &mut seen, "type", || {
                 "response_format.type".to_owned()
             })?;
             kind = Some(state.at(

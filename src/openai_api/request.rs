@@ -138,43 +138,75 @@ pub fn parse_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
     }
 }
 
-/// Every top-level field in OpenAI's request body, so a parameter can be told apart from a
-/// typo; fields of other APIs fall through to "unknown".
-const FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "user",
-    "metadata",
-    "seed",
-    "store",
-    "logprobs",
-    "top_logprobs",
-    "parallel_tool_calls",
-    "n",
-    "service_tier",
-    "prompt_cache_key",
-    "safety_identifier",
-    "frequency_penalty",
-    "presence_penalty",
-    "logit_bias",
-    "response_format",
-    "modalities",
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "audio",
-    "prediction",
-    "web_search_options",
-    "reasoning_effort",
-    "verbosity",
+/// How the parser treats each top-level field of OpenAI's request body. A closed set, so the
+/// compiler lists every place a new parameter must be handled.
+#[derive(Clone, Copy)]
+enum Field {
+    Model,
+    Messages,
+    Stream,
+    StreamOptions,
+    MaxTokens,
+    MaxCompletionTokens,
+    Temperature,
+    TopP,
+    Stop,
+    User,
+    /// A string that changes nothing blufio sends (`service_tier`, cache and safety keys).
+    IgnoredString,
+    Metadata,
+    Seed,
+    /// A boolean that changes nothing for a text answer (`store`, `parallel_tool_calls`).
+    IgnoredBool,
+    Logprobs,
+    TopLogprobs,
+    N,
+    /// `frequency_penalty` and `presence_penalty`: accepted at 0 only.
+    Penalty,
+    LogitBias,
+    ResponseFormat,
+    Modalities,
+    /// A parameter blufio cannot honour: accepted only as `null`.
+    Refused,
+}
+
+/// Every top-level field of OpenAI's request body, so a parameter can be told apart from a
+/// typo; fields of other APIs (Anthropic's `system`, say) fall through to "unknown".
+const FIELDS: &[(&str, Field)] = &[
+    ("model", Field::Model),
+    ("messages", Field::Messages),
+    ("stream", Field::Stream),
+    ("stream_options", Field::StreamOptions),
+    ("max_tokens", Field::MaxTokens),
+    ("max_completion_tokens", Field::MaxCompletionTokens),
+    ("temperature", Field::Temperature),
+    ("top_p", Field::TopP),
+    ("stop", Field::Stop),
+    ("user", Field::User),
+    ("service_tier", Field::IgnoredString),
+    ("prompt_cache_key", Field::IgnoredString),
+    ("safety_identifier", Field::IgnoredString),
+    ("metadata", Field::Metadata),
+    ("seed", Field::Seed),
+    ("store", Field::IgnoredBool),
+    ("parallel_tool_calls", Field::IgnoredBool),
+    ("logprobs", Field::Logprobs),
+    ("top_logprobs", Field::TopLogprobs),
+    ("n", Field::N),
+    ("frequency_penalty", Field::Penalty),
+    ("presence_penalty", Field::Penalty),
+    ("logit_bias", Field::LogitBias),
+    ("response_format", Field::ResponseFormat),
+    ("modalities", Field::Modalities),
+    ("tools", Field::Refused),
+    ("tool_choice", Field::Refused),
+    ("functions", Field::Refused),
+    ("function_call", Field::Refused),
+    ("audio", Field::Refused),
+    ("prediction", Field::Refused),
+    ("web_search_options", Field::Refused),
+    ("reasoning_effort", Field::Refused),
+    ("verbosity", Field::Refused),
 ];
 
 /// The top-level fields before the checks that involve more than one of them.
@@ -283,54 +315,54 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
         let mut raw = Raw::default();
         let mut seen = Vec::new();
         while let Some(key) = next_key(&mut map)? {
-            let Some(&name) = FIELDS.iter().find(|field| **field == key) else {
+            let Some(&(name, field)) = FIELDS.iter().find(|(name, _)| *name == key) else {
                 return Err(state.refuse(ApiError::unknown_parameter(&key)));
             };
             once(state, &mut seen, name, || name.to_owned())?;
             let at = || name.to_owned();
-            match name {
-                "model" => raw.model = state.at(at, map.next_value())?,
-                "messages" => {
+            match field {
+                Field::Model => raw.model = state.at(at, map.next_value())?,
+                Field::Messages => {
                     raw.messages =
                         state.at(at, map.next_value_seed(Nullable(MessagesSeed(state))))?
                 }
-                "stream" => raw.stream = state.at(at, map.next_value())?,
-                "stream_options" => {
+                Field::Stream => raw.stream = state.at(at, map.next_value())?,
+                Field::StreamOptions => {
                     raw.include_usage = state
                         .at(at, map.next_value_seed(Nullable(StreamOptionsSeed(state))))?
                         .flatten();
                 }
-                "max_tokens" => raw.max_tokens = state.at(at, map.next_value())?,
-                "max_completion_tokens" => {
+                Field::MaxTokens => raw.max_tokens = state.at(at, map.next_value())?,
+                Field::MaxCompletionTokens => {
                     raw.max_completion_tokens = state.at(at, map.next_value())?
                 }
-                "temperature" => raw.temperature = state.at(at, map.next_value())?,
-                "top_p" => raw.top_p = state.at(at, map.next_value())?,
-                "stop" => {
+                Field::Temperature => raw.temperature = state.at(at, map.next_value())?,
+                Field::TopP => raw.top_p = state.at(at, map.next_value())?,
+                Field::Stop => {
                     raw.stop = state
                         .at(at, map.next_value_seed(Nullable(StopSeed(state))))?
                         .unwrap_or_default()
                 }
-                "user" => raw.user = state.at(at, map.next_value())?,
-                "service_tier" | "prompt_cache_key" | "safety_identifier" => {
+                Field::User => raw.user = state.at(at, map.next_value())?,
+                Field::IgnoredString => {
                     state.at(at, map.next_value::<Option<String>>())?;
                 }
-                "metadata" => {
+                Field::Metadata => {
                     state.at(at, map.next_value_seed(Nullable(MetadataSeed(state))))?;
                 }
-                "seed" => {
+                Field::Seed => {
                     state.at(at, map.next_value::<Option<i64>>())?;
                 }
-                "store" | "parallel_tool_calls" => {
+                Field::IgnoredBool => {
                     state.at(at, map.next_value::<Option<bool>>())?;
                 }
-                "logprobs" => {
+                Field::Logprobs => {
                     if state.at(at, map.next_value::<Option<bool>>())? == Some(true) {
                         return Err(state
                             .refuse(ApiError::unsupported(name, "`logprobs` is not supported")));
                     }
                 }
-                "top_logprobs" => {
+                Field::TopLogprobs => {
                     if state
                         .at(at, map.next_value::<Option<u32>>())?
                         .is_some_and(|n| n > 0)
@@ -341,7 +373,7 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
                         )));
                     }
                 }
-                "n" => match state.at(at, map.next_value::<Option<u32>>())? {
+                Field::N => match state.at(at, map.next_value::<Option<u32>>())? {
                     Some(0) => {
                         return Err(
                             state.refuse(ApiError::invalid_value(name, "`n` must be at least 1"))
@@ -355,7 +387,7 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
                     }
                     _ => {}
                 },
-                "frequency_penalty" | "presence_penalty" => {
+                Field::Penalty => {
                     if state
                         .at(at, map.next_value::<Option<f64>>())?
                         .is_some_and(|value| value != 0.0)
@@ -366,16 +398,14 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
                         )));
                     }
                 }
-                "logit_bias" => map.next_value_seed(NullOrEmptyMap(state, name))?,
-                "response_format" => {
+                Field::LogitBias => map.next_value_seed(NullOrEmptyMap(state, name))?,
+                Field::ResponseFormat => {
                     state.at(at, map.next_value_seed(Nullable(ResponseFormatSeed(state))))?;
                 }
-                "modalities" => {
+                Field::Modalities => {
                     state.at(at, map.next_value_seed(Nullable(ModalitiesSeed(state))))?;
                 }
-                // "tools", "tool_choice", "functions", "function_call", "audio", "prediction",
-                // "web_search_options", "reasoning_effort", "verbosity": refused unless null.
-                _ => map.next_value_seed(NullOnly(state, name))?,
+                Field::Refused => map.next_value_seed(NullOnly(state, name))?,
             }
         }
         Ok(raw)

@@ -12,6 +12,10 @@ use serde::Serialize;
 /// The last event of every stream.
 pub const DONE: &str = "data: [DONE]\n\n";
 
+/// An SSE comment, sent while the upstream is silent so proxies and clients do not time the
+/// stream out; OpenAI's SDKs skip comments.
+pub const KEEP_ALIVE: &str = ": keep-alive\n\n";
+
 /// Why the model stopped, in OpenAI's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

@@ -46,19 +46,24 @@ impl State {
         if let Some(refusal) = self.refusal.into_inner() {
             return refusal;
         }
-        let what = if error.is_eof() {
-            "the body ends early"
-        } else if error.is_syntax() {
-            "the body is not valid JSON"
-        } else {
-            "invalid value"
-        };
-        match self.param.into_inner() {
-            Some(param) => {
-                ApiError::invalid_request(param.clone(), format!("{param}: {what}: {error}"))
+        // A type error is about the value; a syntax error is about the body, but where it
+        // happened still helps.
+        let (param, message) = match (error.is_data(), self.param.into_inner()) {
+            (true, Some(param)) => {
+                let message = format!("invalid `{param}`: {error}");
+                (param, message)
             }
-            None => ApiError::invalid_request("body", format!("{what}: {error}")),
-        }
+            (false, Some(param)) => {
+                let message = format!("the body is not valid JSON (in `{param}`): {error}");
+                (param, message)
+            }
+            (true, None) => ("body".to_owned(), format!("invalid body: {error}")),
+            (false, None) => (
+                "body".to_owned(),
+                format!("the body is not valid JSON: {error}"),
+            ),
+        };
+        ApiError::invalid_request(param, message)
     }
 }
 

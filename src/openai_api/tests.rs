@@ -324,6 +324,25 @@ fn a_key_given_twice_is_refused() {
         br#"{"model": "a", "messages": [{"role": "user", "role": "system", "content": "x"}]}"#,
     );
     assert_eq!(error.param.as_deref(), Some("messages.[0].role"));
+    for (rest, param) in [
+        (
+            r#""response_format": {"type": "text", "type": "json_object"}"#,
+            "response_format.type",
+        ),
+        (
+            r#""stream": true, "stream_options": {"include_usage": true, "include_usage": false}"#,
+            "stream_options.include_usage",
+        ),
+    ] {
+        let body = format!(
+            r#"{{"model": "a", "messages": [{{"role": "user", "content": "x"}}], {rest}}}"#
+        );
+        assert_eq!(
+            refusal(body.as_bytes()).param.as_deref(),
+            Some(param),
+            "{body}"
+        );
+    }
 }
 
 #[test]
@@ -422,4 +441,29 @@ fn truncated_and_garbage_bodies_give_an_error_never_a_panic() {
             .collect();
         let _ = parse_request(&garbage);
     }
+}
+
+#[test]
+fn syntax_and_type_errors_say_what_and_where() {
+    let mistyped = refusal(&request_with(json!({"temperature": "hot"})));
+    assert!(
+        mistyped
+            .message
+            .starts_with("invalid `temperature`: invalid type: string"),
+        "{mistyped}"
+    );
+    assert!(mistyped.message.contains("column"), "{mistyped}");
+    let cut = refusal(br#"{"model": "m", "messages": [{"role": "user", "content": "x"#);
+    assert_eq!(cut.param.as_deref(), Some("messages.[0].content"));
+    assert!(
+        cut.message
+            .starts_with("the body is not valid JSON (in `messages.[0].content`): EOF"),
+        "{cut}"
+    );
+    let garbage = refusal(b"garbage");
+    assert_eq!(garbage.param.as_deref(), Some("body"));
+    assert!(
+        garbage.message.starts_with("the body is not valid JSON: "),
+        "{garbage}"
+    );
 }
