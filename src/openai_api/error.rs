@@ -22,6 +22,10 @@ pub struct ApiError {
     pub code: Option<&'static str>,
 }
 
+/// What [`ApiError::to_json`] gives should serialising ever fail.
+const FALLBACK_BODY: &str =
+    r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#;
+
 /// The body as serialised: the error object under one `error` key.
 #[derive(Serialize)]
 struct Body<'a> {
@@ -162,10 +166,7 @@ impl ApiError {
         };
         // Serialising borrowed strings and options into a `String` cannot fail; the fallback
         // keeps the request path free of panics all the same.
-        serde_json::to_string(&body).unwrap_or_else(|_| {
-            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
-                .to_owned()
-        })
+        serde_json::to_string(&body).unwrap_or_else(|_| FALLBACK_BODY.to_owned())
     }
 }
 
@@ -273,7 +274,9 @@ mod tests {
     fn the_body_is_one_error_object_with_all_four_keys_even_when_null() {
         assert_eq!(
             body(&ApiError::upstream_failed("down")),
-            json!({"error": {"message": "down", "type": "server_error", "param": null, "code": "upstream_error"}})
+            json!({"error": {
+                "message": "down", "type": "server_error", "param": null, "code": "upstream_error"
+            }})
         );
     }
 

@@ -46,12 +46,14 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
                 "role" => {
                     once(state, &mut seen, "role", || path("role"))?;
                     let name: Cow<'de, str> = state.at(|| path("role"), map.next_value())?;
-                    role = Some(ChatRole::parse(&name).ok_or_else(|| {
-                        state.refuse(ApiError::unsupported(
-                            path("role"),
-                            format!("role `{name}` is not supported; use `system`, `developer`, `user` or `assistant`"),
-                        ))
-                    })?);
+                    let Some(parsed) = ChatRole::parse(&name) else {
+                        let message = format!(
+                            "role `{name}` is not supported; \
+                             use `system`, `developer`, `user` or `assistant`"
+                        );
+                        return Err(state.refuse(ApiError::unsupported(path("role"), message)));
+                    };
+                    role = Some(parsed);
                 }
                 "content" => {
                     once(state, &mut seen, "content", || path("content"))?;

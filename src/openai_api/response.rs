@@ -47,6 +47,17 @@ impl FinishReason {
             _ => Self::Stop,
         }
     }
+
+    /// Reads an OpenAI-compatible upstream's `finish_reason`. `tool_calls` and
+    /// `function_call` cannot occur with no tools given; they and unknown reasons count as a
+    /// natural end, as in [`FinishReason::from_anthropic`].
+    pub fn from_openai(finish_reason: &str) -> Self {
+        match finish_reason {
+            "length" => Self::Length,
+            "content_filter" => Self::ContentFilter,
+            _ => Self::Stop,
+        }
+    }
 }
 
 /// Tokens of one exchange.
@@ -367,6 +378,14 @@ mod tests {
     }
 
     #[test]
+    fn openai_finish_reasons_pass_through() {
+        for reason in ["stop", "length", "content_filter"] {
+            assert_eq!(FinishReason::from_openai(reason).as_str(), reason);
+        }
+        assert_eq!(FinishReason::from_openai("tool_calls"), FinishReason::Stop);
+    }
+
+    #[test]
     fn a_completion_has_openai_shape_with_the_alias_and_total_tokens() {
         let body = completion(
             &completion_id(0xab),
@@ -400,23 +419,19 @@ mod tests {
     #[test]
     fn a_short_stream_without_usage_is_role_deltas_finish_done() {
         let events = events(&stream(false));
-        let chunk = |choice: Value| {
+        let chunk = |delta: Value, finish_reason: Value| {
             json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                   "model": "sonnet", "choices": [choice]})
+            "model": "sonnet", "choices": [
+                {"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}
+            ]})
         };
         assert_eq!(
             events,
             [
-                chunk(
-                    json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})
-                ),
-                chunk(
-                    json!({"index": 0, "delta": {"content": "Hel"}, "logprobs": null, "finish_reason": null})
-                ),
-                chunk(
-                    json!({"index": 0, "delta": {"content": "lo"}, "logprobs": null, "finish_reason": null})
-                ),
-                chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"})),
+                chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+                chunk(json!({"content": "Hel"}), Value::Null),
+                chunk(json!({"content": "lo"}), Value::Null),
+                chunk(json!({}), json!("stop")),
                 json!("[DONE]"),
             ]
         );

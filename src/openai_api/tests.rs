@@ -81,7 +81,10 @@ fn defaults_are_no_stream_no_usage_no_limits() {
 #[test]
 fn content_may_be_a_string_or_an_array_of_text_parts() {
     let request = parse_request(&request_with(json!({"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "one"}, {"text": "two", "type": "text"}]}
+        {"role": "user", "content": [
+            {"type": "text", "text": "one"},
+            {"text": "two", "type": "text"}
+        ]}
     ]})))
     .unwrap();
     let message = &request.messages[0];
@@ -195,11 +198,16 @@ fn non_text_content_parts_are_refused_with_their_path() {
     let unsupported = Some("unsupported_parameter");
     let image = json!({"messages": [
         {"role": "user", "content": "first"},
-        {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]}
+        {"role": "user", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "x"}}
+        ]}
     ]});
     assert_refused(image, "messages.[1].content.[1].type", unsupported);
     // The payload before its `type` is refused too, without being read.
-    let audio_first = json!({"messages": [{"role": "user", "content": [{"input_audio": {"data": "x"}, "type": "input_audio"}]}]});
+    let audio_first = json!({"messages": [{"role": "user", "content": [
+        {"input_audio": {"data": "x"}, "type": "input_audio"}
+    ]}]});
     assert_refused(audio_first, "messages.[0].content.[0].type", unsupported);
     let file = json!({"messages": [{"role": "user", "content": [{"type": "file"}]}]});
     assert_refused(file, "messages.[0].content.[0].type", unsupported);
@@ -246,7 +254,9 @@ fn unknown_fields_are_refused_by_name_at_every_level() {
         unknown,
     );
     assert_refused(
-        json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "extra": 1}]}]}),
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x", "extra": 1}
+        ]}]}),
         "messages.[0].content.[0].extra",
         unknown,
     );
