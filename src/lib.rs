@@ -76,6 +76,7 @@ mod memory;
 mod metrics;
 mod monitor;
 mod notify;
+mod openai_api;
 mod provider;
 mod read_buffer;
 mod readiness;
@@ -156,6 +157,7 @@ pub mod internals {
         metrics,
         monitor,
         notify,
+        openai_api,
         provider,
         read_buffer,
         readiness,

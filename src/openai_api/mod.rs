@@ -1,0 +1,26 @@
+//! The OpenAI Chat Completions wire format, for `POST /v1/chat/completions` and
+//! `GET /v1/models`: the request parser, the response and stream encoders and the error
+//! shape. Pure data in and out, with no routing and no I/O, so the HTTP handler, the
+//! translation to each upstream and the fuzz target share one definition of what blufio
+//! accepts.
+
+mod error;
+mod message;
+mod params;
+mod request;
+mod response;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use self::{
+    error::ApiError,
+    request::{
+        ChatMessage, ChatRequest, ChatRole, MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_METADATA,
+        MAX_STOP, parse_request,
+    },
+    response::{
+        ChunkEncoder, DONE, FinishReason, KEEP_ALIVE, ModelEntry, TokenUsage, completion,
+        completion_id, models_list,
+    },
+};
