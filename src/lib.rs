@@ -81,6 +81,7 @@ mod read_buffer;
 mod readiness;
 mod reload;
 mod request_target;
+mod routes;
 mod runtime;
 mod sessions;
 mod small_file;
@@ -116,6 +117,7 @@ pub use crate::{
     budget::check_state_dir,
     config::{AUTO_MB, DEFAULT_FILE, journal_stream, level_filter, log_env_override},
     fd_limit::{FdPlan, check as check_fd_limit},
+    routes::{Route, Routes, Target},
 };
 
 /// The crate's modules, for the fuzz targets, integration tests and benches only: not a

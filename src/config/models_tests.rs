@@ -1,0 +1,357 @@
+//! Unit tests of `[providers]`, `[models]`, `[gateway] default_model` and the routing table
+//! built from them.
+
+use std::path::Path;
+
+use super::*;
+use crate::routes::Routes;
+
+/// The Anthropic plus Ollama example of the README.
+const CLOUD_AND_LOCAL: &str = r#"[providers.claude]
+kind = "anthropic"
+api_key_env = "MY_KEY"
+
+[providers.pi]
+kind = "openai"
+base_url = "http://192.168.1.20:11434"
+
+[models.sonnet]
+provider = "claude"
+model = "claude-sonnet-4-5"
+fallback = ["llama"]
+
+[models.llama]
+provider = "pi"
+model = "llama3.2"
+
+[gateway]
+default_model = "sonnet"
+"#;
+
+fn parse(text: &str) -> Result<Config, Error> {
+    Config::parse(text, Path::new("blufio.toml"))
+}
+
+/// Returns the error for `text`, which must fail to parse.
+fn parse_error(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+fn env_with_key(name: &str) -> Option<String> {
+    (name == "MY_KEY").then(|| "sk-test".to_owned())
+}
+
+/// Loads `text` from a file in a temporary directory, with `MY_KEY` set.
+fn load(text: &str) -> Result<Config, Error> {
+    let dir = blufio_testkit::temp::temp_dir("models");
+    let path = dir.path().join("blufio.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load_with_env(Some(&path), env_with_key)
+}
+
+#[test]
+fn cloud_and_local_example_routes_sonnet_then_llama() {
+    let config = load(CLOUD_AND_LOCAL).unwrap();
+    assert_eq!(
+        config.providers["claude"]
+            .api_key
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "sk-test"
+    );
+    assert!(config.providers["pi"].api_key.is_none());
+    let routes = Routes::new(&config);
+    assert_eq!(routes.default_model(), Some("sonnet"));
+    let sonnet = routes.resolve(None).unwrap();
+    assert_eq!(sonnet.alias, "sonnet");
+    assert_eq!(sonnet.provider(), "claude");
+    let hops: Vec<(&str, &str, &str)> = sonnet
+        .chain
+        .iter()
+        .map(|t| (t.alias.as_str(), t.provider.as_str(), t.model.as_str()))
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            ("sonnet", "claude", "claude-sonnet-4-5"),
+            ("llama", "pi", "llama3.2")
+        ]
+    );
+    assert_eq!(sonnet.chain[0].kind, ProviderKind::Anthropic);
+    assert_eq!(sonnet.chain[1].kind, ProviderKind::OpenAi);
+    let listed: Vec<(&str, &str)> = routes
+        .iter()
+        .map(|r| (r.alias.as_str(), r.provider()))
+        .collect();
+    assert_eq!(listed, [("llama", "pi"), ("sonnet", "claude")]);
+    assert!(routes.get("gpt-4o").is_none());
+}
+
+#[test]
+fn model_id_defaults_to_the_alias_and_defaults_to_agent_max_tokens() {
+    let config = parse(
+        "[agent]\nmax_tokens = 77\n[providers.pi]\nkind = \"openai\"\n\
+         [models.\"llama3.2\"]\nprovider = \"pi\"\n[models.big]\nprovider = \"pi\"\n\
+         max_tokens = 4000\nsystem = \"be brief\"\n[gateway]\ndefault_model = \"big\"\n",
+    )
+    .unwrap();
+    config.validate("f").unwrap();
+    let routes = Routes::new(&config);
+    let small = &routes.get("llama3.2").unwrap().chain[0];
+    assert_eq!((small.model.as_str(), small.max_tokens), ("llama3.2", 77));
+    let big = &routes.get("big").unwrap().chain[0];
+    assert_eq!(
+        (big.max_tokens, big.system.as_deref()),
+        (4000, Some("be brief"))
+    );
+}
+
+#[test]
+fn the_only_model_is_the_default() {
+    let config =
+        parse("[providers.pi]\nkind = \"openai\"\n[models.llama]\nprovider = \"pi\"\n").unwrap();
+    config.validate("f").unwrap();
+    assert_eq!(Routes::new(&config).default_model(), Some("llama"));
+}
+
+#[test]
+fn several_models_without_default_model_are_refused() {
+    let message = parse(
+        "[providers.pi]\nkind = \"openai\"\n[models.a]\nprovider = \"pi\"\n\
+         [models.b]\nprovider = \"pi\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        message,
+        "blufio.toml: [gateway] default_model: is needed when there are several models (a, b): \
+         it answers /v1/messages and /ws requests that name none"
+    );
+}
+
+#[test]
+fn unknown_default_model_names_line_and_column() {
+    let text = CLOUD_AND_LOCAL.replace("default_model = \"sonnet\"", "default_model = \"opus\"");
+    assert_eq!(
+        parse_error(&text),
+        "blufio.toml:19:17: key `[gateway] default_model`: \"opus\" is not a declared model \
+         (declared: llama, sonnet)"
+    );
+}
+
+#[test]
+fn unknown_provider_names_line_column_and_key() {
+    let text = CLOUD_AND_LOCAL.replace("provider = \"pi\"", "provider = \"gpu\"");
+    assert_eq!(
+        parse_error(&text),
+        "blufio.toml:15:12: key `[models.llama] provider`: \"gpu\" is not a declared provider \
+         (declared: claude, pi)"
+    );
+}
+
+#[test]
+fn unknown_fallback_names_line_column_and_key() {
+    let text = CLOUD_AND_LOCAL.replace(
+        "fallback = [\"llama\"]",
+        "fallback = [\"llama\", \"mistral\"]",
+    );
+    assert_eq!(
+        parse_error(&text),
+        "blufio.toml:12:22: key `[models.sonnet] fallback`: \"mistral\" is not a declared model \
+         (declared: llama, sonnet)"
+    );
+}
+
+#[test]
+fn fallback_cycles_are_refused_with_the_loop() {
+    let text = CLOUD_AND_LOCAL.replace(
+        "model = \"llama3.2\"",
+        "model = \"llama3.2\"\nfallback = [\"sonnet\"]",
+    );
+    assert_eq!(
+        parse_error(&text),
+        "blufio.toml:12:13: key `[models.sonnet] fallback`: the fallback chain loops: \
+         llama -> sonnet -> llama"
+    );
+    let own =
+        "[providers.pi]\nkind = \"openai\"\n[models.a]\nprovider = \"pi\"\nfallback = [\"a\"]\n";
+    assert_eq!(
+        parse_error(own),
+        "blufio.toml:5:13: key `[models.a] fallback`: the fallback chain loops: a -> a"
+    );
+}
+
+#[test]
+fn fallbacks_chain_depth_first_each_alias_once() {
+    let config = parse(
+        "[providers.pi]\nkind = \"openai\"\n[models.a]\nprovider = \"pi\"\nfallback = [\"b\", \"c\"]\n\
+         [models.b]\nprovider = \"pi\"\nfallback = [\"c\"]\n[models.c]\nprovider = \"pi\"\n\
+         [gateway]\ndefault_model = \"a\"\n",
+    )
+    .unwrap();
+    let routes = Routes::new(&config);
+    let order: Vec<&str> = routes
+        .get("a")
+        .unwrap()
+        .chain
+        .iter()
+        .map(|t| t.alias.as_str())
+        .collect();
+    assert_eq!(order, ["a", "b", "c"]);
+}
+
+#[test]
+fn unknown_kind_names_line_column_and_key() {
+    let message = parse_error("[providers.x]\nkind = \"gemini\"\n");
+    assert!(
+        message.starts_with("blufio.toml:2:8: key `kind`: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("anthropic") && message.contains("openai"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_keys_in_providers_and_models_are_refused() {
+    let message = parse_error("[providers.x]\nkind = \"openai\"\napi_key = \"sk\"\n");
+    assert!(
+        message.starts_with("blufio.toml:3:1: key `api_key`"),
+        "{message}"
+    );
+    let message =
+        parse_error("[providers.x]\nkind = \"openai\"\n[models.m]\nprovider = \"x\"\ntemp = 1\n");
+    assert!(
+        message.starts_with("blufio.toml:5:1: key `temp`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn mixing_the_agent_shorthand_with_providers_names_both() {
+    let message = parse_error(&format!(
+        "[agent]\nprovider = \"openai\"\nmodel = \"m\"\n{CLOUD_AND_LOCAL}"
+    ));
+    assert!(
+        message.starts_with(
+            "blufio.toml:4:12: key `[providers.claude]`: [agent] provider is the \
+             one-provider shorthand and cannot be mixed with [providers]"
+        ),
+        "{message}"
+    );
+    let message = parse_error(&format!("[agent]\nsystem = \"hi\"\n{CLOUD_AND_LOCAL}"));
+    assert!(message.contains("[agent] system"), "{message}");
+}
+
+#[test]
+fn models_without_providers_are_refused() {
+    let message = parse_error("[models.m]\nprovider = \"p\"\n");
+    assert_eq!(
+        message,
+        "blufio.toml:2:12: key `[models.m] provider`: no [providers] are declared: add \
+         [providers.p] (the [agent] shorthand has no models)"
+    );
+}
+
+#[test]
+fn provider_keys_are_checked_and_named() {
+    let cases = [
+        ("base_url = \"ftp://x\"", "[providers.x] base_url"),
+        ("timeout_secs = 0", "[providers.x] timeout_secs"),
+        ("api_key_env = \"\"", "[providers.x] api_key_env"),
+    ];
+    for (line, key) in cases {
+        let message = parse_error(&format!("[providers.x]\nkind = \"openai\"\n{line}\n"));
+        assert!(
+            message.starts_with(&format!("blufio.toml:1:12: key `{key}`")),
+            "{message}"
+        );
+    }
+    let base = "[providers.x]\nkind = \"openai\"\n[models.m]\nprovider = \"x\"\n";
+    let message = parse_error(&format!("{base}max_tokens = 0\n"));
+    assert!(
+        message.contains("key `[models.m] max_tokens`: must be greater than 0"),
+        "{message}"
+    );
+    let message = parse_error(&format!("{base}model = \" \"\n"));
+    assert!(
+        message.contains("key `[models.m] model`: must not be empty"),
+        "{message}"
+    );
+}
+
+#[test]
+fn anthropic_provider_needs_a_key_from_its_env_or_file() {
+    let text = "[providers.c]\nkind = \"anthropic\"\n[models.m]\nprovider = \"c\"\n";
+    let message = load(text).unwrap_err().to_string();
+    assert!(
+        message.ends_with(
+            "[providers.c] api_key_file: kind \"anthropic\" needs an API key: set \
+             ANTHROPIC_API_KEY or api_key_file"
+        ),
+        "{message}"
+    );
+    let dir = blufio_testkit::temp::temp_dir("models-key");
+    std::fs::write(dir.path().join("key"), "sk-file\n").unwrap();
+    let path = dir.path().join("blufio.toml");
+    let with_file = text.replace(
+        "kind = \"anthropic\"\n",
+        "kind = \"anthropic\"\napi_key_file = \"key\"\n",
+    );
+    std::fs::write(&path, with_file).unwrap();
+    let config = Config::load_with_env(Some(&path), |_| None).unwrap();
+    assert_eq!(
+        config.providers["c"].api_key.as_ref().unwrap().expose(),
+        "sk-file"
+    );
+    let from_env = Config::load_with_env(Some(&path), |name| {
+        (name == "ANTHROPIC_API_KEY").then(|| "sk-env".to_owned())
+    })
+    .unwrap();
+    assert_eq!(
+        from_env.providers["c"].api_key.as_ref().unwrap().expose(),
+        "sk-env"
+    );
+}
+
+#[test]
+fn agent_shorthand_is_one_provider_and_one_model() {
+    let config =
+        parse("[agent]\nprovider = \"openai\"\nmodel = \"llama3.2\"\nsystem = \"hi\"\n").unwrap();
+    config.validate("f").unwrap();
+    let routes = Routes::new(&config);
+    assert_eq!(routes.default_model(), Some("llama3.2"));
+    let route = routes.resolve(None).unwrap();
+    assert_eq!(route.provider(), "openai");
+    assert_eq!(route.chain.len(), 1);
+    assert_eq!(route.chain[0].system.as_deref(), Some("hi"));
+    assert_eq!(route.chain[0].kind, ProviderKind::OpenAi);
+    let mut anthropic = parse("[agent]\nprovider = \"anthropic\"\n").unwrap();
+    anthropic.agent.api_key = Some(Secret::new("k"));
+    anthropic.validate("f").unwrap();
+    let routes = Routes::new(&anthropic);
+    assert_eq!(routes.resolve(None).unwrap().alias, "claude-sonnet-4-5");
+    assert!(Routes::new(&Config::default()).is_empty());
+    let message = parse_error(
+        "[agent]\nprovider = \"openai\"\nmodel = \"m\"\n[gateway]\ndefault_model = \"m\"\n",
+    );
+    assert!(
+        message.starts_with("blufio.toml:5:17: key `[gateway] default_model`: names a"),
+        "{message}"
+    );
+}
+
+#[test]
+fn config_show_round_trips_providers_and_models() {
+    let config = load(CLOUD_AND_LOCAL).unwrap();
+    let text = config.to_toml();
+    assert!(!text.contains("sk-test"), "{text}");
+    let again = parse(&text).unwrap();
+    assert_eq!(Routes::new(&again), Routes::new(&config));
+    assert_eq!(
+        again.providers["pi"].base_url,
+        config.providers["pi"].base_url
+    );
+}
