@@ -188,3 +188,6 @@ fn chain_order<'a>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
