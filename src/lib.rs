@@ -98,7 +98,8 @@ pub use crate::{
         Reply, ReplyFuture, Role, StreamProgress, Turn, UpstreamStatus, Usage,
     },
     config::{
-        AgentConfig, Config, DaemonConfig, GatewayConfig, PrometheusConfig, Provider, Secret,
+        AgentConfig, Config, DaemonConfig, GatewayConfig, ModelConfig, PrometheusConfig, Provider,
+        ProviderConfig, ProviderKind, Secret, Spanned,
     },
     context::{Context, ContextBuilder},
     cost::{CostConfig, ModelPrice},

@@ -240,3 +240,52 @@ fn default_model_with_the_agent_shorthand_is_refused() {
         "{message}"
     );
 }
+
+#[test]
+fn empty_alias_and_bad_api_key_env_are_refused() {
+    let message =
+        parse_error("[providers.x]\nkind = \"openai\"\n[models.\"\"]\nprovider = \"x\"\n");
+    assert_eq!(
+        message,
+        "blufio.toml:3:9: key `[models]`: a model alias must not be empty"
+    );
+    let message = parse_error("[providers.x]\nkind = \"openai\"\napi_key_env = \"A=B\"\n");
+    assert!(
+        message
+            .ends_with("key `[providers.x] api_key_env`: must be an environment variable's name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn relative_provider_files_are_read_beside_the_config_file() {
+    let dir = blufio_testkit::temp::temp_dir("models-relative");
+    std::fs::write(dir.path().join("pi.key"), "sk-pi\n").unwrap();
+    let path = dir.path().join("blufio.toml");
+    std::fs::write(
+        &path,
+        "[providers.pi]\nkind = \"openai\"\napi_key_file = \"pi.key\"\n\
+         [models.m]\nprovider = \"pi\"\n",
+    )
+    .unwrap();
+    let config = Config::load_with_env(Some(&path), |_| None).unwrap();
+    let pi = &config.providers["pi"];
+    assert_eq!(
+        pi.api_key_file.as_deref(),
+        Some(dir.path().join("pi.key").as_path())
+    );
+    assert_eq!(pi.api_key.as_ref().unwrap().expose(), "sk-pi");
+}
+
+#[test]
+fn provider_endpoints_default_by_kind() {
+    let config = load(CLOUD_AND_LOCAL).unwrap();
+    assert_eq!(
+        config.providers["claude"].endpoint().unwrap().as_str(),
+        "https://api.anthropic.com/v1/messages"
+    );
+    assert_eq!(
+        config.providers["pi"].endpoint().unwrap().as_str(),
+        "http://192.168.1.20:11434/v1/chat/completions"
+    );
+}
