@@ -180,7 +180,10 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
                 }
             );
             println!("{state}");
-            print!("{}", models_report(&blufio::Routes::new(&config)));
+            print!(
+                "{}",
+                models_report(&blufio::Routes::new(&config), config.agent.provider)
+            );
             if config.daemon.max_connections > 0 {
                 let plan = blufio::check_fd_limit(config.daemon.max_connections);
                 if let Some(soft) = plan.raise_soft_to {
@@ -257,9 +260,12 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
 
 /// `config check`'s lines about the models: each alias, the upstream serving it and the
 /// fallbacks tried after it, in order.
-fn models_report(routes: &blufio::Routes) -> String {
+fn models_report(routes: &blufio::Routes, agent: blufio::Provider) -> String {
     if routes.is_empty() {
-        return "models: none (no model provider)\n".to_owned();
+        return format!(
+            "models: none ([agent] provider = {:?}, no [providers])\n",
+            agent.as_str()
+        );
     }
     let mut out = format!(
         "models (default {}):\n",

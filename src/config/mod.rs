@@ -4,8 +4,9 @@
 //! Every section rejects unknown keys and every field has a default, so `blufio` runs with no
 //! file at all. Reading files and environment variables is in `load.rs` (except `BLUFIO_LOG`
 //! and `JOURNAL_STREAM`, read here for the logger and on reload), the checks in
-//! `validate.rs` and `provider.rs`, `"auto"` memory thresholds in `auto_memory.rs`, the TOML
-//! output of `blufio config show` in `to_toml.rs`.
+//! `validate.rs` and `provider.rs`, `[providers]`, `[models]` and the checks tying them
+//! together in `models.rs`, `"auto"` memory thresholds in `auto_memory.rs`, the TOML output
+//! of `blufio config show` in `to_toml.rs`.
 
 mod auto_memory;
 mod load;

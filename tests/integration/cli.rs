@@ -390,4 +390,12 @@ fn config_check_lists_models_and_their_fallback_chains() {
         looped.display()
     );
     assert_contains(&stderr, &expected);
+
+    let echo = write_config(&dir, "[agent]\nprovider = \"echo\"\n");
+    let output = binary().run_config(&["config", "check"], &echo);
+    assert_eq!(output.status.code(), Some(0));
+    assert_contains(
+        &String::from_utf8_lossy(&output.stdout),
+        "models: none ([agent] provider = \"echo\", no [providers])\n",
+    );
 }
