@@ -13,6 +13,14 @@ use toml::Spanned;
 
 use super::{ANTHROPIC_KEY_ENV, Config, OPENAI_KEY_ENV, Provider, Secret};
 
+/// The most `[providers.NAME]` sections; a gateway in front of more is not a small daemon.
+pub const MAX_PROVIDERS: usize = 64;
+/// The most `[models.ALIAS]` sections; bounds the routing table (each alias holds its chain).
+pub const MAX_MODELS: usize = 256;
+/// The most upstreams one request may try (the alias and its fallbacks): each is tried
+/// within the same deadline, so a longer chain only waits longer before it fails.
+pub const MAX_CHAIN: usize = 8;
+
 /// `[providers.NAME]`: one upstream API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +165,20 @@ impl Config {
                 Some(model.provider.span()),
             ));
         }
+        if let Some((name, _)) = self.providers.iter().nth(MAX_PROVIDERS) {
+            return Err(problem(
+                "[providers]".to_owned(),
+                format!("at most {MAX_PROVIDERS} providers"),
+                Some(name.span()),
+            ));
+        }
+        if let Some((alias, _)) = self.models.iter().nth(MAX_MODELS) {
+            return Err(problem(
+                "[models]".to_owned(),
+                format!("at most {MAX_MODELS} models"),
+                Some(alias.span()),
+            ));
+        }
         for (name, provider) in &self.providers {
             check_provider(name.get_ref(), provider)
                 .map_err(|(key, message)| problem(key, message, Some(name.span())))?;
@@ -165,6 +187,20 @@ impl Config {
             self.check_model(alias, model)?;
         }
         self.check_fallback_cycles()?;
+        for (alias, model) in &self.models {
+            let chain = self.fallback_order(alias.get_ref());
+            if chain.len() > MAX_CHAIN {
+                return Err(problem(
+                    format!("[models.{}] fallback", alias.get_ref()),
+                    format!(
+                        "the chain {} tries {} models; at most {MAX_CHAIN}",
+                        chain.join(" -> "),
+                        chain.len()
+                    ),
+                    model.fallback.first().map(Spanned::span),
+                ));
+            }
+        }
         self.check_default_model()
     }
 
@@ -265,6 +301,27 @@ impl Config {
             visit(&self.models, alias.get_ref(), &mut Vec::new(), &mut done)?;
         }
         Ok(())
+    }
+
+    /// Returns the aliases a request for `alias` tries, in order: the alias, then depth
+    /// first each fallback's own chain, each alias once (so even a loop, which the checks
+    /// refuse, ends).
+    pub(crate) fn fallback_order<'a>(&'a self, alias: &'a str) -> Vec<&'a str> {
+        fn walk<'a>(config: &'a Config, alias: &'a str, order: &mut Vec<&'a str>) {
+            let Some((name, model)) = config.models.get_key_value(alias) else {
+                return;
+            };
+            if order.contains(&name.get_ref().as_str()) {
+                return;
+            }
+            order.push(name.get_ref());
+            for next in &model.fallback {
+                walk(config, next.get_ref(), order);
+            }
+        }
+        let mut order = Vec::new();
+        walk(self, alias, &mut order);
+        order
     }
 
     fn check_default_model(&self) -> Result<(), RoutingProblem> {

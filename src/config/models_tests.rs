@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use super::*;
+use super::{
+    models::{MAX_CHAIN, MAX_MODELS, MAX_PROVIDERS},
+    *,
+};
 
 /// The Anthropic plus Ollama example of the README.
 const CLOUD_AND_LOCAL: &str = r#"[providers.claude]
@@ -288,4 +291,43 @@ fn provider_endpoints_default_by_kind() {
         config.providers["pi"].endpoint().unwrap().as_str(),
         "http://192.168.1.20:11434/v1/chat/completions"
     );
+}
+
+#[test]
+fn fallback_chains_longer_than_the_limit_are_refused() {
+    let mut text =
+        String::from("[providers.pi]\nkind = \"openai\"\n[gateway]\ndefault_model = \"m0\"\n");
+    for index in 0..=MAX_CHAIN {
+        text.push_str(&format!("[models.m{index}]\nprovider = \"pi\"\n"));
+        if index < MAX_CHAIN {
+            text.push_str(&format!("fallback = [\"m{}\"]\n", index + 1));
+        }
+    }
+    let message = parse_error(&text);
+    assert!(
+        message.contains(
+            "key `[models.m0] fallback`: the chain m0 -> m1 -> m2 -> m3 -> m4 -> m5 -> m6 -> m7 \
+             -> m8 tries 9 models; at most 8"
+        ),
+        "{message}"
+    );
+    let shorter = text.replace("fallback = [\"m8\"]\n", "");
+    parse(&shorter).unwrap();
+}
+
+#[test]
+fn more_models_or_providers_than_the_limits_are_refused() {
+    let mut text =
+        String::from("[providers.pi]\nkind = \"openai\"\n[gateway]\ndefault_model = \"m000\"\n");
+    for index in 0..MAX_MODELS {
+        text.push_str(&format!("[models.m{index:03}]\nprovider = \"pi\"\n"));
+    }
+    parse(&text).unwrap();
+    text.push_str("[models.m999]\nprovider = \"pi\"\n");
+    assert!(parse_error(&text).contains("key `[models]`: at most 256 models"));
+    let mut text = String::new();
+    for index in 0..=MAX_PROVIDERS {
+        text.push_str(&format!("[providers.p{index:03}]\nkind = \"openai\"\n"));
+    }
+    assert!(parse_error(&text).contains("key `[providers]`: at most 64 providers"));
 }

@@ -7,8 +7,6 @@
 //! The configuration checks (`config/models.rs`) guarantee every reference resolves and no
 //! chain loops, so building cannot fail.
 
-use std::collections::BTreeMap;
-
 use crate::config::{Config, ModelConfig, Provider, ProviderKind};
 
 /// The model `[agent] provider = "anthropic"` asks for when `[agent] model` is unset.
@@ -79,23 +77,16 @@ impl Routes {
                 system: model.system.clone(),
             }
         };
-        let models: BTreeMap<&str, &ModelConfig> = config
+        let routes = config
             .models
-            .iter()
-            .map(|(alias, model)| (alias.get_ref().as_str(), model))
-            .collect();
-        let routes = models
             .keys()
-            .map(|&alias| {
-                let mut order = Vec::new();
-                chain_order(&models, alias, &mut order);
-                Route {
-                    alias: alias.to_owned(),
-                    chain: order
-                        .into_iter()
-                        .filter_map(|hop| models.get(hop).map(|model| target(hop, model)))
-                        .collect(),
-                }
+            .map(|alias| Route {
+                alias: alias.get_ref().clone(),
+                chain: config
+                    .fallback_order(alias.get_ref())
+                    .into_iter()
+                    .filter_map(|hop| config.models.get(hop).map(|model| target(hop, model)))
+                    .collect(),
             })
             .collect::<Vec<_>>();
         let default_model = match &config.gateway.default_model {
@@ -165,27 +156,6 @@ impl Routes {
     /// Returns whether there is no model at all.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
-    }
-}
-
-/// Appends `alias` and then, depth first, each of its fallbacks' chains to `order`, each
-/// alias once (the configuration checks refuse loops; `order` also stops one).
-fn chain_order<'a>(
-    models: &BTreeMap<&'a str, &'a ModelConfig>,
-    alias: &'a str,
-    order: &mut Vec<&'a str>,
-) {
-    if order.contains(&alias) {
-        return;
-    }
-    order.push(alias);
-    for next in models
-        .get(alias)
-        .map_or(&[][..], |model| &model.fallback[..])
-    {
-        if let Some((&next, _)) = models.get_key_value(next.get_ref().as_str()) {
-            chain_order(models, next, order);
-        }
     }
 }
 
