@@ -82,6 +82,7 @@ mod read_buffer;
 mod readiness;
 mod reload;
 mod request_target;
+mod routes;
 mod runtime;
 mod sessions;
 mod small_file;
@@ -98,7 +99,8 @@ pub use crate::{
         Reply, ReplyFuture, Role, StreamProgress, Turn, UpstreamStatus, Usage,
     },
     config::{
-        AgentConfig, Config, DaemonConfig, GatewayConfig, PrometheusConfig, Provider, Secret,
+        AgentConfig, Config, DaemonConfig, GatewayConfig, ModelConfig, PrometheusConfig, Provider,
+        ProviderConfig, ProviderKind, Secret, Spanned,
     },
     context::{Context, ContextBuilder},
     cost::{CostConfig, ModelPrice},
@@ -117,6 +119,7 @@ pub use crate::{
     budget::check_state_dir,
     config::{AUTO_MB, DEFAULT_FILE, journal_stream, level_filter, log_env_override},
     fd_limit::{FdPlan, check as check_fd_limit},
+    routes::{Route, Routes, Target},
 };
 
 /// The crate's modules, for the fuzz targets, integration tests and benches only: not a

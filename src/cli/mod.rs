@@ -180,6 +180,10 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
                 }
             );
             println!("{state}");
+            print!(
+                "{}",
+                models_report(&blufio::Routes::new(&config), config.agent.provider)
+            );
             if config.daemon.max_connections > 0 {
                 let plan = blufio::check_fd_limit(config.daemon.max_connections);
                 if let Some(soft) = plan.raise_soft_to {
@@ -252,4 +256,36 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `config check`'s lines about the models: each alias, the upstream serving it and the
+/// fallbacks tried after it, in order.
+fn models_report(routes: &blufio::Routes, agent: blufio::Provider) -> String {
+    if routes.is_empty() {
+        return format!(
+            "models: none ([agent] provider = {:?}, no [providers])\n",
+            agent.as_str()
+        );
+    }
+    let mut out = format!(
+        "models (default {}):\n",
+        routes.default_model().unwrap_or("none")
+    );
+    for route in routes.iter() {
+        let hops: Vec<String> = route
+            .chain
+            .iter()
+            .enumerate()
+            .map(|(index, hop)| {
+                let upstream = format!("{}/{} ({})", hop.provider, hop.model, hop.kind.as_str());
+                if index == 0 {
+                    upstream
+                } else {
+                    format!("then {} = {upstream}", hop.alias)
+                }
+            })
+            .collect();
+        out.push_str(&format!("  {}: {}\n", route.alias, hops.join(", ")));
+    }
+    out
 }

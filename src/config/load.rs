@@ -51,6 +51,7 @@ impl Config {
             Provider::None | Provider::Echo => None,
         };
         config.resolve_api_key(&origin, key_env)?;
+        config.resolve_provider_keys(&origin, &env)?;
         config.validate(&origin)?;
         Ok(config)
     }
@@ -60,8 +61,10 @@ impl Config {
     /// # Errors
     ///
     /// Returns [`Error::ConfigSyntax`] with the line, column and key of the problem.
+    /// The references among `[providers]`, `[models]` and `[gateway] default_model` are
+    /// checked here too, where the text is at hand to say where a bad one is.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        toml::from_str(text).map_err(|error: toml::de::Error| {
+        let config: Config = toml::from_str(text).map_err(|error: toml::de::Error| {
             let offset = error.span().map_or(0, |span| span.start);
             let (line, column) = line_and_column(text, offset);
             Error::ConfigSyntax {
@@ -71,7 +74,23 @@ impl Config {
                 key: key_at(text, offset),
                 message: error.message().trim().to_owned(),
             }
-        })
+        })?;
+        config
+            .check_routing()
+            .map_err(|problem| match problem.span {
+                Some(span) => {
+                    let (line, column) = line_and_column(text, span.start);
+                    Error::ConfigSyntax {
+                        path: path.to_owned(),
+                        line,
+                        column,
+                        key: Some(problem.key),
+                        message: problem.message,
+                    }
+                }
+                None => invalid(&path.display().to_string(), &problem.key, &problem.message),
+            })?;
+        Ok(config)
     }
 
     /// Parses and validates TOML text as [`Config::load`] does, without the environment: the
@@ -114,12 +133,17 @@ impl Config {
         {
             *token_file = base.join(&*token_file);
         }
+        let provider_files = self
+            .providers
+            .values_mut()
+            .flat_map(|provider| [&mut provider.api_key_file, &mut provider.ca_file]);
         for path in [
             &mut self.agent.api_key_file,
             &mut self.agent.ca_file,
             &mut self.daemon.state_dir,
         ]
         .into_iter()
+        .chain(provider_files)
         .flatten()
         {
             if path.is_relative() {
@@ -185,6 +209,45 @@ impl Config {
                 ));
             }
             self.agent.api_key = Some(Secret(key.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Resolves each `[providers.NAME]`'s API key: its environment variable (`api_key_env`,
+    /// default by kind), else its `api_key_file`.
+    fn resolve_provider_keys(
+        &mut self,
+        origin: &str,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), Error> {
+        for (name, provider) in &mut self.providers {
+            let var = provider
+                .api_key_env
+                .as_deref()
+                .unwrap_or(provider.kind.default_key_env());
+            if let Some(key) = env(var).filter(|key| !key.trim().is_empty()) {
+                provider.api_key = Some(Secret(key.trim().to_owned()));
+                continue;
+            }
+            let Some(path) = &provider.api_key_file else {
+                continue;
+            };
+            let text = read_capped(path).map_err(|source| Error::FileRead {
+                what: "API key file",
+                path: path.clone(),
+                source,
+            })?;
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(invalid(
+                    origin,
+                    &format!("[providers.{}] api_key_file", name.get_ref()),
+                    &format!("{} is empty", path.display()),
+                ));
+            }
+            provider.api_key = Some(Secret(key.to_owned()));
         }
         Ok(())
     }

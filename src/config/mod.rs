@@ -4,11 +4,15 @@
 //! Every section rejects unknown keys and every field has a default, so `blufio` runs with no
 //! file at all. Reading files and environment variables is in `load.rs` (except `BLUFIO_LOG`
 //! and `JOURNAL_STREAM`, read here for the logger and on reload), the checks in
-//! `validate.rs` and `provider.rs`, `"auto"` memory thresholds in `auto_memory.rs`, the TOML
-//! output of `blufio config show` in `to_toml.rs`.
+//! `validate.rs` and `provider.rs`, `[providers]`, `[models]` and the checks tying them
+//! together in `models.rs`, `"auto"` memory thresholds in `auto_memory.rs`, the TOML output
+//! of `blufio config show` in `to_toml.rs`.
 
 mod auto_memory;
 mod load;
+mod models;
+#[cfg(test)]
+mod models_tests;
 mod provider;
 #[cfg(test)]
 mod tests;
@@ -16,6 +20,7 @@ mod to_toml;
 mod validate;
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -26,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 
 pub use crate::cost::CostConfig;
+pub use models::{ModelConfig, ProviderConfig, ProviderKind};
+pub use toml::Spanned;
 
 /// Environment variable that overrides the gateway bearer token.
 pub const TOKEN_ENV: &str = "BLUFIO_GATEWAY_TOKEN";
@@ -49,6 +56,10 @@ pub struct Config {
     pub prometheus: PrometheusConfig,
     /// `[agent]`: the agent behind `/v1/messages` and `/ws`.
     pub agent: AgentConfig,
+    /// `[providers.NAME]`: the upstream APIs, by name (with where each name is in the file).
+    pub providers: BTreeMap<Spanned<String>, ProviderConfig>,
+    /// `[models.ALIAS]`: the model names clients ask for (with where each is in the file).
+    pub models: BTreeMap<Spanned<String>, ModelConfig>,
     /// `[cost]`: model prices and the daily budget.
     pub cost: CostConfig,
     /// Whether port 0 (an ephemeral port) is allowed; only tests and embedding hosts set it.
@@ -140,6 +151,8 @@ pub struct GatewayConfig {
     /// Failed authentications per client (IPv4 address or IPv6 /64) within 60 s after which
     /// it gets 429 for 60 s; 0 turns the throttle off (a proxy in front throttles instead).
     pub auth_failure_limit: u32,
+    /// The `[models.ALIAS]` answering requests that name none; default: the only model.
+    pub default_model: Option<Spanned<String>>,
 }
 
 impl Default for GatewayConfig {
@@ -154,6 +167,7 @@ impl Default for GatewayConfig {
             max_history_bytes: 64 * 1024,
             max_message_bytes: 64 * 1024,
             auth_failure_limit: crate::client_fault::AUTH_FAILURE_LIMIT,
+            default_model: None,
         }
     }
 }

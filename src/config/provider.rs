@@ -6,12 +6,12 @@ use trillium_client::Url;
 use super::{AgentConfig, Provider};
 
 /// Returns whether this build can speak HTTPS (the `tls` cargo feature).
-const fn has_tls() -> bool {
+pub(super) const fn has_tls() -> bool {
     cfg!(feature = "tls")
 }
 
 /// Returns the provider's public API root.
-fn default_base_url(provider: Provider) -> &'static str {
+pub(super) fn default_base_url(provider: Provider) -> &'static str {
     match provider {
         Provider::OpenAi => "https://api.openai.com",
         _ => "https://api.anthropic.com",
@@ -68,36 +68,43 @@ impl AgentConfig {
     /// Returns why `base_url` is unusable: not a URL, a scheme other than http or https (or
     /// https without TLS in this build), no host, or a user or password in it.
     pub fn endpoint(&self) -> Result<Url, String> {
-        let base = self
-            .base_url
-            .as_deref()
-            .unwrap_or(default_base_url(self.provider));
-        let url = Url::parse(base).map_err(|error| format!("{base:?} is not a URL: {error}"))?;
-        match url.scheme() {
-            "http" => {}
-            "https" if has_tls() => {}
-            "https" => {
-                return Err(format!(
-                    "{base:?} needs TLS, which this build lacks (cargo feature `tls`)"
-                ));
-            }
-            other => return Err(format!("{base:?}: scheme {other:?} is not http or https")),
-        }
-        if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
+        endpoint(self.provider, self.base_url.as_deref())
+    }
+}
+
+/// Returns the endpoint URL of a provider speaking `provider`'s API at `base_url` (default:
+/// its public API): `{base_url}/v1/messages` or `{base_url}/v1/chat/completions`.
+///
+/// # Errors
+///
+/// Returns why `base_url` is unusable, as [`AgentConfig::endpoint`] does.
+pub(super) fn endpoint(provider: Provider, base_url: Option<&str>) -> Result<Url, String> {
+    let base = base_url.unwrap_or(default_base_url(provider));
+    let url = Url::parse(base).map_err(|error| format!("{base:?} is not a URL: {error}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" if has_tls() => {}
+        "https" => {
             return Err(format!(
-                "{base:?} needs a host and no user or password (keys go in api_key_file)"
+                "{base:?} needs TLS, which this build lacks (cargo feature `tls`)"
             ));
         }
-        let path = match self.provider {
-            Provider::OpenAi => "v1/chat/completions",
-            _ => "v1/messages",
-        };
-        let mut root = url.as_str().trim_end_matches('/').to_owned();
-        root.push('/');
-        Url::parse(&root)
-            .and_then(|root| root.join(path))
-            .map_err(|error| format!("{base:?}: {error}"))
+        other => return Err(format!("{base:?}: scheme {other:?} is not http or https")),
     }
+    if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{base:?} needs a host and no user or password (keys go in api_key_file)"
+        ));
+    }
+    let path = match provider {
+        Provider::OpenAi => "v1/chat/completions",
+        _ => "v1/messages",
+    };
+    let mut root = url.as_str().trim_end_matches('/').to_owned();
+    root.push('/');
+    Url::parse(&root)
+        .and_then(|root| root.join(path))
+        .map_err(|error| format!("{base:?}: {error}"))
 }
 
 #[cfg(test)]

@@ -108,6 +108,10 @@ impl Config {
         self.agent
             .check_provider()
             .map_err(|(key, message)| invalid(origin, key, &message))?;
+        self.check_routing()
+            .map_err(|problem| invalid(origin, &problem.key, &problem.message))?;
+        super::models::check_provider_keys(self)
+            .map_err(|(key, message)| invalid(origin, &key, &message))?;
         if !matches!(
             daemon.log_level.as_str(),
             "off" | "error" | "warn" | "info" | "debug" | "trace"

@@ -356,3 +356,46 @@ fn log_lines_carry_syslog_priorities_only_when_stderr_is_the_journal() {
         "{terminal}"
     );
 }
+
+#[test]
+fn config_check_lists_models_and_their_fallback_chains() {
+    let dir = temp_dir("config-models");
+    std::fs::write(dir.path().join("claude.key"), "sk-ant-test\n").unwrap();
+    let path = write_config(
+        &dir,
+        "[providers.claude]\nkind = \"anthropic\"\napi_key_file = \"claude.key\"\n\
+         [providers.pi]\nkind = \"openai\"\nbase_url = \"http://192.168.1.20:11434\"\n\
+         [models.sonnet]\nprovider = \"claude\"\nmodel = \"claude-sonnet-4-5\"\n\
+         fallback = [\"llama\"]\n[models.llama]\nprovider = \"pi\"\nmodel = \"llama3.2\"\n\
+         [gateway]\ndefault_model = \"sonnet\"\n",
+    );
+    let output = binary().run_config(&["config", "check"], &path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert_contains(
+        &stdout,
+        "models (default sonnet):\n  llama: pi/llama3.2 (openai)\n  \
+         sonnet: claude/claude-sonnet-4-5 (anthropic), then llama = pi/llama3.2 (openai)\n",
+    );
+
+    let looped = write_config(
+        &dir,
+        "[providers.pi]\nkind = \"openai\"\n[models.a]\nprovider = \"pi\"\nfallback = [\"a\"]\n",
+    );
+    let output = binary().run_config(&["config", "check"], &looped);
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!(
+        "{}:5:13: key `[models.a] fallback`: the fallback chain loops: a -> a",
+        looped.display()
+    );
+    assert_contains(&stderr, &expected);
+
+    let echo = write_config(&dir, "[agent]\nprovider = \"echo\"\n");
+    let output = binary().run_config(&["config", "check"], &echo);
+    assert_eq!(output.status.code(), Some(0));
+    assert_contains(
+        &String::from_utf8_lossy(&output.stdout),
+        "models: none ([agent] provider = \"echo\", no [providers])\n",
+    );
+}
