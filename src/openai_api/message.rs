@@ -10,8 +10,8 @@ use std::{borrow::Cow, fmt};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
+    chat::{ChatMessage, ChatRole, MAX_CONTENT_PARTS, MAX_MESSAGES},
     error::ApiError,
-    request::{ChatMessage, ChatRole, MAX_CONTENT_PARTS, MAX_MESSAGES},
     state::{State, next_key, once},
 };
 

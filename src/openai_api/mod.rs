@@ -4,6 +4,7 @@
 //! translation to each upstream and the fuzz target share one definition of what blufio
 //! accepts.
 
+mod chat;
 mod error;
 mod message;
 mod params;
@@ -14,11 +15,9 @@ mod state;
 mod tests;
 
 pub use self::{
+    chat::{ChatMessage, ChatRole, MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_METADATA, MAX_STOP},
     error::ApiError,
-    request::{
-        ChatMessage, ChatRequest, ChatRole, MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_METADATA,
-        MAX_STOP, parse_request,
-    },
+    request::{ChatRequest, parse_request},
     response::{
         ChunkEncoder, DONE, FinishReason, KEEP_ALIVE, ModelEntry, TokenUsage, completion,
         completion_id, models_list,

@@ -7,8 +7,8 @@ use std::{borrow::Cow, fmt};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
+    chat::{MAX_METADATA, MAX_STOP},
     error::ApiError,
-    request::{MAX_METADATA, MAX_STOP},
     state::{State, next_key, once},
 };
 
