@@ -195,20 +195,7 @@ impl Config {
             return Ok(());
         }
         if let Some(path) = &self.agent.api_key_file {
-            let text = read_capped(path).map_err(|source| Error::FileRead {
-                what: "API key file",
-                path: path.clone(),
-                source,
-            })?;
-            let key = text.trim();
-            if key.is_empty() {
-                return Err(invalid(
-                    origin,
-                    "[agent] api_key_file",
-                    &format!("{} is empty", path.display()),
-                ));
-            }
-            self.agent.api_key = Some(Secret(key.to_owned()));
+            self.agent.api_key = Some(read_key_file(origin, "[agent] api_key_file", path)?);
         }
         Ok(())
     }
@@ -234,23 +221,29 @@ impl Config {
             let Some(path) = &provider.api_key_file else {
                 continue;
             };
-            let text = read_capped(path).map_err(|source| Error::FileRead {
-                what: "API key file",
-                path: path.clone(),
-                source,
-            })?;
-            let key = text.trim();
-            if key.is_empty() {
-                return Err(invalid(
-                    origin,
-                    &format!("[providers.{}] api_key_file", name.get_ref()),
-                    &format!("{} is empty", path.display()),
-                ));
-            }
-            provider.api_key = Some(Secret(key.to_owned()));
+            let key = format!("[providers.{}] api_key_file", name.get_ref());
+            provider.api_key = Some(read_key_file(origin, &key, path)?);
         }
         Ok(())
     }
+}
+
+/// Reads an API key from `path` (bounded, trimmed); an empty file is an error naming `key`.
+fn read_key_file(origin: &str, key: &str, path: &Path) -> Result<Secret, Error> {
+    let text = read_capped(path).map_err(|source| Error::FileRead {
+        what: "API key file",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(invalid(
+            origin,
+            key,
+            &format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Secret(secret.to_owned()))
 }
 
 /// Converts a byte offset into a 1-based line and column (in characters).

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 
 pub use crate::cost::CostConfig;
+#[cfg(test)]
+pub(crate) use models::CLOUD_AND_LOCAL;
 pub use models::{ModelConfig, ProviderConfig, ProviderKind};
 pub use toml::Spanned;
 

@@ -418,3 +418,26 @@ impl ProviderConfig {
         super::provider::endpoint(self.kind.provider(), self.base_url.as_deref())
     }
 }
+
+/// The Anthropic plus Ollama example of the README, for the config and routing tests.
+#[cfg(test)]
+pub(crate) const CLOUD_AND_LOCAL: &str = r#"[providers.claude]
+kind = "anthropic"
+api_key_env = "MY_KEY"
+
+[providers.pi]
+kind = "openai"
+base_url = "http://192.168.1.20:11434"
+
+[models.sonnet]
+provider = "claude"
+model = "claude-sonnet-4-5"
+fallback = ["llama"]
+
+[models.llama]
+provider = "pi"
+model = "llama3.2"
+
+[gateway]
+default_model = "sonnet"
+"#;

@@ -8,27 +8,7 @@ use super::{
     *,
 };
 
-/// The Anthropic plus Ollama example of the README.
-const CLOUD_AND_LOCAL: &str = r#"[providers.claude]
-kind = "anthropic"
-api_key_env = "MY_KEY"
-
-[providers.pi]
-kind = "openai"
-base_url = "http://192.168.1.20:11434"
-
-[models.sonnet]
-provider = "claude"
-model = "claude-sonnet-4-5"
-fallback = ["llama"]
-
-[models.llama]
-provider = "pi"
-model = "llama3.2"
-
-[gateway]
-default_model = "sonnet"
-"#;
+use super::models::CLOUD_AND_LOCAL;
 
 fn parse(text: &str) -> Result<Config, Error> {
     Config::parse(text, Path::new("blufio.toml"))

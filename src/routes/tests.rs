@@ -4,31 +4,9 @@ use std::path::Path;
 
 use super::*;
 use crate::{
-    config::{Config, ProviderKind, Secret},
+    config::{CLOUD_AND_LOCAL, Config, ProviderKind, Secret},
     error::Error,
 };
-
-/// The Anthropic plus Ollama example of the README (as in the config tests).
-const CLOUD_AND_LOCAL: &str = r#"[providers.claude]
-kind = "anthropic"
-api_key_env = "MY_KEY"
-
-[providers.pi]
-kind = "openai"
-base_url = "http://192.168.1.20:11434"
-
-[models.sonnet]
-provider = "claude"
-model = "claude-sonnet-4-5"
-fallback = ["llama"]
-
-[models.llama]
-provider = "pi"
-model = "llama3.2"
-
-[gateway]
-default_model = "sonnet"
-"#;
 
 fn parse(text: &str) -> Result<Config, Error> {
     Config::parse(text, Path::new("blufio.toml"))
