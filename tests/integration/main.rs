@@ -16,6 +16,7 @@ mod hostile_transport;
 mod hostile_websocket;
 mod isolation;
 mod metrics;
+mod openai_sdk;
 mod pressure;
 mod prometheus;
 mod providers;

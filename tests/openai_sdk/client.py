@@ -1,0 +1,82 @@
+"""One scenario of the official `openai` Python package against a blufio gateway.
+
+Driven by tests/integration/openai_sdk.rs: its one argument is a JSON object
+{"base_url", "api_key", "scenario", "request"}; it prints one JSON object on stdout.
+Scenarios: "models" (client.models.list()), "chat" (chat.completions.create) and
+"stream" (the same with stream=True, every chunk kept). An error the SDK raises is
+printed as {"error": {...}} with its class name and what the SDK read from the body,
+so the Rust side asserts on what a real client sees, not on the raw HTTP.
+
+It deliberately makes no decision of its own: no retries, no fallbacks, no checks.
+"""
+
+import json
+import sys
+
+import openai
+
+
+def client(args):
+    return openai.OpenAI(
+        base_url=args["base_url"],
+        api_key=args["api_key"],
+        # One request per scenario: a retry would hide what the first answer was.
+        max_retries=0,
+        # A broken gateway fails the test instead of hanging it.
+        timeout=60.0,
+        # Validate every answer against the SDK's own types, so a missing or mistyped
+        # field fails here as it would in a stricter client, instead of passing unseen.
+        _strict_response_validation=True,
+        # Proxy variables of the machine must not reroute a request to 127.0.0.1.
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )
+
+
+def run(args):
+    sdk = client(args)
+    scenario = args["scenario"]
+    request = args.get("request", {})
+    if scenario == "models":
+        page = sdk.models.list()
+        return {"models": [model.model_dump(mode="json") for model in page.data]}
+    if scenario == "chat":
+        completion = sdk.chat.completions.create(**request)
+        return {"completion": completion.model_dump(mode="json")}
+    if scenario == "stream":
+        chunks = []
+        text = []
+        with sdk.chat.completions.create(stream=True, **request) as stream:
+            for chunk in stream:
+                chunks.append(chunk.model_dump(mode="json"))
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        text.append(choice.delta.content)
+        # Reaching here means the SDK saw the end of the stream (`data: [DONE]` or EOF).
+        return {"chunks": chunks, "text": "".join(text), "ended": True}
+    raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+def describe(error):
+    described = {"class": type(error).__name__, "message": str(error)}
+    if isinstance(error, openai.APIStatusError):
+        described.update(
+            status=error.status_code,
+            code=error.code,
+            param=error.param,
+            type=error.type,
+            body=error.body,
+        )
+    return described
+
+
+def main():
+    args = json.loads(sys.argv[1])
+    try:
+        result = run(args)
+    except openai.APIError as error:
+        result = {"error": describe(error)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
