@@ -1,7 +1,8 @@
 """One scenario of the official `openai` Python package against a blufio gateway.
 
-Driven by tests/integration/openai_sdk.rs: its one argument is a JSON object
-{"base_url", "api_key", "scenario", "request"}; it prints one JSON object on stdout.
+Driven by tests/integration/openai_sdk.rs: it reads one JSON object from stdin,
+{"base_url", "api_key", "scenario", "request"} (stdin, not an argument, so a request may
+be larger than a command line), and prints one JSON object on stdout.
 Scenarios: "models" (client.models.list()), "chat" (chat.completions.create) and
 "stream" (the same with stream=True, every chunk kept). An error the SDK raises is
 printed as {"error": {...}} with its class name and what the SDK read from the body,
@@ -65,12 +66,13 @@ def describe(error):
             param=error.param,
             type=error.type,
             body=error.body,
+            retry_after=error.response.headers.get("retry-after"),
         )
     return described
 
 
 def main():
-    args = json.loads(sys.argv[1])
+    args = json.load(sys.stdin)
     try:
         result = run(args)
     except openai.APIError as error:
