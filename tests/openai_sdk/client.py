@@ -33,7 +33,7 @@ def client(args):
     )
 
 
-def run(args):
+def run(args, seen):
     sdk = client(args)
     scenario = args["scenario"]
     request = args.get("request", {})
@@ -44,7 +44,8 @@ def run(args):
         completion = sdk.chat.completions.create(**request)
         return {"completion": completion.model_dump(mode="json")}
     if scenario == "stream":
-        chunks = []
+        # Kept in `seen`, so what arrived before an error mid-stream is printed with it.
+        chunks = seen.setdefault("chunks", [])
         text = []
         with sdk.chat.completions.create(stream=True, **request) as stream:
             for chunk in stream:
@@ -58,14 +59,18 @@ def run(args):
 
 
 def describe(error):
-    described = {"class": type(error).__name__, "message": str(error)}
+    # An error event inside a stream is a plain APIError, with a body but no status.
+    described = {
+        "class": type(error).__name__,
+        "message": str(error),
+        "code": error.code,
+        "param": error.param,
+        "type": getattr(error, "type", None),
+        "body": error.body,
+    }
     if isinstance(error, openai.APIStatusError):
         described.update(
             status=error.status_code,
-            code=error.code,
-            param=error.param,
-            type=error.type,
-            body=error.body,
             retry_after=error.response.headers.get("retry-after"),
         )
     return described
@@ -73,10 +78,11 @@ def describe(error):
 
 def main():
     args = json.load(sys.stdin)
+    seen = {}
     try:
-        result = run(args)
+        result = run(args, seen)
     except openai.APIError as error:
-        result = {"error": describe(error)}
+        result = {"error": describe(error), **seen}
     print(json.dumps(result))
 
 

@@ -196,3 +196,32 @@ fn above_the_memory_limit_a_request_is_a_503_and_served_again_below_it() {
     );
     gateway.stop();
 }
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn a_stream_whose_upstream_fails_after_a_silence_ends_in_an_error_not_a_short_stream() {
+    let fake = FakeProvider::start();
+    // Silent past the first keep-alive, so the event stream may already be committed when
+    // the upstream fails; its retries fail at once.
+    fake.push([Scripted::Delayed(
+        Duration::from_millis(2_500),
+        Box::new(Scripted::status(500, &[], "{}")),
+    )]);
+    fake.set_fallback(Scripted::status(500, &[], "{}"));
+    let gateway = openai_gateway(&fake);
+    let result = gateway.sdk("stream", hello("local"));
+    let error = &result["error"];
+    // Before the stream is committed the SDK raises the status; after, the error event.
+    assert!(
+        error["class"] == "InternalServerError" || error["class"] == "APIError",
+        "{result}"
+    );
+    assert!(result["ended"].is_null(), "{result}");
+    assert!(
+        result["chunks"]
+            .as_array()
+            .is_none_or(|chunks| chunks.iter().all(|chunk| chunk["usage"].is_null())),
+        "no usage chunk for a failed stream: {result}"
+    );
+    gateway.stop();
+}
