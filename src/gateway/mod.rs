@@ -14,6 +14,7 @@ use std::{
 use futures_lite::FutureExt;
 use serde_json::{Value, json};
 
+pub mod chat;
 mod message;
 mod usage;
 

@@ -104,7 +104,9 @@ pub(crate) fn parse_reply(body: &str) -> Result<Parsed, String> {
         model: value["model"].as_str().map(str::to_owned),
         input_tokens: value["usage"]["input_tokens"].as_u64(),
         output_tokens: value["usage"]["output_tokens"].as_u64(),
-        finish: value["stop_reason"].as_str().map(FinishReason::from_anthropic),
+        finish: value["stop_reason"]
+            .as_str()
+            .map(FinishReason::from_anthropic),
     })
 }
 
@@ -306,20 +308,14 @@ mod tests {
                 output_tokens: Some(7)
             }
         );
-        assert_eq!(
-            one(&event(r#"{"type":"message_stop"}"#)),
-            StreamItem::Done
-        );
+        assert_eq!(one(&event(r#"{"type":"message_stop"}"#)), StreamItem::Done);
         assert_eq!(
             one(&event(
                 r#"{"type":"error","error":{"type":"overloaded_error"}}"#
             )),
             StreamItem::Failed("overloaded_error".into())
         );
-        assert_eq!(
-            one(&event(r#"{"type":"ping"}"#)),
-            StreamItem::Nothing
-        );
+        assert_eq!(one(&event(r#"{"type":"ping"}"#)), StreamItem::Nothing);
         assert!(parse_event(&event("not json")).is_err());
     }
 }

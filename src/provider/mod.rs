@@ -34,7 +34,6 @@ use std::sync::Arc;
 
 pub(crate) use self::{
     chat::{Messages, Sampling},
-    upstream::Answer,
     upstreams::{Ask, Served},
 };
 pub use self::{
@@ -62,11 +61,10 @@ impl ProviderAgent {
         call: Call<'_>,
         deltas: Option<&DeltaSender>,
     ) -> Result<Reply, AgentError> {
-        let route = self
-            .upstreams
-            .routes()
-            .resolve(call.model)
-            .ok_or_else(|| AgentError::UnknownModel(call.model.unwrap_or_default().to_owned()))?;
+        let route =
+            self.upstreams.routes().resolve(call.model).ok_or_else(|| {
+                AgentError::UnknownModel(call.model.unwrap_or_default().to_owned())
+            })?;
         let ask = Ask {
             messages: Messages::Session {
                 history: call.history,

@@ -69,7 +69,10 @@ pub(crate) async fn send(
             Err(trillium_client::Error::InvalidStatus) => UpstreamOutcome::Overloaded,
             Err(_) => UpstreamOutcome::Unreachable,
         };
-        metrics.record(outcome, latency.filter(|_| outcome != UpstreamOutcome::Unreachable));
+        metrics.record(
+            outcome,
+            latency.filter(|_| outcome != UpstreamOutcome::Unreachable),
+        );
         let (cause, hint) = match answer {
             Ok(conn) => {
                 let status = conn.status().map_or(0, |status| status as u16);

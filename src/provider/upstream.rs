@@ -18,7 +18,7 @@ use super::{
     wire::Wire,
 };
 use crate::{
-    agent::{AgentError, DeltaSender, Usage, UpstreamStatus},
+    agent::{AgentError, DeltaSender, UpstreamStatus, Usage},
     config::Secret,
     cost::CostConfig,
     metrics::{UpstreamMetrics, UpstreamOutcome},
@@ -180,8 +180,7 @@ impl Upstream {
 
     /// Returns what `/v1/health` shows of the provider serving `model`.
     pub(crate) fn status(&self, model: &str) -> UpstreamStatus {
-        self.health
-            .status(self.wire, model, self.api_key.is_some())
+        self.health.status(self.wire, model, self.api_key.is_some())
     }
 
     /// Returns the answer with its priced usage.

@@ -82,7 +82,10 @@ impl Upstreams {
         if config.providers.is_empty() {
             let agent = &config.agent;
             let wire = Wire::of(agent.provider).ok_or_else(|| {
-                invalid("[agent] provider".to_owned(), "not a model provider".to_owned())
+                invalid(
+                    "[agent] provider".to_owned(),
+                    "not a model provider".to_owned(),
+                )
             })?;
             let endpoint = agent
                 .endpoint()
@@ -129,10 +132,9 @@ impl Upstreams {
         }
         upstreams.sort_by(|a, b| a.name().cmp(b.name()));
         let fallbacks = metrics.fallbacks(routes.iter().flat_map(|route| {
-            route
-                .chain
-                .windows(2)
-                .filter_map(|pair| Some((pair.first()?.alias.as_str(), pair.get(1)?.alias.as_str())))
+            route.chain.windows(2).filter_map(|pair| {
+                Some((pair.first()?.alias.as_str(), pair.get(1)?.alias.as_str()))
+            })
         }));
         Ok(Upstreams {
             routes,
