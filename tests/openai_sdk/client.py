@@ -2,7 +2,8 @@
 
 Driven by tests/integration/openai_sdk.rs: it reads one JSON object from stdin,
 {"base_url", "api_key", "scenario", "request"} (stdin, not an argument, so a request may
-be larger than a command line), and prints one JSON object on stdout.
+be larger than a command line), and prints one JSON object on stdout, with the seconds the
+scenario took.
 Scenarios: "models" (client.models.list()), "chat" (chat.completions.create) and
 "stream" (the same with stream=True, every chunk kept). An error the SDK raises is
 printed as {"error": {...}} with its class name and what the SDK read from the body,
@@ -13,6 +14,7 @@ It deliberately makes no decision of its own: no retries, no fallbacks, no check
 
 import json
 import sys
+import time
 
 import openai
 
@@ -79,10 +81,14 @@ def describe(error):
 def main():
     args = json.load(sys.stdin)
     seen = {}
+    # Timed here, after the imports, so a loaded machine's slow start of Python does not
+    # count as the gateway's time.
+    started = time.monotonic()
     try:
         result = run(args, seen)
     except openai.APIError as error:
         result = {"error": describe(error), **seen}
+    result["seconds"] = time.monotonic() - started
     print(json.dumps(result))
 
 
