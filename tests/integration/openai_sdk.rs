@@ -14,6 +14,8 @@
 mod errors;
 mod harness;
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use self::harness::{
@@ -212,35 +214,35 @@ fn a_stream_through_an_anthropic_upstream_arrives_as_chunks_ending_with_usage() 
     gateway.stop();
 }
 
-/// The first provider answers `status` to everything; the fallback answers: the SDK sees the
-/// answer under the alias it asked for, and the fallback is counted.
-fn falls_back_on(status: u16) {
-    let primary = FakeProvider::start();
-    primary.set_fallback(Scripted::status(
-        status,
-        &[],
-        r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#,
-    ));
-    let spare = FakeProvider::start();
-    spare.push([Scripted::ok(&fake_provider::openai_reply(
-        "from the spare",
-        5,
-        4,
-    ))]);
-    let gateway = Gateway::start(&format!(
+/// A `main` alias on an Anthropic-kind `primary` that falls back to `spare`, an alias on an
+/// OpenAI-kind `spare_fake`.
+fn fallback_gateway(primary: &FakeProvider, spare_fake: &FakeProvider) -> Gateway {
+    Gateway::start(&format!(
         "[gateway]\ndefault_model = \"main\"\n{}{}\
          [models.main]\nprovider = \"cloud\"\nmodel = \"claude-sonnet-4-5\"\n\
          fallback = [\"spare\"]\n\
          [models.spare]\nprovider = \"local\"\nmodel = \"llama3.2\"\n",
-        provider("cloud", "anthropic", &primary),
-        provider("local", "openai", &spare),
+        provider("cloud", "anthropic", primary),
+        provider("local", "openai", spare_fake),
+    ))
+}
+
+/// An upstream answering `status` to everything.
+fn failing(status: u16) -> FakeProvider {
+    let fake = FakeProvider::start();
+    fake.set_fallback(Scripted::status(
+        status,
+        &[],
+        r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#,
     ));
-    let result = gateway.sdk("chat", hello("main"));
-    assert_completion(&result, "main", "from the spare", "stop", (5, 4));
-    assert!(
-        !primary.requests().is_empty(),
-        "the first provider was tried"
-    );
+    fake
+}
+
+/// Asserts that `primary` was tried once (a hop with a fallback after it is not retried),
+/// `spare` once with its own upstream id, and the step counted.
+#[track_caller]
+fn assert_fell_back(gateway: &Gateway, primary: &FakeProvider, spare: &FakeProvider) {
+    assert_eq!(primary.requests().len(), 1, "the first provider, once");
     let spared = spare.requests();
     assert_eq!(spared.len(), 1);
     assert_eq!(spared[0].body["model"], "llama3.2");
@@ -249,9 +251,24 @@ fn falls_back_on(status: u16) {
             "blufio_fallbacks_total",
             &[("from", "main"), ("to", "spare")]
         ),
-        Some(1.0),
-        "after an upstream {status}"
+        Some(1.0)
     );
+}
+
+/// The first provider answers `status` to everything; the fallback answers: the SDK sees the
+/// answer under the alias it asked for, and the fallback is counted.
+fn falls_back_on(status: u16) {
+    let primary = failing(status);
+    let spare = FakeProvider::start();
+    spare.push([Scripted::ok(&fake_provider::openai_reply(
+        "from the spare",
+        5,
+        4,
+    ))]);
+    let gateway = fallback_gateway(&primary, &spare);
+    let result = gateway.sdk("chat", hello("main"));
+    assert_completion(&result, "main", "from the spare", "stop", (5, 4));
+    assert_fell_back(&gateway, &primary, &spare);
     gateway.stop();
 }
 
@@ -265,4 +282,83 @@ fn an_overloaded_529_falls_back_and_the_client_sees_the_alias_it_asked_for() {
 #[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
 fn an_upstream_500_falls_back_and_the_client_sees_the_alias_it_asked_for() {
     falls_back_on(500);
+}
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn a_stream_falls_back_before_its_first_token_under_the_alias_asked_for() {
+    let primary = failing(529);
+    let spare = FakeProvider::start();
+    spare.push([stream(fake_provider::openai_stream(&["spa", "re"], 6, 2))]);
+    let gateway = fallback_gateway(&primary, &spare);
+    let mut request = hello("main");
+    request["stream_options"] = json!({"include_usage": true});
+    let result = gateway.sdk("stream", request);
+    assert_streamed(&result, "main", "spare", (6, 2));
+    assert_fell_back(&gateway, &primary, &spare);
+    gateway.stop();
+}
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn a_stream_after_a_silent_upstream_reads_through_the_keep_alives() {
+    let fake = FakeProvider::start();
+    // Not even a status line for longer than the first keep-alive: the SDK reads the
+    // comments blufio sends meanwhile, then the stream.
+    fake.push([Scripted::Delayed(
+        Duration::from_millis(2_500),
+        Box::new(stream(fake_provider::openai_stream(
+            &["late ", "but whole"],
+            4,
+            3,
+        ))),
+    )]);
+    let gateway = openai_gateway(&fake);
+    let mut request = hello("local");
+    request["stream_options"] = json!({"include_usage": true});
+    let result = gateway.sdk("stream", request);
+    assert_streamed(&result, "local", "late but whole", (4, 3));
+    gateway.stop();
+}
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn developer_messages_text_parts_and_sampling_reach_an_anthropic_upstream_in_its_shape() {
+    let fake = FakeProvider::start();
+    fake.push([Scripted::ok(&fake_provider::anthropic_reply_stopped(
+        "Rome",
+        "stop_sequence",
+        30,
+        1,
+    ))]);
+    let gateway = anthropic_gateway(&fake);
+    let parts =
+        json!([{"type": "text", "text": "capital of"}, {"type": "text", "text": "France?"}]);
+    let messages = json!([
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "system", "content": "no punctuation"},
+        {"role": "user", "content": "and Italy?"},
+    ]);
+    let request = json!({"model": "sonnet", "messages": messages, "temperature": 1.5,
+                         "top_p": 0.9, "user": "user-42", "max_completion_tokens": 20});
+    let result = gateway.sdk("chat", request);
+    assert_completion(&result, "sonnet", "Rome", "stop", (30, 1));
+    let sent = &fake.requests()[0].body;
+    assert_eq!(sent["system"], "be brief\n\nno punctuation", "{sent}");
+    assert_eq!(
+        sent["messages"],
+        json!([
+            {"role": "user", "content": parts},
+            {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "and Italy?"},
+        ])
+    );
+    // Anthropic's temperature stops at 1.
+    assert_eq!(sent["temperature"], 1.0, "{sent}");
+    assert_eq!(sent["top_p"], 0.9, "{sent}");
+    assert_eq!(sent["metadata"], json!({"user_id": "user-42"}), "{sent}");
+    assert_eq!(sent["max_tokens"], 20, "{sent}");
+    gateway.stop();
 }

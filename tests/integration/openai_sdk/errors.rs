@@ -40,13 +40,21 @@ fn an_unknown_model_is_a_not_found_error() {
 fn tools_and_unknown_parameters_are_bad_request_errors_naming_the_parameter() {
     let fake = FakeProvider::start();
     let gateway = openai_gateway(&fake);
-    let mut with_tools = hello("local");
-    with_tools["tools"] = json!([{"type": "function", "function": {
+    // Parameters the SDK has and blufio cannot honour for a text answer.
+    let tools = json!([{"type": "function", "function": {
         "name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]);
-    let result = gateway.sdk("chat", with_tools);
-    let error = raised(&result, "BadRequestError", 400);
-    assert_eq!(error["param"], "tools", "{result}");
-    assert_eq!(error["type"], "invalid_request_error", "{result}");
+    for (param, value) in [
+        ("tools", tools),
+        ("n", json!(2)),
+        ("response_format", json!({"type": "json_object"})),
+    ] {
+        let mut request = hello("local");
+        request[param] = value;
+        let result = gateway.sdk("chat", request);
+        let error = raised(&result, "BadRequestError", 400);
+        assert_eq!(error["param"], param, "{result}");
+        assert_eq!(error["type"], "invalid_request_error", "{result}");
+    }
 
     // What the SDK does not know it sends through `extra_body`, as a client on a newer API
     // version would.
