@@ -147,7 +147,7 @@ fn a_completion_through_an_anthropic_upstream_is_translated_both_ways() {
     assert_completion(&ended, "sonnet", "Paris.", "stop", (20, 3));
     let cut = gateway.sdk(
         "chat",
-        json!({"model": "sonnet", "messages": messages, "max_tokens": 1}),
+        json!({"model": "sonnet", "messages": messages, "max_tokens": 1, "stop": "END"}),
     );
     assert_completion(&cut, "sonnet", "Par", "length", (20, 1));
 
@@ -171,6 +171,8 @@ fn a_completion_through_an_anthropic_upstream_is_translated_both_ways() {
         "the system prompt moves out of the messages"
     );
     assert_eq!(requests[1].body["max_tokens"], 1);
+    // `stop` may be one string: Anthropic takes a list.
+    assert_eq!(requests[1].body["stop_sequences"], json!(["END"]));
     gateway.stop();
 }
 
@@ -192,6 +194,43 @@ fn a_stream_through_an_openai_upstream_joins_to_the_text_and_ends_with_usage() {
     assert_eq!(sent.body["stream"], true);
     assert_eq!(sent.body["model"], "llama3.2");
     gateway.stop();
+}
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn a_stream_without_include_usage_has_no_usage_chunk_whatever_the_upstream_sends() {
+    for (kind, chunks) in [
+        (
+            "openai",
+            fake_provider::openai_stream(&["no ", "usage"], 9, 2),
+        ),
+        (
+            "anthropic",
+            fake_provider::anthropic_stream(&["no ", "usage"], 9, 2),
+        ),
+    ] {
+        let fake = FakeProvider::start();
+        fake.push([stream(chunks)]);
+        let gateway = Gateway::start(&format!(
+            "{}[models.any]\nprovider = \"up\"\nmodel = \"claude-sonnet-4-5\"\n",
+            provider("up", kind, &fake)
+        ));
+        let result = gateway.sdk("stream", hello("any"));
+        assert_eq!(result["ended"], true, "{kind}: {result}");
+        assert_eq!(result["text"], "no usage", "{kind}: {result}");
+        let chunks = result["chunks"].as_array().unwrap();
+        assert!(
+            chunks.iter().all(|chunk| chunk["usage"].is_null()),
+            "{kind}: a usage chunk the client did not ask for: {result}"
+        );
+        assert!(
+            chunks
+                .iter()
+                .all(|chunk| !chunk["choices"].as_array().unwrap().is_empty()),
+            "{kind}: a chunk without choices: {result}"
+        );
+        gateway.stop();
+    }
 }
 
 #[test]
