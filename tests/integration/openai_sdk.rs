@@ -401,3 +401,42 @@ fn developer_messages_text_parts_and_sampling_reach_an_anthropic_upstream_in_its
     assert_eq!(sent["max_tokens"], 20, "{sent}");
     gateway.stop();
 }
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn a_stream_cut_after_its_first_token_is_not_restarted_elsewhere() {
+    let primary = FakeProvider::start();
+    // The upstream's stream ends after its first text, without `message_stop`.
+    let mut chunks = fake_provider::anthropic_stream(&["partial"], 8, 1);
+    chunks.truncate(4);
+    primary.push([stream(chunks)]);
+    let spare = FakeProvider::start();
+    let gateway = fallback_gateway(&primary, &spare);
+    let mut request = hello("main");
+    request["stream_options"] = json!({"include_usage": true});
+    let result = gateway.sdk("stream", request);
+    assert!(
+        result["ended"].is_null(),
+        "a cut stream must not end as whole: {result}"
+    );
+    assert_eq!(result["error"]["class"], "APIError", "{result}");
+    let text: String = result["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "partial", "{result}");
+    assert!(
+        spare.requests().is_empty(),
+        "a started stream stays with its provider"
+    );
+    assert_eq!(
+        gateway.metric(
+            "blufio_fallbacks_total",
+            &[("from", "main"), ("to", "spare")]
+        ),
+        Some(0.0)
+    );
+    gateway.stop();
+}
