@@ -87,7 +87,10 @@ fn models_list_names_each_alias_owned_by_its_provider() {
 #[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
 fn a_completion_through_an_openai_upstream_names_the_alias_and_passes_the_request_on() {
     let fake = FakeProvider::start();
-    fake.push([Scripted::ok(&fake_provider::openai_reply("four", 12, 1))]);
+    fake.push([
+        Scripted::ok(&fake_provider::openai_reply("four", 12, 1)),
+        Scripted::ok(&fake_provider::openai_reply_finished("fo", "length", 12, 1)),
+    ]);
     let gateway = openai_gateway(&fake);
     let messages = json!([
         {"role": "system", "content": "answer with a number word"},
@@ -98,8 +101,13 @@ fn a_completion_through_an_openai_upstream_names_the_alias_and_passes_the_reques
         json!({"model": "local", "messages": messages, "max_tokens": 16, "temperature": 0.5}),
     );
     assert_completion(&result, "local", "four", "stop", (12, 1));
+    let cut = gateway.sdk(
+        "chat",
+        json!({"model": "local", "messages": messages, "max_completion_tokens": 1}),
+    );
+    assert_completion(&cut, "local", "fo", "length", (12, 1));
     let requests = fake.requests();
-    assert_eq!(requests.len(), 1);
+    assert_eq!(requests.len(), 2);
     let sent = &requests[0];
     assert_eq!(sent.path, "/v1/chat/completions");
     assert_eq!(
