@@ -410,7 +410,8 @@ pub fn anthropic_stream(deltas: &[&str], input_tokens: u64, output_tokens: u64) 
     chunks
 }
 
-/// OpenAI's documented chunk stream for `deltas` (the last one carrying `finish_reason`),
+/// OpenAI's documented chunk stream for `deltas` (the first one carrying the role, the last
+/// one `finish_reason`),
 /// ending with the usage chunk and `[DONE]`: one chunk per delta, then those two, so a test
 /// can remove the usage chunk by its index.
 pub fn openai_stream(deltas: &[&str], prompt_tokens: u64, completion_tokens: u64) -> Vec<String> {
@@ -427,8 +428,12 @@ pub fn openai_stream(deltas: &[&str], prompt_tokens: u64, completion_tokens: u64
         .enumerate()
         .map(|(index, delta)| {
             let finish_reason = (index + 1 == deltas.len()).then_some("stop");
+            let mut delta = serde_json::json!({"content": delta});
+            if index == 0 {
+                delta["role"] = "assistant".into();
+            }
             data(
-                serde_json::json!([{"index": 0, "delta": {"content": delta},
+                serde_json::json!([{"index": 0, "delta": delta,
                     "finish_reason": finish_reason}]),
                 None,
             )

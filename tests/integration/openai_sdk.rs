@@ -101,6 +101,7 @@ fn a_completion_through_an_openai_upstream_names_the_alias_and_passes_the_reques
         json!({"model": "local", "messages": messages, "max_tokens": 16, "temperature": 0.5}),
     );
     assert_completion(&result, "local", "four", "stop", (12, 1));
+    assert_eq!(result["answered_by"], "local", "x-blufio-model: {result}");
     let cut = gateway.sdk(
         "chat",
         json!({"model": "local", "messages": messages, "max_completion_tokens": 1}),
@@ -315,6 +316,7 @@ fn falls_back_on(status: u16) {
     let gateway = fallback_gateway(&primary, &spare);
     let result = gateway.sdk("chat", hello("main"));
     assert_completion(&result, "main", "from the spare", "stop", (5, 4));
+    assert_eq!(result["answered_by"], "spare", "x-blufio-model: {result}");
     assert_fell_back(&gateway, &primary, &spare);
     gateway.stop();
 }

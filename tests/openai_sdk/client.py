@@ -43,8 +43,12 @@ def run(args, seen):
         page = sdk.models.list()
         return {"models": [model.model_dump(mode="json") for model in page.data]}
     if scenario == "chat":
-        completion = sdk.chat.completions.create(**request)
-        return {"completion": completion.model_dump(mode="json")}
+        raw = sdk.chat.completions.with_raw_response.create(**request)
+        completion = raw.parse()
+        return {
+            "completion": completion.model_dump(mode="json"),
+            "answered_by": raw.headers.get("x-blufio-model"),
+        }
     if scenario == "stream":
         # Kept in `seen`, so what arrived before an error mid-stream is printed with it.
         chunks = seen.setdefault("chunks", [])

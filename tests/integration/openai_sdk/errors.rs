@@ -110,6 +110,14 @@ fn an_upstream_failing_without_fallback_is_a_502_server_error() {
     let result = gateway.sdk("chat", hello("local"));
     let error = raised(&result, "InternalServerError", 502);
     assert_eq!(error["type"], "server_error", "{result}");
+    assert_eq!(error["code"], "upstream_error", "{result}");
+    assert!(
+        !error["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream exploded"),
+        "the upstream's detail stays in the log: {result}"
+    );
     assert!(!fake.requests().is_empty());
     gateway.stop();
 }
@@ -167,7 +175,8 @@ fn a_request_over_the_body_limit_is_a_413_status_error() {
     request["messages"][0]["content"] = json!("x".repeat(1_100_000));
     let result = gateway.sdk("chat", request);
     // The SDK has no class of its own for 413: its base class is what a client catches.
-    raised(&result, "APIStatusError", 413);
+    let error = raised(&result, "APIStatusError", 413);
+    assert_eq!(error["code"], "payload_too_large", "{result}");
     assert!(fake.requests().is_empty());
     gateway.stop();
 }
@@ -194,7 +203,8 @@ fn above_the_memory_limit_a_request_is_a_503_and_served_again_below_it() {
     heap.set(40 * MIB);
     gateway.daemon.tick();
     let refused = gateway.sdk("chat", hello("local"));
-    raised(&refused, "InternalServerError", 503);
+    let error = raised(&refused, "InternalServerError", 503);
+    assert_eq!(error["code"], "overloaded", "{refused}");
     assert!(fake.requests().is_empty(), "no upstream call when refused");
 
     heap.set(10 * MIB);

@@ -217,7 +217,8 @@ fn assert_usage(usage: &Value, (prompt, completion): (u64, u64), result: &Value)
 }
 
 /// Asserts that a stream the SDK read to its end joined to `text`, named `alias` in every
-/// chunk, finished with `stop`, and carried the usage in its last chunk only.
+/// chunk, gave the role first, finished with `stop`, and carried the usage in its last chunk
+/// only.
 #[track_caller]
 pub(super) fn assert_streamed(result: &Value, alias: &str, text: &str, usage: (u64, u64)) {
     assert_eq!(result["ended"], true, "{result}");
@@ -229,6 +230,10 @@ pub(super) fn assert_streamed(result: &Value, alias: &str, text: &str, usage: (u
         assert_eq!(chunk["model"], alias, "{chunk}");
         assert_eq!(chunk["id"], chunks[0]["id"], "one id for the whole stream");
     }
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"]["role"], "assistant",
+        "the first chunk carries the role: {result}"
+    );
     assert!(
         before
             .iter()
