@@ -4,14 +4,17 @@ Driven by tests/integration/openai_sdk.rs: it reads one JSON object from stdin,
 {"base_url", "api_key", "scenario", "request"} (stdin, not an argument, so a request may
 be larger than a command line), and prints one JSON object on stdout, with the seconds the
 scenario took.
-Scenarios: "models" (client.models.list()), "chat" (chat.completions.create) and
-"stream" (the same with stream=True, every chunk kept). An error the SDK raises is
+Scenarios: "models" (client.models.list()), "chat" (chat.completions.create, with the
+x-blufio-model header), "stream" (the same with stream=True, every chunk kept) and
+"example" (a documented snippet, what it prints). An error the SDK raises is
 printed as {"error": {...}} with its class name and what the SDK read from the body,
 so the Rust side asserts on what a real client sees, not on the raw HTTP.
 
 It deliberately makes no decision of its own: no retries, no fallbacks, no checks.
 """
 
+import contextlib
+import io
 import json
 import sys
 import time
@@ -61,6 +64,13 @@ def run(args, seen):
                         text.append(choice.delta.content)
         # Reaching here means the SDK saw the end of the stream (`data: [DONE]` or EOF).
         return {"chunks": chunks, "text": "".join(text), "ended": True}
+    if scenario == "example":
+        # A documented example, run as a reader would with `TOKEN` set; what it prints is
+        # the result.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(request["code"], "example", "exec"), {"TOKEN": args["api_key"]})
+        return {"stdout": printed.getvalue()}
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 
