@@ -55,6 +55,16 @@ pub(super) struct LoadResult {
 }
 
 impl LoadResult {
+    #[cfg(test)]
+    pub(super) fn new(latencies: Vec<u32>, elapsed: Duration) -> LoadResult {
+        LoadResult { latencies, elapsed }
+    }
+
+    /// Returns how many requests were answered.
+    pub(super) fn count(&self) -> usize {
+        self.latencies.len()
+    }
+
     pub(super) fn merge(&mut self, other: LoadResult) {
         self.latencies.extend(other.latencies);
         self.elapsed += other.elapsed;

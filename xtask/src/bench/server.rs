@@ -1,5 +1,5 @@
-//! The two sides of the bench, blufio and the floor, as running servers: start, warm up,
-//! read `/proc/<pid>/status`, stop.
+//! The sides of the bench as running servers (blufio and the floor, and blufio as an OpenAI
+//! gateway in front of the fake upstream): start, warm up, read `/proc/<pid>/status`, stop.
 
 use std::fs;
 use std::io;
@@ -15,6 +15,7 @@ use super::build::Binaries;
 use super::client::Client;
 use super::load::{get, request_bytes};
 use super::report::{Report, Unit};
+use super::upstream::SLOW_MODEL;
 use super::{STARTUP_TIMEOUT, TOKEN};
 use crate::project::{Result, describe};
 
@@ -46,6 +47,10 @@ pub(super) fn raise_nofile_limit(wanted: u64) -> Result<u64> {
 pub(super) enum Side {
     Blufio,
     Floor,
+    /// blufio routing `/v1/chat/completions` to the fake upstream at this address.
+    Gateway {
+        upstream: SocketAddr,
+    },
 }
 
 /// A running side.
@@ -66,15 +71,23 @@ impl Server {
     ) -> Result<Server> {
         let port = try_free_port()?;
         let mut command = match side {
-            Side::Blufio => {
-                fs::write(config, blufio_config(port))?;
+            Side::Blufio | Side::Gateway { .. } => {
+                let text = match side {
+                    Side::Gateway { upstream } => gateway_config(port, upstream),
+                    _ => blufio_config(port),
+                };
+                fs::write(config, text)?;
                 let mut command = Command::new(&binaries.blufio);
                 command.arg("serve").arg("--config").arg(config);
                 command.envs(binaries.env.iter().map(|(key, value)| (key, value)));
                 command
             }
             Side::Floor => {
-                let mut command = Command::new(&binaries.floor);
+                let floor = binaries
+                    .floor
+                    .as_ref()
+                    .ok_or("the floor was not built in this mode")?;
+                let mut command = Command::new(floor);
                 command.arg(port.to_string()).arg(metrics_bytes.to_string());
                 command
             }
@@ -83,10 +96,13 @@ impl Server {
         let log = config.with_extension(match side {
             Side::Blufio => "blufio.log",
             Side::Floor => "floor.log",
+            Side::Gateway { .. } => "gateway.log",
         });
         command
             .env_remove("BLUFIO_LOG")
             .env_remove("BLUFIO_GATEWAY_TOKEN")
+            // A real key must never travel to the fake upstream.
+            .env_remove("OPENAI_API_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);
@@ -145,6 +161,21 @@ pub(super) fn blufio_config(port: u16) -> String {
          max_connections = 20000\nmax_connections_per_ip = 20000\n\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 20000\n\n\
          [agent]\nprovider = \"echo\"\n"
+    )
+}
+
+/// blufio as an OpenAI gateway with one provider, the fake upstream, and two models: `fast`
+/// answers at once, `slow` streams are held by the fake until released. Connection caps are
+/// raised as for [`blufio_config`], and the monitor samples every second so the heap read
+/// after opening the streams is fresh within two.
+pub(super) fn gateway_config(port: u16, upstream: SocketAddr) -> String {
+    format!(
+        "[daemon]\nbind = \"127.0.0.1\"\nhealth_port = {port}\nlog_level = \"warn\"\n\
+         max_connections = 20000\nmax_connections_per_ip = 20000\nmonitor_interval_secs = 1\n\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\ndefault_model = \"fast\"\n\n\
+         [providers.fake]\nkind = \"openai\"\nbase_url = \"http://{upstream}\"\n\n\
+         [models.fast]\nprovider = \"fake\"\nmodel = \"fast\"\n\n\
+         [models.slow]\nprovider = \"fake\"\nmodel = \"{SLOW_MODEL}\"\n"
     )
 }
 
