@@ -96,7 +96,9 @@ pub(super) fn run(
         })?;
     }
     let completions_before = fake.completions();
+    let connections_before = fake.connections();
     let mut answered = 0;
+    let mut through_blufio = 0;
     for clients in CLIENTS {
         let mut results = [LoadResult::default(), LoadResult::default()];
         for round in 0..plan.rounds {
@@ -108,6 +110,9 @@ pub(super) fn run(
                     Ok(request.to_vec())
                 })?;
                 answered += result.count() as u64;
+                if index == 0 {
+                    through_blufio += result.count() as u64;
+                }
                 results[index].merge(result);
             }
         }
@@ -121,6 +126,14 @@ pub(super) fn run(
         )
         .into());
     }
+    // The direct clients open one connection each per turn; the rest are blufio's.
+    let direct_connections = (plan.rounds * CLIENTS.iter().sum::<usize>()) as u64;
+    let blufio_connections =
+        (fake.connections() - connections_before).saturating_sub(direct_connections);
+    report.note(format!(
+        "gateway: blufio opened {blufio_connections} upstream connections for \
+         {through_blufio} requests after the warm-up"
+    ));
     let after_load = blufio.status()?;
     report.push_row(
         "VmRSS after the load",

@@ -55,6 +55,8 @@ struct Shared {
     held: AtomicUsize,
     /// Completions answered (plain or streamed), to prove the load reached the fake.
     completions: AtomicU64,
+    /// Connections accepted, to show whether blufio reuses its upstream connections.
+    connections: AtomicU64,
 }
 
 impl FakeUpstream {
@@ -82,6 +84,11 @@ impl FakeUpstream {
     /// Returns how many completions were answered so far.
     pub(super) fn completions(&self) -> u64 {
         self.shared.completions.load(Ordering::Relaxed)
+    }
+
+    /// Returns how many connections were accepted so far.
+    pub(super) fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// Lets every held stream finish: its last chunks, usage and `data: [DONE]`.
@@ -116,6 +123,7 @@ fn accept(listener: &TcpListener, shared: &Arc<Shared>) {
             thread::sleep(Duration::from_millis(10));
             continue;
         };
+        shared.connections.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(shared);
         let spawned = thread::Builder::new()
             .name("fake-upstream-conn".to_owned())
