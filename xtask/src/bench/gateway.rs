@@ -101,14 +101,19 @@ pub(super) fn run(
     let mut through_blufio = 0;
     for clients in CLIENTS {
         let mut results = [LoadResult::default(), LoadResult::default()];
+        let mut blufio_cpu = Duration::ZERO;
         for round in 0..plan.rounds {
             // Direct first in even rounds, blufio first in odd ones.
             let order = if round % 2 == 0 { [1, 0] } else { [0, 1] };
             for index in order {
                 let request = Arc::clone(&request);
+                let cpu_before = blufio.cpu_time()?;
                 let result = load(sides[index], clients, plan.turn, move |_| {
                     Ok(request.to_vec())
                 })?;
+                if index == 0 {
+                    blufio_cpu += blufio.cpu_time()?.saturating_sub(cpu_before);
+                }
                 answered += result.count() as u64;
                 if index == 0 {
                     through_blufio += result.count() as u64;
@@ -117,6 +122,7 @@ pub(super) fn run(
             }
         }
         push_load_rows(report, clients, &results[0], &results[1]);
+        push_cpu_rows(report, clients, blufio_cpu, &results[0]);
     }
     // Every answer through blufio must have come from the fake, not from anywhere else.
     let upstream_answers = fake.completions() - completions_before;
@@ -200,6 +206,26 @@ pub(super) fn push_load_rows(
             at_target_load.then(|| Target::at_most(target)),
         );
     }
+}
+
+/// Adds blufio's CPU time per request and the cores it kept busy during its turns: the cost
+/// of its own work, apart from the wait for a CPU on a machine it shares with the load.
+pub(super) fn push_cpu_rows(report: &mut Report, clients: usize, cpu: Duration, load: &LoadResult) {
+    let count = load.count();
+    report.push(
+        &format!("blufio CPU per request, {clients} clients"),
+        Unit::Micros,
+        (count > 0).then(|| cpu.as_secs_f64() * 1e6 / count as f64),
+        None,
+    );
+    report.push(
+        &format!("blufio CPU use during its turns, {clients} clients (cores)"),
+        Unit::Count,
+        load.elapsed()
+            .filter(|elapsed| !elapsed.is_zero())
+            .map(|elapsed| cpu.as_secs_f64() / elapsed.as_secs_f64()),
+        None,
+    );
 }
 
 /// Opens `count` streamed requests that the fake holds after their first chunk, reads
@@ -362,6 +388,19 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(value["stream"], true);
         assert_eq!(value["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn cpu_rows_share_blufios_cpu_among_its_requests_and_turns() {
+        let load = LoadResult::new(vec![100; 1_000], Duration::from_secs(2));
+        let mut report = Report::new("quick");
+        push_cpu_rows(&mut report, 16, Duration::from_secs(1), &load);
+        let table = report.render_table();
+        assert!(
+            table.contains("| blufio CPU per request, 16 clients ") && table.contains("1000.0 µs"),
+            "{table}"
+        );
+        assert!(table.contains("0.50 |"), "{table}");
     }
 
     #[test]

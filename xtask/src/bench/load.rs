@@ -60,6 +60,11 @@ impl LoadResult {
         LoadResult { latencies, elapsed }
     }
 
+    /// Returns the turns' summed wall-clock length, `None` before any turn.
+    pub(super) fn elapsed(&self) -> Option<Duration> {
+        (!self.elapsed.is_zero()).then_some(self.elapsed)
+    }
+
     /// Returns how many requests were answered.
     pub(super) fn count(&self) -> usize {
         self.latencies.len()

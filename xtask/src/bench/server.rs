@@ -143,6 +143,20 @@ impl Server {
         Ok(parse_status(&text)?)
     }
 
+    /// Returns the CPU time the server has used so far, user and system, all threads.
+    pub(super) fn cpu_time(&self) -> Result<Duration> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let text =
+            fs::read_to_string(&path).map_err(|error| format!("cannot read {path}: {error}"))?;
+        let ticks = parse_stat_cpu_ticks(&text)?;
+        // SAFETY: sysconf only reads a constant of the C library.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if per_second <= 0 {
+            return Err("sysconf(_SC_CLK_TCK) failed".into());
+        }
+        Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    }
+
     pub(super) fn stop(mut self) -> Result<()> {
         signal(self.child.id(), "TERM")?;
         if wait_timeout(&mut self.child, Duration::from_secs(15))?.is_none() {
@@ -231,6 +245,24 @@ pub(super) fn parse_status(text: &str) -> std::result::Result<ProcStatus, String
     })
 }
 
+/// Reads `utime + stime` (clock ticks) from `/proc/<pid>/stat`. The command name in
+/// parentheses may hold spaces, so the fields are counted from its closing parenthesis.
+pub(super) fn parse_stat_cpu_ticks(text: &str) -> std::result::Result<u64, String> {
+    let after_name = text
+        .rfind(')')
+        .map(|end| &text[end + 1..])
+        .ok_or("no command name in /proc/<pid>/stat")?;
+    // After the name: state (field 3) … utime (field 14), stime (field 15).
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |index: usize, name: &str| -> std::result::Result<u64, String> {
+        fields
+            .get(index)
+            .and_then(|value| value.parse().ok())
+            .ok_or(format!("no {name} in /proc/<pid>/stat"))
+    };
+    Ok(field(11, "utime")? + field(12, "stime")?)
+}
+
 pub(super) fn push_status_rows(report: &mut Report, when: &str, status: &[ProcStatus; 2]) {
     type Read = fn(&ProcStatus) -> u64;
     let rows: [(&str, Read); 3] = [
@@ -268,6 +300,15 @@ mod tests {
                 threads: 5,
             }
         );
+    }
+
+    #[test]
+    fn cpu_ticks_are_user_plus_system_after_the_name() {
+        let stat = "4906 (blufio (x) y) S 1 4906 4906 0 -1 4194560 1289 0 0 0 1500 270 0 0 20 0 \
+            3 0 123456 40000000 2000 18446744073709551615";
+        assert_eq!(parse_stat_cpu_ticks(stat), Ok(1_770));
+        let error = parse_stat_cpu_ticks("4906 (blufio) S 1 2").unwrap_err();
+        assert!(error.contains("utime"), "{error}");
     }
 
     #[test]
