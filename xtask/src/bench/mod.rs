@@ -410,8 +410,6 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     blufio.stop()?;
     floor.stop()?;
 
-    gateway::run(&mut report, &binaries, &work_dir, plan.gateway)?;
-
     // In-process counts from the counting-allocator bench.
     let counts = allocation_bench(root, options.quick)?;
     for (key, floor_key, measure, unit) in [
@@ -460,6 +458,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             floor_key.and_then(|key| counts.get(key).copied()),
         );
     }
+
+    // Last, so its section follows every footprint row.
+    gateway::run(&mut report, &binaries, &work_dir, plan.gateway)?;
 
     report.note(format!(
         "mode {}: {} round(s) of {:.1} s per side and route at {CONNECTIONS} connections; \
