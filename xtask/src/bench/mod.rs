@@ -24,14 +24,15 @@
 //!
 //! This file holds the options and the run, row by row; building the binaries is in `build.rs`,
 //! the running sides in `server.rs`, the load in `load.rs` over the client in `client.rs`
-//! (streams in `stream.rs`, chunked framing in `chunked.rs`), the gateway in `gateway.rs` and
-//! `upstream.rs`, and the tables and JSON in `report.rs`.
+//! (streams in `stream.rs`, chunked framing in `chunked.rs`), the gateway in `gateway.rs` over
+//! the fake upstream in `upstream.rs` and `reply.rs`, and the tables and JSON in `report.rs`.
 
 mod build;
 mod chunked;
 mod client;
 mod gateway;
 mod load;
+mod reply;
 mod report;
 mod server;
 mod stream;
