@@ -136,9 +136,13 @@ pub(super) fn run(
     let direct_connections = (plan.rounds * CLIENTS.iter().sum::<usize>()) as u64;
     let blufio_connections =
         (fake.connections() - connections_before).saturating_sub(direct_connections);
+    // The direct clients' connections have closed by now (their threads may take a moment to
+    // see it), so what stays open is blufio's pool.
+    thread::sleep(Duration::from_millis(100));
     report.note(format!(
         "gateway: blufio opened {blufio_connections} upstream connections for \
-         {through_blufio} requests after the warm-up"
+         {through_blufio} requests after the warm-up; {} were open after the load",
+        fake.open_connections()
     ));
     let after_load = blufio.status()?;
     report.push_row(

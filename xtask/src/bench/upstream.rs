@@ -53,6 +53,8 @@ struct Shared {
     completions: AtomicU64,
     /// Connections accepted, to show whether blufio reuses its upstream connections.
     connections: AtomicU64,
+    /// Connections open now.
+    open: AtomicUsize,
 }
 
 impl FakeUpstream {
@@ -85,6 +87,11 @@ impl FakeUpstream {
     /// Returns how many connections were accepted so far.
     pub(super) fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Returns how many connections are open now.
+    pub(super) fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
     }
 
     /// Lets every held stream finish: its last chunks, usage and `data: [DONE]`.
@@ -125,9 +132,11 @@ fn accept(listener: &TcpListener, shared: &Arc<Shared>) {
             .name("fake-upstream-conn".to_owned())
             .stack_size(THREAD_STACK)
             .spawn(move || {
+                shared.open.fetch_add(1, Ordering::AcqRel);
                 // A connection ends when its peer closes it or sends nonsense; either way there
                 // is nobody to tell.
                 let _ = serve(stream, &shared);
+                shared.open.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
             thread::sleep(Duration::from_millis(10));
