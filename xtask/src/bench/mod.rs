@@ -485,3 +485,38 @@ fn finish(report: &Report, options: &Options) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|word| (*word).to_owned()).collect()
+    }
+
+    #[test]
+    fn options_select_the_gateway_alone_and_name_what_is_wrong() {
+        let options =
+            parse_options(&args(&["--quick", "--gateway-only", "--binary", "b"])).unwrap();
+        assert!(options.quick && options.gateway_only);
+        assert_eq!(options.binary, Some(PathBuf::from("b")));
+        assert!(!parse_options(&[]).unwrap().gateway_only);
+        let error = parse_options(&args(&["--gateway"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`--gateway`"), "{error}");
+        let error = parse_options(&args(&["--json"])).unwrap_err().to_string();
+        assert!(error.contains("--json needs a path"), "{error}");
+    }
+
+    #[test]
+    fn quick_mode_keeps_the_gateway_scenario_but_smaller() {
+        let (full, quick) = (Plan::full().gateway, Plan::quick().gateway);
+        assert_eq!(full.streams, 1_000);
+        assert!(quick.streams > 0 && quick.streams < full.streams);
+        // Every client count runs both sides in each round: the quick scenario's load stays
+        // within ten seconds, so the CI step grows by well under a minute.
+        let quick_load = quick.turn * (quick.rounds * 2 * gateway::CLIENTS.len()) as u32;
+        assert!(quick_load <= Duration::from_secs(10), "{quick_load:?}");
+    }
+}
