@@ -36,15 +36,15 @@ const FIRST_READ_BYTES: usize = 1024;
 /// [`Phase::Body`] meanwhile: the memory monitor sheds it like an incomplete head.
 pub(crate) async fn read_json<T: DeserializeOwned>(
     ctx: &Context,
-    conn: Conn,
+    mut conn: Conn,
 ) -> Result<(Conn, T), Conn> {
     let limit = Limit {
         bytes: ctx.config.gateway.max_message_bytes,
         key: "[gateway] max_message_bytes",
     };
-    let (conn, body) = match read(ctx, conn, limit).await {
-        Ok(read) => read,
-        Err((conn, failure)) => return Err(failure.answer(ctx, conn)),
+    let body = match read(ctx, &mut conn, limit).await {
+        Ok(body) => body,
+        Err(failure) => return Err(failure.answer(ctx, conn)),
     };
     if let Err(error) = std::str::from_utf8(&body) {
         return Err(response::bad_request(
@@ -100,13 +100,16 @@ impl BodyFailure {
     }
 }
 
-/// Reads the whole body within `limit`; on failure returns the conn (not yet answered) and
-/// why. The connection cannot be reused after a failure: the answer must close it.
+/// Reads the whole body within `limit`; on failure returns why (the conn is not yet
+/// answered). The connection cannot be reused after a failure: the answer must close it.
+///
+/// The conn is borrowed, not moved in and out: a future holding a `Conn` by value in each
+/// layer is larger, and every request waiting for its body holds one.
 pub(crate) async fn read(
     ctx: &Context,
-    mut conn: Conn,
+    conn: &mut Conn,
     limit: Limit,
-) -> Result<(Conn, Vec<u8>), (Conn, BodyFailure)> {
+) -> Result<Vec<u8>, BodyFailure> {
     let too_large = || BodyFailure {
         status: Status::PayloadTooLarge,
         kind: Some(ErrorKind::PayloadTooLarge),
@@ -121,7 +124,7 @@ pub(crate) async fn read(
         .get_str(KnownHeaderName::ContentLength)
         .and_then(|length| length.trim().parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit.bytes) {
-        return Err((conn, too_large()));
+        return Err(too_large());
     }
     let chunked = conn
         .request_headers()
@@ -138,7 +141,7 @@ pub(crate) async fn read(
         tracked.set_phase(Phase::Busy);
     }
     let failure = match read {
-        Ok(body) => return Ok((conn, body)),
+        Ok(body) => return Ok(body),
         Err(error) if error.kind() == io::ErrorKind::FileTooLarge => too_large(),
         // A chunked body passing the limit surfaces as an I/O error of kind `Unsupported`.
         Err(error) if error.kind() == io::ErrorKind::Unsupported => too_large(),
@@ -175,7 +178,7 @@ pub(crate) async fn read(
             message: format!("cannot read the request body: {error}"),
         },
     };
-    Err((conn, failure))
+    Err(failure)
 }
 
 /// Whether reading a body failed because its client closed or reset the connection, rather

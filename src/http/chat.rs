@@ -79,7 +79,7 @@ impl ChatCompletionsHandler {
 }
 
 impl Handler for ChatCompletionsHandler {
-    async fn run(&self, conn: Conn) -> Conn {
+    async fn run(&self, mut conn: Conn) -> Conn {
         let ctx = &self.ctx;
         if ctx.memory.rejecting() {
             let error = ApiError::overloaded(
@@ -91,9 +91,9 @@ impl Handler for ChatCompletionsHandler {
             bytes: ctx.config.gateway.max_request_bytes,
             key: "[gateway] max_request_bytes",
         };
-        let (conn, body) = match body::read(ctx, conn, limit).await {
-            Ok(read) => read,
-            Err((conn, failure)) => return body_failure(ctx, conn, failure),
+        let body = match body::read(ctx, &mut conn, limit).await {
+            Ok(body) => body,
+            Err(failure) => return body_failure(ctx, conn, failure),
         };
         let started = Instant::now();
         let parsed = parse_request(&body);

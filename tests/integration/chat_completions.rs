@@ -320,6 +320,29 @@ fn an_overloaded_cloud_falls_back_to_the_local_model_and_says_so() {
         ),
         1.0
     );
+    // `/v1/health` lists each provider with its last error and success.
+    let health = daemon.authed(TOKEN, "GET", "/v1/health", None).json();
+    let providers = health["providers"].as_array().expect("providers listed");
+    assert_eq!(providers.len(), 2, "{health}");
+    let (claude, pi) = (&providers[0], &providers[1]);
+    assert_eq!(
+        (claude["name"].as_str(), claude["provider"].as_str()),
+        (Some("claude"), Some("anthropic"))
+    );
+    assert!(claude["last_error"].as_str().is_some(), "{claude}");
+    assert!(claude["last_success_at_unix"].is_null(), "{claude}");
+    assert_eq!(
+        (pi["name"].as_str(), pi["provider"].as_str()),
+        (Some("pi"), Some("openai"))
+    );
+    assert!(
+        pi["last_error"].is_null() && pi["last_success_at_unix"].is_u64(),
+        "{pi}"
+    );
+    assert!(
+        !health.to_string().contains("sk-test-key"),
+        "no key in /v1/health"
+    );
     let metrics = daemon.get_ok("/metrics");
     assert!(
         metrics.contains("blufio_gateway_overhead_seconds_count 1"),

@@ -41,7 +41,7 @@ fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
 
 /// [`connect_from`], with the socket's receive buffer set to `receive_buffer` before it
 /// connects (so the window it advertises is that small).
-fn connect_from_with(
+pub(crate) fn connect_from_with(
     source: Ipv4Addr,
     addr: SocketAddr,
     receive_buffer: Option<libc::c_int>,

@@ -8,6 +8,7 @@ mod cli;
 mod gateway;
 mod health;
 mod hostile_auth;
+mod hostile_chat;
 mod hostile_connections;
 mod hostile_edge;
 mod hostile_files;
