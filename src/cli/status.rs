@@ -212,10 +212,12 @@ fn upstream_lines(upstream: &Value, now: std::time::SystemTime) -> String {
     if !upstream.is_object() {
         return String::new();
     }
-    // A `[providers.NAME]` entry names itself; the shorthand's `upstream` is its kind.
+    // A `[providers.NAME]` entry shows its name and kind; the shorthand's one is named after
+    // its kind.
+    let kind = text(&upstream["provider"]);
     let name = match upstream["name"].as_str() {
-        Some(name) => format!("{name} ({})", text(&upstream["provider"])),
-        None => text(&upstream["provider"]),
+        Some(name) if name != kind => format!("{name} ({kind})"),
+        _ => kind,
     };
     let mut out = format!(
         "  upstream     {name}, model {}, API key {}\n",
@@ -289,7 +291,7 @@ mod tests {
              last error   10 s ago: agent upstream failed: HTTP 529 (last success 100 s ago)\n"
         );
         let shorthand = serde_json::json!({
-            "provider": "openai", "model": "llama3.2", "api_key": "unset",
+            "name": "openai", "provider": "openai", "model": "llama3.2", "api_key": "unset",
             "last_error": null, "last_success_at_unix": null,
         });
         assert_eq!(

@@ -19,7 +19,8 @@ pub(super) struct Binaries {
     pub(super) blufio: PathBuf,
     /// Only measured for its size; `None` when an existing binary was given.
     pub(super) core: Option<PathBuf>,
-    pub(super) floor: PathBuf,
+    /// `None` with `--gateway-only`, which measures blufio against the fake upstream only.
+    pub(super) floor: Option<PathBuf>,
     /// Extra environment of the blufio side (`--env`).
     pub(super) env: Vec<(String, String)>,
 }
@@ -38,8 +39,9 @@ pub(super) fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<B
                 .filter(|feature| feature.as_str() == "jemalloc")
                 .cloned()
                 .collect();
-            // Core first, so that target/release/blufio ends up as the default build.
-            let core = if core_features.len() == default_features.len() {
+            // Core first, so that target/release/blufio ends up as the default build. The
+            // gateway alone needs only the default build.
+            let core = if core_features.len() == default_features.len() || options.gateway_only {
                 None
             } else {
                 let mut command = Command::new(cargo());
@@ -67,7 +69,8 @@ pub(super) fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<B
         }
     };
     let floor = match &options.floor {
-        Some(floor) => floor.clone(),
+        _ if options.gateway_only => None,
+        Some(floor) => Some(floor.clone()),
         None => {
             let mut command = Command::new(cargo());
             command
@@ -82,10 +85,10 @@ pub(super) fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<B
                     .arg(format!("profile.release.{key}={value}"));
             }
             run_status(&mut command)?;
-            release_dir.join("blufio-floor")
+            Some(release_dir.join("blufio-floor"))
         }
     };
-    for binary in [&blufio, &floor] {
+    for binary in [Some(&blufio), floor.as_ref()].into_iter().flatten() {
         if !binary.is_file() {
             return Err(format!("{} is not a file", binary.display()).into());
         }

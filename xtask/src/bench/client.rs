@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use super::IO_TIMEOUT;
+use super::chunked::find;
 use crate::project::Result;
 
 /// A keep-alive HTTP/1.1 client that reads `Content-Length` framed responses into one buffer
@@ -77,7 +78,7 @@ pub(super) struct Head {
 
 /// Parses a response head once it is complete; `Ok(None)` while more bytes are needed.
 pub(super) fn parse_head(bytes: &[u8]) -> io::Result<Option<Head>> {
-    let Some(end) = bytes.windows(4).position(|window| window == b"\r\n\r\n") else {
+    let Some(end) = find(bytes, b"\r\n\r\n") else {
         return Ok(None);
     };
     let invalid = |message: &str| io::Error::new(io::ErrorKind::InvalidData, message.to_owned());

@@ -55,6 +55,21 @@ pub(super) struct LoadResult {
 }
 
 impl LoadResult {
+    #[cfg(test)]
+    pub(super) fn new(latencies: Vec<u32>, elapsed: Duration) -> LoadResult {
+        LoadResult { latencies, elapsed }
+    }
+
+    /// Returns the turns' summed wall-clock length, `None` before any turn.
+    pub(super) fn elapsed(&self) -> Option<Duration> {
+        (!self.elapsed.is_zero()).then_some(self.elapsed)
+    }
+
+    /// Returns how many requests were answered.
+    pub(super) fn count(&self) -> usize {
+        self.latencies.len()
+    }
+
     pub(super) fn merge(&mut self, other: LoadResult) {
         self.latencies.extend(other.latencies);
         self.elapsed += other.elapsed;

@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick] [--json PATH] [--binary PATH] [--floor PATH] [--env K=V]...`: blufio's
-//! footprint and per-request cost measured side by side with a floor, in one interleaved run.
+//! `cargo xtask bench [--quick] [--gateway-only] [--json PATH] [--binary PATH] [--floor PATH]
+//! [--env K=V]...`: blufio's footprint and per-request cost measured side by side with a floor,
+//! in one interleaved run, and its cost as an OpenAI gateway against the direct call.
 //!
 //! The floor (`benches/floor/`, its own workspace so the normal build never compiles it) is a
 //! bare trillium-smol server on jemalloc, built with the root's release profile, answering
@@ -13,21 +14,29 @@
 //! agent; RSS after the load and after a pause; RSS with 10,000 idle keep-alive connections and
 //! 10,000 open sessions; the heap each of 1,000 idle WebSockets holds; and, from `cargo bench
 //! --bench alloc` (a counting allocator), the allocations per `/health` and the cost of one
-//! monitor tick.
+//! monitor tick. Then the gateway scenario (`gateway.rs`, alone with `--gateway-only`):
+//! `POST /v1/chat/completions` through blufio and straight to a fake upstream in this process
+//! (`upstream.rs`), and streamed requests held open, with the issue's targets beside them.
 //!
 //! It does not judge the numbers: the table is for people and `--json` for comparing commits.
 //! `--quick` is a smoke mode (short rounds, fewer connections, the allocation bench in the
 //! debug profile) that proves the bench still works; its figures mean little.
 //!
 //! This file holds the options and the run, row by row; building the binaries is in `build.rs`,
-//! the two running sides in `server.rs`, the load in `load.rs` over the client in `client.rs`,
-//! and the table and JSON in `report.rs`.
+//! the running sides in `server.rs`, the load in `load.rs` over the client in `client.rs`
+//! (streams in `stream.rs`, chunked framing in `chunked.rs`), the gateway in `gateway.rs` over
+//! the fake upstream in `upstream.rs` and `reply.rs`, and the tables and JSON in `report.rs`.
 
 mod build;
+mod chunked;
 mod client;
+mod gateway;
 mod load;
+mod reply;
 mod report;
 mod server;
+mod stream;
+mod upstream;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use crate::project::{Result, target_dir};
 use build::{allocation_bench, build, check_floor_lock, file_size};
+use gateway::GatewayPlan;
 use load::{
     LoadResult, get, heap_bytes, load, median, message_request, open_idle_connections,
     open_idle_websockets, open_sessions, push_load_rows, request_bytes,
@@ -73,6 +83,8 @@ struct Plan {
     websockets: usize,
     /// The pause after the load before the "settled" RSS is read.
     settle: Duration,
+    /// The gateway scenario.
+    gateway: GatewayPlan,
 }
 
 impl Plan {
@@ -85,6 +97,11 @@ impl Plan {
             sessions: 10_000,
             websockets: 1_000,
             settle: Duration::from_secs(10),
+            gateway: GatewayPlan {
+                rounds: 4,
+                turn: Duration::from_secs(3),
+                streams: 1_000,
+            },
         }
     }
 
@@ -97,6 +114,11 @@ impl Plan {
             sessions: 500,
             websockets: 200,
             settle: Duration::from_secs(1),
+            gateway: GatewayPlan {
+                rounds: 2,
+                turn: Duration::from_secs(1),
+                streams: 200,
+            },
         }
     }
 }
@@ -105,6 +127,8 @@ impl Plan {
 #[derive(Debug, Default)]
 struct Options {
     quick: bool,
+    /// Runs the gateway scenario only (no floor, no footprint rows).
+    gateway_only: bool,
     json: Option<PathBuf>,
     binary: Option<PathBuf>,
     floor: Option<PathBuf>,
@@ -123,6 +147,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         };
         match arg.as_str() {
             "--quick" => options.quick = true,
+            "--gateway-only" => options.gateway_only = true,
             "--json" => options.json = Some(path("--json")?),
             "--binary" => options.binary = Some(path("--binary")?),
             "--floor" => options.floor = Some(path("--floor")?),
@@ -154,21 +179,33 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 
     let mut report = Report::new(if options.quick { "quick" } else { "full" });
     let binaries = build(root, &options, &work_dir)?;
+    if options.gateway_only {
+        // Each held stream takes two descriptors here (the client's and the fake's) and two
+        // in blufio, which inherits the limit.
+        raise_nofile_limit((plan.gateway.streams * 2 + 1_000) as u64)?;
+        gateway::run(&mut report, &binaries, &work_dir, plan.gateway)?;
+        report.note(format!(
+            "mode {}, gateway only: {:.0} s in all",
+            report.mode,
+            started.elapsed().as_secs_f64()
+        ));
+        return finish(&report, &options);
+    }
     report.push(
         "binary size, default features",
         Unit::Bytes,
         file_size(&binaries.blufio),
-        file_size(&binaries.floor),
+        binaries.floor.as_deref().and_then(file_size),
     );
     report.push(
         "binary size, core only (no optional features)",
         Unit::Bytes,
         binaries.core.as_deref().and_then(file_size),
-        file_size(&binaries.floor),
+        binaries.floor.as_deref().and_then(file_size),
     );
     let build_time = started.elapsed();
 
-    let wanted_fds = (plan.idle_connections + 1_000) as u64;
+    let wanted_fds = (plan.idle_connections.max(plan.gateway.streams * 2) + 1_000) as u64;
     let fds = raise_nofile_limit(wanted_fds)?;
     // The children inherit the raised limit; keep headroom for the daemon's own files.
     let idle_connections = plan
@@ -423,6 +460,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         );
     }
 
+    // Last, so its section follows every footprint row.
+    gateway::run(&mut report, &binaries, &work_dir, plan.gateway)?;
+
     report.note(format!(
         "mode {}: {} round(s) of {:.1} s per side and route at {CONNECTIONS} connections; \
          builds took {:.0} s, measuring {:.0} s",
@@ -432,11 +472,51 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         build_time.as_secs_f64(),
         (started.elapsed() - build_time).as_secs_f64()
     ));
+    finish(&report, &options)
+}
+
+/// Prints the table and writes the JSON.
+fn finish(report: &Report, options: &Options) -> Result<()> {
     print!("{}", report.render_table());
-    if let Some(path) = options.json {
-        fs::write(&path, report.render_json())
+    if let Some(path) = &options.json {
+        fs::write(path, report.render_json())
             .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|word| (*word).to_owned()).collect()
+    }
+
+    #[test]
+    fn options_select_the_gateway_alone_and_name_what_is_wrong() {
+        let options =
+            parse_options(&args(&["--quick", "--gateway-only", "--binary", "b"])).unwrap();
+        assert!(options.quick && options.gateway_only);
+        assert_eq!(options.binary, Some(PathBuf::from("b")));
+        assert!(!parse_options(&[]).unwrap().gateway_only);
+        let error = parse_options(&args(&["--gateway"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`--gateway`"), "{error}");
+        let error = parse_options(&args(&["--json"])).unwrap_err().to_string();
+        assert!(error.contains("--json needs a path"), "{error}");
+    }
+
+    #[test]
+    fn quick_mode_keeps_the_gateway_scenario_but_smaller() {
+        let (full, quick) = (Plan::full().gateway, Plan::quick().gateway);
+        assert_eq!(full.streams, 1_000);
+        assert!(quick.streams > 0 && quick.streams < full.streams);
+        // Every client count runs both sides in each round: the quick scenario's load stays
+        // within ten seconds, so the CI step grows by well under a minute.
+        let quick_load = quick.turn * (quick.rounds * 2 * gateway::CLIENTS.len()) as u32;
+        assert!(quick_load <= Duration::from_secs(10), "{quick_load:?}");
+    }
 }

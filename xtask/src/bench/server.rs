@@ -1,5 +1,5 @@
-//! The two sides of the bench, blufio and the floor, as running servers: start, warm up,
-//! read `/proc/<pid>/status`, stop.
+//! The sides of the bench as running servers (blufio and the floor, and blufio as an OpenAI
+//! gateway in front of the fake upstream): start, warm up, read `/proc/<pid>/status`, stop.
 
 use std::fs;
 use std::io;
@@ -15,6 +15,7 @@ use super::build::Binaries;
 use super::client::Client;
 use super::load::{get, request_bytes};
 use super::report::{Report, Unit};
+use super::upstream::SLOW_MODEL;
 use super::{STARTUP_TIMEOUT, TOKEN};
 use crate::project::{Result, describe};
 
@@ -46,6 +47,10 @@ pub(super) fn raise_nofile_limit(wanted: u64) -> Result<u64> {
 pub(super) enum Side {
     Blufio,
     Floor,
+    /// blufio routing `/v1/chat/completions` to the fake upstream at this address.
+    Gateway {
+        upstream: SocketAddr,
+    },
 }
 
 /// A running side.
@@ -66,15 +71,23 @@ impl Server {
     ) -> Result<Server> {
         let port = try_free_port()?;
         let mut command = match side {
-            Side::Blufio => {
-                fs::write(config, blufio_config(port))?;
+            Side::Blufio | Side::Gateway { .. } => {
+                let text = match side {
+                    Side::Gateway { upstream } => gateway_config(port, upstream),
+                    _ => blufio_config(port),
+                };
+                fs::write(config, text)?;
                 let mut command = Command::new(&binaries.blufio);
                 command.arg("serve").arg("--config").arg(config);
                 command.envs(binaries.env.iter().map(|(key, value)| (key, value)));
                 command
             }
             Side::Floor => {
-                let mut command = Command::new(&binaries.floor);
+                let floor = binaries
+                    .floor
+                    .as_ref()
+                    .ok_or("the floor was not built in this mode")?;
+                let mut command = Command::new(floor);
                 command.arg(port.to_string()).arg(metrics_bytes.to_string());
                 command
             }
@@ -83,10 +96,13 @@ impl Server {
         let log = config.with_extension(match side {
             Side::Blufio => "blufio.log",
             Side::Floor => "floor.log",
+            Side::Gateway { .. } => "gateway.log",
         });
         command
             .env_remove("BLUFIO_LOG")
             .env_remove("BLUFIO_GATEWAY_TOKEN")
+            // A real key must never travel to the fake upstream.
+            .env_remove("OPENAI_API_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);
@@ -127,6 +143,20 @@ impl Server {
         Ok(parse_status(&text)?)
     }
 
+    /// Returns the CPU time the server has used so far, user and system, all threads.
+    pub(super) fn cpu_time(&self) -> Result<Duration> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let text =
+            fs::read_to_string(&path).map_err(|error| format!("cannot read {path}: {error}"))?;
+        let ticks = parse_stat_cpu_ticks(&text)?;
+        // SAFETY: sysconf only reads a constant of the C library.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if per_second <= 0 {
+            return Err("sysconf(_SC_CLK_TCK) failed".into());
+        }
+        Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    }
+
     pub(super) fn stop(mut self) -> Result<()> {
         signal(self.child.id(), "TERM")?;
         if wait_timeout(&mut self.child, Duration::from_secs(15))?.is_none() {
@@ -145,6 +175,21 @@ pub(super) fn blufio_config(port: u16) -> String {
          max_connections = 20000\nmax_connections_per_ip = 20000\n\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 20000\n\n\
          [agent]\nprovider = \"echo\"\n"
+    )
+}
+
+/// blufio as an OpenAI gateway with one provider, the fake upstream, and two models: `fast`
+/// answers at once, `slow` streams are held by the fake until released. Connection caps are
+/// raised as for [`blufio_config`], and the monitor samples every second so the heap read
+/// after opening the streams is fresh within two.
+pub(super) fn gateway_config(port: u16, upstream: SocketAddr) -> String {
+    format!(
+        "[daemon]\nbind = \"127.0.0.1\"\nhealth_port = {port}\nlog_level = \"warn\"\n\
+         max_connections = 20000\nmax_connections_per_ip = 20000\nmonitor_interval_secs = 1\n\n\
+         [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\ndefault_model = \"fast\"\n\n\
+         [providers.fake]\nkind = \"openai\"\nbase_url = \"http://{upstream}\"\n\n\
+         [models.fast]\nprovider = \"fake\"\nmodel = \"fast\"\n\n\
+         [models.slow]\nprovider = \"fake\"\nmodel = \"{SLOW_MODEL}\"\n"
     )
 }
 
@@ -200,6 +245,24 @@ pub(super) fn parse_status(text: &str) -> std::result::Result<ProcStatus, String
     })
 }
 
+/// Reads `utime + stime` (clock ticks) from `/proc/<pid>/stat`. The command name in
+/// parentheses may hold spaces, so the fields are counted from its closing parenthesis.
+pub(super) fn parse_stat_cpu_ticks(text: &str) -> std::result::Result<u64, String> {
+    let after_name = text
+        .rfind(')')
+        .map(|end| &text[end + 1..])
+        .ok_or("no command name in /proc/<pid>/stat")?;
+    // After the name: state (field 3) … utime (field 14), stime (field 15).
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |index: usize, name: &str| -> std::result::Result<u64, String> {
+        fields
+            .get(index)
+            .and_then(|value| value.parse().ok())
+            .ok_or(format!("no {name} in /proc/<pid>/stat"))
+    };
+    Ok(field(11, "utime")? + field(12, "stime")?)
+}
+
 pub(super) fn push_status_rows(report: &mut Report, when: &str, status: &[ProcStatus; 2]) {
     type Read = fn(&ProcStatus) -> u64;
     let rows: [(&str, Read); 3] = [
@@ -237,6 +300,15 @@ mod tests {
                 threads: 5,
             }
         );
+    }
+
+    #[test]
+    fn cpu_ticks_are_user_plus_system_after_the_name() {
+        let stat = "4906 (blufio (x) y) S 1 4906 4906 0 -1 4194560 1289 0 0 0 1500 270 0 0 20 0 \
+            3 0 123456 40000000 2000 18446744073709551615";
+        assert_eq!(parse_stat_cpu_ticks(stat), Ok(1_770));
+        let error = parse_stat_cpu_ticks("4906 (blufio) S 1 2").unwrap_err();
+        assert!(error.contains("utime"), "{error}");
     }
 
     #[test]
