@@ -383,3 +383,19 @@ fn the_readmes_python_example_runs_as_documented() {
     );
     gateway.stop();
 }
+
+#[test]
+#[ignore = "needs the openai Python package: BLUFIO_OPENAI_PYTHON, see .ci/run"]
+fn a_client_closing_its_stream_cancels_the_upstream_call() {
+    let fake = FakeProvider::start();
+    // Its first text, then the upstream keeps "thinking" until its client goes away.
+    fake.push([fake_provider::anthropic_hanging(6)]);
+    let gateway = anthropic_gateway(&fake);
+    let result = gateway.sdk("stream_and_leave", hello("sonnet"));
+    assert_eq!(result["first"], "partial", "{result}");
+    assert!(
+        fake.wait_for_stream_cut(Duration::from_secs(10)),
+        "blufio kept the upstream generating for a client that left"
+    );
+    gateway.stop();
+}

@@ -5,8 +5,9 @@ Driven by tests/integration/openai_sdk.rs: it reads one JSON object from stdin,
 be larger than a command line), and prints one JSON object on stdout, with the seconds the
 scenario took.
 Scenarios: "models" (client.models.list()), "chat" (chat.completions.create, with the
-x-blufio-model header), "stream" (the same with stream=True, every chunk kept) and
-"example" (a documented snippet, what it prints). An error the SDK raises is
+x-blufio-model header), "stream" (the same with stream=True, every chunk kept),
+"stream_and_leave" (the first text, then the stream closed) and "example" (a
+documented snippet, what it prints). An error the SDK raises is
 printed as {"error": {...}} with its class name and what the SDK read from the body,
 so the Rust side asserts on what a real client sees, not on the raw HTTP.
 
@@ -64,6 +65,14 @@ def run(args, seen):
                         text.append(choice.delta.content)
         # Reaching here means the SDK saw the end of the stream (`data: [DONE]` or EOF).
         return {"chunks": chunks, "text": "".join(text), "ended": True}
+    if scenario == "stream_and_leave":
+        # Reads up to the first text, then closes the stream as a client that has what it
+        # wanted does (the SDK closes the response when its context ends).
+        with sdk.chat.completions.create(stream=True, **request) as stream:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    return {"first": chunk.choices[0].delta.content}
+        return {"first": None}
     if scenario == "example":
         # A documented example, run as a reader would with `TOKEN` set; what it prints is
         # the result.
