@@ -2,16 +2,17 @@
 
 Driven by tests/integration/openai_sdk.rs: it reads one JSON object from stdin,
 {"base_url", "api_key", "scenario", "request"} (stdin, not an argument, so a request may
-be larger than a command line), and prints one JSON object on stdout, with the seconds the
-scenario took.
+be larger than a command line), and prints one JSON object on stdout, with the seconds
+the scenario took.
+
 Scenarios: "models" (client.models.list()), "chat" (chat.completions.create, with the
 x-blufio-model header), "stream" (the same with stream=True, every chunk kept),
-"stream_and_leave" (the first text, then the stream closed) and "example" (a
-documented snippet, what it prints). An error the SDK raises is
-printed as {"error": {...}} with its class name and what the SDK read from the body,
-so the Rust side asserts on what a real client sees, not on the raw HTTP.
+"stream_and_leave" (the first text, then the stream closed) and "example" (a documented
+snippet, what it prints). An error the SDK raises is printed as {"error": {...}} with
+its class name and what the SDK read from the body, so the Rust side asserts on what a
+real client sees, not on the raw HTTP.
 
-It deliberately makes no decision of its own: no retries, no fallbacks, no checks.
+It deliberately decides nothing of its own: no retries, no fallbacks, no assertions.
 """
 
 import contextlib
