@@ -57,6 +57,9 @@ pub struct Call<'a> {
     pub history: &'a [Turn],
     /// The new message.
     pub message: &'a str,
+    /// The model alias the client asked for (`"model"` in the message); `None` for the
+    /// default model. An agent with a single model may ignore it.
+    pub model: Option<&'a str>,
     /// When the gateway gives up on the call (`[agent] timeout_secs` from its start), so an
     /// agent that retries need not start a wait that would end past it.
     pub deadline: Instant,
@@ -250,6 +253,8 @@ pub enum AgentError {
     },
     /// The upstream answered something that is not the documented JSON (HTTP 502).
     Malformed(String),
+    /// The message names a model this agent does not serve (HTTP 404).
+    UnknownModel(String),
 }
 
 impl fmt::Display for AgentError {
@@ -271,6 +276,10 @@ impl fmt::Display for AgentError {
             AgentError::Malformed(detail) => {
                 write!(f, "the model provider answered malformed data: {detail}")
             }
+            AgentError::UnknownModel(model) if model.is_empty() => {
+                f.write_str("no model was named and no default model is configured")
+            }
+            AgentError::UnknownModel(model) => write!(f, "there is no model named {model:?}"),
         }
     }
 }

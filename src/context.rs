@@ -20,7 +20,7 @@ use crate::{
     budget::Budget,
     cgroup::CgroupMonitor,
     client_fault::ClientFaults,
-    config::{Config, Provider},
+    config::Config,
     connection::{Connections, derived_max_connections},
     error::Error,
     heap::AllocatorHeap,
@@ -28,7 +28,7 @@ use crate::{
     memory::{HeapSource, MemoryMonitor, RssSource, ShedHook, Thresholds},
     metrics::{Metrics, ShedReason},
     notify::{Notifier, NotifySettings},
-    provider::ProviderAgent,
+    provider::{ProviderAgent, Upstreams},
     readiness::{self, NotReady, Phase, PhaseCell},
     runtime::Runtime,
     sessions::{Limits, Rejected, SessionCounters, SessionGuard, SessionKind, Sessions},
@@ -48,6 +48,9 @@ pub struct Context {
     pub sessions: Sessions,
     /// The agent that answers messages, if any.
     pub agent: Option<Arc<dyn Agent>>,
+    /// The configured model providers and the routes over them (`/v1/chat/completions`,
+    /// `/v1/models`); empty without `[providers]` or an `[agent]` model provider.
+    pub upstreams: Arc<Upstreams>,
     /// Today's spend against `[cost] daily_budget_usd`.
     pub budget: Budget,
     /// The graceful-shutdown signal of the listeners: once fired, no new connection is
@@ -390,12 +393,13 @@ impl ContextBuilder {
             metrics.error_handle(crate::metrics::ErrorKind::StateWrite),
             SystemTime::now(),
         )?;
-        let agent = match (self.agent, config.agent.provider) {
-            (Some(agent), _) => Some(agent),
-            (None, Provider::Anthropic | Provider::OpenAi) => {
-                Some(Arc::new(ProviderAgent::new(&config, runtime.clone())?) as Arc<dyn Agent>)
+        let upstreams = Arc::new(Upstreams::new(&config, &runtime, &metrics)?);
+        let agent = match self.agent {
+            Some(agent) => Some(agent),
+            None if !upstreams.is_empty() => {
+                Some(Arc::new(ProviderAgent::new(Arc::clone(&upstreams))) as Arc<dyn Agent>)
             }
-            (None, _) => None,
+            None => None,
         };
         if agent.is_some() && budget.path().is_none() && config.cost.daily_budget_usd > 0.0 {
             log::warn!(
@@ -440,6 +444,7 @@ impl ContextBuilder {
             sessions,
             metrics,
             agent,
+            upstreams,
             budget,
             shutdown: Swansong::new(),
             closing: Swansong::new(),

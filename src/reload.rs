@@ -205,6 +205,26 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
     if running.agent.api_key != new.agent.api_key {
         keys.push("[agent] api_key (from api_key_file or the environment)".to_owned());
     }
+    // Each provider's key by value: a rotated key file is a change even when the path is not.
+    let names = running
+        .providers
+        .keys()
+        .chain(new.providers.keys())
+        .map(|name| name.get_ref())
+        .collect::<std::collections::BTreeSet<_>>();
+    for name in names {
+        let key = |config: &Config| {
+            config
+                .providers
+                .get(name.as_str())
+                .and_then(|provider| provider.api_key.clone())
+        };
+        if key(running) != key(new) {
+            keys.push(format!(
+                "[providers.{name}] api_key (from api_key_file or the environment)"
+            ));
+        }
+    }
     keys
 }
 
@@ -281,6 +301,19 @@ mod tests {
         );
         new.gateway.token = Some(Secret::new("a-new-token-0123456789"));
         new.agent.api_key = Some(Secret::new("sk-new"));
+        let provider = |key: &str| crate::config::ProviderConfig {
+            kind: crate::config::ProviderKind::Anthropic,
+            base_url: None,
+            api_key_file: Some("/etc/blufio/claude.key".into()),
+            api_key_env: None,
+            ca_file: None,
+            timeout_secs: None,
+            api_key: Some(Secret::new(key)),
+        };
+        let name = || crate::config::Spanned::new(0..0, "claude".to_owned());
+        let mut running = running;
+        running.providers.insert(name(), provider("sk-ant-old"));
+        new.providers.insert(name(), provider("sk-ant-rotated"));
         let report = compare(&running, &Live::from_config(&running), &new);
         assert_eq!(
             report.changed,
@@ -294,6 +327,7 @@ mod tests {
             "[cost] models.\"llama3.2\".input_usd_per_mtok",
             "[cost] models.\"llama3.2\".output_usd_per_mtok",
             "[agent] api_key (from api_key_file or the environment)",
+            "[providers.claude] api_key (from api_key_file or the environment)",
         ] {
             assert!(
                 report.needs_restart.iter().any(|k| k == key),
@@ -302,7 +336,7 @@ mod tests {
         }
         let text = report.to_string();
         assert!(
-            !text.contains("a-new-token") && !text.contains("sk-new"),
+            !text.contains("a-new-token") && !text.contains("sk-new") && !text.contains("sk-ant"),
             "{text}"
         );
     }

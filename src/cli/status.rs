@@ -195,10 +195,15 @@ fn render_status(health: &Value, address: SocketAddr, detailed: bool, tty: bool)
         text(&health["allocator_page_size"])
     ));
     out.push_str(&format!("  agent        {}\n", text(&health["agent"])));
-    out.push_str(&upstream_lines(
-        &health["upstream"],
-        std::time::SystemTime::now(),
-    ));
+    let now = std::time::SystemTime::now();
+    match health["providers"].as_array() {
+        Some(providers) => {
+            for provider in providers {
+                out.push_str(&upstream_lines(provider, now));
+            }
+        }
+        None => out.push_str(&upstream_lines(&health["upstream"], now)),
+    }
     out
 }
 
@@ -207,9 +212,13 @@ fn upstream_lines(upstream: &Value, now: std::time::SystemTime) -> String {
     if !upstream.is_object() {
         return String::new();
     }
+    // A `[providers.NAME]` entry names itself; the shorthand's `upstream` is its kind.
+    let name = match upstream["name"].as_str() {
+        Some(name) => format!("{name} ({})", text(&upstream["provider"])),
+        None => text(&upstream["provider"]),
+    };
     let mut out = format!(
-        "  upstream     {}, model {}, API key {}\n",
-        text(&upstream["provider"]),
+        "  upstream     {name}, model {}, API key {}\n",
         text(&upstream["model"]),
         text(&upstream["api_key"])
     );
@@ -264,6 +273,30 @@ fn usd(amount: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_configured_provider_gets_its_line_with_its_last_error() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let claude = serde_json::json!({
+            "name": "claude", "provider": "anthropic", "model": "claude-sonnet-4-5",
+            "api_key": "set", "last_error": "agent upstream failed: HTTP 529",
+            "last_error_at_unix": 990, "last_success_at_unix": 900,
+        });
+        let lines = upstream_lines(&claude, now);
+        assert_eq!(
+            lines,
+            "  upstream     claude (anthropic), model claude-sonnet-4-5, API key set\n  \
+             last error   10 s ago: agent upstream failed: HTTP 529 (last success 100 s ago)\n"
+        );
+        let shorthand = serde_json::json!({
+            "provider": "openai", "model": "llama3.2", "api_key": "unset",
+            "last_error": null, "last_success_at_unix": null,
+        });
+        assert_eq!(
+            upstream_lines(&shorthand, now),
+            "  upstream     openai, model llama3.2, API key unset\n  last error   none\n"
+        );
+    }
 
     #[test]
     fn dollars_keep_three_significant_digits_below_one() {

@@ -150,6 +150,9 @@ pub struct GatewayConfig {
     pub max_history_bytes: u64,
     /// Largest request body accepted, in bytes; larger bodies get 413.
     pub max_message_bytes: u64,
+    /// Largest `/v1/chat/completions` body accepted, in bytes (it carries the whole
+    /// conversation, so it is allowed more than one message); larger bodies get 413.
+    pub max_request_bytes: u64,
     /// Failed authentications per client (IPv4 address or IPv6 /64) within 60 s after which
     /// it gets 429 for 60 s; 0 turns the throttle off (a proxy in front throttles instead).
     pub auth_failure_limit: u32,
@@ -168,6 +171,7 @@ impl Default for GatewayConfig {
             max_history_messages: 50,
             max_history_bytes: 64 * 1024,
             max_message_bytes: 64 * 1024,
+            max_request_bytes: 1024 * 1024,
             auth_failure_limit: crate::client_fault::AUTH_FAILURE_LIMIT,
             default_model: None,
         }

@@ -65,6 +65,7 @@ impl Config {
             ),
             ("[gateway] max_history_bytes", gateway.max_history_bytes),
             ("[gateway] max_message_bytes", gateway.max_message_bytes),
+            ("[gateway] max_request_bytes", gateway.max_request_bytes),
             (
                 "[daemon] max_connections_per_ip",
                 daemon.max_connections_per_ip as u64,

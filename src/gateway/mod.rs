@@ -14,6 +14,7 @@ use std::{
 use futures_lite::FutureExt;
 use serde_json::{Value, json};
 
+pub mod chat;
 mod message;
 mod usage;
 
@@ -52,6 +53,7 @@ impl MessageError {
             MessageError::Agent(AgentError::Malformed(_)) => "agent_malformed",
             MessageError::Agent(AgentError::Timeout) => "agent_timeout",
             MessageError::Agent(AgentError::RateLimited { .. }) => "rate_limited",
+            MessageError::Agent(AgentError::UnknownModel(_)) => "model_not_found",
         }
     }
 
@@ -65,6 +67,7 @@ impl MessageError {
             MessageError::Agent(AgentError::Rejected { .. }) => ErrorKind::AgentRejected,
             MessageError::Agent(AgentError::Malformed(_)) => ErrorKind::AgentMalformed,
             MessageError::Agent(AgentError::Timeout) => ErrorKind::AgentTimeout,
+            MessageError::Agent(AgentError::UnknownModel(_)) => ErrorKind::NotFound,
         }
     }
 }
@@ -238,6 +241,7 @@ async fn call_agent(
     let call = Call {
         history,
         message: content,
+        model: None,
         deadline,
     };
     let call = match deltas {

@@ -26,6 +26,11 @@ impl Prompt {
             .into_iter()
             .chain(history.iter().map(|turn| turn.content.as_str()))
             .chain(std::iter::once(content));
+        Prompt::of_texts(texts)
+    }
+
+    /// Measures `texts`, one turn each.
+    pub(super) fn of_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Prompt {
         let mut prompt = Prompt {
             chars: 0,
             bytes: 0,
@@ -142,6 +147,8 @@ pub(super) struct Unfinished<'a> {
     ctx: &'a Context,
     deltas: &'a DeltaSender,
     prompt: Prompt,
+    /// The model charged when the stream never named one.
+    model: Option<String>,
     armed: bool,
 }
 
@@ -152,8 +159,15 @@ impl<'a> Unfinished<'a> {
             ctx,
             deltas,
             prompt,
+            model: None,
             armed: true,
         }
+    }
+
+    /// Charges an unnamed stream to `model` rather than the agent's first model.
+    pub(super) fn with_model(mut self, model: &str) -> Unfinished<'a> {
+        self.model = Some(model.to_owned());
+        self
     }
 
     /// Records time to first token; charges the partial stream unless it `succeeded` (then
@@ -180,6 +194,7 @@ impl<'a> Unfinished<'a> {
         let (input_tokens, output_tokens, estimated) = partial_tokens(&progress, self.prompt);
         let model = progress
             .model
+            .or_else(|| self.model.take())
             .or_else(|| {
                 self.ctx
                     .agent

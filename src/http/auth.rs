@@ -14,7 +14,10 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use trillium::{Conn, Handler, KnownHeaderName, Status};
 
-use crate::{client_fault::Blocked, context::Context, http::response, metrics::ErrorKind};
+use crate::{
+    client_fault::Blocked, context::Context, http::response, metrics::ErrorKind,
+    openai_api::ApiError,
+};
 
 /// The WebSocket subprotocol prefix that carries a bearer token.
 pub const SUBPROTOCOL_PREFIX: &str = "bearer.";
@@ -24,6 +27,7 @@ pub const SUBPROTOCOL_PREFIX: &str = "bearer.";
 pub struct BearerAuthHandler {
     ctx: Arc<Context>,
     allow_subprotocol: bool,
+    openai_errors: bool,
 }
 
 impl BearerAuthHandler {
@@ -32,7 +36,40 @@ impl BearerAuthHandler {
         BearerAuthHandler {
             ctx,
             allow_subprotocol: false,
+            openai_errors: false,
         }
+    }
+
+    /// Answers refusals in OpenAI's error shape (for `/v1/chat/completions` and
+    /// `/v1/models`, whose clients are OpenAI SDKs).
+    pub fn with_openai_errors(mut self) -> BearerAuthHandler {
+        self.openai_errors = true;
+        self
+    }
+
+    fn refuse(&self, conn: Conn, refusal: Refusal) -> Conn {
+        if !self.openai_errors {
+            return response::error(
+                &self.ctx,
+                conn,
+                refusal.status,
+                refusal.kind,
+                refusal.code,
+                refusal.message,
+            );
+        }
+        let error = match refusal.status {
+            Status::Unauthorized => ApiError::invalid_api_key(),
+            Status::TooManyRequests => ApiError::rate_limited(refusal.message),
+            status => ApiError {
+                status: status as u16,
+                message: refusal.message,
+                kind: "server_error",
+                param: None,
+                code: Some(refusal.code),
+            },
+        };
+        response::api_error(&self.ctx, conn, &error, Some(refusal.kind))
     }
 
     /// Also accepts the `Sec-WebSocket-Protocol: bearer.<token>` form (for `/ws`).
@@ -47,18 +84,21 @@ impl Handler for BearerAuthHandler {
         // The live configuration: a reload (SIGHUP) can rotate the token.
         let live = self.ctx.live();
         let Some(expected) = &live.token else {
-            return response::error(
-                &self.ctx,
+            return self.refuse(
                 conn,
-                Status::ServiceUnavailable,
-                ErrorKind::Unauthorized,
-                "auth_not_configured",
-                "no gateway token is configured; set [gateway] token_file or BLUFIO_GATEWAY_TOKEN",
+                Refusal {
+                    status: Status::ServiceUnavailable,
+                    kind: ErrorKind::Unauthorized,
+                    code: "auth_not_configured",
+                    message: "no gateway token is configured; set [gateway] token_file or \
+                              BLUFIO_GATEWAY_TOKEN"
+                        .to_owned(),
+                },
             );
         };
         let peer = conn.peer_ip();
         if let Some(blocked) = peer.and_then(|ip| self.ctx.client_faults.check(ip)) {
-            return too_many_failures(&self.ctx, conn, blocked);
+            return self.too_many_failures(conn, blocked);
         }
         let presented = bearer_token(&conn).or_else(|| {
             self.allow_subprotocol
@@ -76,37 +116,49 @@ impl Handler for BearerAuthHandler {
                 .client_faults
                 .auth_failed(ip, live.auth_failure_limit)
         }) {
-            return too_many_failures(&self.ctx, conn, blocked);
+            return self.too_many_failures(conn, blocked);
         }
-        response::error(
-            &self.ctx,
+        self.refuse(
             conn.with_response_header(KnownHeaderName::WwwAuthenticate, "Bearer realm=\"blufio\""),
-            Status::Unauthorized,
-            ErrorKind::Unauthorized,
-            "unauthorized",
-            "a valid bearer token is required",
+            Refusal {
+                status: Status::Unauthorized,
+                kind: ErrorKind::Unauthorized,
+                code: "unauthorized",
+                message: "a valid bearer token is required".to_owned(),
+            },
         )
     }
 }
 
-/// Answers a client blocked for failed authentications: 429, `Retry-After`, and the
-/// connection closed, so each further guess costs a new connection.
-fn too_many_failures(ctx: &Context, conn: Conn, blocked: Blocked) -> Conn {
-    response::error(
-        ctx,
-        conn.with_response_header(
-            KnownHeaderName::RetryAfter,
-            blocked.retry_after_secs.to_string(),
+impl BearerAuthHandler {
+    /// Answers a client blocked for failed authentications: 429, `Retry-After`, and the
+    /// connection closed, so each further guess costs a new connection.
+    fn too_many_failures(&self, conn: Conn, blocked: Blocked) -> Conn {
+        self.refuse(
+            conn.with_response_header(
+                KnownHeaderName::RetryAfter,
+                blocked.retry_after_secs.to_string(),
+            )
+            .with_response_header(KnownHeaderName::Connection, "close"),
+            Refusal {
+                status: Status::TooManyRequests,
+                kind: ErrorKind::AuthThrottled,
+                code: "too_many_auth_failures",
+                message: format!(
+                    "too many failed authentications from this address; retry in {} s",
+                    blocked.retry_after_secs
+                ),
+            },
         )
-        .with_response_header(KnownHeaderName::Connection, "close"),
-        Status::TooManyRequests,
-        ErrorKind::AuthThrottled,
-        "too_many_auth_failures",
-        format!(
-            "too many failed authentications from this address; retry in {} s",
-            blocked.retry_after_secs
-        ),
-    )
+    }
+}
+
+/// Why a request is refused before its handler runs.
+struct Refusal {
+    status: Status,
+    kind: ErrorKind,
+    code: &'static str,
+    message: String,
 }
 
 /// Returns the token of an `Authorization: Bearer <token>` header (scheme case-insensitive).

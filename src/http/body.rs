@@ -1,4 +1,5 @@
-//! Reading JSON request bodies within `[gateway] max_message_bytes`.
+//! Reading request bodies within a route's limit (`[gateway] max_message_bytes`, or
+//! `max_request_bytes` for `/v1/chat/completions`), and parsing JSON ones.
 //!
 //! A declared `Content-Length` above the limit is refused before a byte of the body is read;
 //! a chunked body is refused as soon as it passes the limit (trillium enforces it while
@@ -28,7 +29,8 @@ use crate::{
 /// what it received (and never what it merely declared).
 const FIRST_READ_BYTES: usize = 1024;
 
-/// Reads and parses the body; on failure returns the conn already answered with 4xx.
+/// Reads and parses the body within `[gateway] max_message_bytes`; on failure returns the
+/// conn already answered with 4xx.
 ///
 /// The buffer grows with the bytes received and is charged to the connection, which is in
 /// [`Phase::Body`] meanwhile: the memory monitor sheds it like an incomplete head.
@@ -36,75 +38,13 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     ctx: &Context,
     mut conn: Conn,
 ) -> Result<(Conn, T), Conn> {
-    let limit = ctx.config.gateway.max_message_bytes;
-    let declared = conn
-        .request_headers()
-        .get_str(KnownHeaderName::ContentLength)
-        .and_then(|length| length.trim().parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return Err(too_large(ctx, conn, limit));
-    }
-    let chunked = conn
-        .request_headers()
-        .has_header(KnownHeaderName::TransferEncoding);
-    let tracked: Option<Arc<Tracked>> = conn
-        .state::<ConnectionMemory>()
-        .map(|memory| Arc::clone(&memory.0));
-    if let Some(tracked) = &tracked {
-        tracked.set_phase(Phase::Body);
-    }
-    let mut charge = MemoryCharge::new(tracked.clone());
-    let read = read_bounded(conn.request_body(), limit, &mut charge).await;
-    if let Some(tracked) = &tracked {
-        tracked.set_phase(Phase::Busy);
-    }
-    let body = match read {
+    let limit = Limit {
+        bytes: ctx.config.gateway.max_message_bytes,
+        key: "[gateway] max_message_bytes",
+    };
+    let body = match read(ctx, &mut conn, limit).await {
         Ok(body) => body,
-        Err(error) if error.kind() == io::ErrorKind::FileTooLarge => {
-            return Err(too_large(ctx, conn, limit));
-        }
-        // A chunked body passing the limit surfaces as an I/O error of kind `Unsupported`.
-        Err(error) if error.kind() == io::ErrorKind::Unsupported => {
-            return Err(too_large(ctx, conn, limit));
-        }
-        // The whole-body or stall deadline (`deadline/`): answer if it can be written at
-        // once and close, rather than keep the socket for a body that is not coming.
-        Err(error) if error.kind() == io::ErrorKind::TimedOut => {
-            log::debug!("closing connection: {error}");
-            return Err(response::error(
-                ctx,
-                conn.with_response_header(KnownHeaderName::Connection, "close"),
-                Status::RequestTimeout,
-                ErrorKind::BodyTimeout,
-                "body_timeout",
-                format!(
-                    "the request body did not arrive within {} s ([daemon] request_timeout_secs)",
-                    ctx.config.daemon.request_timeout_secs
-                ),
-            ));
-        }
-        // Not a malformed request: the client went away (a cancelled request, the end of a
-        // flood). Neither counted nor charged to it; the answer is for a client that only
-        // closed its sending side, and is lost otherwise.
-        Err(error) if client_left(&error, chunked) => {
-            log::debug!("request body cut short by its client: {error}");
-            return Err(response::json(
-                conn.with_response_header(KnownHeaderName::Connection, "close"),
-                Status::BadRequest,
-                &serde_json::json!({
-                    "error": "incomplete_body",
-                    "message": format!("the connection closed before the whole body arrived: {error}"),
-                }),
-            ));
-        }
-        Err(error) => {
-            return Err(response::bad_request(
-                ctx,
-                conn.with_response_header(KnownHeaderName::Connection, "close"),
-                "bad_request",
-                format!("cannot read the request body: {error}"),
-            ));
-        }
+        Err(failure) => return Err(failure.answer(ctx, conn)),
     };
     if let Err(error) = std::str::from_utf8(&body) {
         return Err(response::bad_request(
@@ -128,15 +68,117 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     }
 }
 
-fn too_large(ctx: &Context, conn: Conn, limit: u64) -> Conn {
-    response::error(
-        ctx,
-        conn.with_response_header(KnownHeaderName::Connection, "close"),
-        Status::PayloadTooLarge,
-        ErrorKind::PayloadTooLarge,
-        "payload_too_large",
-        format!("the body is larger than {limit} bytes ([gateway] max_message_bytes)"),
-    )
+/// A route's body limit and the setting that sets it (named in the 413).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limit {
+    pub(crate) bytes: u64,
+    pub(crate) key: &'static str,
+}
+
+/// Why a body could not be read, and what its client is told.
+#[derive(Debug)]
+pub(crate) struct BodyFailure {
+    pub(crate) status: Status,
+    /// How it is counted; `None` when the client only went away.
+    pub(crate) kind: Option<ErrorKind>,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+impl BodyFailure {
+    /// Answers in blufio's own error shape, closing the connection.
+    pub(crate) fn answer(self, ctx: &Context, conn: Conn) -> Conn {
+        let conn = conn.with_response_header(KnownHeaderName::Connection, "close");
+        match self.kind {
+            Some(kind) => response::error(ctx, conn, self.status, kind, self.code, self.message),
+            None => response::json(
+                conn,
+                self.status,
+                &serde_json::json!({ "error": self.code, "message": self.message }),
+            ),
+        }
+    }
+}
+
+/// Reads the whole body within `limit`; on failure returns why (the conn is not yet
+/// answered). The connection cannot be reused after a failure: the answer must close it.
+///
+/// The conn is borrowed, not moved in and out: a future holding a `Conn` by value in each
+/// layer is larger, and every request waiting for its body holds one.
+pub(crate) async fn read(
+    ctx: &Context,
+    conn: &mut Conn,
+    limit: Limit,
+) -> Result<Vec<u8>, BodyFailure> {
+    let too_large = || BodyFailure {
+        status: Status::PayloadTooLarge,
+        kind: Some(ErrorKind::PayloadTooLarge),
+        code: "payload_too_large",
+        message: format!(
+            "the body is larger than {} bytes ({})",
+            limit.bytes, limit.key
+        ),
+    };
+    let declared = conn
+        .request_headers()
+        .get_str(KnownHeaderName::ContentLength)
+        .and_then(|length| length.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit.bytes) {
+        return Err(too_large());
+    }
+    let chunked = conn
+        .request_headers()
+        .has_header(KnownHeaderName::TransferEncoding);
+    let tracked: Option<Arc<Tracked>> = conn
+        .state::<ConnectionMemory>()
+        .map(|memory| Arc::clone(&memory.0));
+    if let Some(tracked) = &tracked {
+        tracked.set_phase(Phase::Body);
+    }
+    let mut charge = MemoryCharge::new(tracked.clone());
+    let read = read_bounded(conn.request_body(), limit.bytes, &mut charge).await;
+    if let Some(tracked) = &tracked {
+        tracked.set_phase(Phase::Busy);
+    }
+    let failure = match read {
+        Ok(body) => return Ok(body),
+        Err(error) if error.kind() == io::ErrorKind::FileTooLarge => too_large(),
+        // A chunked body passing the limit surfaces as an I/O error of kind `Unsupported`.
+        Err(error) if error.kind() == io::ErrorKind::Unsupported => too_large(),
+        // The whole-body or stall deadline (`deadline/`): answer if it can be written at
+        // once and close, rather than keep the socket for a body that is not coming.
+        Err(error) if error.kind() == io::ErrorKind::TimedOut => {
+            log::debug!("closing connection: {error}");
+            BodyFailure {
+                status: Status::RequestTimeout,
+                kind: Some(ErrorKind::BodyTimeout),
+                code: "body_timeout",
+                message: format!(
+                    "the request body did not arrive within {} s ([daemon] request_timeout_secs)",
+                    ctx.config.daemon.request_timeout_secs
+                ),
+            }
+        }
+        // Not a malformed request: the client went away (a cancelled request, the end of a
+        // flood). Neither counted nor charged to it; the answer is for a client that only
+        // closed its sending side, and is lost otherwise.
+        Err(error) if client_left(&error, chunked) => {
+            log::debug!("request body cut short by its client: {error}");
+            BodyFailure {
+                status: Status::BadRequest,
+                kind: None,
+                code: "incomplete_body",
+                message: format!("the connection closed before the whole body arrived: {error}"),
+            }
+        }
+        Err(error) => BodyFailure {
+            status: Status::BadRequest,
+            kind: Some(ErrorKind::BadRequest),
+            code: "bad_request",
+            message: format!("cannot read the request body: {error}"),
+        },
+    };
+    Err(failure)
 }
 
 /// Whether reading a body failed because its client closed or reset the connection, rather

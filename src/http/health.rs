@@ -159,6 +159,20 @@ fn details(ctx: &Context) -> Value {
     if let Some(upstream) = ctx.agent.as_ref().and_then(|agent| agent.upstream()) {
         body.insert("upstream".into(), upstream_json(&upstream));
     }
+    let providers = ctx.upstreams.statuses();
+    if !providers.is_empty() {
+        let providers = providers
+            .iter()
+            .map(|(name, status)| {
+                let mut entry = upstream_json(status);
+                if let Value::Object(map) = &mut entry {
+                    map.insert("name".into(), json!(name));
+                }
+                entry
+            })
+            .collect();
+        body.insert("providers".into(), Value::Array(providers));
+    }
     Value::Object(body)
 }
 

@@ -89,6 +89,7 @@ fn message_error(mut conn: Conn, error: &MessageError) -> Conn {
             AgentError::Upstream(_) | AgentError::Rejected { .. } | AgentError::Malformed(_),
         ) => Status::BadGateway,
         MessageError::Agent(AgentError::Timeout) => Status::GatewayTimeout,
+        MessageError::Agent(AgentError::UnknownModel(_)) => Status::NotFound,
         MessageError::Agent(AgentError::RateLimited { retry_after }) => {
             if let Some(retry_after) = retry_after {
                 conn.insert_response_header(

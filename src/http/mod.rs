@@ -9,6 +9,7 @@
 //! | `POST, GET /v1/sessions`, `GET, DELETE /v1/sessions/:id` | bearer | `sessions.rs` |
 //! | `POST /v1/messages` | bearer | `messages.rs` |
 //! | `GET /ws` | bearer (header or subprotocol) | `ws.rs` |
+//! | `POST /v1/chat/completions`, `GET /v1/models` | bearer (OpenAI-shaped errors) | `chat.rs` |
 //!
 //! Unknown paths get 404 and known paths with another method 405 with `Allow`, both as JSON.
 //! The three probe routes are matched before trillium-router ([`handler`]); the rest go
@@ -16,6 +17,7 @@
 
 pub mod auth;
 mod body;
+pub mod chat;
 pub mod health;
 pub mod messages;
 pub mod metrics;
@@ -35,6 +37,7 @@ use crate::{context::Context, metrics::ErrorKind};
 
 use self::{
     auth::BearerAuthHandler,
+    chat::{ChatCompletionsHandler, ModelsHandler},
     health::{DetailedHealthHandler, HealthHandler},
     messages::MessagesHandler,
     metrics::MetricsHandler,
@@ -72,6 +75,20 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
             .post(
                 "/v1/messages",
                 (auth.clone(), MessagesHandler::new(Arc::clone(&ctx))),
+            )
+            .post(
+                "/v1/chat/completions",
+                (
+                    auth.clone().with_openai_errors(),
+                    ChatCompletionsHandler::new(Arc::clone(&ctx)),
+                ),
+            )
+            .get(
+                "/v1/models",
+                (
+                    auth.clone().with_openai_errors(),
+                    ModelsHandler::new(Arc::clone(&ctx)),
+                ),
             )
             .get(
                 "/ws",

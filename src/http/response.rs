@@ -8,7 +8,7 @@ use std::fmt;
 use serde_json::{Value, json};
 use trillium::{Conn, KnownHeaderName, Status};
 
-use crate::{context::Context, metrics::ErrorKind};
+use crate::{context::Context, metrics::ErrorKind, openai_api::ApiError};
 
 /// Sends `body` as JSON with `status` and halts the handler chain.
 pub(crate) fn json(conn: Conn, status: Status, body: &Value) -> Conn {
@@ -55,4 +55,26 @@ pub(crate) fn bad_request(
         code,
         message,
     )
+}
+
+/// Sends an error in OpenAI's shape (`/v1/chat/completions` and `/v1/models` only), counted
+/// under `kind` like [`error`]; `None` for an answer that is not the client's fault.
+pub(crate) fn api_error(
+    ctx: &Context,
+    conn: Conn,
+    error: &ApiError,
+    kind: Option<ErrorKind>,
+) -> Conn {
+    if let Some(kind) = kind {
+        ctx.metrics.count_error(kind);
+        if let Some(ip) = conn.peer_ip() {
+            ctx.client_faults.malformed(ip, kind);
+        }
+    }
+    let status = Status::try_from(error.status).unwrap_or(Status::InternalServerError);
+    conn.with_status(status)
+        .with_response_header(KnownHeaderName::ContentType, "application/json")
+        .with_response_header(KnownHeaderName::CacheControl, "no-store")
+        .with_body(error.to_json())
+        .halt()
 }

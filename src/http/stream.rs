@@ -31,7 +31,7 @@ use std::{
 use async_io::Timer;
 use futures_lite::{AsyncRead, Stream};
 use serde_json::{Value, json};
-use trillium::{Body, Conn, KnownHeaderName, Status};
+use trillium::{Body, Conn, KnownHeaderName, Status, Swansong};
 
 use crate::{
     agent::DeltaSender,
@@ -48,15 +48,18 @@ const DELTA_BUFFER: usize = 32;
 /// How often a silent stream writes something, so a departed client is noticed.
 pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
 
-type Exchange = Pin<Box<dyn Future<Output = Result<MessageReply, MessageError>> + Send>>;
+/// What a session message's stream ends with.
+pub(crate) type MessageResult = Result<MessageReply, MessageError>;
 
-/// One thing a streamed reply says.
+type Exchange<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// One thing a streamed reply says; `T` is what the exchange ends with.
 #[derive(Debug)]
-pub(crate) enum StreamEvent {
+pub(crate) enum StreamEvent<T = MessageResult> {
     /// A piece of text.
     Delta(String),
     /// The end: the whole reply, or why it failed.
-    Finished(Result<MessageReply, MessageError>),
+    Finished(T),
     /// Nothing happened for [`HEARTBEAT`]; write something the client ignores.
     Heartbeat,
     /// The daemon is shutting down: the exchange was dropped (its partial output charged)
@@ -65,10 +68,10 @@ pub(crate) enum StreamEvent {
 }
 
 /// A streamed exchange: drives the gateway and yields its deltas and final result.
-pub(crate) struct ReplyStream {
-    exchange: Option<Exchange>,
+pub(crate) struct ReplyStream<T = MessageResult> {
+    exchange: Option<Exchange<T>>,
     deltas: Pin<Box<async_channel::Receiver<String>>>,
-    result: Option<Result<MessageReply, MessageError>>,
+    result: Option<T>,
     heartbeat: Timer,
     /// Fires when the daemon starts shutting down; `None` once it has.
     closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -104,19 +107,30 @@ impl ReplyStream {
         content: String,
         channel: Channel,
     ) -> ReplyStream {
-        let (sender, deltas) = async_channel::bounded(DELTA_BUFFER);
-        let closing = Box::pin(ctx.closing.shutting_down());
-        let exchange = Box::pin(async move {
-            let sender = DeltaSender::new(sender);
+        let closing = ctx.closing.clone();
+        ReplyStream::of(&closing, move |sender| async move {
             let result = gateway::exchange_stream(&ctx, &session, content, channel, &sender).await;
             // A failed (or, by dropping, abandoned) first exchange closes its session.
             if let (Ok(_), Some(opened)) = (&result, opened) {
                 opened.keep();
             }
             result
-        });
+        })
+    }
+}
+
+impl<T: Send + 'static> ReplyStream<T> {
+    /// Starts (lazily) the exchange `exchange` makes of the delta sender it is given; it
+    /// ends with a `ShuttingDown` event when `closing` fires first.
+    pub(crate) fn of<F, Fut>(closing: &Swansong, exchange: F) -> ReplyStream<T>
+    where
+        F: FnOnce(DeltaSender) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let (sender, deltas) = async_channel::bounded(DELTA_BUFFER);
+        let closing = Box::pin(closing.shutting_down());
         ReplyStream {
-            exchange: Some(exchange),
+            exchange: Some(Box::pin(exchange(DeltaSender::new(sender)))),
             deltas: Box::pin(deltas),
             result: None,
             heartbeat: Timer::interval(HEARTBEAT),
@@ -124,7 +138,7 @@ impl ReplyStream {
         }
     }
 
-    fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<StreamEvent>> {
+    pub(crate) fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<StreamEvent<T>>> {
         // A reply can outlast any grace period: at shutdown the stream ends at once with a
         // word the client can act on (retry elsewhere), instead of being cut mid-body when
         // the grace period is over.
@@ -163,7 +177,7 @@ impl ReplyStream {
     }
 
     /// Returns the next event; `None` after the final one.
-    pub(crate) async fn next(&mut self) -> Option<StreamEvent> {
+    pub(crate) async fn next(&mut self) -> Option<StreamEvent<T>> {
         futures_lite::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 }
@@ -205,13 +219,12 @@ pub(crate) async fn respond(
         Some(event) => event,
         None => return conn.with_status(Status::InternalServerError).halt(),
     };
-    let mut body = SseBody {
-        stream,
-        buffer: Vec::new(),
-        offset: 0,
-        ended: false,
-    };
-    body.buffer = sse_frame(&first);
+    let first = sse_frame(&first);
+    event_stream(conn, SseBody::new(stream, first, sse_frame))
+}
+
+/// Answers with `body` as a `text/event-stream`.
+pub(crate) fn event_stream<T: Send + Unpin + 'static>(conn: Conn, body: SseBody<T>) -> Conn {
     conn.with_status(Status::Ok)
         .with_response_header(KnownHeaderName::ContentType, "text/event-stream")
         .with_response_header(KnownHeaderName::CacheControl, "no-store")
@@ -277,15 +290,36 @@ fn sse_frame(event: &StreamEvent) -> Vec<u8> {
     format!("event: {name}\ndata: {data}\n\n").into_bytes()
 }
 
-/// The response body of a streamed reply.
-struct SseBody {
-    stream: ReplyStream,
+/// The response body of a streamed reply: each event framed by `frame` (which returns
+/// nothing after the stream's last words, to end it).
+pub(crate) struct SseBody<T = MessageResult> {
+    stream: ReplyStream<T>,
+    frame: Frame<T>,
     buffer: Vec<u8>,
     offset: usize,
     ended: bool,
 }
 
-impl AsyncRead for SseBody {
+type Frame<T> = Box<dyn FnMut(&StreamEvent<T>) -> Vec<u8> + Send>;
+
+impl<T: Send + 'static> SseBody<T> {
+    /// A body that starts with `first` (bytes already framed), then frames each event.
+    pub(crate) fn new(
+        stream: ReplyStream<T>,
+        first: Vec<u8>,
+        frame: impl FnMut(&StreamEvent<T>) -> Vec<u8> + Send + 'static,
+    ) -> SseBody<T> {
+        SseBody {
+            stream,
+            frame: Box::new(frame),
+            buffer: first,
+            offset: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<T: Send + Unpin + 'static> AsyncRead for SseBody<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -307,7 +341,7 @@ impl AsyncRead for SseBody {
             }
             match this.stream.poll_event(cx) {
                 Poll::Ready(Some(event)) => {
-                    this.buffer = sse_frame(&event);
+                    this.buffer = (this.frame)(&event);
                     this.offset = 0;
                 }
                 Poll::Ready(None) => this.ended = true,

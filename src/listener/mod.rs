@@ -51,7 +51,9 @@ const RESPONSE_HEADER_CAPACITY: usize = 8;
 pub(crate) async fn http_context(ctx: &Context, handler: &mut impl Handler) -> Arc<HttpContext> {
     let mut http_config = HttpConfig::default();
     // Bodies above the limit are refused while being read, never buffered whole.
-    http_config.set_received_body_max_len(ctx.config.gateway.max_message_bytes);
+    // Each route holds its body to its own limit (`http/body.rs`); this is the larger one.
+    let gateway = &ctx.config.gateway;
+    http_config.set_received_body_max_len(gateway.max_message_bytes.max(gateway.max_request_bytes));
     // trillium-http's `read_bytes` would reserve a declared length (up to 1 MiB) before a byte
     // arrives; `http/body.rs` reads with its own growing buffer, and this keeps any other
     // reader from reserving more than one small allocation for a length merely declared.

@@ -49,6 +49,22 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     ("blufio_errors_total", "Errors, by type."),
     (
+        "blufio_upstream_requests_total",
+        "Requests sent to each model provider, by outcome (2xx, 429, 4xx, 5xx, 529, unreachable, timeout).",
+    ),
+    (
+        "blufio_upstream_latency_seconds",
+        "Time from sending a request to a model provider to its answer's head, in seconds.",
+    ),
+    (
+        "blufio_fallbacks_total",
+        "Requests moved from a model alias to the next in its fallback chain, by alias.",
+    ),
+    (
+        "blufio_gateway_overhead_seconds",
+        "Time a /v1/chat/completions request spends in blufio itself, without the wait for the upstream, in seconds.",
+    ),
+    (
         "blufio_time_to_first_token_seconds",
         "Time from a streamed message's arrival to its first text delta, in seconds.",
     ),

@@ -8,6 +8,7 @@
 
 mod describe;
 mod labels;
+mod upstream;
 
 use std::{
     collections::HashMap,
@@ -26,6 +27,7 @@ use metrics_exporter_prometheus::{
 use crate::error::Error;
 
 pub use labels::{Channel, ErrorCounter, ErrorKind, ShedReason, TokenType};
+pub use upstream::{FallbackCounters, OVERHEAD_BUCKETS, UpstreamMetrics, UpstreamOutcome};
 
 use describe::{registry_describe, render_process};
 
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub connection_memory_bytes: Gauge,
     /// `blufio_monitor_ticks_total`.
     pub monitor_ticks: Counter,
+    /// `blufio_gateway_overhead_seconds`.
+    pub gateway_overhead: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,6 +103,16 @@ impl Metrics {
             .set_buckets_for_metric(
                 Matcher::Full("blufio_time_to_first_token_seconds".to_owned()),
                 LATENCY_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_upstream_latency_seconds".to_owned()),
+                LATENCY_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_gateway_overhead_seconds".to_owned()),
+                OVERHEAD_BUCKETS,
             )
             .map_err(|error| Error::Metrics(error.to_string()))?
             .build_recorder();
@@ -142,6 +156,7 @@ impl Metrics {
             open_connections: registry.gauge("blufio_open_connections"),
             connection_memory_bytes: registry.gauge("blufio_connection_memory_bytes"),
             monitor_ticks: registry.counter("blufio_monitor_ticks_total", &[]),
+            gateway_overhead: registry.histogram("blufio_gateway_overhead_seconds"),
             recorder,
             handle,
         };
@@ -269,6 +284,44 @@ impl Metrics {
     pub fn register_model(&self, model: &str) {
         self.count_tokens(model, TokenType::Input, 0);
         self.count_tokens(model, TokenType::Output, 0);
+    }
+
+    /// Registers and returns the handles of the upstream `provider` (a configured name).
+    pub fn upstream(&self, provider: &str) -> UpstreamMetrics {
+        let registry = Registry {
+            recorder: &self.recorder,
+        };
+        let requests = UpstreamOutcome::ALL
+            .iter()
+            .map(|outcome| {
+                let labels = [("provider", provider), ("status", outcome.as_str())];
+                (
+                    *outcome,
+                    registry.counter("blufio_upstream_requests_total", &labels),
+                )
+            })
+            .collect();
+        let latency = self.recorder.register_histogram(
+            &Registry::key("blufio_upstream_latency_seconds", &[("provider", provider)]),
+            &METADATA,
+        );
+        UpstreamMetrics::new(requests, latency)
+    }
+
+    /// Registers and returns `blufio_fallbacks_total{from,to}` for each `(from, to)` step.
+    pub fn fallbacks<'a>(
+        &self,
+        steps: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> FallbackCounters {
+        let registry = Registry {
+            recorder: &self.recorder,
+        };
+        let mut counters = FallbackCounters::default();
+        for (from, to) in steps {
+            let counter = registry.counter("blufio_fallbacks_total", &[("from", from), ("to", to)]);
+            counters.push(from, to, counter);
+        }
+        counters
     }
 
     /// Drains histogram buffers; the memory monitor calls this on every tick so buffers do not

@@ -5,26 +5,115 @@ use std::iter;
 
 use serde_json::{Value, json};
 
-use crate::agent::Turn;
+use crate::{
+    agent::Turn,
+    openai_api::{ChatMessage, ChatRole, FinishReason},
+};
 
-/// What one call asks: the model and its settings, the earlier turns and the new message.
+/// What one call asks: the model and its settings, and the conversation.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Request<'a> {
     pub(crate) model: &'a str,
     pub(crate) max_tokens: u32,
+    /// The configured system prompt, for a conversation that brings none of its own.
     pub(crate) system: Option<&'a str>,
-    pub(crate) history: &'a [Turn],
-    pub(crate) message: &'a str,
+    pub(crate) messages: Messages<'a>,
+    pub(crate) sampling: Sampling<'a>,
     pub(crate) stream: bool,
 }
 
-/// Returns the history (oldest first) then the new message as `{role, content}` objects,
-/// the form both APIs take.
-pub(crate) fn messages<'a>(history: &'a [Turn], message: &'a str) -> impl Iterator<Item = Value> {
+/// The conversation sent up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Messages<'a> {
+    /// A blufio session: its earlier turns, then the new user message.
+    Session {
+        history: &'a [Turn],
+        message: &'a str,
+    },
+    /// A `/v1/chat/completions` client's whole conversation, its system messages included.
+    Chat(&'a [ChatMessage]),
+}
+
+/// The sampling settings a `/v1/chat/completions` client may give; all unset for a session.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sampling<'a> {
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_p: Option<f64>,
+    pub(crate) stop: &'a [String],
+    pub(crate) user: Option<&'a str>,
+}
+
+impl Messages<'_> {
+    /// Returns every text sent up, for estimates.
+    pub(crate) fn chars(&self) -> usize {
+        match self {
+            Messages::Session { history, message } => {
+                history
+                    .iter()
+                    .map(|turn| turn.content.chars().count())
+                    .sum::<usize>()
+                    + message.chars().count()
+            }
+            Messages::Chat(messages) => messages
+                .iter()
+                .flat_map(|message| &message.parts)
+                .map(|part| part.chars().count())
+                .sum(),
+        }
+    }
+
+    /// Returns whether the conversation carries its own system (or developer) message.
+    pub(crate) fn has_system(&self) -> bool {
+        match self {
+            Messages::Session { .. } => false,
+            Messages::Chat(messages) => messages.iter().any(|message| is_system(message.role)),
+        }
+    }
+}
+
+/// Whether a chat role is an instruction to the model rather than a turn of the dialogue.
+pub(crate) fn is_system(role: ChatRole) -> bool {
+    matches!(role, ChatRole::System | ChatRole::Developer)
+}
+
+/// Returns a chat message's content as sent: a string for one part, text blocks (the form
+/// both APIs take) for several.
+pub(crate) fn content(message: &ChatMessage) -> Value {
+    match message.parts.as_slice() {
+        [one] => json!(one),
+        parts => Value::Array(
+            parts
+                .iter()
+                .map(|text| json!({ "type": "text", "text": text }))
+                .collect(),
+        ),
+    }
+}
+
+/// Returns a session's history (oldest first) then the new message as `{role, content}`
+/// objects, the form both APIs take.
+pub(crate) fn session_messages<'a>(
+    history: &'a [Turn],
+    message: &'a str,
+) -> impl Iterator<Item = Value> {
     history
         .iter()
         .map(|turn| json!({ "role": turn.role.as_str(), "content": turn.content }))
         .chain(iter::once(json!({ "role": "user", "content": message })))
+}
+
+/// Adds the sampling settings both APIs name alike, and the stop sequences under `stop_key`.
+pub(crate) fn add_sampling(body: &mut Value, sampling: &Sampling<'_>, stop_key: &str) {
+    let Value::Object(map) = body else { return };
+    if let Some(temperature) = sampling.temperature {
+        map.insert("temperature".into(), json!(temperature));
+    }
+    if let Some(top_p) = sampling.top_p {
+        map.insert("top_p".into(), json!(top_p));
+    }
+    if !sampling.stop.is_empty() {
+        map.insert(stop_key.into(), json!(sampling.stop));
+    }
 }
 
 /// Returns `{model, max_tokens, messages}`, the fields both APIs' requests start from.
@@ -39,6 +128,8 @@ pub(crate) struct Parsed {
     pub(crate) model: Option<String>,
     pub(crate) input_tokens: Option<u64>,
     pub(crate) output_tokens: Option<u64>,
+    /// Why the model stopped, when the upstream said.
+    pub(crate) finish: Option<FinishReason>,
 }
 
 /// One thing a streamed event says.
@@ -50,6 +141,7 @@ pub(crate) enum StreamItem {
         input_tokens: Option<u64>,
         output_tokens: Option<u64>,
     },
+    Finish(FinishReason),
     Done,
     Failed(String),
     Nothing,
@@ -74,6 +166,14 @@ pub(crate) mod tests {
         ]
     }
 
+    /// A chat message of `parts`.
+    pub(crate) fn chat_message(role: ChatRole, parts: &[&str]) -> ChatMessage {
+        ChatMessage {
+            role,
+            parts: parts.iter().map(|part| (*part).to_owned()).collect(),
+        }
+    }
+
     /// A request, in the order the wires' request tests give it.
     pub(crate) fn request<'a>(
         model: &'a str,
@@ -87,8 +187,8 @@ pub(crate) mod tests {
             model,
             max_tokens,
             system,
-            history,
-            message,
+            messages: Messages::Session { history, message },
+            sampling: Sampling::default(),
             stream,
         }
     }

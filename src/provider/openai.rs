@@ -10,25 +10,53 @@ use serde_json::{Value, json};
 use trillium_client::{Conn, KnownHeaderName};
 
 use super::{
-    chat::{self, Parsed, Request, StreamItem},
+    chat::{self, Messages, Parsed, Request, StreamItem},
     sse::SseEvent,
 };
-use crate::config::Secret;
+use crate::{
+    config::Secret,
+    openai_api::{ChatRole, FinishReason},
+};
 
-/// Builds `{model, max_tokens, messages, stream}`; the system prompt is the first message.
+/// Builds `{model, max_tokens, messages, stream}` and the sampling settings; the configured
+/// system prompt is the first message.
+///
+/// A chat client's messages go up in their places, as sent, except that `developer` is sent
+/// as `system`: the role OpenAI gave newer models, which servers such as Ollama do not know,
+/// and which OpenAI treats alike. The configured system prompt is added only to a
+/// conversation that brings no instructions of its own.
 pub(crate) fn request_body(request: &Request<'_>) -> Value {
-    let messages: Vec<Value> = request
+    let default_system = request
         .system
-        .map(|system| json!({ "role": "system", "content": system }))
-        .into_iter()
-        .chain(chat::messages(request.history, request.message))
-        .collect();
+        .filter(|_| !request.messages.has_system())
+        .map(|system| json!({ "role": "system", "content": system }));
+    let messages: Vec<Value> = match request.messages {
+        Messages::Session { history, message } => default_system
+            .into_iter()
+            .chain(chat::session_messages(history, message))
+            .collect(),
+        Messages::Chat(conversation) => default_system
+            .into_iter()
+            .chain(conversation.iter().map(|message| {
+                let role = match message.role {
+                    ChatRole::System | ChatRole::Developer => "system",
+                    ChatRole::User => "user",
+                    ChatRole::Assistant => "assistant",
+                };
+                json!({ "role": role, "content": chat::content(message) })
+            }))
+            .collect(),
+    };
     let mut body = chat::body(request, messages);
-    if request.stream
-        && let Value::Object(map) = &mut body
-    {
-        map.insert("stream".into(), json!(true));
-        map.insert("stream_options".into(), json!({ "include_usage": true }));
+    chat::add_sampling(&mut body, &request.sampling, "stop");
+    if let Value::Object(map) = &mut body {
+        if let Some(user) = request.sampling.user {
+            map.insert("user".into(), json!(user));
+        }
+        if request.stream {
+            map.insert("stream".into(), json!(true));
+            map.insert("stream_options".into(), json!({ "include_usage": true }));
+        }
     }
     body
 }
@@ -62,6 +90,9 @@ pub(crate) fn parse_reply(body: &str) -> Result<Parsed, String> {
         model: value["model"].as_str().map(str::to_owned),
         input_tokens: value["usage"]["prompt_tokens"].as_u64(),
         output_tokens: value["usage"]["completion_tokens"].as_u64(),
+        finish: value["choices"][0]["finish_reason"]
+            .as_str()
+            .map(FinishReason::from_openai),
     })
 }
 
@@ -81,6 +112,9 @@ pub(crate) fn parse_event(event: &SseEvent) -> Result<Vec<StreamItem>, String> {
     if let Some(text) = value["choices"][0]["delta"]["content"].as_str() {
         items.push(StreamItem::Delta(text.to_owned()));
     }
+    if let Some(reason) = value["choices"][0]["finish_reason"].as_str() {
+        items.push(StreamItem::Finish(FinishReason::from_openai(reason)));
+    }
     if value["usage"].is_object() || value["model"].is_string() {
         items.push(StreamItem::Usage {
             model: value["model"].as_str().map(str::to_owned),
@@ -94,7 +128,65 @@ pub(crate) fn parse_event(event: &SseEvent) -> Result<Vec<StreamItem>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::chat::tests::{request, two_turns};
+    use crate::provider::chat::{
+        Sampling,
+        tests::{chat_message, request, two_turns},
+    };
+
+    #[test]
+    fn a_chat_conversation_goes_up_in_place_with_its_sampling() {
+        let conversation = [
+            chat_message(ChatRole::Developer, &["be brief"]),
+            chat_message(ChatRole::User, &["hi", "there"]),
+        ];
+        let stop = vec!["a".to_owned(), "b".to_owned()];
+        let request = Request {
+            model: "llama3.2",
+            max_tokens: 10,
+            system: Some("unused: the client brought instructions"),
+            messages: Messages::Chat(&conversation),
+            sampling: Sampling {
+                temperature: Some(1.5),
+                top_p: None,
+                stop: &stop,
+                user: Some("u"),
+            },
+            stream: false,
+        };
+        assert_eq!(
+            request_body(&request),
+            json!({
+                "model": "llama3.2", "max_tokens": 10, "temperature": 1.5,
+                "stop": ["a", "b"], "user": "u",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+                ],
+            })
+        );
+        let only_user = [chat_message(ChatRole::User, &["x"])];
+        let body = request_body(&Request {
+            messages: Messages::Chat(&only_user),
+            ..request
+        });
+        assert_eq!(body["messages"][0]["role"], "system");
+        assert_eq!(body["messages"][1]["content"], "x");
+    }
+
+    #[test]
+    fn finish_reasons_are_read_from_replies_and_chunks() {
+        let parsed =
+            parse_reply(r#"{"choices":[{"message":{"content":"x"},"finish_reason":"length"}]}"#)
+                .unwrap();
+        assert_eq!(parsed.finish, Some(FinishReason::Length));
+        let items = parse_event(&SseEvent {
+            event: String::new(),
+            data: r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#.to_owned(),
+        })
+        .unwrap();
+        assert_eq!(items, vec![StreamItem::Finish(FinishReason::Stop)]);
+    }
 
     #[test]
     fn the_system_prompt_leads_and_the_history_follows() {

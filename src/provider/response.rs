@@ -98,6 +98,7 @@ async fn take(
             reply.input_tokens = input_tokens.or(reply.input_tokens);
             reply.output_tokens = output_tokens.or(reply.output_tokens);
         }
+        StreamItem::Finish(reason) => reply.finish = Some(reason),
         StreamItem::Done => return Ok(true),
         StreamItem::Failed(kind) => {
             return Err(AgentError::Upstream(format!(

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use trillium_client::{Conn, KnownHeaderName};
 
-use crate::agent::AgentError;
+use crate::{
+    agent::AgentError,
+    metrics::{UpstreamMetrics, UpstreamOutcome},
+};
 
 /// Calls to the upstream for one message, at most (the first try and two retries).
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -41,21 +44,36 @@ impl RetryCause {
     }
 }
 
-/// Sends the request `call` builds, retrying 429, 5xx and connection failures; returns a
-/// 2xx conn, or [`AgentError::Rejected`] for a status not worth retrying. `provider` names
-/// the upstream in the log.
+/// Sends the request `call` builds, at most `attempts` times, retrying 429, 5xx and
+/// connection failures; returns a 2xx conn, or [`AgentError::Rejected`] for a status not
+/// worth retrying. `provider` names the upstream in the log; each call is counted in
+/// `metrics` with the time its answer's head took.
 ///
 /// A wait that would end past `deadline` (when the gateway gives up on the call) is not
 /// waited: the failure is returned at once, so a client told `retry-after` gets `429`
 /// with it instead of a `504` after a wait that could not succeed.
 pub(crate) async fn send(
     provider: &str,
+    attempts: u32,
     deadline: Instant,
+    metrics: &UpstreamMetrics,
     mut call: impl FnMut() -> Conn,
 ) -> Result<Conn, AgentError> {
     let mut attempt = 1;
     loop {
-        let (cause, hint) = match call().await {
+        let sent = Instant::now();
+        let answer = call().await;
+        let latency = Some(sent.elapsed());
+        let outcome = match &answer {
+            Ok(conn) => UpstreamOutcome::of_status(conn.status().map_or(0, |status| status as u16)),
+            Err(trillium_client::Error::InvalidStatus) => UpstreamOutcome::Overloaded,
+            Err(_) => UpstreamOutcome::Unreachable,
+        };
+        metrics.record(
+            outcome,
+            latency.filter(|_| outcome != UpstreamOutcome::Unreachable),
+        );
+        let (cause, hint) = match answer {
             Ok(conn) => {
                 let status = conn.status().map_or(0, |status| status as u16);
                 match status {
@@ -74,7 +92,7 @@ pub(crate) async fn send(
         let past_deadline = Instant::now()
             .checked_add(delay)
             .is_none_or(|end| end >= deadline);
-        if attempt >= MAX_ATTEMPTS || delay > MAX_RETRY_WAIT || past_deadline {
+        if attempt >= attempts.min(MAX_ATTEMPTS) || delay > MAX_RETRY_WAIT || past_deadline {
             return Err(cause.into_error(hint.or(past_deadline.then_some(delay))));
         }
         log_retry(provider, &cause, delay, attempt);

@@ -34,13 +34,11 @@ pub fn estimate_tokens(chars: u64) -> u64 {
 
 /// Estimates what the upstream was sent: the system prompt, the history and the message.
 fn estimate_prompt_tokens(request: &Request<'_>) -> u64 {
-    let chars: usize = request
-        .history
-        .iter()
-        .map(|turn| turn.content.chars().count())
-        .sum::<usize>()
-        + request.message.chars().count()
-        + request.system.map_or(0, |system| system.chars().count());
+    let system = request
+        .system
+        .filter(|_| !request.messages.has_system())
+        .map_or(0, |system| system.chars().count());
+    let chars = request.messages.chars() + system;
     estimate_tokens(chars as u64)
 }
 

@@ -74,7 +74,7 @@ impl Wire {
     /// Reads one streamed event.
     pub(crate) fn parse_event(self, event: &SseEvent) -> Result<Vec<StreamItem>, String> {
         match self {
-            Wire::Anthropic => anthropic::parse_event(event).map(|item| vec![item]),
+            Wire::Anthropic => anthropic::parse_event(event),
             Wire::OpenAi => openai::parse_event(event),
         }
     }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cgroup;
+mod chat_completions;
 mod cli;
 mod gateway;
 mod health;

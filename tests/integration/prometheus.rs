@@ -154,16 +154,58 @@ pub fn parse(text: &str) -> Exposition {
     exposition
 }
 
+/// A series' labels, `le` aside.
+type Labels = Vec<(String, String)>;
+
 fn check_histogram(name: &str, family: &Family) {
-    let buckets: Vec<&Sample> = family
+    // One series per label set (a histogram with labels has several), `le` aside.
+    let mut series: Vec<(Labels, Vec<&Sample>)> = Vec::new();
+    for sample in family
         .samples
         .iter()
         .filter(|s| s.name.ends_with("_bucket"))
-        .collect();
-    assert!(!buckets.is_empty(), "{name} has no buckets");
+    {
+        let labels: Labels = sample
+            .labels
+            .iter()
+            .filter(|(k, _)| k != "le")
+            .cloned()
+            .collect();
+        match series.iter_mut().find(|(known, _)| *known == labels) {
+            Some((_, buckets)) => buckets.push(sample),
+            None => series.push((labels, vec![sample])),
+        }
+    }
+    assert!(!series.is_empty(), "{name} has no buckets");
+    for (labels, buckets) in series {
+        let total = check_buckets(name, &buckets);
+        let same = |s: &&Sample| s.labels.iter().filter(|(k, _)| k != "le").eq(labels.iter());
+        let count = family
+            .samples
+            .iter()
+            .filter(same)
+            .find(|s| s.name.ends_with("_count"))
+            .unwrap_or_else(|| panic!("{name} {labels:?} has no _count"));
+        assert_eq!(
+            count.value, total,
+            "{name} {labels:?}: +Inf bucket differs from _count"
+        );
+        assert!(
+            family
+                .samples
+                .iter()
+                .filter(same)
+                .any(|s| s.name.ends_with("_sum")),
+            "{name} {labels:?} has no _sum"
+        );
+    }
+}
+
+/// Checks one series' buckets and returns the count of its `+Inf` bucket.
+fn check_buckets(name: &str, buckets: &[&Sample]) -> f64 {
     let mut previous_bound = f64::NEG_INFINITY;
     let mut previous_count = 0.0;
-    for bucket in &buckets {
+    for bucket in buckets {
         let le = bucket
             .labels
             .iter()
@@ -183,19 +225,7 @@ fn check_histogram(name: &str, family: &Family) {
         previous_bound.is_infinite(),
         "{name}: last bucket is not +Inf"
     );
-    let count = family
-        .samples
-        .iter()
-        .find(|s| s.name.ends_with("_count"))
-        .unwrap_or_else(|| panic!("{name} has no _count"));
-    assert_eq!(
-        count.value, previous_count,
-        "{name}: +Inf bucket differs from _count"
-    );
-    assert!(
-        family.samples.iter().any(|s| s.name.ends_with("_sum")),
-        "{name} has no _sum"
-    );
+    previous_count
 }
 
 fn check_name(name: &str) -> Result<(), String> {
