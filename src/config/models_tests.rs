@@ -311,3 +311,240 @@ fn more_models_or_providers_than_the_limits_are_refused() {
     }
     assert!(parse_error(&text).contains("key `[providers]`: at most 64 providers"));
 }
+
+/// What `[providers.NAME]` and `[models.ALIAS]` tables of every shape and type give: the
+/// tables, or the error with its line, column and key. Recorded from serde's derived
+/// `Deserialize` and kept word for word by the hand-written one in `models/table.rs`.
+const TABLE_OUTCOMES: &[(&str, &str)] = &[
+    ("[providers.a]\n", "blufio.toml:1:1: missing field `kind`"),
+    (
+        "[providers.a]\nkind = 5\n",
+        "blufio.toml:2:8: key `kind`: wanted string or table",
+    ),
+    (
+        "[providers.a]\nkind = \"gemini\"\n",
+        "blufio.toml:2:8: key `kind`: unknown variant `gemini`, expected `anthropic` or \
+            `openai`",
+    ),
+    (
+        "[providers.a]\nkind = { openai = {} }\n",
+        "{Spanned { span: 11..12, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: None, api_key_file: None, api_key_env: None, ca_file: None, \
+            timeout_secs: None, api_key: None }} {}",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\nbase_url = 5\n",
+        "blufio.toml:3:12: key `base_url`: invalid type: integer `5`, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\napi_key_file = true\n",
+        "blufio.toml:3:16: key `api_key_file`: invalid type: boolean `true`, expected \
+            path string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\napi_key_env = [1]\n",
+        "blufio.toml:3:15: key `api_key_env`: invalid type: sequence, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\nca_file = 1.5\n",
+        "blufio.toml:3:11: key `ca_file`: invalid type: floating point `1.5`, expected \
+            path string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\ntimeout_secs = -1\n",
+        "blufio.toml:3:16: key `timeout_secs`: invalid value: integer `-1`, expected u64",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\ntimeout_secs = \"5\"\n",
+        "blufio.toml:3:16: key `timeout_secs`: invalid type: string \"5\", expected u64",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\napi_key = \"sk\"\n",
+        "blufio.toml:3:1: key `api_key`: unknown field `api_key`, expected one of \
+            `kind`, `base_url`, `api_key_file`, `api_key_env`, `ca_file`, `timeout_secs`",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\nextra = 1\n",
+        "blufio.toml:3:1: key `extra`: unknown field `extra`, expected one of `kind`, \
+            `base_url`, `api_key_file`, `api_key_env`, `ca_file`, `timeout_secs`",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\nbase_url = \"http://h:1\"\napi_key_env = \
+            \"K\"\ntimeout_secs = 9\n[models.m]\nprovider = \"a\"\n",
+        "{Spanned { span: 11..12, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: Some(\"http://h:1\"), api_key_file: None, api_key_env: Some(\"K\"), \
+            ca_file: None, timeout_secs: Some(9), api_key: None }} {Spanned { span: 97..98, \
+            value: \"m\" }: ModelConfig { provider: Spanned { span: 111..114, value: \"a\" \
+            }, model: None, fallback: [], max_tokens: None, system: None }}",
+    ),
+    (
+        "[providers]\na = 5\n",
+        "blufio.toml:2:5: key `a`: invalid type: integer `5`, expected struct \
+            ProviderConfig",
+    ),
+    (
+        "[providers]\na = [\"openai\"]\n",
+        "{Spanned { span: 12..13, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: None, api_key_file: None, api_key_env: None, ca_file: None, \
+            timeout_secs: None, api_key: None }} {}",
+    ),
+    (
+        "[providers]\na = 1979-05-27T07:32:00Z\n",
+        "blufio.toml:2:5: key `a`: unknown field `$__toml_private_datetime`, expected \
+            one of `kind`, `base_url`, `api_key_file`, `api_key_env`, `ca_file`, \
+            `timeout_secs`",
+    ),
+    (
+        "[providers]\na = { kind = \"openai\", \"\" = 1 }\n",
+        "blufio.toml:2:24: key `a`: unknown field ``, expected one of `kind`, \
+            `base_url`, `api_key_file`, `api_key_env`, `ca_file`, `timeout_secs`",
+    ),
+    (
+        "providers = 5\n",
+        "blufio.toml:1:13: key `providers`: invalid type: integer `5`, expected a map",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\n",
+        "blufio.toml:3:1: missing field `provider`",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = 5\n",
+        "blufio.toml:4:12: key `provider`: invalid type: integer `5`, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nmodel = 5\n",
+        "blufio.toml:5:9: key `model`: invalid type: integer `5`, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nfallback = \
+            \"m\"\n",
+        "blufio.toml:5:12: key `fallback`: invalid type: string \"m\", expected a \
+            sequence",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nfallback = \
+            [\"m\", 5]\n",
+        "blufio.toml:5:18: key `fallback`: invalid type: integer `5`, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nmax_tokens = \
+            5000000000\n",
+        "blufio.toml:5:14: key `max_tokens`: invalid value: integer `5000000000`, \
+            expected u32",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nmax_tokens = \
+            -3\n",
+        "blufio.toml:5:14: key `max_tokens`: invalid value: integer `-3`, expected u32",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nsystem = {}\n",
+        "blufio.toml:5:10: key `system`: invalid type: map, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nmodel = \
+            \"x\"\nfallback = []\nmax_tokens = 7\nsystem = \"s\"\n",
+        "{Spanned { span: 11..12, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: None, api_key_file: None, api_key_env: None, ca_file: None, \
+            timeout_secs: None, api_key: None }} {Spanned { span: 38..39, value: \"m\" }: \
+            ModelConfig { provider: Spanned { span: 52..55, value: \"a\" }, model: \
+            Some(\"x\"), fallback: [], max_tokens: Some(7), system: Some(\"s\") }}",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\ntemperature = \
+            1\n",
+        "blufio.toml:5:1: key `temperature`: unknown field `temperature`, expected one \
+            of `provider`, `model`, `fallback`, `max_tokens`, `system`",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = [\"a\"]\n",
+        "{Spanned { span: 11..12, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: None, api_key_file: None, api_key_env: None, ca_file: None, \
+            timeout_secs: None, api_key: None }} {Spanned { span: 39..40, value: \"m\" }: \
+            ModelConfig { provider: Spanned { span: 44..47, value: \"a\" }, model: None, \
+            fallback: [], max_tokens: None, system: None }}",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = 1979-05-27\n",
+        "blufio.toml:4:5: key `m`: unknown field `$__toml_private_datetime`, expected \
+            one of `provider`, `model`, `fallback`, `max_tokens`, `system`",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = \"a\"\n",
+        "blufio.toml:4:5: key `m`: invalid type: string \"a\", expected struct \
+            ModelConfig",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = { a = 1 }\n",
+        "blufio.toml:4:12: key `provider`: invalid type: map, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = 1979-05-27\n",
+        "blufio.toml:4:12: key `provider`: invalid type: map, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models.m]\nprovider = \"a\"\nfallback = \
+            [1979-05-27]\n",
+        "blufio.toml:5:13: key `fallback`: invalid type: map, expected a string",
+    ),
+    (
+        "[providers]\na = []\n",
+        "blufio.toml:2:5: key `a`: invalid length 0, expected struct ProviderConfig with \
+            6 elements",
+    ),
+    (
+        "[providers]\na = [5]\n",
+        "blufio.toml:2:6: key `a`: wanted string or table",
+    ),
+    (
+        "[providers]\na = [\"openai\", \"http://h:1\", \"f\", \"E\", \"c\", 5, \
+            \"extra\"]\n",
+        "{Spanned { span: 12..13, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: Some(\"http://h:1\"), api_key_file: Some(\"f\"), api_key_env: \
+            Some(\"E\"), ca_file: Some(\"c\"), timeout_secs: Some(5), api_key: None }} {}",
+    ),
+    (
+        "[providers]\na = [\"openai\", \"http://h:1\", \"f\", \"E\", \"c\", 5]\n",
+        "{Spanned { span: 12..13, value: \"a\" }: ProviderConfig { kind: OpenAi, \
+            base_url: Some(\"http://h:1\"), api_key_file: Some(\"f\"), api_key_env: \
+            Some(\"E\"), ca_file: Some(\"c\"), timeout_secs: Some(5), api_key: None }} {}",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = []\n",
+        "blufio.toml:4:5: key `m`: invalid length 0, expected struct ModelConfig with 5 \
+            elements",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = [\"a\", \"x\", [\"m\"], 5, \
+            \"s\", 1]\n",
+        "blufio.toml:4:17: key `[models.m] fallback`: the fallback chain loops: m -> m",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = [\"a\", \"x\", [\"m\"], 5, \
+            \"s\"]\n",
+        "blufio.toml:4:17: key `[models.m] fallback`: the fallback chain loops: m -> m",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = [\"a\", 5]\n",
+        "blufio.toml:4:11: key `m`: invalid type: integer `5`, expected a string",
+    ),
+    (
+        "[providers.a]\nkind = \"openai\"\n[models]\nm = [{ x = 1 }]\n",
+        "blufio.toml:4:6: key `m`: invalid type: map, expected a string",
+    ),
+];
+
+/// The tables parsed, or the error.
+fn outcome(text: &str) -> String {
+    match parse(text) {
+        Ok(config) => format!("{:?} {:?}", config.providers, config.models),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[test]
+fn provider_and_model_tables_read_and_refuse_every_shape_as_the_derive_did() {
+    for (text, expected) in TABLE_OUTCOMES {
+        assert_eq!(outcome(text), *expected, "{text:?}");
+    }
+}
