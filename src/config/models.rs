@@ -6,8 +6,6 @@
 //! names the line and column of the offending value, like a syntax error does.
 //! The routing table built from these sections is `crate::routes`.
 
-mod table;
-
 use std::{collections::BTreeMap, ops::Range, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,22 +21,27 @@ pub const MAX_MODELS: usize = 256;
 /// within the same deadline, so a longer chain only waits longer before it fails.
 pub const MAX_CHAIN: usize = 8;
 
-/// `[providers.NAME]`: one upstream API. Read by the hand-written `Deserialize` in
-/// `models/table.rs` (unknown keys refused, every key but `kind` optional).
-#[derive(Debug, Clone, Serialize)]
+/// `[providers.NAME]`: one upstream API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Which API the upstream speaks.
     pub kind: ProviderKind,
     /// The API root; default: the kind's public API.
+    #[serde(default)]
     pub base_url: Option<String>,
     /// File holding the API key; the environment variable wins over it.
+    #[serde(default)]
     pub api_key_file: Option<PathBuf>,
     /// Environment variable holding the API key; default `ANTHROPIC_API_KEY` or
     /// `OPENAI_API_KEY` by kind.
+    #[serde(default)]
     pub api_key_env: Option<String>,
     /// PEM file with the CA certificate(s) to trust instead of the built-in roots.
+    #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Seconds this upstream gets to answer; default `[agent] timeout_secs`.
+    #[serde(default)]
     pub timeout_secs: Option<u64>,
     /// The resolved API key (environment, then `api_key_file`); never read from TOML.
     #[serde(skip)]
@@ -79,20 +82,23 @@ impl ProviderKind {
     }
 }
 
-/// `[models.ALIAS]`: a name clients ask for, and where it is served. Read by the
-/// hand-written `Deserialize` in `models/table.rs` (unknown keys refused, every key but
-/// `provider` optional).
-#[derive(Debug, Clone, Serialize)]
+/// `[models.ALIAS]`: a name clients ask for, and where it is served.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The `[providers.NAME]` serving it.
     pub provider: Spanned<String>,
     /// The upstream's model id; default: the alias.
+    #[serde(default)]
     pub model: Option<String>,
     /// Aliases tried in order when this one fails before its first token.
+    #[serde(default)]
     pub fallback: Vec<Spanned<String>>,
     /// Largest reply, in tokens, for requests that give none; default `[agent] max_tokens`.
+    #[serde(default)]
     pub max_tokens: Option<u32>,
     /// System prompt for requests that give none.
+    #[serde(default)]
     pub system: Option<String>,
 }
 
