@@ -132,14 +132,20 @@ impl Drop for TestDaemon {
 
 /// An agent driven by the message text, for exercising every gateway outcome:
 /// `upstream` → upstream failure, `ratelimit` → rate limited (7 s), `slow` → sleeps 3 s,
-/// `panic` → panics, `costly` → reports 0.5 USD; anything else is echoed back as `re: …`.
+/// `panic` → panics, `costly` → reports 0.5 USD, `whoami` → the call's model and system
+/// prompt; anything else is echoed back as `re: …`. A call naming the model `unknown` is
+/// refused as an unknown model; every reply names the model the call asked for.
 #[derive(Debug, Default)]
 pub struct ScriptedAgent;
 
 impl blufio::Agent for ScriptedAgent {
     fn reply<'a>(&'a self, call: blufio::Call<'a>) -> blufio::ReplyFuture<'a> {
         let (history, message) = (call.history, call.message);
+        let model = call.model.map(str::to_owned);
         Box::pin(async move {
+            if model.as_deref() == Some("unknown") {
+                return Err(blufio::AgentError::UnknownModel("unknown".to_owned()));
+            }
             let usage = |cost_usd| {
                 Some(blufio::Usage {
                     model: "scripted-1".to_owned(),
@@ -161,16 +167,24 @@ impl blufio::Agent for ScriptedAgent {
                     Ok(blufio::Reply {
                         content: "late".into(),
                         usage: None,
+                        model,
                     })
                 }
                 "panic" => panic!("scripted agent panic"),
                 "costly" => Ok(blufio::Reply {
                     content: "expensive".into(),
                     usage: usage(0.5),
+                    model,
+                }),
+                "whoami" => Ok(blufio::Reply {
+                    content: format!("model {:?} system {:?}", call.model, call.system),
+                    usage: usage(0.0),
+                    model,
                 }),
                 other => Ok(blufio::Reply {
                     content: format!("re: {other} (history {})", history.len()),
                     usage: usage(0.0),
+                    model,
                 }),
             }
         })
