@@ -247,7 +247,8 @@ async fn run(
         message: &content,
         model,
         system: session.system(),
-        deadline: Instant::now(),
+        // Set by `call_agent` from the live timeout, once the budget check has passed.
+        deadline: received,
     };
     let result = call_agent(ctx, call, deltas).await;
     ctx.metrics

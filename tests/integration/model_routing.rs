@@ -358,3 +358,37 @@ fn without_configured_models_a_host_agent_gets_the_model_and_system_and_decides(
     support::wait_for_active_sessions(&daemon, 1);
     daemon.stop();
 }
+
+#[test]
+fn a_sessions_system_prompt_counts_in_the_usage_ceiling() {
+    let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
+    let daemon = support::two_providers(&cloud, &local, "");
+    // 3,000 input tokens are plausible for a 3,000-byte prompt and a 2-byte message; counted
+    // without the prompt, the ceiling would be 2 bytes + 2 turns × 16 + 512 and clamp them.
+    let id = open_session(
+        &daemon,
+        &json!({"model": "llama", "system": "s".repeat(3000)}),
+    );
+    local.push([Scripted::ok(&fake_provider::openai_reply("ok", 3000, 1))]);
+    let response = post(
+        &daemon,
+        "/v1/messages",
+        &json!({"session_id": id, "content": "hi"}),
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        response.json()["usage"]["input_tokens"],
+        3000,
+        "{}",
+        response.body
+    );
+    assert_eq!(
+        support::metric(
+            &daemon,
+            "blufio_errors_total",
+            &[("type", "agent_malformed")]
+        ),
+        None
+    );
+    daemon.stop();
+}
