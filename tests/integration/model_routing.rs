@@ -387,8 +387,10 @@ fn a_sessions_system_prompt_counts_in_the_usage_ceiling() {
             &daemon,
             "blufio_errors_total",
             &[("type", "agent_malformed")]
-        ),
-        None
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "nothing was clamped"
     );
     daemon.stop();
 }
