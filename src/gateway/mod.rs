@@ -1,5 +1,9 @@
-//! The message path shared by `POST /v1/messages` and `/ws`: budget check, the agent call
-//! with its timeout, history, token and cost accounting, latency.
+//! The message path shared by `POST /v1/messages` and `/ws`: the model check, budget check,
+//! the agent call with its timeout, history, token and cost accounting, latency.
+//!
+//! A message is answered by its own `model`, else its session's, else the default model,
+//! and carries its session's system prompt; the usage ceiling counts the longest system
+//! prompt any hop of the model's chain may send.
 //!
 //! It knows nothing of HTTP; the callers map [`MessageError`] to statuses or error frames.
 //! A streamed exchange ([`exchange_stream`]) sends deltas through a [`DeltaSender`]; when

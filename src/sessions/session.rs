@@ -74,7 +74,9 @@ pub struct Session {
     id: String,
     kind: SessionKind,
     created_at: u64,
-    options: SessionOptions,
+    /// Boxed, and `None` without options: most sessions have none and pay one pointer for
+    /// them, not two empty `Option<String>`s (48 bytes; 470 KiB over 10,000 sessions).
+    options: Option<Box<SessionOptions>>,
     state: Mutex<SessionState>,
     _live: LiveToken,
 }
@@ -109,12 +111,12 @@ impl Session {
 
     /// Returns the model alias the session asks for, if it names one.
     pub fn model(&self) -> Option<&str> {
-        self.options.model.as_deref()
+        self.options.as_ref()?.model.as_deref()
     }
 
     /// Returns the session's own system prompt, if it has one.
     pub fn system(&self) -> Option<&str> {
-        self.options.system.as_deref()
+        self.options.as_ref()?.system.as_deref()
     }
 
     /// Returns a copy of the history, oldest first.
@@ -133,12 +135,8 @@ impl Session {
             history_bytes: state.history_bytes,
             history_messages: state.history.len() as u64,
             kind: self.kind,
-            model: self.options.model.clone(),
-            system_bytes: self
-                .options
-                .system
-                .as_ref()
-                .map_or(0, |system| system.len() as u64),
+            model: self.model().map(str::to_owned),
+            system_bytes: self.system().map_or(0, |system| system.len() as u64),
         }
     }
 
@@ -173,7 +171,7 @@ impl Session {
             id: new_session_id(),
             kind,
             created_at: now,
-            options,
+            options: (options != SessionOptions::default()).then(|| Box::new(options)),
             state: Mutex::new(SessionState {
                 last_active: Instant::now(),
                 last_active_at: now,
@@ -208,7 +206,7 @@ impl Session {
     /// leave. Options are bounded by `max_history_bytes` when the session opens; a reload
     /// that lowers it below them leaves the session no history, never more than the bound.
     fn history_budget(&self, max_bytes: u64) -> u64 {
-        max_bytes.saturating_sub(self.options.bytes())
+        max_bytes.saturating_sub(self.options.as_ref().map_or(0, |options| options.bytes()))
     }
 
     fn lock(&self) -> MutexGuard<'_, SessionState> {
