@@ -57,9 +57,12 @@ pub struct Call<'a> {
     pub history: &'a [Turn],
     /// The new message.
     pub message: &'a str,
-    /// The model alias the client asked for (`"model"` in the message); `None` for the
-    /// default model. An agent with a single model may ignore it.
+    /// The model alias the client asked for (`"model"` in the message, else the session's);
+    /// `None` for the default model. An agent with a single model may ignore it.
     pub model: Option<&'a str>,
+    /// The session's own system prompt (`"system"` when it was created), which replaces the
+    /// model's configured one; `None` keeps that.
+    pub system: Option<&'a str>,
     /// When the gateway gives up on the call (`[agent] timeout_secs` from its start), so an
     /// agent that retries need not start a wait that would end past it.
     pub deadline: Instant,
@@ -215,6 +218,9 @@ pub struct Reply {
     pub content: String,
     /// Tokens and money spent producing it, when the agent knows.
     pub usage: Option<Usage>,
+    /// The model alias that answered (a fallback's when the one asked for failed), when the
+    /// agent routes by alias; clients see it as the reply's `"model"`.
+    pub model: Option<String>,
 }
 
 /// Tokens and money one reply cost.
@@ -306,6 +312,8 @@ impl Agent for EchoAgent {
                     cost_usd: 0.0,
                     estimated: false,
                 }),
+                // The echo agent serves no alias.
+                model: None,
             })
         })
     }

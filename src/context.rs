@@ -31,7 +31,9 @@ use crate::{
     provider::{ProviderAgent, Upstreams},
     readiness::{self, NotReady, Phase, PhaseCell},
     runtime::Runtime,
-    sessions::{Limits, Rejected, SessionCounters, SessionGuard, SessionKind, Sessions},
+    sessions::{
+        Limits, Rejected, SessionCounters, SessionGuard, SessionKind, SessionOptions, Sessions,
+    },
     state_dir::StateLock,
 };
 
@@ -177,8 +179,25 @@ impl Context {
     ///
     /// Returns [`Rejected`] above `memory_limit_mb` or at `max_sessions`.
     pub fn open_session(&self, kind: SessionKind) -> Result<SessionGuard, Rejected> {
-        self.sessions
-            .open(kind, &self.session_limits(), self.memory.rejecting())
+        self.open_session_with(kind, SessionOptions::default())
+    }
+
+    /// Opens a session of `kind` that keeps `options`, through admission control.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Rejected`] above `memory_limit_mb` or at `max_sessions`.
+    pub fn open_session_with(
+        &self,
+        kind: SessionKind,
+        options: SessionOptions,
+    ) -> Result<SessionGuard, Rejected> {
+        self.sessions.open_with(
+            kind,
+            options,
+            &self.session_limits(),
+            self.memory.rejecting(),
+        )
     }
 
     /// Returns seconds since the context was built.

@@ -27,7 +27,7 @@
 //! impl Agent for Counter {
 //!     fn reply<'a>(&'a self, call: Call<'a>) -> ReplyFuture<'a> {
 //!         let content = format!("{} turns, {} bytes", call.history.len(), call.message.len());
-//!         Box::pin(async move { Ok(Reply { content, usage: None }) })
+//!         Box::pin(async move { Ok(Reply { content, usage: None, model: None }) })
 //!     }
 //! }
 //!

@@ -1,5 +1,8 @@
 //! Fuzzes whole HTTP/1.x requests through trillium-http's parser and blufio's real handler
-//! stack (router, auth, sessions, messages with the echo agent, health, metrics), in memory.
+//! stack (router, auth, sessions, messages with the echo agent, health, metrics, and
+//! `/v1/chat/completions` and `/v1/models` up to the model lookup: the echo agent serves no
+//! model alias, so a valid completion ends in a 404 and the upstream path is not reached),
+//! in memory.
 //!
 //! The input is the byte stream a client sends; an in-memory transport hands it to the same
 //! `HttpContext::run` loop trillium-server-common uses for a TCP connection, and captures what

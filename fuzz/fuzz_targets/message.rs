@@ -3,8 +3,9 @@
 //! the echo agent.
 //!
 //! Invariants: decoding never panics; an accepted message is exactly the JSON object it came
-//! from (a string `content`, at most a `session_id` besides); the echo agent's reply carries the
-//! content unchanged and the session's history stays within its limits.
+//! from (a string `content`, at most `session_id`, `stream` and `model` besides); the echo
+//! agent's reply carries the content unchanged and the session's history stays within its
+//! limits.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -43,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(
         object
             .keys()
-            .all(|key| key == "content" || key == "session_id")
+            .all(|key| ["content", "session_id", "stream", "model"].contains(&key.as_str()))
     );
     assert_eq!(
         object.get("content").and_then(Value::as_str),
@@ -66,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
         ctx,
         guard.session(),
         content,
+        message.model.as_deref(),
         Channel::WebSocket,
     ));
     match reply {

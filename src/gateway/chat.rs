@@ -75,6 +75,8 @@ pub async fn complete(
     let ask = Ask {
         messages: Messages::Chat(&request.messages),
         max_tokens: request.max_tokens,
+        // The client's own system messages travel in `messages`.
+        system: None,
         sampling: Sampling {
             temperature: request.temperature,
             top_p: request.top_p,

@@ -1,5 +1,9 @@
-//! The message path shared by `POST /v1/messages` and `/ws`: budget check, the agent call
-//! with its timeout, history, token and cost accounting, latency.
+//! The message path shared by `POST /v1/messages` and `/ws`: the model check, budget check,
+//! the agent call with its timeout, history, token and cost accounting, latency.
+//!
+//! A message is answered by its own `model`, else its session's, else the default model,
+//! and carries its session's system prompt; the usage ceiling counts the longest system
+//! prompt any hop of the model's chain may send.
 //!
 //! It knows nothing of HTTP; the callers map [`MessageError`] to statuses or error frames.
 //! A streamed exchange ([`exchange_stream`]) sends deltas through a [`DeltaSender`]; when
@@ -18,6 +22,7 @@ pub mod chat;
 mod message;
 mod usage;
 
+pub(crate) use self::message::non_empty;
 pub use self::message::{IncomingMessage, parse_message};
 use self::usage::{Prompt, Unfinished, UsageCeiling, charge};
 use crate::{
@@ -100,12 +105,18 @@ pub struct MessageReply {
     pub content: String,
     /// What it cost, if the agent said.
     pub usage: Option<Usage>,
+    /// The model alias that answered, if the agent said.
+    pub model: Option<String>,
 }
 
 impl MessageReply {
-    /// Returns the JSON clients receive.
+    /// Returns the JSON clients receive: `session_id`, `content`, and `model` and `usage`
+    /// when known.
     pub fn to_json(&self) -> Value {
         let mut body = json!({ "session_id": self.session_id, "content": self.content });
+        if let (Some(model), Value::Object(map)) = (&self.model, &mut body) {
+            map.insert("model".into(), json!(model));
+        }
         if let (Some(usage), Value::Object(map)) = (&self.usage, &mut body) {
             map.insert(
                 "usage".into(),
@@ -122,7 +133,26 @@ impl MessageReply {
     }
 }
 
+/// Returns the error a message naming `model` (`None`: the default model) gets before any
+/// session is opened for it or any upstream called, when the daemon routes by alias and has
+/// no such model. Without configured models the name goes to the agent, which decides.
+///
+/// # Errors
+///
+/// Returns [`AgentError::UnknownModel`] for an alias the routing table does not have (or no
+/// default model when none is named).
+pub fn check_model(ctx: &Context, model: Option<&str>) -> Result<(), MessageError> {
+    let routes = ctx.upstreams.routes();
+    if routes.is_empty() || routes.resolve(model).is_some() {
+        return Ok(());
+    }
+    Err(MessageError::Agent(AgentError::UnknownModel(
+        model.unwrap_or_default().to_owned(),
+    )))
+}
+
 /// Sends `content` to the agent as the next turn of `session` and records the exchange.
+/// `model` is the message's own alias; without one the session's, else the default.
 ///
 /// # Errors
 ///
@@ -132,9 +162,10 @@ pub async fn exchange(
     ctx: &Context,
     session: &Session,
     content: String,
+    model: Option<&str>,
     channel: Channel,
 ) -> Result<MessageReply, MessageError> {
-    run(ctx, session, content, channel, None).await
+    run(ctx, session, content, model, channel, None).await
 }
 
 /// Like [`exchange`], sending the reply's text through `deltas` as the agent produces it.
@@ -149,26 +180,81 @@ pub async fn exchange_stream(
     ctx: &Context,
     session: &Session,
     content: String,
+    model: Option<&str>,
     channel: Channel,
     deltas: &DeltaSender,
 ) -> Result<MessageReply, MessageError> {
-    run(ctx, session, content, channel, Some(deltas)).await
+    run(ctx, session, content, model, channel, Some(deltas)).await
+}
+
+/// What an exchange is expected to send, as far as the gateway can tell before the call, for
+/// the usage ceiling and the charge of a cut stream.
+struct Plan<'a> {
+    /// The longest system prompt a hop may send: the session's own, else the longest of the
+    /// route's chain (a fallback may send its own), else `[agent] system`. The ceiling is an
+    /// upper bound, so the longest is the right one to count.
+    system: Option<&'a str>,
+    /// The largest `max_tokens` a hop may ask for.
+    max_tokens: u32,
+    /// The upstream model id of the first hop, charged for a stream cut before it named one.
+    first_model: Option<&'a str>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(ctx: &'a Context, session: &'a Session, model: Option<&str>) -> Plan<'a> {
+        let chain = ctx
+            .upstreams
+            .routes()
+            .resolve(model)
+            .map_or(&[][..], |route| &route.chain[..]);
+        let configured = chain
+            .iter()
+            .filter_map(|target| target.system.as_deref())
+            .max_by_key(|system| system.len())
+            .or(ctx.config.agent.system.as_deref());
+        Plan {
+            system: session.system().or(configured),
+            max_tokens: chain
+                .iter()
+                .map(|target| target.max_tokens)
+                .max()
+                .unwrap_or(ctx.config.agent.max_tokens),
+            first_model: chain.first().map(|target| target.model.as_str()),
+        }
+    }
 }
 
 async fn run(
     ctx: &Context,
     session: &Session,
     content: String,
+    model: Option<&str>,
     channel: Channel,
     deltas: Option<&DeltaSender>,
 ) -> Result<MessageReply, MessageError> {
     let received = Instant::now();
     ctx.metrics.count_message(channel);
     session.touch();
+    let model = model.or(session.model());
+    let plan = Plan::new(ctx, session, model);
     let history = session.history();
-    let prompt = Prompt::measure(ctx.config.agent.system.as_deref(), &history, &content);
-    let mut unfinished = deltas.map(|deltas| Unfinished::new(ctx, deltas, prompt));
-    let result = call_agent(ctx, &history, &content, deltas).await;
+    let prompt = Prompt::measure(plan.system, &history, &content);
+    let mut unfinished = deltas.map(|deltas| {
+        let unfinished = Unfinished::new(ctx, deltas, prompt);
+        match plan.first_model {
+            Some(first) => unfinished.with_model(first),
+            None => unfinished,
+        }
+    });
+    let call = Call {
+        history: &history,
+        message: &content,
+        model,
+        system: session.system(),
+        // Set by `call_agent` from the live timeout, once the budget check has passed.
+        deadline: received,
+    };
+    let result = call_agent(ctx, call, deltas).await;
     ctx.metrics
         .response_latency
         .record(received.elapsed().as_secs_f64());
@@ -192,7 +278,7 @@ async fn run(
         let ceiling = UsageCeiling::new(
             prompt,
             reply.content.len() as u64,
-            u64::from(ctx.config.agent.max_tokens),
+            u64::from(plan.max_tokens),
         );
         charge(ctx, usage, ceiling)
     });
@@ -215,13 +301,14 @@ async fn run(
         session_id: session.id().to_owned(),
         content: reply.content,
         usage,
+        model: reply.model,
     })
 }
 
+/// Calls the agent with `call` (its deadline set here, from the live timeout).
 async fn call_agent(
     ctx: &Context,
-    history: &[Turn],
-    content: &str,
+    mut call: Call<'_>,
     deltas: Option<&DeltaSender>,
 ) -> Result<crate::agent::Reply, MessageError> {
     let agent = ctx.agent.as_ref().ok_or(MessageError::NoAgent)?;
@@ -237,13 +324,7 @@ async fn call_agent(
         })?;
     let timeout = Duration::from_secs(timeout_secs);
     let now = Instant::now();
-    let deadline = now.checked_add(timeout).unwrap_or(now);
-    let call = Call {
-        history,
-        message: content,
-        model: None,
-        deadline,
-    };
+    call.deadline = now.checked_add(timeout).unwrap_or(now);
     let call = match deltas {
         Some(deltas) => agent.reply_stream(call, deltas),
         None => agent.reply(call),

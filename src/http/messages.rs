@@ -1,4 +1,5 @@
-//! `POST /v1/messages`: one message to the agent, in an existing session or a new one.
+//! `POST /v1/messages`: one message to the agent, in an existing session or a new one, by the
+//! model the message names, else the session's, else the default one.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use crate::{
         stream::{self, MessageSession},
     },
     metrics::Channel,
-    sessions::{SessionKind, is_session_id},
+    sessions::{Session, SessionKind, is_session_id},
 };
 
 /// Serves `POST /v1/messages`.
@@ -39,30 +40,45 @@ impl Handler for MessagesHandler {
         if message.content.trim().is_empty() {
             return response::bad_request(ctx, conn, "bad_request", "content must not be empty");
         }
-        // The session is held for the whole exchange. A new one stays open only when the
-        // reply names it: after a failure the client never learns its id, so it would
-        // linger as an orphan counting against `max_sessions`.
-        let session = match &message.session_id {
+        let existing = match &message.session_id {
             Some(id) => match Some(id.as_str())
                 .filter(|id| is_session_id(id))
                 .and_then(|id| ctx.sessions.get(id))
             {
-                Some(session) => MessageSession::Existing(session),
+                Some(session) => Some(session),
                 None => return sessions::not_found(ctx, conn),
             },
+            None => None,
+        };
+        // An unknown model is refused before a session is opened for it or an upstream
+        // called.
+        let model = message
+            .model
+            .as_deref()
+            .or_else(|| existing.as_deref().and_then(Session::model));
+        if let Err(error) = gateway::check_model(ctx, model) {
+            ctx.metrics.count_error(error.kind());
+            return message_error(conn, &error);
+        }
+        // The session is held for the whole exchange. A new one stays open only when the
+        // reply names it: after a failure the client never learns its id, so it would
+        // linger as an orphan counting against `max_sessions`.
+        let session = match existing {
+            Some(session) => MessageSession::Existing(session),
             None => match ctx.open_session(SessionKind::Http) {
                 Ok(guard) => MessageSession::Opened(guard),
                 Err(rejected) => return sessions::rejection(ctx, conn, rejected),
             },
         };
         if message.stream {
-            return stream::respond(ctx, conn, session, message.content, message_error).await;
+            return stream::respond(ctx, conn, session, message, message_error).await;
         }
         let (session, opened) = match session {
             MessageSession::Existing(session) => (session, None),
             MessageSession::Opened(guard) => (Arc::clone(guard.session()), Some(guard)),
         };
-        match gateway::exchange(ctx, &session, message.content, Channel::Http).await {
+        let IncomingMessage { content, model, .. } = message;
+        match gateway::exchange(ctx, &session, content, model.as_deref(), Channel::Http).await {
             Ok(reply) => {
                 if let Some(opened) = opened {
                     opened.keep();
@@ -75,6 +91,8 @@ impl Handler for MessagesHandler {
     }
 }
 
+/// Answers a failed message with its status and `{"error", "message"}` (not counted here:
+/// the caller or the exchange counts it).
 fn message_error(mut conn: Conn, error: &MessageError) -> Conn {
     let status = match error {
         MessageError::NoAgent => Status::ServiceUnavailable,

@@ -1,6 +1,8 @@
 //! `/v1/sessions`: create, list, get and delete sessions.
 //!
-//! Creation goes through admission control: above `memory_limit_mb` or at `max_sessions`
+//! Creation takes optional `model` and `system` for the session's lifetime (a model the
+//! daemon does not route is 404 and opens nothing; options beyond `max_history_bytes` are
+//! 400) and goes through admission control: above `memory_limit_mb` or at `max_sessions`
 //! it answers 503 with `Retry-After`, and the sessions already open are not touched.
 
 use std::sync::Arc;
@@ -11,9 +13,10 @@ use trillium_router::RouterConnExt;
 
 use crate::{
     context::Context,
+    gateway,
     http::{body, response},
     metrics::ErrorKind,
-    sessions::{Rejected, SessionInfo, SessionKind, is_session_id},
+    sessions::{Rejected, SessionInfo, SessionKind, SessionOptions, is_session_id},
 };
 
 /// What a `/v1/sessions` route does.
@@ -56,7 +59,7 @@ impl Handler for SessionsHandler {
         match self.action {
             SessionAction::Create => match create_options(ctx, conn).await {
                 Err(conn) => conn,
-                Ok(conn) => create(ctx, conn),
+                Ok((conn, options)) => create(ctx, conn, options),
             },
             SessionAction::List => {
                 let _building = self.listing.acquire().await;
@@ -83,36 +86,64 @@ impl Handler for SessionsHandler {
     }
 }
 
-/// Opens a session through admission control.
-fn create(ctx: &Context, conn: Conn) -> Conn {
-    match ctx.open_session(SessionKind::Http) {
+/// Opens a session with `options`, once they are within bounds and name a model the daemon
+/// serves, through admission control.
+fn create(ctx: &Context, conn: Conn, options: SessionOptions) -> Conn {
+    // The options count against the history budget (see `sessions/session.rs`), so they
+    // may take all of it but no more: a session pins at most `max_history_bytes` of text.
+    let max_bytes = ctx.session_limits().max_history_bytes;
+    if options.bytes() > max_bytes {
+        return response::bad_request(
+            ctx,
+            conn,
+            "bad_request",
+            format!(
+                "the session's system prompt and model take {} bytes; at most {max_bytes} \
+                 are allowed ([gateway] max_history_bytes)",
+                options.bytes()
+            ),
+        );
+    }
+    if let Some(model) = options.model.as_deref()
+        && let Err(error) = gateway::check_model(ctx, Some(model))
+    {
+        return response::error(
+            ctx,
+            conn,
+            Status::NotFound,
+            error.kind(),
+            error.code(),
+            error,
+        );
+    }
+    match ctx.open_session_with(SessionKind::Http, options) {
         Ok(guard) => {
             let info = guard.keep().info();
-            response::json(
-                conn,
-                Status::Created,
-                &json!({ "id": info.id, "created_at": info.created_at }),
-            )
+            let mut body = json!({ "id": info.id, "created_at": info.created_at });
+            if let (Some(model), Value::Object(map)) = (info.model, &mut body) {
+                map.insert("model".into(), json!(model));
+            }
+            response::json(conn, Status::Created, &body)
         }
         Err(rejected) => rejection(ctx, conn, rejected),
     }
 }
 
-/// Reads the body of `POST /v1/sessions`: none, or `{}`. A session has no options yet, and a
-/// field the daemon would silently ignore (`{"system": "pirate"}`) is refused, as
-/// `/v1/messages` refuses one.
-async fn create_options(ctx: &Context, conn: Conn) -> Result<Conn, Conn> {
+/// Reads the body of `POST /v1/sessions`: none, `{}`, or `{"model", "system"}`. A field the
+/// daemon would silently ignore (`{"temperature": 0}`) is refused, as `/v1/messages`
+/// refuses one.
+async fn create_options(ctx: &Context, conn: Conn) -> Result<(Conn, SessionOptions), Conn> {
     let headers = conn.request_headers();
     let declared = headers
         .get_str(KnownHeaderName::ContentLength)
         .map(|length| length.trim() == "0");
     let chunked = headers.has_header(KnownHeaderName::TransferEncoding);
     if declared.unwrap_or(!chunked) {
-        return Ok(conn);
+        return Ok((conn, SessionOptions::default()));
     }
-    body::read_json::<NoOptions>(ctx, conn)
+    body::read_json::<NewSession>(ctx, conn)
         .await
-        .map(|(conn, _)| conn)
+        .map(|(conn, NewSession(options))| (conn, options))
 }
 
 /// Returns the `{id}` of the path when it has the form of a session id.
@@ -120,33 +151,50 @@ fn session_id(conn: &Conn) -> Option<&str> {
     conn.param("id").filter(|id| is_session_id(id))
 }
 
-/// The options of a new session: none, so only an empty object is accepted.
+/// The body of `POST /v1/sessions`: an object with an optional non-empty string `model`
+/// and an optional non-empty string `system` (`null` for either is the same as leaving it
+/// out), and no other field.
 ///
-/// Written by hand because serde's derive for an empty struct also accepts `[]`.
-struct NoOptions;
+/// Written by hand because serde's derive also accepts a JSON array in field order
+/// (`["llama", "be terse"]`), a second, undocumented wire format.
+struct NewSession(SessionOptions);
 
-impl<'de> serde::Deserialize<'de> for NoOptions {
+impl<'de> serde::Deserialize<'de> for NewSession {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(NoOptionsVisitor)
+        deserializer.deserialize_map(NewSessionVisitor)
     }
 }
 
-struct NoOptionsVisitor;
+struct NewSessionVisitor;
 
-impl<'de> serde::de::Visitor<'de> for NoOptionsVisitor {
-    type Value = NoOptions;
+impl<'de> serde::de::Visitor<'de> for NewSessionVisitor {
+    type Value = NewSession;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an empty object (a session takes no options)")
+        f.write_str("an object with optional `model` and `system`")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoOptions, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NewSession, A::Error> {
         use serde::de::Error as _;
 
-        match map.next_key::<std::borrow::Cow<'de, str>>()? {
-            None => Ok(NoOptions),
-            Some(key) => Err(A::Error::unknown_field(&key, &[])),
+        const FIELDS: &[&str] = &["model", "system"];
+        let mut model: Option<Option<String>> = None;
+        let mut system: Option<Option<String>> = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "model" if model.is_some() => return Err(A::Error::duplicate_field("model")),
+                "model" => model = Some(gateway::non_empty(map.next_value()?, "a model alias")?),
+                "system" if system.is_some() => return Err(A::Error::duplicate_field("system")),
+                "system" => {
+                    system = Some(gateway::non_empty(map.next_value()?, "a system prompt")?);
+                }
+                other => return Err(A::Error::unknown_field(other, FIELDS)),
+            }
         }
+        Ok(NewSession(SessionOptions {
+            model: model.flatten(),
+            system: system.flatten(),
+        }))
     }
 }
 
@@ -271,7 +319,7 @@ pub(crate) fn not_found(ctx: &Context, conn: Conn) -> Conn {
 }
 
 fn session_json(info: &SessionInfo) -> Value {
-    json!({
+    let mut session = json!({
         "id": info.id,
         "created_at": info.created_at,
         "last_active_at": info.last_active_at,
@@ -282,12 +330,64 @@ fn session_json(info: &SessionInfo) -> Value {
             SessionKind::Http => "http",
             SessionKind::WebSocket => "websocket",
         },
-    })
+    });
+    if let Value::Object(map) = &mut session {
+        if let Some(model) = &info.model {
+            map.insert("model".into(), json!(model));
+        }
+        if info.system_bytes > 0 {
+            map.insert("system_bytes".into(), json!(info.system_bytes));
+        }
+    }
+    session
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(text: &str) -> Result<SessionOptions, String> {
+        serde_json::from_str::<NewSession>(text)
+            .map(|NewSession(options)| options)
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn session_options_are_an_object_of_model_and_system_and_nothing_else() {
+        assert_eq!(options("{}"), Ok(SessionOptions::default()));
+        assert_eq!(
+            options(r#"{"model": "llama", "system": "be terse"}"#),
+            Ok(SessionOptions {
+                model: Some("llama".to_owned()),
+                system: Some("be terse".to_owned()),
+            })
+        );
+        assert_eq!(
+            options(r#"{"model": null, "system": "x"}"#),
+            Ok(SessionOptions {
+                model: None,
+                system: Some("x".to_owned()),
+            })
+        );
+        let unknown = options(r#"{"model": "llama", "temperature": 0}"#).unwrap_err();
+        assert!(unknown.contains("unknown field `temperature`"), "{unknown}");
+        let duplicate = options(r#"{"system": "a", "system": "b"}"#).unwrap_err();
+        assert!(
+            duplicate.contains("duplicate field `system`"),
+            "{duplicate}"
+        );
+        let empty = options(r#"{"system": ""}"#).unwrap_err();
+        assert!(empty.contains("expected a system prompt"), "{empty}");
+        // Serde's derive would take an array in field order; this parser takes only objects.
+        for bad in [
+            r#"["llama", "be terse"]"#,
+            "[]",
+            r#""llama""#,
+            r#"{"model": 7}"#,
+        ] {
+            assert!(options(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn list_queries_read_limit_and_cursor_and_refuse_bad_ones() {

@@ -10,7 +10,7 @@
 //! | event | data |
 //! |---|---|
 //! | `delta` | `{"delta": "text"}`, one per upstream text delta, in order |
-//! | `done` | the non-streamed reply: `{"session_id", "content", "usage"}` |
+//! | `done` | the non-streamed reply: `{"session_id", "content", "model", "usage"}` |
 //! | `error` | `{"error": code, "message": text}` after the stream started |
 //!
 //! While the upstream is silent, a comment line (`: keep-alive`) goes out every
@@ -36,7 +36,7 @@ use trillium::{Body, Conn, KnownHeaderName, Status, Swansong};
 use crate::{
     agent::DeltaSender,
     context::Context,
-    gateway::{self, MessageError, MessageReply},
+    gateway::{self, IncomingMessage, MessageError, MessageReply},
     metrics::Channel,
     sessions::{Session, SessionGuard},
 };
@@ -78,14 +78,16 @@ pub(crate) struct ReplyStream<T = MessageResult> {
 }
 
 impl ReplyStream {
-    /// Starts (lazily: nothing happens until polled) a streamed exchange.
+    /// Starts (lazily: nothing happens until polled) a streamed exchange; `model` is the
+    /// message's own alias.
     pub(crate) fn new(
         ctx: Arc<Context>,
         session: Arc<Session>,
         content: String,
+        model: Option<String>,
         channel: Channel,
     ) -> ReplyStream {
-        ReplyStream::start(ctx, session, None, content, channel)
+        ReplyStream::start(ctx, session, None, content, model, channel)
     }
 
     /// Like [`ReplyStream::new`] for the first message of a session opened for it: the
@@ -94,10 +96,11 @@ impl ReplyStream {
         ctx: Arc<Context>,
         opened: SessionGuard,
         content: String,
+        model: Option<String>,
         channel: Channel,
     ) -> ReplyStream {
         let session = Arc::clone(opened.session());
-        ReplyStream::start(ctx, session, Some(opened), content, channel)
+        ReplyStream::start(ctx, session, Some(opened), content, model, channel)
     }
 
     fn start(
@@ -105,11 +108,14 @@ impl ReplyStream {
         session: Arc<Session>,
         opened: Option<SessionGuard>,
         content: String,
+        model: Option<String>,
         channel: Channel,
     ) -> ReplyStream {
         let closing = ctx.closing.clone();
         ReplyStream::of(&closing, move |sender| async move {
-            let result = gateway::exchange_stream(&ctx, &session, content, channel, &sender).await;
+            let model = model.as_deref();
+            let result =
+                gateway::exchange_stream(&ctx, &session, content, model, channel, &sender).await;
             // A failed (or, by dropping, abandoned) first exchange closes its session.
             if let (Ok(_), Some(opened)) = (&result, opened) {
                 opened.keep();
@@ -197,16 +203,17 @@ pub(crate) async fn respond(
     ctx: &Arc<Context>,
     conn: Conn,
     session: MessageSession,
-    content: String,
+    message: IncomingMessage,
     on_error: impl FnOnce(Conn, &MessageError) -> Conn,
 ) -> Conn {
     let ctx_for_stream = Arc::clone(ctx);
+    let IncomingMessage { content, model, .. } = message;
     let mut stream = match session {
         MessageSession::Existing(session) => {
-            ReplyStream::new(ctx_for_stream, session, content, Channel::Http)
+            ReplyStream::new(ctx_for_stream, session, content, model, Channel::Http)
         }
         MessageSession::Opened(opened) => {
-            ReplyStream::with_new_session(ctx_for_stream, opened, content, Channel::Http)
+            ReplyStream::with_new_session(ctx_for_stream, opened, content, model, Channel::Http)
         }
     };
     // Until the first event nothing is committed, so an early failure (no agent, budget

@@ -15,10 +15,12 @@
 //! within `request_timeout_secs`, is closed with 1009 or 1008 (see `ws_limit.rs`).
 //!
 //! Every frame the server sends is a JSON object with a `type`: `{"type": "reply",
-//! "session_id", "content", "usage"}` answers a message, `{"type": "error", "error",
-//! "message"}` reports a failure. A frame with `"stream": true` is answered with `{"type":
-//! "delta", "session_id", "delta"}` frames, then `{"type": "done", "session_id", "content",
-//! "usage"}` (or an error frame); see `stream.rs`. A send that fails mid-stream cancels the
+//! "session_id", "content", "model", "usage"}` answers a message (`model`, the alias that
+//! answered, when the agent names it), `{"type": "error", "error", "message"}` reports a
+//! failure (`model_not_found` for a `"model"` the daemon does not route, before any upstream
+//! call). A frame with `"stream": true` is answered with `{"type": "delta", "session_id",
+//! "delta"}` frames, then `{"type": "done", "session_id", "content", "model", "usage"}` (or
+//! an error frame); see `stream.rs`. A send that fails mid-stream cancels the
 //! upstream call.
 //!
 //! An idle socket holds little (about 7.6 KB of heap, its session included): it runs in a task
@@ -353,7 +355,7 @@ async fn on_text(
 ) -> TextOutcome {
     match parse_frame(ctx, session, text) {
         Ok(message) if message.stream => {
-            let frames = stream_frames(ctx, session, message.content, conn);
+            let frames = stream_frames(ctx, session, message, conn);
             // At shutdown the stream itself ends with a `shutting_down` error frame (see
             // `ReplyStream`); a client that stops reading cannot hold it past a moment more.
             // Dropping the stream cancels the upstream call; the loop then closes with 1001.
@@ -365,7 +367,15 @@ async fn on_text(
             TextOutcome::Streamed(frames.or(cut_off).await)
         }
         Ok(message) => TextOutcome::Frame(
-            match gateway::exchange(ctx, session, message.content, Channel::WebSocket).await {
+            match gateway::exchange(
+                ctx,
+                session,
+                message.content,
+                message.model.as_deref(),
+                Channel::WebSocket,
+            )
+            .await
+            {
                 Ok(reply) => typed("reply", reply.to_json()),
                 Err(error) => error_frame(error.code(), &error.to_string()),
             },
@@ -378,13 +388,14 @@ async fn on_text(
 async fn stream_frames(
     ctx: &Arc<Context>,
     session: &Arc<Session>,
-    content: String,
+    message: IncomingMessage,
     conn: &mut WebSocketConn,
 ) -> Result<(), trillium_websockets::Error> {
     let mut stream = ReplyStream::new(
         Arc::clone(ctx),
         Arc::clone(session),
-        content,
+        message.content,
+        message.model,
         Channel::WebSocket,
     );
     while let Some(event) = stream.next().await {
@@ -458,6 +469,11 @@ fn parse_frame(
     if message.content.trim().is_empty() {
         ctx.metrics.count_error(ErrorKind::BadRequest);
         return Err(error_frame("bad_request", "content must not be empty"));
+    }
+    let model = message.model.as_deref().or(session.model());
+    if let Err(error) = gateway::check_model(ctx, model) {
+        ctx.metrics.count_error(error.kind());
+        return Err(error_frame(error.code(), &error.to_string()));
     }
     Ok(message)
 }

@@ -42,6 +42,11 @@ const EVICTION_WAIT_MAX: Duration = Duration::from_millis(100);
 
 /// Request headers a connection's map has room for before it grows (trillium's default: 32).
 const REQUEST_HEADER_CAPACITY: usize = 8;
+/// The send buffer of a streamed response body (see `http_context`).
+const STREAM_CHUNK_BYTES: usize = 1024;
+/// The most a response buffers for a client that is not reading.
+const RESPONSE_BUFFER_MAX_BYTES: usize = 64 * 1024;
+
 /// Response headers a connection's map has room for before it grows (trillium's default: 32).
 const RESPONSE_HEADER_CAPACITY: usize = 8;
 
@@ -64,6 +69,13 @@ pub(crate) async fn http_context(ctx: &Context, handler: &mut impl Handler) -> A
     http_config
         .set_request_header_initial_capacity(REQUEST_HEADER_CAPACITY)
         .set_response_header_initial_capacity(RESPONSE_HEADER_CAPACITY);
+    // A streamed body (SSE) is framed into a send buffer of this size, held for the whole
+    // stream: the default 8 KiB (which then doubles) was 16 KiB of every stream in flight,
+    // for events of a few hundred bytes. Bodies already in memory are written whole anyway.
+    http_config.set_body_write_chunk_len(STREAM_CHUNK_BYTES);
+    // What a response may buffer while its client does not read (default 2 MiB per
+    // connection): a client that stops reading gets back-pressure at this, not megabytes.
+    http_config.set_response_buffer_max_len(RESPONSE_BUFFER_MAX_BYTES);
     let mut context = HttpContext::new();
     context.set_config(http_config);
     context.set_swansong(ctx.shutdown.clone());

@@ -77,11 +77,21 @@ impl ApiError {
 
     /// 400: a field this API does not have (OpenAI's own server refuses them too).
     pub fn unknown_parameter(param: &str) -> Self {
+        // An empty key (`{"": 1}`, found by fuzzing) would leave the message naming nothing.
+        let message = match param.strip_suffix('.') {
+            _ if param.is_empty() => {
+                "Unrecognized request argument supplied: an empty key".to_owned()
+            }
+            Some(parent) => {
+                format!("Unrecognized request argument supplied: an empty key in `{parent}`")
+            }
+            None => format!("Unrecognized request argument supplied: {param}"),
+        };
         Self::new(
             400,
             "invalid_request_error",
             Some("unknown_parameter"),
-            format!("Unrecognized request argument supplied: {param}"),
+            message,
         )
         .with_param(param)
     }
@@ -289,6 +299,25 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .contains("`gpt-9`")
+        );
+    }
+
+    #[test]
+    fn an_unknown_empty_key_is_called_an_empty_key_not_left_blank() {
+        let top = ApiError::unknown_parameter("");
+        assert_eq!(
+            top.message,
+            "Unrecognized request argument supplied: an empty key"
+        );
+        assert_eq!(top.param.as_deref(), Some(""));
+        let nested = ApiError::unknown_parameter("messages.[0].");
+        assert_eq!(
+            nested.message,
+            "Unrecognized request argument supplied: an empty key in `messages.[0]`"
+        );
+        assert_eq!(
+            ApiError::unknown_parameter("temprature").message,
+            "Unrecognized request argument supplied: temprature"
         );
     }
 

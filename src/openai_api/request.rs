@@ -343,14 +343,16 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
                         )));
                     }
                 }
-                Field::LogitBias => map.next_value_seed(NullOrEmptyMap(state, name))?,
+                Field::LogitBias => {
+                    state.at(at, map.next_value_seed(NullOrEmptyMap(state, name)))?;
+                }
                 Field::ResponseFormat => {
                     state.at(at, map.next_value_seed(Nullable(ResponseFormatSeed(state))))?;
                 }
                 Field::Modalities => {
                     state.at(at, map.next_value_seed(Nullable(ModalitiesSeed(state))))?;
                 }
-                Field::Refused => map.next_value_seed(NullOnly(state, name))?,
+                Field::Refused => state.at(at, map.next_value_seed(NullOnly(state, name)))?,
             }
         }
         Ok(raw)

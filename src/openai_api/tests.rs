@@ -323,6 +323,22 @@ fn missing_empty_and_mistyped_values_name_the_parameter() {
         "metadata.k",
         None,
     );
+    assert_refused(json!({"logit_bias": 5}), "logit_bias", None);
+    assert_refused(json!({"logit_bias": [1]}), "logit_bias", None);
+}
+
+#[test]
+fn a_body_cut_short_in_a_parameter_names_that_parameter() {
+    let body = br#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "#;
+    for (tail, param) in [
+        (&b"\"logit_bias\": {"[..], "logit_bias"),
+        (b"\"tools\": nu", "tools"),
+        (b"\"stop\": [\"a\", ", "stop.[1]"),
+    ] {
+        let error = refusal(&[&body[..], tail].concat());
+        assert_eq!(error.param.as_deref(), Some(param), "{error}");
+        assert!(error.message.contains("not valid JSON"), "{error}");
+    }
 }
 
 #[test]

@@ -44,7 +44,8 @@ pub use self::{
 use crate::agent::{Agent, AgentError, Call, DeltaSender, Reply, ReplyFuture, UpstreamStatus};
 
 /// Answers session messages (`/v1/messages`, `/ws`) from the configured models: the one the
-/// message names, else the default model, with its fallbacks.
+/// message (or its session) names, else the default model, with its fallbacks; a session's
+/// system prompt replaces the model's configured one.
 #[derive(Debug)]
 pub struct ProviderAgent {
     upstreams: Arc<Upstreams>,
@@ -71,6 +72,7 @@ impl ProviderAgent {
                 message: call.message,
             },
             max_tokens: None,
+            system: call.system,
             sampling: Sampling::default(),
         };
         let served = self
@@ -80,6 +82,7 @@ impl ProviderAgent {
         Ok(Reply {
             content: served.answer.content,
             usage: Some(served.answer.usage),
+            model: Some(served.alias),
         })
     }
 }

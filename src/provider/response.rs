@@ -14,6 +14,10 @@ use crate::agent::{AgentError, DeltaSender};
 
 /// The largest reply read from the upstream (a non-streamed body, or a stream's text).
 const MAX_REPLY_BYTES: u64 = 4 * 1024 * 1024;
+/// What one read of an upstream's event stream takes, at most. Held for the whole stream, and
+/// streamed events are a few hundred bytes: a larger buffer only costs every stream in
+/// flight more memory.
+const STREAM_READ_BYTES: usize = 2 * 1024;
 /// The largest event-stream line or event read from the upstream.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
@@ -41,7 +45,7 @@ pub(crate) async fn read_stream(
 ) -> Result<Parsed, AgentError> {
     let mut body = conn.response_body();
     let mut parser = SseParser::new(MAX_EVENT_BYTES);
-    let mut buffer = vec![0; 8 * 1024];
+    let mut buffer = vec![0; STREAM_READ_BYTES];
     let mut events = Vec::new();
     let mut reply = Parsed::default();
     let mut done = false;

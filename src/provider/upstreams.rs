@@ -37,6 +37,8 @@ pub(crate) struct Ask<'a> {
     pub(crate) messages: Messages<'a>,
     /// The client's limit; the alias's `max_tokens` when `None`.
     pub(crate) max_tokens: Option<u32>,
+    /// A session's own system prompt, sent instead of each alias's configured `system`.
+    pub(crate) system: Option<&'a str>,
     pub(crate) sampling: Sampling<'a>,
 }
 
@@ -212,7 +214,7 @@ impl Upstreams {
             let request = Request {
                 model: &target.model,
                 max_tokens: ask.max_tokens.unwrap_or(target.max_tokens),
-                system: target.system.as_deref(),
+                system: ask.system.or(target.system.as_deref()),
                 messages: ask.messages,
                 sampling: ask.sampling,
                 stream: deltas.is_some(),

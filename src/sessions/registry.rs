@@ -12,7 +12,8 @@ use std::{
 use metrics::{Counter, Gauge};
 
 use super::session::{
-    Limits, LiveCounter, LiveToken, Session, SessionInfo, SessionKind, is_session_id,
+    Limits, LiveCounter, LiveToken, Session, SessionInfo, SessionKind, SessionOptions,
+    is_session_id,
 };
 
 /// Why a new session was refused.
@@ -145,6 +146,22 @@ impl Sessions {
         limits: &Limits,
         memory_rejecting: bool,
     ) -> Result<SessionGuard, Rejected> {
+        self.open_with(kind, SessionOptions::default(), limits, memory_rejecting)
+    }
+
+    /// Like [`Sessions::open`], for a session that keeps `options` (checked by the caller
+    /// against `max_history_bytes`: the options take their bytes out of the history's).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Rejected`] above the memory limit or at `max_sessions`.
+    pub fn open_with(
+        &self,
+        kind: SessionKind,
+        options: SessionOptions,
+        limits: &Limits,
+        memory_rejecting: bool,
+    ) -> Result<SessionGuard, Rejected> {
         if memory_rejecting {
             return Err(Rejected::MemoryLimit);
         }
@@ -153,7 +170,11 @@ impl Sessions {
         if self.active() >= limits.max_sessions {
             return Err(Rejected::SessionLimit);
         }
-        let session = Arc::new(Session::new(kind, LiveToken::new(&self.inner.live)));
+        let session = Arc::new(Session::new(
+            kind,
+            options,
+            LiveToken::new(&self.inner.live),
+        ));
         if let Some(key) = order_key(session.created_at(), session.id()) {
             let mut order = lock_order(&self.inner);
             order.insert(key);
@@ -496,6 +517,43 @@ mod tests {
         );
         assert_eq!(info.history_bytes, 9);
         assert_eq!(info.message_count, 5);
+    }
+
+    #[test]
+    fn a_sessions_options_take_their_bytes_out_of_its_history_budget() {
+        let (sessions, limits) = registry(10);
+        let options = SessionOptions {
+            model: Some("ab".to_owned()),
+            system: Some("12345".to_owned()),
+        };
+        let guard = sessions
+            .open_with(SessionKind::Http, options, &limits, false)
+            .unwrap();
+        let session = guard.session();
+        assert_eq!(
+            (session.model(), session.system()),
+            (Some("ab"), Some("12345"))
+        );
+        for text in ["xy", "z", "w"] {
+            session.push(
+                Turn {
+                    role: Role::User,
+                    content: text.to_owned(),
+                },
+                &limits,
+            );
+        }
+        // 10 bytes of budget, 7 taken by the options: 3 bytes of history, not 4.
+        let history: Vec<String> = session.history().into_iter().map(|t| t.content).collect();
+        assert_eq!(history, ["z", "w"]);
+        let info = session.info();
+        assert_eq!((info.history_bytes, info.system_bytes), (2, 5));
+        assert_eq!(info.model.as_deref(), Some("ab"));
+        // Trimming under pressure keeps to the same budget; options beyond it leave nothing.
+        assert!(session.trim(10, 8));
+        assert_eq!(session.info().history_bytes, 1);
+        assert!(session.trim(10, 6));
+        assert!(session.history().is_empty());
     }
 
     #[test]

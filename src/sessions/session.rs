@@ -1,4 +1,9 @@
-//! One session: its id, bounded history and activity times, and the per-session limits.
+//! One session: its id, its options (model and system prompt, fixed when it is opened),
+//! bounded history and activity times, and the per-session limits.
+//!
+//! A session's options count against its history budget (`max_history_bytes`): the history
+//! keeps what the options leave, so a client pins no more memory through a system prompt
+//! than through history.
 
 use std::{
     collections::VecDeque,
@@ -40,13 +45,38 @@ pub struct SessionInfo {
     pub history_messages: u64,
     /// How the session is held open.
     pub kind: SessionKind,
+    /// The model alias the session asks for, when it names one.
+    pub model: Option<String>,
+    /// Bytes of the session's own system prompt (0 without one).
+    pub system_bytes: u64,
 }
 
-/// One conversation: an id, its bounded history and its activity times.
+/// What a session is opened with and keeps for its lifetime.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// The model alias for messages that name none; `None`: the default model.
+    pub model: Option<String>,
+    /// The system prompt sent with every message, instead of the model's configured one.
+    pub system: Option<String>,
+}
+
+impl SessionOptions {
+    /// Returns the bytes the options hold, which count against the history budget.
+    pub fn bytes(&self) -> u64 {
+        let model = self.model.as_ref().map_or(0, String::len);
+        let system = self.system.as_ref().map_or(0, String::len);
+        (model + system) as u64
+    }
+}
+
+/// One conversation: an id, its options, its bounded history and its activity times.
 pub struct Session {
     id: String,
     kind: SessionKind,
     created_at: u64,
+    /// Boxed, and `None` without options: most sessions have none and pay one pointer for
+    /// them, not two empty `Option<String>`s (48 bytes; 470 KiB over 10,000 sessions).
+    options: Option<Box<SessionOptions>>,
     state: Mutex<SessionState>,
     _live: LiveToken,
 }
@@ -79,6 +109,16 @@ impl Session {
         self.kind
     }
 
+    /// Returns the model alias the session asks for, if it names one.
+    pub fn model(&self) -> Option<&str> {
+        self.options.as_ref()?.model.as_deref()
+    }
+
+    /// Returns the session's own system prompt, if it has one.
+    pub fn system(&self) -> Option<&str> {
+        self.options.as_ref()?.system.as_deref()
+    }
+
     /// Returns a copy of the history, oldest first.
     pub fn history(&self) -> Vec<Turn> {
         self.lock().history.iter().cloned().collect()
@@ -95,11 +135,13 @@ impl Session {
             history_bytes: state.history_bytes,
             history_messages: state.history.len() as u64,
             kind: self.kind,
+            model: self.model().map(str::to_owned),
+            system_bytes: self.system().map_or(0, |system| system.len() as u64),
         }
     }
 
-    /// Appends a message, dropping the oldest ones beyond the limits, and marks the session
-    /// active.
+    /// Appends a message, dropping the oldest ones beyond the limits (the options' bytes
+    /// taken out of `max_history_bytes`), and marks the session active.
     pub fn push(&self, turn: Turn, limits: &Limits) {
         let mut state = self.lock();
         state.history_bytes += turn.content.len() as u64;
@@ -110,7 +152,7 @@ impl Session {
         trim(
             &mut state,
             limits.max_history_messages,
-            limits.max_history_bytes,
+            self.history_budget(limits.max_history_bytes),
         );
     }
 
@@ -121,13 +163,15 @@ impl Session {
         state.last_active_at = unix_now();
     }
 
-    /// Opens a session of `kind`, counted by `live` while any reference to it remains.
-    pub(super) fn new(kind: SessionKind, live: LiveToken) -> Session {
+    /// Opens a session of `kind` with `options`, counted by `live` while any reference to it
+    /// remains.
+    pub(super) fn new(kind: SessionKind, options: SessionOptions, live: LiveToken) -> Session {
         let now = unix_now();
         Session {
             id: new_session_id(),
             kind,
             created_at: now,
+            options: (options != SessionOptions::default()).then(|| Box::new(options)),
             state: Mutex::new(SessionState {
                 last_active: Instant::now(),
                 last_active_at: now,
@@ -148,10 +192,21 @@ impl Session {
         now.saturating_duration_since(self.lock().last_active)
     }
 
-    /// Drops the oldest messages beyond `max_messages` or `max_bytes`; returns whether any
-    /// went.
+    /// Drops the oldest messages beyond `max_messages` or `max_bytes` (less the options'
+    /// bytes); returns whether any went.
     pub(super) fn trim(&self, max_messages: u64, max_bytes: u64) -> bool {
-        trim(&mut self.lock(), max_messages, max_bytes)
+        trim(
+            &mut self.lock(),
+            max_messages,
+            self.history_budget(max_bytes),
+        )
+    }
+
+    /// Returns the bytes of history the session may keep under `max_bytes`: what its options
+    /// leave. Options are bounded by `max_history_bytes` when the session opens; a reload
+    /// that lowers it below them leaves the session no history, never more than the bound.
+    fn history_budget(&self, max_bytes: u64) -> u64 {
+        max_bytes.saturating_sub(self.options.as_ref().map_or(0, |options| options.bytes()))
     }
 
     fn lock(&self) -> MutexGuard<'_, SessionState> {

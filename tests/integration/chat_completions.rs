@@ -2,12 +2,8 @@
 //! and OpenAI-compatible upstreams: the OpenAI shapes, the translation to Anthropic, streams,
 //! fallback and its metrics, and every error class in OpenAI's error shape.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use blufio::Config;
 use blufio_testkit::http::Response;
 use serde_json::{Value, json};
 
@@ -15,58 +11,6 @@ use crate::{
     fake_provider::{self, FakeProvider, Scripted},
     support::{self, TOKEN, TestDaemon},
 };
-
-/// A daemon whose `[providers]` point at `cloud` (Anthropic) and `local` (OpenAI-compatible):
-/// alias `sonnet` on the cloud falling back to `llama` on the local one. `extra` is added to
-/// `[gateway]` (and may open further tables).
-fn two_providers(cloud: &FakeProvider, local: &FakeProvider, extra: &str) -> TestDaemon {
-    support::start(config(cloud, local, "", extra))
-}
-
-/// The configuration of [`two_providers`], with `cloud_extra` added to the cloud provider.
-fn config(cloud: &FakeProvider, local: &FakeProvider, cloud_extra: &str, extra: &str) -> Config {
-    let text = format!(
-        r#"
-[providers.claude]
-kind = "anthropic"
-base_url = "{cloud}"
-api_key_env = "BLUFIO_TEST_UNSET_KEY"
-{cloud_extra}
-
-[providers.pi]
-kind = "openai"
-base_url = "{local}"
-api_key_env = "BLUFIO_TEST_UNSET_KEY"
-
-[models.sonnet]
-provider = "claude"
-model = "claude-sonnet-4-5"
-fallback = ["llama"]
-
-[models.llama]
-provider = "pi"
-model = "llama3.2"
-max_tokens = 64
-
-[gateway]
-default_model = "sonnet"
-{extra}
-"#,
-        cloud = cloud.url(),
-        local = local.url(),
-    );
-    let mut config = Config::parse(&text, Path::new("test.toml")).unwrap();
-    for provider in config.providers.values_mut() {
-        provider.api_key = Some(blufio::Secret::new("sk-test-key"));
-    }
-    config.validate("test.toml").unwrap();
-    config.daemon.health_port = 0;
-    config.gateway.port = 0;
-    config.allow_ephemeral_ports = true;
-    config.gateway.token = Some(blufio::Secret::new(TOKEN));
-    config.agent.timeout_secs = 10;
-    config
-}
 
 fn complete(daemon: &TestDaemon, body: &Value) -> Response {
     daemon.authed(
@@ -102,7 +46,7 @@ fn metric(daemon: &TestDaemon, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[test]
 fn models_lists_every_alias_owned_by_its_provider() {
     let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     let response = daemon.authed(TOKEN, "GET", "/v1/models", None);
     assert_eq!(response.status, 200, "{}", response.body);
     let body = response.json();
@@ -137,7 +81,7 @@ fn an_anthropic_upstream_is_translated_both_ways() {
         serde_json::from_str(&fake_provider::anthropic_reply("Hi there", 12, 3)).unwrap();
     reply["stop_reason"] = json!("max_tokens");
     cloud.push([Scripted::ok(&reply.to_string())]);
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     let response = complete(
         &daemon,
         &json!({
@@ -182,7 +126,7 @@ fn an_anthropic_upstream_is_translated_both_ways() {
 fn an_openai_compatible_upstream_gets_the_conversation_in_place() {
     let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
     local.push([Scripted::ok(&fake_provider::openai_reply("pong", 5, 1))]);
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     let response = complete(
         &daemon,
         &json!({
@@ -234,7 +178,7 @@ fn a_stream_from_anthropic_becomes_chunks_with_usage_and_done() {
         gap: Duration::from_millis(5),
         hang: false,
     }]);
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     let response = complete(
         &daemon,
         &json!({
@@ -283,7 +227,7 @@ fn an_overloaded_cloud_falls_back_to_the_local_model_and_says_so() {
         4,
         2,
     ))]);
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     let response = complete(
         &daemon,
         &json!({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}),
@@ -359,7 +303,7 @@ fn an_overloaded_cloud_falls_back_to_the_local_model_and_says_so() {
 fn a_refusal_does_not_fall_back_and_a_failed_last_hop_is_a_502() {
     let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
     cloud.push([Scripted::status(400, &[], r#"{"type":"error"}"#)]);
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     let message = json!({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]});
     assert_openai_error(
         &complete(&daemon, &message),
@@ -399,7 +343,12 @@ fn a_silent_provider_times_out_into_the_fallback_within_its_own_timeout() {
     ));
     local.push([Scripted::ok(&fake_provider::openai_reply("quick", 1, 1))]);
     // The cloud gets 1 s of the request's 10 s.
-    let daemon = support::start(config(&cloud, &local, "timeout_secs = 1", ""));
+    let daemon = support::start(support::two_providers_config(
+        &cloud,
+        &local,
+        "timeout_secs = 1",
+        "",
+    ));
     let started = Instant::now();
     let response = complete(
         &daemon,
@@ -436,7 +385,7 @@ fn a_deadline_past_is_a_504_and_a_spent_budget_is_insufficient_quota() {
     let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
     // The fake names its model `test-model`: usage is priced as the model that answered.
     let priced = "[cost]\ndaily_budget_usd = 0.001\n[cost.models.\"test-model\"]\ninput_usd_per_mtok = 1000.0\noutput_usd_per_mtok = 1000.0";
-    let mut config = config(&cloud, &local, "", priced);
+    let mut config = support::two_providers_config(&cloud, &local, "", priced);
     config.agent.timeout_secs = 1;
     let daemon = support::start(config);
     let llama = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
@@ -462,7 +411,7 @@ fn a_deadline_past_is_a_504_and_a_spent_budget_is_insufficient_quota() {
 #[test]
 fn an_upstream_rate_limit_without_a_fallback_is_a_429_with_its_retry_after() {
     let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
-    let daemon = two_providers(&cloud, &local, "");
+    let daemon = support::two_providers(&cloud, &local, "");
     local.push([Scripted::status(429, &[("retry-after", "30")], "{}")]);
     let llama = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
     let limited = complete(&daemon, &llama);
@@ -474,7 +423,7 @@ fn an_upstream_rate_limit_without_a_fallback_is_a_429_with_its_retry_after() {
 #[test]
 fn every_error_class_has_openai_shape_and_status() {
     let (cloud, local) = (FakeProvider::start(), FakeProvider::start());
-    let daemon = two_providers(&cloud, &local, "max_request_bytes = 4096");
+    let daemon = support::two_providers(&cloud, &local, "max_request_bytes = 4096");
     let hi = json!({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]});
     // 401: no token, a wrong token.
     let none = support::request(

@@ -42,6 +42,7 @@ impl Agent for PricedAgent {
                     cost_usd: REPLY_USD,
                     estimated: false,
                 }),
+                model: None,
             })
         })
     }

@@ -456,11 +456,11 @@ fn session_bodies_with_fields_are_refused_and_failed_first_messages_leave_no_ses
         TOKEN,
         "POST",
         "/v1/sessions",
-        Some(r#"{"system": "pirate"}"#),
+        Some(r#"{"persona": "pirate"}"#),
     );
     pirate.assert_error(400, "invalid_json");
     assert!(
-        pirate.body.contains("unknown field `system`"),
+        pirate.body.contains("unknown field `persona`"),
         "{}",
         pirate.body
     );

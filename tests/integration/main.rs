@@ -18,6 +18,7 @@ mod hostile_transport;
 mod hostile_websocket;
 mod isolation;
 mod metrics;
+mod model_routing;
 mod openai_sdk;
 mod pressure;
 mod prometheus;

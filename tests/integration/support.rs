@@ -8,6 +8,7 @@ use std::{
 };
 
 use blufio::{Config, Context, ContextBuilder, Daemon};
+use blufio_testkit::fake_provider::FakeProvider;
 pub use blufio_testkit::http::{Response, parse_response, request, send_raw};
 use blufio_testkit::process::{self, Binary};
 pub use blufio_testkit::process::{free_port, port_config};
@@ -132,14 +133,20 @@ impl Drop for TestDaemon {
 
 /// An agent driven by the message text, for exercising every gateway outcome:
 /// `upstream` → upstream failure, `ratelimit` → rate limited (7 s), `slow` → sleeps 3 s,
-/// `panic` → panics, `costly` → reports 0.5 USD; anything else is echoed back as `re: …`.
+/// `panic` → panics, `costly` → reports 0.5 USD, `whoami` → the call's model and system
+/// prompt; anything else is echoed back as `re: …`. A call naming the model `unknown` is
+/// refused as an unknown model; every reply names the model the call asked for.
 #[derive(Debug, Default)]
 pub struct ScriptedAgent;
 
 impl blufio::Agent for ScriptedAgent {
     fn reply<'a>(&'a self, call: blufio::Call<'a>) -> blufio::ReplyFuture<'a> {
         let (history, message) = (call.history, call.message);
+        let model = call.model.map(str::to_owned);
         Box::pin(async move {
+            if model.as_deref() == Some("unknown") {
+                return Err(blufio::AgentError::UnknownModel("unknown".to_owned()));
+            }
             let usage = |cost_usd| {
                 Some(blufio::Usage {
                     model: "scripted-1".to_owned(),
@@ -161,16 +168,24 @@ impl blufio::Agent for ScriptedAgent {
                     Ok(blufio::Reply {
                         content: "late".into(),
                         usage: None,
+                        model,
                     })
                 }
                 "panic" => panic!("scripted agent panic"),
                 "costly" => Ok(blufio::Reply {
                     content: "expensive".into(),
                     usage: usage(0.5),
+                    model,
+                }),
+                "whoami" => Ok(blufio::Reply {
+                    content: format!("model {:?} system {:?}", call.model, call.system),
+                    usage: usage(0.0),
+                    model,
                 }),
                 other => Ok(blufio::Reply {
                     content: format!("re: {other} (history {})", history.len()),
                     usage: usage(0.0),
+                    model,
                 }),
             }
         })
@@ -372,4 +387,61 @@ pub fn start_adjusted(adjust: impl FnOnce(&mut Config)) -> TestDaemon {
     let mut config = config_with_token(TOKEN);
     adjust(&mut config);
     start(config)
+}
+
+/// A daemon whose `[providers]` point at `cloud` (Anthropic) and `local` (OpenAI-compatible):
+/// alias `sonnet` on the cloud falling back to `llama` on the local one. `extra` is added to
+/// `[gateway]` (and may open further tables).
+pub fn two_providers(cloud: &FakeProvider, local: &FakeProvider, extra: &str) -> TestDaemon {
+    start(two_providers_config(cloud, local, "", extra))
+}
+
+/// The configuration of [`two_providers`], with `cloud_extra` added to the cloud provider.
+pub fn two_providers_config(
+    cloud: &FakeProvider,
+    local: &FakeProvider,
+    cloud_extra: &str,
+    extra: &str,
+) -> Config {
+    let text = format!(
+        r#"
+[providers.claude]
+kind = "anthropic"
+base_url = "{cloud}"
+api_key_env = "BLUFIO_TEST_UNSET_KEY"
+{cloud_extra}
+
+[providers.pi]
+kind = "openai"
+base_url = "{local}"
+api_key_env = "BLUFIO_TEST_UNSET_KEY"
+
+[models.sonnet]
+provider = "claude"
+model = "claude-sonnet-4-5"
+fallback = ["llama"]
+
+[models.llama]
+provider = "pi"
+model = "llama3.2"
+max_tokens = 64
+
+[gateway]
+default_model = "sonnet"
+{extra}
+"#,
+        cloud = cloud.url(),
+        local = local.url(),
+    );
+    let mut config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    for provider in config.providers.values_mut() {
+        provider.api_key = Some(blufio::Secret::new("sk-test-key"));
+    }
+    config.validate("test.toml").unwrap();
+    config.daemon.health_port = 0;
+    config.gateway.port = 0;
+    config.allow_ephemeral_ports = true;
+    config.gateway.token = Some(blufio::Secret::new(TOKEN));
+    config.agent.timeout_secs = 10;
+    config
 }

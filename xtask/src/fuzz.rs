@@ -18,7 +18,7 @@ use std::time::Instant;
 use crate::project::{Result, cargo, describe, run_status, target_dir};
 
 /// The targets in `fuzz/Cargo.toml`, in the order they run.
-const TARGETS: &[&str] = &["config", "proc", "message", "http_request"];
+const TARGETS: &[&str] = &["config", "proc", "message", "http_request", "chat_request"];
 
 /// Runs the `fuzz` task.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
