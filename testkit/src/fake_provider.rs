@@ -322,22 +322,50 @@ fn write_stream<S: Write>(
     stream.flush()
 }
 
-/// Anthropic's documented reply body.
+/// Anthropic's documented reply body, ended by `end_turn`.
 pub fn anthropic_reply(text: &str, input_tokens: u64, output_tokens: u64) -> String {
+    anthropic_reply_stopped(text, "end_turn", input_tokens, output_tokens)
+}
+
+/// Anthropic's documented reply body with its `stop_reason` (`end_turn`, `max_tokens`,
+/// `stop_sequence`).
+pub fn anthropic_reply_stopped(
+    text: &str,
+    stop_reason: &str,
+    input_tokens: u64,
+    output_tokens: u64,
+) -> String {
     serde_json::json!({
         "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+        "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
+        "stop_sequence": null,
         "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
     })
     .to_string()
 }
 
-/// OpenAI's documented reply body.
+/// OpenAI's documented reply body, ended by `stop`.
 pub fn openai_reply(text: &str, prompt_tokens: u64, completion_tokens: u64) -> String {
+    openai_reply_finished(text, "stop", prompt_tokens, completion_tokens)
+}
+
+/// The `created` of every OpenAI-shaped answer of the fake (a fixed time: answers are
+/// compared whole).
+pub const OPENAI_CREATED: u64 = 1_700_000_000;
+
+/// OpenAI's documented reply body with its `finish_reason` (`stop`, `length`), every field
+/// the official SDKs require present, so a client validating strictly accepts it.
+pub fn openai_reply_finished(
+    text: &str,
+    finish_reason: &str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> String {
     serde_json::json!({
-        "id": "chatcmpl-1", "object": "chat.completion", "model": "test-model",
+        "id": "chatcmpl-1", "object": "chat.completion", "created": OPENAI_CREATED,
+        "model": "test-model",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop"}],
+                     "finish_reason": finish_reason, "logprobs": null}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     })
@@ -382,22 +410,40 @@ pub fn anthropic_stream(deltas: &[&str], input_tokens: u64, output_tokens: u64) 
     chunks
 }
 
-/// OpenAI's documented chunk stream for `deltas`, ending with the usage chunk and `[DONE]`.
+/// OpenAI's documented chunk stream for `deltas` (the first one carrying the role, the last
+/// one `finish_reason`),
+/// ending with the usage chunk and `[DONE]`: one chunk per delta, then those two, so a test
+/// can remove the usage chunk by its index.
 pub fn openai_stream(deltas: &[&str], prompt_tokens: u64, completion_tokens: u64) -> Vec<String> {
-    let data = |value: serde_json::Value| format!("data: {value}\n\n");
+    let data = |choices: serde_json::Value, usage: Option<serde_json::Value>| {
+        let mut chunk = serde_json::json!({"id": "c1", "object": "chat.completion.chunk",
+            "created": OPENAI_CREATED, "model": "test-model", "choices": choices});
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        format!("data: {chunk}\n\n")
+    };
     let mut chunks: Vec<String> = deltas
         .iter()
-        .map(|delta| {
+        .enumerate()
+        .map(|(index, delta)| {
+            let finish_reason = (index + 1 == deltas.len()).then_some("stop");
+            let mut delta = serde_json::json!({"content": delta});
+            if index == 0 {
+                delta["role"] = "assistant".into();
+            }
             data(
-                serde_json::json!({"id": "c1", "object": "chat.completion.chunk",
-                "model": "test-model", "choices": [{"index": 0, "delta": {"content": delta}}]}),
+                serde_json::json!([{"index": 0, "delta": delta,
+                    "finish_reason": finish_reason}]),
+                None,
             )
         })
         .collect();
     chunks.push(data(
-        serde_json::json!({"id": "c1", "object": "chat.completion.chunk",
-        "model": "test-model", "choices": [],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}),
+        serde_json::json!([]),
+        Some(serde_json::json!({"prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens})),
     ));
     chunks.push("data: [DONE]\n\n".to_owned());
     chunks

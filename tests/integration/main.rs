@@ -19,6 +19,7 @@ mod hostile_websocket;
 mod isolation;
 mod metrics;
 mod model_routing;
+mod openai_sdk;
 mod pressure;
 mod prometheus;
 mod providers;
