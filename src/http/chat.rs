@@ -17,6 +17,7 @@ use std::{
 };
 
 use trillium::{Conn, Handler, KnownHeaderName, Status};
+use trillium_router::RouterConnExt;
 
 use crate::{
     agent::AgentError,
@@ -33,8 +34,9 @@ use crate::{
     metrics::ErrorKind,
     openai_api::{
         ApiError, ChatRequest, ChatRole, ChunkEncoder, KEEP_ALIVE, ModelEntry, TokenUsage,
-        completion, completion_id, models_list, parse_request,
+        completion, completion_id, model_object, models_list, parse_request,
     },
+    routes::Route,
 };
 
 /// The header naming the alias whose provider answered (the asked-for one, or a fallback).
@@ -56,12 +58,29 @@ impl ModelsHandler {
 impl Handler for ModelsHandler {
     async fn run(&self, conn: Conn) -> Conn {
         let created = self.ctx.started_at_unix() as u64;
-        let body = models_list(self.ctx.upstreams.routes().iter().map(|route| ModelEntry {
-            id: &route.alias,
-            created,
-            owned_by: route.provider(),
-        }));
-        json(conn, Status::Ok, body)
+        let routes = self.ctx.upstreams.routes();
+        let entry = |route| model_entry(route, created);
+        // `/v1/models/{id}` (the SDKs' `models.retrieve`): one model, or OpenAI's 404.
+        if let Some(id) = conn.param("id") {
+            let body = routes.get(id).map(|route| model_object(entry(route)));
+            return match body {
+                Some(body) => json(conn, Status::Ok, body),
+                None => {
+                    let error = ApiError::model_not_found(id);
+                    response::api_error(&self.ctx, conn, &error, Some(ErrorKind::NotFound))
+                }
+            };
+        }
+        json(conn, Status::Ok, models_list(routes.iter().map(entry)))
+    }
+}
+
+/// The `/v1/models` entry of `route`.
+fn model_entry(route: &Route, created: u64) -> ModelEntry<'_> {
+    ModelEntry {
+        id: &route.alias,
+        created,
+        owned_by: route.provider(),
     }
 }
 
@@ -249,10 +268,16 @@ fn api_error(error: &MessageError) -> ApiError {
             ApiError::upstream_timeout("the model provider did not answer in time")
         }
         MessageError::Agent(AgentError::UnknownModel(model)) => ApiError::model_not_found(model),
-        MessageError::NoAgent
-        | MessageError::Agent(
-            AgentError::Upstream(_) | AgentError::Rejected { .. } | AgentError::Malformed(_),
-        ) => ApiError::upstream_failed(error.to_string()),
+        // Upstream details can carry provider internals: the log has them, clients do not.
+        MessageError::NoAgent | MessageError::Agent(AgentError::Upstream(_)) => {
+            ApiError::upstream_failed("the model provider failed")
+        }
+        MessageError::Agent(AgentError::Malformed(_)) => {
+            ApiError::upstream_failed("the model provider answered malformed data")
+        }
+        MessageError::Agent(error @ AgentError::Rejected { .. }) => {
+            ApiError::upstream_failed(error.to_string())
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! | `POST, GET /v1/sessions`, `GET, DELETE /v1/sessions/:id` | bearer | `sessions.rs` |
 //! | `POST /v1/messages` | bearer | `messages.rs` |
 //! | `GET /ws` | bearer (header or subprotocol) | `ws.rs` |
-//! | `POST /v1/chat/completions`, `GET /v1/models` | bearer (OpenAI-shaped errors) | `chat.rs` |
+//! | `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/:id` | bearer (OpenAI-shaped errors) | `chat.rs` |
 //!
 //! Unknown paths get 404 and known paths with another method 405 with `Allow`, both as JSON.
 //! The three probe routes are matched before trillium-router ([`handler`]); the rest go
@@ -85,6 +85,13 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
             )
             .get(
                 "/v1/models",
+                (
+                    auth.clone().with_openai_errors(),
+                    ModelsHandler::new(Arc::clone(&ctx)),
+                ),
+            )
+            .get(
+                "/v1/models/:id",
                 (
                     auth.clone().with_openai_errors(),
                     ModelsHandler::new(Arc::clone(&ctx)),

@@ -20,6 +20,6 @@ pub use self::{
     request::{ChatRequest, parse_request},
     response::{
         ChunkEncoder, DONE, FinishReason, KEEP_ALIVE, ModelEntry, TokenUsage, completion,
-        completion_id, models_list,
+        completion_id, model_object, models_list,
     },
 };

@@ -301,6 +301,16 @@ struct ModelList<'a> {
     data: Vec<ModelObject<'a>>,
 }
 
+/// The `/v1/models/{id}` body: one model object.
+pub fn model_object(entry: ModelEntry<'_>) -> String {
+    to_json(&ModelObject {
+        id: entry.id,
+        object: "model",
+        created: entry.created,
+        owned_by: entry.owned_by,
+    })
+}
+
 /// The `/v1/models` body: `{"object": "list", "data": [...]}`.
 pub fn models_list<'a>(entries: impl IntoIterator<Item = ModelEntry<'a>>) -> String {
     let data = entries

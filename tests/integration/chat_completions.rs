@@ -71,6 +71,16 @@ fn models_lists_every_alias_owned_by_its_provider() {
             ("sonnet".to_owned(), "claude".to_owned())
         ]
     );
+    // One model, as the SDKs' `models.retrieve` asks for it.
+    let one = daemon.authed(TOKEN, "GET", "/v1/models/llama", None);
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(
+        (one.json()["id"].as_str(), one.json()["owned_by"].as_str()),
+        (Some("llama"), Some("pi"))
+    );
+    assert_eq!(one.json()["object"], "model");
+    let missing = daemon.authed(TOKEN, "GET", "/v1/models/gpt-9", None);
+    assert_openai_error(&missing, 404, "invalid_request_error", "model_not_found");
     daemon.stop();
 }
 
