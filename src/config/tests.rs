@@ -444,6 +444,14 @@ fn document_errors_keep_their_line_column_key_and_message() {
             "1:2: unknown field `deamon`, {root}",
         ),
         (
+            "[daemon]\nbind = \"::\"\n\n[deamon]",
+            "4:2: unknown field `deamon`, {root}",
+        ),
+        (
+            "prometheus.enabled = true\n  \"deamon\" = 1",
+            "2:3: key `deamon`: unknown field `deamon`, {root}",
+        ),
+        (
             "allow_ephemeral_ports = true",
             "1:1: key `allow_ephemeral_ports`: unknown field `allow_ephemeral_ports`, {root}",
         ),
