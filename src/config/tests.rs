@@ -423,3 +423,138 @@ fn devices_and_files_past_one_mib_are_refused_without_reading_them_whole() {
     assert!(cause.contains("larger than"), "{cause}");
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Pins every kind of error a document can hold, at the root and below it, to its exact line,
+/// column, key and message, so a change to how the root table is read cannot move one.
+/// `{root}` and `{daemon}` stand for serde's lists of the keys expected there.
+#[test]
+fn document_errors_keep_their_line_column_key_and_message() {
+    let cases = [
+        // Unknown top-level keys and sections: bare, quoted, a table header, a skipped field.
+        (
+            "deamon_x = 1",
+            "1:1: key `deamon_x`: unknown field `deamon_x`, {root}",
+        ),
+        (
+            "\"deamon\" = 1",
+            "1:1: key `deamon`: unknown field `deamon`, {root}",
+        ),
+        (
+            "[deamon]\nhealth_port = 1",
+            "1:2: unknown field `deamon`, {root}",
+        ),
+        (
+            "[daemon]\nbind = \"::\"\n\n[deamon]",
+            "4:2: unknown field `deamon`, {root}",
+        ),
+        (
+            "prometheus.enabled = true\n  \"deamon\" = 1",
+            "2:3: key `deamon`: unknown field `deamon`, {root}",
+        ),
+        (
+            "allow_ephemeral_ports = true",
+            "1:1: key `allow_ephemeral_ports`: unknown field `allow_ephemeral_ports`, {root}",
+        ),
+        // A section of the wrong type.
+        (
+            "daemon = 5",
+            "1:10: key `daemon`: invalid type: integer `5`, expected struct DaemonConfig",
+        ),
+        (
+            "cost = 5",
+            "1:8: key `cost`: invalid type: integer `5`, expected struct CostConfig",
+        ),
+        (
+            "daemon = [1, 2]",
+            "1:11: key `daemon`: invalid type: integer `1`, expected a string",
+        ),
+        (
+            "daemon = 1979-05-27T07:32:00Z",
+            "1:10: key `daemon`: unknown field `$__toml_private_datetime`, {daemon}",
+        ),
+        // Unknown keys and wrong values inside a section, also as dotted keys and inline tables.
+        (
+            "[daemon]\nhealth_port = 3000\nmemroy_warn_mb = 100",
+            "3:1: key `memroy_warn_mb`: unknown field `memroy_warn_mb`, {daemon}",
+        ),
+        (
+            "[daemon]\n\nmemory_warn_mb = \"lots\"",
+            "3:18: key `memory_warn_mb`: expected a number of MiB or \"auto\"",
+        ),
+        (
+            "[gateway]\nport = 70000",
+            "2:8: key `port`: invalid value: integer `70000`, expected u16",
+        ),
+        (
+            "daemon.bind = 5",
+            "1:15: key `daemon.bind`: invalid type: integer `5`, expected a string",
+        ),
+        (
+            "daemon = { bind = 5 }",
+            "1:19: key `daemon`: invalid type: integer `5`, expected a string",
+        ),
+        // TOML syntax errors and duplicates, found before any field is read.
+        ("[daemon", "1:8: unclosed table, expected `]`"),
+        (
+            "daemon =",
+            "1:9: key `daemon`: string values must be quoted, expected literal string",
+        ),
+        (
+            "\u{e9}t\u{e9} = 1",
+            "1:1: key `\u{e9}t\u{e9}`: invalid unquoted key, expected letters, numbers, `-`, `_`",
+        ),
+        (
+            "[daemon]\nbind = \"a\"\nbind = \"b\"",
+            "3:1: key `bind`: duplicate key",
+        ),
+        ("[daemon]\n[daemon]", "2:2: duplicate key"),
+        // `[providers]` and `[models]`: the maps keyed by spanned names.
+        (
+            "providers = 5",
+            "1:13: key `providers`: invalid type: integer `5`, expected a map",
+        ),
+        (
+            "providers = [1]",
+            "1:13: key `providers`: invalid type: sequence, expected a map",
+        ),
+        (
+            "[[providers]]\nkind = \"openai\"",
+            "1:1: invalid type: sequence, expected a map",
+        ),
+        (
+            "[providers]\nx = 5",
+            "2:5: key `x`: invalid type: integer `5`, expected struct ProviderConfig",
+        ),
+        (
+            "[providers.x]\nkind = 5",
+            "2:8: key `kind`: wanted string or table",
+        ),
+        (
+            "[providers.x]\nkind = \"openai\"\napi_key = \"sk\"",
+            "3:1: key `api_key`: unknown field `api_key`, expected one of `kind`, `base_url`, \
+             `api_key_file`, `api_key_env`, `ca_file`, `timeout_secs`",
+        ),
+        (
+            "[models.m]\nfallback = \"a\"",
+            "2:12: key `fallback`: invalid type: string \"a\", expected a sequence",
+        ),
+    ];
+    let root = "expected one of `daemon`, `gateway`, `prometheus`, `agent`, `providers`, `models`, \
+        `cost`";
+    let daemon = "expected one of `bind`, `health_port`, `memory_warn_mb`, `memory_limit_mb`, \
+        `monitor_interval_secs`, `shutdown_grace_secs`, `request_timeout_secs`, `log_level`, \
+        `state_dir`, `max_connections`, `max_connections_per_ip`, `workers`";
+    for (text, expected) in cases {
+        let message = parse(&format!("{text}\n")).unwrap_err().to_string();
+        let expected = expected.replace("{root}", root).replace("{daemon}", daemon);
+        assert_eq!(message, format!("blufio.toml:{expected}"), "{text:?}");
+    }
+}
+
+#[test]
+fn empty_and_comment_only_files_are_the_defaults() {
+    for text in ["", "\n", "# only a comment\n", "  \n\t\n"] {
+        let config = parse(text).unwrap();
+        assert_eq!(config.to_toml(), Config::default().to_toml(), "{text:?}");
+    }
+}
