@@ -4,14 +4,45 @@
 //! reply, and everything else in the reply is skipped without being stored.
 //!
 //! A `Value` tree allocated every object and array of the reply and hashed each key into its
-//! map, which cost more than the rest of reading a small reply.
+//! map, which cost more than the rest of reading a small reply. An object is read entry by
+//! entry ([`Fields`]) rather than by serde's derive, which refuses a repeated key: here, as
+//! in a `Value`, the last one counts.
 
 use std::{fmt, marker::PhantomData};
 
 use serde::{
     Deserialize, Deserializer,
-    de::{IgnoredAny, MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer},
+    de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
+
+/// An object of which a few keys are read; the others are skipped.
+pub(crate) trait Fields<'de>: Default {
+    /// The keys read, in the order `take` numbers them.
+    const NAMES: &'static [&'static str];
+
+    /// Reads the value of `NAMES[index]` from `map`.
+    fn take<A: MapAccess<'de>>(&mut self, index: usize, map: &mut A) -> Result<(), A::Error>;
+}
+
+/// Reads a key as its index in `NAMES`, or `None` for a key not read.
+struct KeySeed(&'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<usize>, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Option<usize>;
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("an object key")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|name| *name == key))
+    }
+}
 
 /// An object read as `T`, or `None` when the JSON there is not an object.
 #[derive(Debug)]
@@ -83,7 +114,7 @@ fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
 
 struct ObjectVisitor<T>(PhantomData<T>);
 
-impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+impl<'de, T: Fields<'de>> Visitor<'de> for ObjectVisitor<T> {
     type Value = Object<T>;
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("any JSON value")
@@ -98,12 +129,21 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Object<T>, A::Error> {
         drain_seq(seq).map(|()| Object(None))
     }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
-        T::deserialize(MapAccessDeserializer::new(map)).map(|value| Object(Some(value)))
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<T>, A::Error> {
+        let mut object = T::default();
+        while let Some(key) = map.next_key_seed(KeySeed(T::NAMES))? {
+            match key {
+                Some(index) => object.take(index, &mut map)?,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Object(Some(object)))
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+impl<'de, T: Fields<'de>> Deserialize<'de> for Object<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ObjectVisitor(PhantomData))
     }
@@ -111,7 +151,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 
 struct FirstVisitor<T>(PhantomData<T>);
 
-impl<'de, T: Deserialize<'de>> Visitor<'de> for FirstVisitor<T> {
+impl<'de, T: Fields<'de>> Visitor<'de> for FirstVisitor<T> {
     type Value = First<T>;
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("any JSON value")
@@ -133,7 +173,7 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for FirstVisitor<T> {
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
+impl<'de, T: Fields<'de>> Deserialize<'de> for First<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(FirstVisitor(PhantomData))
     }

@@ -8,13 +8,13 @@
 
 use std::iter;
 
-use serde::{Deserialize, Serialize};
+use serde::{Serialize, de::MapAccess};
 use serde_json::Value;
 use trillium_client::{Conn, KnownHeaderName};
 
 use super::{
     chat::{Content, Messages, Parsed, Request, StreamItem, WireMessage},
-    loose::{First, Object, Str, Text, U64},
+    loose::{Fields, First, Object, Str, Text, U64},
     sse::SseEvent,
 };
 use crate::{
@@ -162,36 +162,70 @@ pub(crate) fn parse_reply(body: &str) -> Result<Parsed, String> {
 }
 
 /// The fields of a reply blufio reads; the rest is skipped.
-#[derive(Default, Deserialize)]
+#[derive(Default)]
 struct Reply {
-    #[serde(default)]
     model: Str,
-    #[serde(default)]
     choices: First<Choice>,
-    #[serde(default)]
     usage: Object<ReplyUsage>,
 }
 
-#[derive(Deserialize)]
+impl<'de> Fields<'de> for Reply {
+    const NAMES: &'static [&'static str] = &["model", "choices", "usage"];
+    fn take<A: MapAccess<'de>>(&mut self, index: usize, map: &mut A) -> Result<(), A::Error> {
+        match index {
+            0 => self.model = map.next_value()?,
+            1 => self.choices = map.next_value()?,
+            _ => self.usage = map.next_value()?,
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
 struct Choice {
-    #[serde(default)]
     message: Object<ReplyMessage>,
-    #[serde(default)]
     finish_reason: Str,
 }
 
-#[derive(Deserialize)]
+impl<'de> Fields<'de> for Choice {
+    const NAMES: &'static [&'static str] = &["message", "finish_reason"];
+    fn take<A: MapAccess<'de>>(&mut self, index: usize, map: &mut A) -> Result<(), A::Error> {
+        match index {
+            0 => self.message = map.next_value()?,
+            _ => self.finish_reason = map.next_value()?,
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
 struct ReplyMessage {
-    #[serde(default)]
     content: Text,
 }
 
-#[derive(Default, Deserialize)]
+impl<'de> Fields<'de> for ReplyMessage {
+    const NAMES: &'static [&'static str] = &["content"];
+    fn take<A: MapAccess<'de>>(&mut self, _: usize, map: &mut A) -> Result<(), A::Error> {
+        self.content = map.next_value()?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
 struct ReplyUsage {
-    #[serde(default)]
     prompt_tokens: U64,
-    #[serde(default)]
     completion_tokens: U64,
+}
+
+impl<'de> Fields<'de> for ReplyUsage {
+    const NAMES: &'static [&'static str] = &["prompt_tokens", "completion_tokens"];
+    fn take<A: MapAccess<'de>>(&mut self, index: usize, map: &mut A) -> Result<(), A::Error> {
+        match index {
+            0 => self.prompt_tokens = map.next_value()?,
+            _ => self.completion_tokens = map.next_value()?,
+        }
+        Ok(())
+    }
 }
 
 /// Reads one streamed chunk: a content delta, the usage chunk, or `[DONE]`.
@@ -433,6 +467,12 @@ mod tests {
             "null",
             "{",
             r#"{"choices":[{"message":{"content":"x"}}]} trailing"#,
+            // A repeated key: the last one counts, as in a `Value`.
+            r#"{"choices":[],"model":"a","choices":[{"message":{"content":"x","content":"y"}}],
+                "usage":{"prompt_tokens":1},"usage":{"completion_tokens":2},"model":"b"}"#,
+            r#"{"choices":[{"message":{"content":"x"}}],"choices":5}"#,
+            r#"{"choices":[{"message":{"content":"x"},"message":{}}]}"#,
+            r#"{"\u0063hoices":[{"message":{"content":"escaped key"}}]}"#,
         ];
         for reply in replies {
             assert_eq!(
