@@ -3,6 +3,7 @@
 
 use std::iter;
 
+use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 
 use crate::{
@@ -74,6 +75,47 @@ impl Messages<'_> {
 /// Whether a chat role is an instruction to the model rather than a turn of the dialogue.
 pub(crate) fn is_system(role: ChatRole) -> bool {
     matches!(role, ChatRole::System | ChatRole::Developer)
+}
+
+/// One `{role, content}` message as both APIs take it, written without a JSON tree.
+#[derive(Debug, Serialize)]
+pub(crate) struct WireMessage<'a> {
+    pub(crate) role: &'a str,
+    pub(crate) content: Content<'a>,
+}
+
+/// A message's content: a string, or text blocks, as [`content`] builds it.
+#[derive(Debug)]
+pub(crate) enum Content<'a> {
+    Text(&'a str),
+    Blocks(&'a [String]),
+}
+
+impl<'a> Content<'a> {
+    /// A chat message's content as sent: a string for one part, text blocks for several.
+    pub(crate) fn of(message: &'a ChatMessage) -> Content<'a> {
+        match message.parts.as_slice() {
+            [one] => Content::Text(one),
+            parts => Content::Blocks(parts),
+        }
+    }
+}
+
+impl Serialize for Content<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct TextBlock<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            text: &'a str,
+        }
+        match self {
+            Content::Text(text) => serializer.serialize_str(text),
+            Content::Blocks(parts) => {
+                serializer.collect_seq(parts.iter().map(|text| TextBlock { kind: "text", text }))
+            }
+        }
+    }
 }
 
 /// Returns a chat message's content as sent: a string for one part, text blocks (the form

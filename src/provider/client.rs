@@ -46,6 +46,13 @@ impl Connector for Tcp {
     }
 }
 
+/// Request bodies sent whole, without first asking `Expect: 100-continue`: every body blufio
+/// sends is already in memory (at most `[gateway] max_request_bytes` of conversation and the
+/// system prompt), and trillium-client's default (1 KiB) made any larger one wait a round trip
+/// for the upstream's `100 Continue` (a full second against a server that sends none, which
+/// RFC 9110 allows) before sending it.
+const WHOLE_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 /// Builds the client.
 ///
 /// # Errors
@@ -60,7 +67,8 @@ pub(crate) fn build(ca_file: Option<&Path>, runtime: Runtime) -> Result<Client, 
     #[cfg(feature = "tls")]
     {
         let tls = tls_config(ca_file)?;
-        Ok(Client::new(trillium_rustls::RustlsConfig::new(tls, tcp)))
+        Ok(Client::new(trillium_rustls::RustlsConfig::new(tls, tcp))
+            .with_max_buffered_request_body(WHOLE_BODY_BYTES))
     }
     #[cfg(not(feature = "tls"))]
     {
@@ -70,7 +78,7 @@ pub(crate) fn build(ca_file: Option<&Path>, runtime: Runtime) -> Result<Client, 
                 path.display()
             ));
         }
-        Ok(Client::new(tcp))
+        Ok(Client::new(tcp).with_max_buffered_request_body(WHOLE_BODY_BYTES))
     }
 }
 

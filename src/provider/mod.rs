@@ -21,6 +21,7 @@ pub mod anthropic;
 mod chat;
 mod client;
 mod health;
+mod loose;
 pub mod openai;
 mod response;
 mod retry;

@@ -107,12 +107,12 @@ impl Upstream {
         self.timeout
     }
 
-    fn post(&self, body: &str, stream: bool) -> Conn {
+    fn post(&self, body: &[u8], stream: bool) -> Conn {
         let mut conn = self
             .client
             .post(self.endpoint.clone())
             .with_request_header(KnownHeaderName::ContentType, "application/json")
-            .with_body(body.to_owned());
+            .with_body(body.to_vec());
         if stream {
             // A streamed response is never drained for reuse: closing the connection is how
             // a departed client cancels the upstream generation.
@@ -131,7 +131,10 @@ impl Upstream {
         attempts: u32,
         deadline: Instant,
     ) -> Result<Conn, AgentError> {
-        let body = self.wire.request_body(request).to_string();
+        let body = self
+            .wire
+            .request_body(request)
+            .map_err(|error| AgentError::Upstream(format!("cannot encode the request: {error}")))?;
         retry::send(&self.name, attempts, deadline, &self.metrics, || {
             self.post(&body, request.stream)
         })

@@ -1,7 +1,6 @@
 //! Which wire protocol a [`ProviderAgent`](super::ProviderAgent) speaks, and the one place
 //! that sends each step (request, key, reply, stream event) to that protocol's file.
 
-use serde_json::Value;
 use trillium_client::Conn;
 
 use super::{
@@ -48,9 +47,13 @@ impl Wire {
     }
 
     /// Builds the JSON request body.
-    pub(crate) fn request_body(self, request: &Request<'_>) -> Value {
+    ///
+    /// # Errors
+    ///
+    /// Only if serde_json fails to write a string or a number, which it does not.
+    pub(crate) fn request_body(self, request: &Request<'_>) -> Result<Vec<u8>, serde_json::Error> {
         match self {
-            Wire::Anthropic => anthropic::request_body(request),
+            Wire::Anthropic => serde_json::to_vec(&anthropic::request_body(request)),
             Wire::OpenAi => openai::request_body(request),
         }
     }

@@ -659,3 +659,22 @@ fn a_provider_without_its_key_or_with_a_bad_base_url_exits_78() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_large_request_goes_up_whole_without_waiting_for_100_continue() {
+    let fake = FakeProvider::start();
+    fake.push([Scripted::ok(&fake_provider::openai_reply("ok", 5, 1))]);
+    let daemon = start(Provider::OpenAi, &fake);
+    // Well past trillium-client's default 1 KiB, above which it asked `Expect: 100-continue`
+    // and, from this fake (which never sends `100 Continue`), waited a second for it.
+    let content = "x".repeat(8 * 1024);
+    let started = Instant::now();
+    let response = support::post_message(&daemon, &format!(r#"{{"content": "{content}"}}"#));
+    let took = started.elapsed();
+    assert_eq!(response.status, 200, "{}", response.body);
+    let sent = &fake.requests()[0];
+    assert_eq!(sent.header("expect"), None);
+    assert_eq!(sent.body["messages"][0]["content"], content);
+    assert!(took < Duration::from_millis(900), "took {took:?}");
+    daemon.stop();
+}
