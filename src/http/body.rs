@@ -205,14 +205,16 @@ async fn read_bounded(
     limit: u64,
     charge: &mut MemoryCharge,
 ) -> io::Result<Vec<u8>> {
+    // `bytes` is kept initialised to its whole length and `filled` counts what was read, so
+    // each byte is zeroed once, when the buffer grows, not again before every read.
     let mut bytes: Vec<u8> = Vec::new();
+    let mut filled = 0;
     loop {
-        if bytes.len() == bytes.capacity() {
+        if filled == bytes.len() {
             bytes.reserve(FIRST_READ_BYTES);
             charge.set(bytes.capacity() as u64);
+            bytes.resize(bytes.capacity(), 0);
         }
-        let filled = bytes.len();
-        bytes.resize(bytes.capacity(), 0);
         let read = match bytes.get_mut(filled..) {
             Some(free) => body.read(free).await,
             None => Ok(0),
@@ -223,8 +225,8 @@ async fn read_bounded(
                 return Ok(bytes);
             }
             Ok(read) => {
-                bytes.truncate(filled + read);
-                if bytes.len() as u64 > limit {
+                filled += read;
+                if filled as u64 > limit {
                     return Err(io::ErrorKind::FileTooLarge.into());
                 }
             }
