@@ -595,14 +595,19 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
     let kept_alive: u64 = tallies.iter().map(|t| t.kept_alive_in_drain).sum();
     eprintln!("{responses} responses, {dropped} dropped, {kept_alive} kept alive in the drain");
     assert!(responses >= 64, "only {responses} responses");
-    // Under emulation (`cargo xtask test-cross`, qemu-user) the daemon runs about ten times
-    // slower than its native clients, and a request written just as the drain closes an idle
-    // keep-alive connection can still meet the close (3 of 425 once in CI): the emulated run
-    // checks the `Connection: close` promise, the native run also that nothing is dropped.
+    // A request written just as the drain closes an idle keep-alive connection can meet the
+    // close: HTTP/1.1's own race (RFC 9112 section 9.3.1 has clients retry such a request).
+    // The drain's last call (250 ms) makes it rare; it takes a client starved of CPU for that
+    // long to hit it. Under emulation (`cargo xtask test-cross`, qemu-user) the daemon runs
+    // about ten times slower than its native clients and it happens (3 of 425 once in CI),
+    // and natively it did once in several hundred runs, with a parallel build starving the
+    // clients. So the emulated run checks the `Connection: close` promise, and the native run
+    // also that at most 2 of the hundreds of requests met the race: more is a drain that
+    // drops requests, not a client that came late.
     if !emulated() {
-        assert_eq!(
-            dropped, 0,
-            "requests left unanswered ({responses} answered)"
+        assert!(
+            dropped <= 2,
+            "{dropped} requests left unanswered ({responses} answered)"
         );
     }
     assert_eq!(
