@@ -599,8 +599,8 @@ fn sigterm_while_keep_alive_clients_post_answers_every_request_with_connection_c
     // close: HTTP/1.1's own race (RFC 9112 section 9.3.1 has clients retry such a request).
     // The drain's last call (250 ms) makes it rare; it takes a client starved of CPU for that
     // long to hit it. Under emulation (`cargo xtask test-cross`, qemu-user) the daemon runs
-    // about ten times slower than its native clients and it happens (3 of 425 once in CI),
-    // and natively it did once in several hundred runs, with a parallel build starving the
+    // about ten times slower than its native clients and it happens (3 of 425 once in CI);
+    // natively it happened twice, both times with a parallel release build starving the
     // clients. So the emulated run checks the `Connection: close` promise, and the native run
     // also that at most 2 of the hundreds of requests met the race: more is a drain that
     // drops requests, not a client that came late.
