@@ -70,15 +70,19 @@ impl Handler for MessagesHandler {
                 Err(rejected) => return sessions::rejection(ctx, conn, rejected),
             },
         };
+        // Both exchanges are boxed: a future is as large as its largest state, and every
+        // request waiting for its body (a slow or hostile client) holds this one. Boxed, the
+        // exchange's state is allocated only once the body has arrived.
         if message.stream {
-            return stream::respond(ctx, conn, session, message, message_error).await;
+            return Box::pin(stream::respond(ctx, conn, session, message, message_error)).await;
         }
         let (session, opened) = match session {
             MessageSession::Existing(session) => (session, None),
             MessageSession::Opened(guard) => (Arc::clone(guard.session()), Some(guard)),
         };
         let IncomingMessage { content, model, .. } = message;
-        match gateway::exchange(ctx, &session, content, model.as_deref(), Channel::Http).await {
+        let exchange = gateway::exchange(ctx, &session, content, model.as_deref(), Channel::Http);
+        match Box::pin(exchange).await {
             Ok(reply) => {
                 if let Some(opened) = opened {
                     opened.keep();

@@ -168,6 +168,7 @@ fn the_memory_charged_to_connections_covers_what_the_real_binary_allocates_for_t
     }
     daemon.kill();
     let report = format!("(state, heap, charged) per connection: {per_connection:?}");
+    eprintln!("{report}");
     for (state, heap, charged) in &per_connection {
         // What the sessions see is the heap less the charge: an under-charge is session heap.
         assert!(*charged >= heap - 512.0, "{state}: under-charged; {report}");
