@@ -16,8 +16,9 @@ use std::{
 /// and release builds measured within 2% of each other: open with no byte 11.7 KB; a partial
 /// head 17.0 KB, or 32.9 KB with a 6,000-byte header (an 8 KiB buffer); idle kept-alive
 /// 17.7 KB, 18.0 KB once its next head has started; reading a declared 64 KiB body of which
-/// nothing arrived 24.8 KB (25.0 KB on x86_64 and 25.7 KB on aarch64 once the OpenAI routes
-/// and a model per message were added: the router and the message handler's futures grew).
+/// nothing arrived 24.8 KB. With the OpenAI routes and a model per message (a larger router
+/// and message handler), that request measures 26.0 KB on x86_64 and 25.6 KB on aarch64
+/// under qemu, buffers included, against a charge of 26.5 KiB (`hostile_connections`).
 pub const CONNECTION_BASE_BYTES: u64 = 12 * 1024;
 
 /// Heap a connection holds from the first byte of a request head on, beyond its base and its
