@@ -3,9 +3,7 @@
 //! containment and usage ceiling as a session message, and answered by the model alias's
 //! chain of providers with fallback (`provider::Upstreams`).
 
-use std::time::{Duration, Instant, SystemTime};
-
-use futures_lite::FutureExt;
+use std::time::{Duration, Instant};
 
 use super::{
     MessageError,
@@ -14,7 +12,6 @@ use super::{
 use crate::{
     agent::{AgentError, DeltaSender},
     context::Context,
-    metrics::ErrorKind,
     openai_api::ChatRequest,
     provider::{Ask, Messages, Sampling, Served},
     routes::Route,
@@ -42,17 +39,13 @@ pub async fn complete(
     request: &ChatRequest,
     deltas: Option<&DeltaSender>,
 ) -> Result<ChatAnswer, MessageError> {
-    let (daily_usd, timeout_secs) = {
-        let live = ctx.live();
-        (live.daily_budget_usd, live.agent_timeout_secs)
+    let deadline = match super::admit(ctx) {
+        Ok(deadline) => deadline,
+        Err(error) => {
+            ctx.metrics.count_error(error.kind());
+            return Err(error);
+        }
     };
-    if let Err(exhausted) = ctx.budget.check(daily_usd, SystemTime::now()) {
-        let error = MessageError::BudgetExhausted {
-            retry_after: exhausted.retry_after,
-        };
-        ctx.metrics.count_error(error.kind());
-        return Err(error);
-    }
     let first = route.chain.first();
     let prompt = Prompt::of_texts(
         first
@@ -84,26 +77,13 @@ pub async fn complete(
             user: request.user.as_deref(),
         },
     };
-    let timeout = Duration::from_secs(timeout_secs);
     let started = Instant::now();
-    let deadline = started.checked_add(timeout).unwrap_or(started);
-    let call = ctx.upstreams.call(route, &ask, deltas, deadline);
-    // A panic in the provider code must not take the connection task (or an executor thread)
-    // with it: the client gets 502 and the daemon keeps serving.
-    let result = std::panic::AssertUnwindSafe(call)
-        .catch_unwind()
-        .or(async {
-            async_io::Timer::at(deadline).await;
-            Ok(Err(AgentError::Timeout))
-        })
-        .await
-        .unwrap_or_else(|_| {
-            log::error!("a model provider call panicked");
-            ctx.metrics.count_error(ErrorKind::Internal);
-            Err(AgentError::Upstream(
-                "the provider call panicked".to_owned(),
-            ))
-        });
+    let result = super::contained(
+        ctx,
+        ctx.upstreams.call(route, &ask, deltas, deadline),
+        deadline,
+    )
+    .await;
     let waited = started.elapsed();
     ctx.metrics.response_latency.record(waited.as_secs_f64());
     if let Some(unfinished) = &mut unfinished {

@@ -12,6 +12,7 @@
 
 use std::{
     fmt,
+    future::Future,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -312,7 +313,21 @@ async fn call_agent(
     deltas: Option<&DeltaSender>,
 ) -> Result<crate::agent::Reply, MessageError> {
     let agent = ctx.agent.as_ref().ok_or(MessageError::NoAgent)?;
-    // One reading of the live settings for the whole call, so a reload lands between calls.
+    call.deadline = admit(ctx)?;
+    let deadline = call.deadline;
+    let call = match deltas {
+        Some(deltas) => agent.reply_stream(call, deltas),
+        None => agent.reply(call),
+    };
+    let reply = contained(ctx, call, deadline).await;
+    agent.record(reply.as_ref().map(|_| ()));
+    reply.map_err(MessageError::Agent)
+}
+
+/// Admits one call to a model: refuses it when today's budget is spent, else returns its
+/// deadline. One reading of the live settings for the whole call, so a reload lands between
+/// calls.
+fn admit(ctx: &Context) -> Result<Instant, MessageError> {
     let (daily_usd, timeout_secs) = {
         let live = ctx.live();
         (live.daily_budget_usd, live.agent_timeout_secs)
@@ -322,33 +337,30 @@ async fn call_agent(
         .map_err(|exhausted| MessageError::BudgetExhausted {
             retry_after: exhausted.retry_after,
         })?;
-    let timeout = Duration::from_secs(timeout_secs);
     let now = Instant::now();
-    call.deadline = now.checked_add(timeout).unwrap_or(now);
-    let call = match deltas {
-        Some(deltas) => agent.reply_stream(call, deltas),
-        None => agent.reply(call),
-    };
-    // A panicking agent must not take the connection task (or an executor thread) with it:
-    // the client gets 502 and the daemon keeps serving.
-    let reply = std::panic::AssertUnwindSafe(call)
+    Ok(now
+        .checked_add(Duration::from_secs(timeout_secs))
+        .unwrap_or(now))
+}
+
+/// Runs a call to a model until `deadline`. A panic in an agent or a provider must not take
+/// the connection task (or an executor thread) with it: it becomes an upstream error (the
+/// client gets 502), counted and logged, and the daemon keeps serving.
+async fn contained<T>(
+    ctx: &Context,
+    call: impl Future<Output = Result<T, AgentError>>,
+    deadline: Instant,
+) -> Result<T, AgentError> {
+    std::panic::AssertUnwindSafe(call)
         .catch_unwind()
         .or(async {
-            async_io::Timer::after(timeout).await;
+            async_io::Timer::at(deadline).await;
             Ok(Err(AgentError::Timeout))
         })
-        .await;
-    if let Ok(reply) = &reply {
-        agent.record(reply.as_ref().map(|_| ()));
-    }
-    match reply {
-        Ok(reply) => reply.map_err(MessageError::Agent),
-        Err(_) => {
-            log::error!("the agent panicked while answering a message");
+        .await
+        .unwrap_or_else(|_| {
+            log::error!("the model call panicked while answering a message");
             ctx.metrics.count_error(ErrorKind::Internal);
-            Err(MessageError::Agent(AgentError::Upstream(
-                "the agent panicked".to_owned(),
-            )))
-        }
-    }
+            Err(AgentError::Upstream("the model call panicked".to_owned()))
+        })
 }

@@ -135,10 +135,10 @@ impl Handler for ChatCompletionsHandler {
             );
             return response::api_error(ctx, conn, &error, Some(ErrorKind::BadRequest));
         }
-        if ctx.upstreams.routes().get(&request.model).is_none() {
+        let Some(route) = ctx.upstreams.routes().get(&request.model) else {
             let error = ApiError::model_not_found(&request.model);
             return response::api_error(ctx, conn, &error, Some(ErrorKind::NotFound));
-        }
+        };
         let id = completion_id(random_bits());
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -146,13 +146,7 @@ impl Handler for ChatCompletionsHandler {
         if request.stream {
             return stream(ctx, conn, request, id, created).await;
         }
-        let result = match ctx.upstreams.routes().get(&request.model) {
-            Some(route) => chat::complete(ctx, route, &request, None).await,
-            None => Err(MessageError::Agent(AgentError::UnknownModel(
-                request.model.clone(),
-            ))),
-        };
-        match result {
+        match chat::complete(ctx, route, &request, None).await {
             Ok(answer) => {
                 let served = &answer.served;
                 let body = completion(
