@@ -17,7 +17,7 @@ use trillium::Swansong;
 
 use crate::{
     agent::Agent,
-    budget::Budget,
+    budget::{Budget, StoredSpend},
     cgroup::CgroupMonitor,
     client_fault::ClientFaults,
     config::Config,
@@ -35,6 +35,7 @@ use crate::{
         Limits, Rejected, SessionCounters, SessionGuard, SessionKind, SessionOptions, Sessions,
     },
     state_dir::StateLock,
+    store::{Store, StoreOptions},
 };
 
 /// One daemon's state.
@@ -55,6 +56,8 @@ pub struct Context {
     pub upstreams: Arc<Upstreams>,
     /// Today's spend against `[cost] daily_budget_usd`.
     pub budget: Budget,
+    /// The session store in `[daemon] state_dir` (`None`: sessions live in memory only).
+    pub store: Option<Store>,
     /// The graceful-shutdown signal of the listeners: once fired, no new connection is
     /// accepted and in-flight requests drain.
     pub shutdown: Swansong,
@@ -405,12 +408,31 @@ impl ContextBuilder {
             Some(dir) => Some(StateLock::acquire(dir)?),
             None => None,
         };
-        let budget = Budget::open(
+        let now = SystemTime::now();
+        let opened = match &config.daemon.state_dir {
+            Some(dir) if config.store.enabled && cfg!(feature = "store") => Some(Store::open(
+                dir,
+                StoreOptions {
+                    max_bytes: config.store.max_mb.saturating_mul(1024 * 1024),
+                    idle_timeout_secs: config.gateway.session_idle_timeout_secs,
+                },
+                crate::budget::utc_day(now),
+                metrics.store(),
+                metrics.error_handle(crate::metrics::ErrorKind::Storage),
+            )?),
+            _ => None,
+        };
+        let budget = Budget::open_with(
             &config.cost,
             config.daemon.state_dir.as_deref(),
+            opened.as_ref().map(|opened| StoredSpend {
+                store: &opened.store,
+                today: opened.spent_today_usd,
+                imported: opened.spend_imported,
+            }),
             metrics.budget_remaining_usd.clone(),
             metrics.error_handle(crate::metrics::ErrorKind::StateWrite),
-            SystemTime::now(),
+            now,
         )?;
         let upstreams = Arc::new(Upstreams::new(&config, &runtime, &metrics)?);
         let agent = match self.agent {
@@ -420,10 +442,10 @@ impl ContextBuilder {
             }
             None => None,
         };
-        if agent.is_some() && budget.path().is_none() && config.cost.daily_budget_usd > 0.0 {
+        if config.daemon.state_dir.is_none() && agent.is_some() {
             log::warn!(
-                "no [daemon] state_dir: today's spend is kept in memory only and a restart \
-                 resets the daily budget"
+                "no [daemon] state_dir: sessions, their messages and today's spend are kept in \
+                 memory only, and a restart forgets them (and resets the daily budget)"
             );
         }
         let live = Live::from_config(&config);
@@ -432,6 +454,22 @@ impl ContextBuilder {
             history_trimmed: metrics.shed_handle(ShedReason::HistoryTrimmed),
             pressure_evicted: metrics.shed_handle(ShedReason::PressureEvicted),
             idle_timeout: metrics.shed_handle(ShedReason::IdleTimeout),
+        });
+        let store = opened.map(|opened| {
+            sessions.set_stored();
+            let restored = opened.sessions.len();
+            for record in opened.sessions {
+                sessions.restore(record);
+            }
+            log::info!(
+                "session store {}: restored {restored} sessions{}",
+                opened.store.path().display(),
+                match opened.expired {
+                    0 => String::new(),
+                    expired => format!(", removed {expired} idle past session_idle_timeout_secs"),
+                }
+            );
+            opened.store
         });
         if let Some(agent) = &agent {
             for model in agent.models() {
@@ -465,6 +503,7 @@ impl ContextBuilder {
             agent,
             upstreams,
             budget,
+            store,
             shutdown: Swansong::new(),
             closing: Swansong::new(),
             process,

@@ -202,6 +202,16 @@ impl Daemon {
                     .map_or_else(String::new, |error| format!(": {error}"))
             );
         }
+        // The store's thread finishes what is queued and closes the database (checkpointing
+        // its write-ahead log) before another daemon may open it.
+        if let Some(store) = &self.ctx.store
+            && !store.close(SPEND_SETTLE).await
+        {
+            log::error!(
+                "the session store {} did not close in time; what it committed is kept",
+                store.path().display()
+            );
+        }
         self.ctx.release_state_dir();
         closed && drained
     }

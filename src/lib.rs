@@ -87,6 +87,11 @@ mod runtime;
 mod sessions;
 mod small_file;
 mod state_dir;
+#[cfg(feature = "store")]
+mod store;
+#[cfg(not(feature = "store"))]
+#[path = "store_disabled.rs"]
+mod store;
 mod sync;
 mod tasks;
 mod transport;

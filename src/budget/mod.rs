@@ -34,9 +34,25 @@ use metrics::Gauge;
 pub use state::{STATE_FILE, check_state_dir, until_midnight};
 pub use writer::WRITE_RETRY;
 
+/// Returns the UTC day of `now`, in days since the Unix epoch.
+pub fn utc_day(now: SystemTime) -> u64 {
+    day_index(now)
+}
+
 use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter, sync::lock};
 use state::{Day, day_index, read_state};
-use writer::Writer;
+use writer::{Sink, Writer};
+
+/// The spend the session store holds, for [`Budget::open_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct StoredSpend<'a> {
+    /// The store the spend is kept in.
+    pub store: &'a crate::store::Store,
+    /// Today's total as stored, if any.
+    pub today: Option<f64>,
+    /// Whether `spend.json` was imported on an earlier start.
+    pub imported: bool,
+}
 
 /// Distinct models tracked in `blufio_cost_usd_total`; later ones share `model="other"`.
 const MAX_MODEL_LABELS: usize = 16;
@@ -75,6 +91,27 @@ impl Budget {
         state_errors: ErrorCounter,
         now: SystemTime,
     ) -> Result<Budget, Error> {
+        Budget::open_with(config, state_dir, None, remaining_gauge, state_errors, now)
+    }
+
+    /// Like [`Budget::open`], keeping the spend in the session `store` instead of
+    /// `spend.json` when one is given. The first start with a store imports today's total
+    /// from `spend.json` (then leaves the file alone, never reading it again).
+    ///
+    /// # Errors
+    ///
+    /// As [`Budget::open`]; the store's own errors are [`Error::State`] too.
+    pub fn open_with(
+        config: &CostConfig,
+        state_dir: Option<&Path>,
+        store: Option<StoredSpend<'_>>,
+        remaining_gauge: Gauge,
+        state_errors: ErrorCounter,
+        now: SystemTime,
+    ) -> Result<Budget, Error> {
+        if let (Some(store), Some(dir)) = (store, state_dir) {
+            return Budget::open_in_store(config, dir, store, remaining_gauge, state_errors, now);
+        }
         let today = day_index(now);
         let path = state_dir.map(|dir| dir.join(STATE_FILE));
         let mut day = Day {
@@ -94,7 +131,7 @@ impl Budget {
             day = stored;
         }
         let writer = match &path {
-            Some(path) => Some(Writer::start(path.clone(), state_errors)?),
+            Some(path) => Some(Writer::start(Sink::File(path.clone()), state_errors)?),
             None => None,
         };
         let budget = Budget {
@@ -108,7 +145,68 @@ impl Budget {
         Ok(budget)
     }
 
-    /// Returns the state file, if spend is persisted.
+    // Without the `store` feature a `Store` has no value, so the body cannot run.
+    #[cfg_attr(
+        not(feature = "store"),
+        allow(unreachable_code, unused_variables, unused_assignments)
+    )]
+    fn open_in_store(
+        config: &CostConfig,
+        dir: &Path,
+        stored: StoredSpend<'_>,
+        remaining_gauge: Gauge,
+        state_errors: ErrorCounter,
+        now: SystemTime,
+    ) -> Result<Budget, Error> {
+        let today = day_index(now);
+        let mut day = Day {
+            index: today,
+            spent_usd: stored.today.unwrap_or(0.0),
+        };
+        let store_error = |error: crate::store::StoreError| Error::State {
+            path: stored.store.path().to_owned(),
+            message: format!("cannot import spend.json: {}", error.detail),
+        };
+        if !stored.imported {
+            let file = dir.join(STATE_FILE);
+            if let Some(old) = read_state(&file)? {
+                if old.index == today && old.spent_usd > day.spent_usd {
+                    day.spent_usd = old.spent_usd;
+                }
+                stored
+                    .store
+                    .save_spend_blocking(old.index, old.spent_usd)
+                    .map_err(store_error)?;
+                log::info!(
+                    "imported the spend of {} into {}; {STATE_FILE} is no longer read",
+                    file.display(),
+                    stored.store.path().display()
+                );
+            }
+            stored
+                .store
+                .mark_spend_imported_blocking()
+                .map_err(store_error)?;
+        }
+        let writer = Writer::start(Sink::Store(stored.store.clone()), state_errors)?;
+        let budget = Budget {
+            path: Some(stored.store.path().to_owned()),
+            day: Mutex::new(day),
+            lifetime_by_model: Mutex::new(BTreeMap::new()),
+            remaining_gauge,
+            writer: Some(writer),
+        };
+        budget.refresh(config.daily_budget_usd, now);
+        Ok(budget)
+    }
+
+    /// Returns today's total and its UTC day (days since the epoch), for a store write.
+    pub fn today_total(&self, now: SystemTime) -> (u64, f64) {
+        let day = self.today(now);
+        (day.index, day.spent_usd)
+    }
+
+    /// Returns where the spend is saved (the state file or the store), if it is.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }

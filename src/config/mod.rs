@@ -64,6 +64,8 @@ pub struct Config {
     pub models: BTreeMap<Spanned<String>, ModelConfig>,
     /// `[cost]`: model prices and the daily budget.
     pub cost: CostConfig,
+    /// `[store]`: the session store in `[daemon] state_dir`.
+    pub store: StoreConfig,
     /// Whether port 0 (an ephemeral port) is allowed; only tests and embedding hosts set it.
     #[serde(skip)]
     pub allow_ephemeral_ports: bool,
@@ -189,6 +191,27 @@ pub struct PrometheusConfig {
 impl Default for PrometheusConfig {
     fn default() -> PrometheusConfig {
         PrometheusConfig { enabled: true }
+    }
+}
+
+/// `[store]` settings: sessions, their turns and the daily spend in `<state_dir>/blufio.db`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Whether sessions are stored when `[daemon] state_dir` is set (the spend is kept in
+    /// `spend.json` when not).
+    pub enabled: bool,
+    /// The database's size cap in MiB (0: none): the longest-idle sessions are removed to
+    /// stay under it, and a write beyond it fails.
+    pub max_mb: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            enabled: true,
+            max_mb: 256,
+        }
     }
 }
 

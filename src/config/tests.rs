@@ -540,7 +540,7 @@ fn document_errors_keep_their_line_column_key_and_message() {
         ),
     ];
     let root = "expected one of `daemon`, `gateway`, `prometheus`, `agent`, `providers`, `models`, \
-        `cost`";
+        `cost`, `store`";
     let daemon = "expected one of `bind`, `health_port`, `memory_warn_mb`, `memory_limit_mb`, \
         `monitor_interval_secs`, `shutdown_grace_secs`, `request_timeout_secs`, `log_level`, \
         `state_dir`, `max_connections`, `max_connections_per_ip`, `workers`";

@@ -31,7 +31,8 @@ use crate::{
     context::Context,
     cost::micro_usd,
     metrics::{Channel, ErrorKind},
-    sessions::{Role, Session, Turn},
+    sessions::{Role, Session, SessionKind, Turn},
+    store::{Store, StoreError, StoredTurn, unix_now},
 };
 
 /// Why a message got no reply.
@@ -46,6 +47,9 @@ pub enum MessageError {
     },
     /// The agent failed.
     Agent(AgentError),
+    /// The session store could not read the history or commit the exchange (a full disk,
+    /// a read-only directory); nothing of the message is kept.
+    Storage,
 }
 
 impl MessageError {
@@ -60,6 +64,7 @@ impl MessageError {
             MessageError::Agent(AgentError::Timeout) => "agent_timeout",
             MessageError::Agent(AgentError::RateLimited { .. }) => "rate_limited",
             MessageError::Agent(AgentError::UnknownModel(_)) => "model_not_found",
+            MessageError::Storage => "storage_unavailable",
         }
     }
 
@@ -74,6 +79,7 @@ impl MessageError {
             MessageError::Agent(AgentError::Malformed(_)) => ErrorKind::AgentMalformed,
             MessageError::Agent(AgentError::Timeout) => ErrorKind::AgentTimeout,
             MessageError::Agent(AgentError::UnknownModel(_)) => ErrorKind::NotFound,
+            MessageError::Storage => ErrorKind::Storage,
         }
     }
 }
@@ -92,6 +98,10 @@ impl fmt::Display for MessageError {
             MessageError::Agent(AgentError::Malformed(_)) => {
                 f.write_str("the agent's upstream answered malformed data")
             }
+            MessageError::Storage => f.write_str(
+                "the session store cannot be written right now; the message was not kept, \
+                 try again later",
+            ),
             MessageError::Agent(error) => write!(f, "{error}"),
         }
     }
@@ -238,7 +248,8 @@ async fn run(
     session.touch();
     let model = model.or(session.model());
     let plan = Plan::new(ctx, session, model);
-    let history = session.history();
+    let history = history(ctx, session).await?;
+    let received_at = unix_now();
     let prompt = Prompt::measure(plan.system, &history, &content);
     let mut unfinished = deltas.map(|deltas| {
         let unfinished = Unfinished::new(ctx, deltas, prompt);
@@ -275,7 +286,7 @@ async fn run(
             return Err(error);
         }
     };
-    let usage = reply.usage.map(|usage| {
+    let usage = reply.usage.clone().map(|usage| {
         let ceiling = UsageCeiling::new(
             prompt,
             reply.content.len() as u64,
@@ -283,6 +294,18 @@ async fn run(
         );
         charge(ctx, usage, ceiling)
     });
+    if let Some(store) = stored(ctx, session) {
+        keep(
+            ctx,
+            store,
+            session,
+            &content,
+            received_at,
+            &reply,
+            usage.as_ref(),
+        )
+        .await?;
+    }
     let limits = ctx.session_limits();
     session.push(
         Turn {
@@ -304,6 +327,87 @@ async fn run(
         usage,
         model: reply.model,
     })
+}
+
+/// Returns the session store when it keeps `session` (HTTP sessions; a WebSocket's session
+/// lives with its connection).
+fn stored<'a>(ctx: &'a Context, session: &Session) -> Option<&'a Store> {
+    ctx.store
+        .as_ref()
+        .filter(|_| session.kind() == SessionKind::Http)
+}
+
+/// Returns the session's history: from memory, or read back from the store when a restart
+/// or memory pressure left it there.
+async fn history(ctx: &Context, session: &Session) -> Result<Vec<Turn>, MessageError> {
+    if let Some(history) = session.loaded_history() {
+        return Ok(history);
+    }
+    let Some(store) = stored(ctx, session) else {
+        return Ok(Vec::new());
+    };
+    let limits = ctx.session_limits();
+    let turns = store
+        .history(
+            session.id(),
+            limits.max_history_messages,
+            limits.max_history_bytes,
+        )
+        .await
+        .map_err(|error| storage_failed(ctx, &error))?;
+    session.fill(turns.clone(), &limits);
+    // Trimmed to the session's budget; the turns as read if pressure dropped them again.
+    Ok(session.loaded_history().unwrap_or(turns))
+}
+
+/// Commits the exchange's two turns (and today's spend, which includes it) before the reply
+/// is returned, so a reply a client has received survives a crash or a power cut.
+async fn keep(
+    ctx: &Context,
+    store: &Store,
+    session: &Session,
+    content: &str,
+    received_at: u64,
+    reply: &crate::agent::Reply,
+    usage: Option<&Usage>,
+) -> Result<(), MessageError> {
+    let turns = vec![
+        StoredTurn {
+            seq: 0,
+            role: Role::User,
+            content: content.to_owned(),
+            created_at: received_at,
+            model: None,
+            input_tokens: None,
+            output_tokens: None,
+            cost_usd: None,
+        },
+        StoredTurn {
+            seq: 0,
+            role: Role::Assistant,
+            content: reply.content.clone(),
+            created_at: unix_now(),
+            model: reply.model.clone(),
+            input_tokens: usage.map(|usage| usage.input_tokens),
+            output_tokens: usage.map(|usage| usage.output_tokens),
+            cost_usd: usage.map(|usage| usage.cost_usd),
+        },
+    ];
+    let create = (!session.in_store()).then(|| session.record());
+    let spend = Some(ctx.budget.today_total(SystemTime::now()));
+    store
+        .append(session.id(), create, turns, spend)
+        .await
+        .map_err(|error| storage_failed(ctx, &error))?;
+    session.mark_in_store();
+    Ok(())
+}
+
+/// Logs a failed store operation at debug level (the store logs each episode once and
+/// counts each failed write) and returns the message's error.
+fn storage_failed(_ctx: &Context, error: &StoreError) -> MessageError {
+    log::debug!("{error}");
+    MessageError::Storage
 }
 
 /// Calls the agent with `call` (its deadline set here, from the live timeout).

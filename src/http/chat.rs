@@ -272,6 +272,8 @@ fn api_error(error: &MessageError) -> ApiError {
         MessageError::Agent(error @ AgentError::Rejected { .. }) => {
             ApiError::upstream_failed(error.to_string())
         }
+        // Completions are not stored; kept for the match to be whole.
+        MessageError::Storage => ApiError::overloaded(error.to_string()),
     }
 }
 

@@ -99,7 +99,7 @@ impl Handler for MessagesHandler {
 /// the caller or the exchange counts it).
 fn message_error(mut conn: Conn, error: &MessageError) -> Conn {
     let status = match error {
-        MessageError::NoAgent => Status::ServiceUnavailable,
+        MessageError::NoAgent | MessageError::Storage => Status::ServiceUnavailable,
         MessageError::BudgetExhausted { retry_after } => {
             conn.insert_response_header(
                 KnownHeaderName::RetryAfter,

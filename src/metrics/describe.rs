@@ -49,6 +49,22 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     ("blufio_errors_total", "Errors, by type."),
     (
+        "blufio_store_bytes",
+        "Bytes of the session store on disk (the database and its write-ahead log).",
+    ),
+    (
+        "blufio_store_commits_total",
+        "Transactions the session store committed (each one fsync).",
+    ),
+    (
+        "blufio_store_writes_total",
+        "Write operations the session store committed; more than commits means group commit.",
+    ),
+    (
+        "blufio_store_operation_seconds",
+        "Time from queueing a session store operation to its answer, by operation, in seconds.",
+    ),
+    (
         "blufio_upstream_requests_total",
         "Requests sent to each model provider, by outcome (2xx, 429, 4xx, 5xx, 529, unreachable, timeout).",
     ),

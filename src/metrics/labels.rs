@@ -68,11 +68,14 @@ pub enum ErrorKind {
     /// A connection with an incomplete head (or none yet) was closed at `max_connections` to
     /// make room for a new one.
     ConnectionEvicted,
+    /// The session store could not be written (a full disk, a read-only directory): the
+    /// message failed with `storage_unavailable`.
+    Storage,
 }
 
 impl ErrorKind {
     /// Every kind, in rendering order.
-    pub const ALL: [ErrorKind; 27] = [
+    pub const ALL: [ErrorKind; 28] = [
         ErrorKind::MemoryMonitor,
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
@@ -100,6 +103,7 @@ impl ErrorKind {
         ErrorKind::AuthThrottled,
         ErrorKind::UriTooLong,
         ErrorKind::ConnectionEvicted,
+        ErrorKind::Storage,
     ];
 
     /// Returns the label value.
@@ -132,6 +136,7 @@ impl ErrorKind {
             ErrorKind::AuthThrottled => "auth_throttled",
             ErrorKind::UriTooLong => "uri_too_long",
             ErrorKind::ConnectionEvicted => "connection_evicted",
+            ErrorKind::Storage => "storage",
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod describe;
 mod labels;
+mod store;
 mod upstream;
 
 use std::{
@@ -27,6 +28,7 @@ use metrics_exporter_prometheus::{
 use crate::error::Error;
 
 pub use labels::{Channel, ErrorCounter, ErrorKind, ShedReason, TokenType};
+pub use store::{STORE_BUCKETS, STORE_OPS, StoreMetrics};
 pub use upstream::{FallbackCounters, OVERHEAD_BUCKETS, UpstreamMetrics, UpstreamOutcome};
 
 use describe::{registry_describe, render_process};
@@ -113,6 +115,11 @@ impl Metrics {
             .set_buckets_for_metric(
                 Matcher::Full("blufio_gateway_overhead_seconds".to_owned()),
                 OVERHEAD_BUCKETS,
+            )
+            .map_err(|error| Error::Metrics(error.to_string()))?
+            .set_buckets_for_metric(
+                Matcher::Full("blufio_store_operation_seconds".to_owned()),
+                STORE_BUCKETS,
             )
             .map_err(|error| Error::Metrics(error.to_string()))?
             .build_recorder();
@@ -306,6 +313,30 @@ impl Metrics {
             &METADATA,
         );
         UpstreamMetrics::new(requests, latency)
+    }
+
+    /// Registers and returns the session store's handles (only a daemon with a store
+    /// exports them).
+    pub fn store(&self) -> StoreMetrics {
+        let registry = Registry {
+            recorder: &self.recorder,
+        };
+        let latencies = STORE_OPS
+            .iter()
+            .map(|op| {
+                let histogram = self.recorder.register_histogram(
+                    &Registry::key("blufio_store_operation_seconds", &[("op", op)]),
+                    &METADATA,
+                );
+                (*op, histogram)
+            })
+            .collect();
+        StoreMetrics::new(
+            registry.gauge("blufio_store_bytes"),
+            registry.counter("blufio_store_commits_total", &[]),
+            registry.counter("blufio_store_writes_total", &[]),
+            latencies,
+        )
     }
 
     /// Registers and returns `blufio_fallbacks_total{from,to}` for each `(from, to)` step.

@@ -11,6 +11,8 @@ mod session;
 
 pub use self::{
     registry::{Rejected, SessionCounters, SessionGuard, Sessions},
-    session::{Limits, Session, SessionInfo, SessionKind, SessionOptions, is_session_id},
+    session::{
+        Limits, Session, SessionInfo, SessionKind, SessionOptions, SessionRecord, is_session_id,
+    },
 };
 pub use crate::agent::{Role, Turn};

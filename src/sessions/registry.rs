@@ -13,7 +13,7 @@ use metrics::{Counter, Gauge};
 
 use super::session::{
     Limits, LiveCounter, LiveToken, Session, SessionInfo, SessionKind, SessionOptions,
-    is_session_id,
+    SessionRecord, is_session_id,
 };
 
 /// Why a new session was refused.
@@ -93,6 +93,9 @@ struct Registry {
     order: Mutex<BTreeSet<(u64, u128)>>,
     live: Arc<LiveCounter>,
     counters: ShedCounters,
+    /// HTTP sessions' turns are in the session store too: shedding drops histories from
+    /// memory only, and closes no session.
+    stored: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Sessions {
@@ -124,8 +127,32 @@ impl Sessions {
                     pressure_evicted: counters.pressure_evicted,
                     idle_timeout: counters.idle_timeout,
                 },
+                stored: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Says that HTTP sessions are kept in the session store: under memory pressure their
+    /// histories are dropped from memory only (read back when used), and none is closed.
+    pub fn set_stored(&self) {
+        self.inner
+            .stored
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn stored(&self) -> bool {
+        self.inner.stored.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reopens a session the store kept (its history stays in the store until used). It
+    /// passes no admission check: it was admitted before the restart.
+    pub fn restore(&self, record: SessionRecord) {
+        let session = Arc::new(Session::restore(record, LiveToken::new(&self.inner.live)));
+        let mut map = self.lock();
+        if let Some(key) = order_key(session.created_at(), session.id()) {
+            lock_order(&self.inner).insert(key);
+        }
+        map.insert(session.id().to_owned(), session);
     }
 
     /// Returns the number of live sessions.
@@ -259,6 +286,11 @@ impl Sessions {
     /// Closes HTTP sessions idle for `timeout` or longer at `now`; returns how many were
     /// closed.
     pub fn evict_idle(&self, timeout: Duration, now: Instant) -> u64 {
+        self.evict_idle_ids(timeout, now).len() as u64
+    }
+
+    /// Like [`Sessions::evict_idle`], returning the ids of the sessions closed.
+    pub fn evict_idle_ids(&self, timeout: Duration, now: Instant) -> Vec<String> {
         let evicted: Vec<Arc<Session>> = {
             let mut map = self.lock();
             let ids: Vec<String> = map
@@ -275,7 +307,10 @@ impl Sessions {
             self.inner.counters.idle_timeout.increment(count);
             log::info!("closed {count} sessions idle for more than {timeout:?}");
         }
-        count
+        evicted
+            .iter()
+            .map(|session| session.id().to_owned())
+            .collect()
     }
 
     /// Frees memory when pressure starts: trims the histories of idle sessions to their last
@@ -288,13 +323,23 @@ impl Sessions {
             .map(|session| (session.idle_for(now), session))
             .filter(|(idle_for, _)| *idle_for >= shed_idle_after(limits))
             .collect();
+        let stored = self.stored();
         let mut trimmed = 0;
         for (_, session) in &idle {
-            if session.trim(SHED_KEEP_MESSAGES, limits.max_history_bytes) {
+            let dropped = if stored && session.kind() == SessionKind::Http {
+                // Its turns are in the store: all of the history goes, and comes back from
+                // the store when the session is used again.
+                session.unload()
+            } else {
+                session.trim(SHED_KEEP_MESSAGES, limits.max_history_bytes)
+            };
+            if dropped {
                 trimmed += 1;
             }
         }
-        idle.retain(|(_, session)| session.kind() == SessionKind::Http);
+        // A stored session is not closed under pressure: that would lose it, and what it
+        // held in memory is gone already.
+        idle.retain(|(_, session)| session.kind() == SessionKind::Http && !stored);
         // Ties in idle time may close in any order: an unstable sort is enough, and smaller.
         idle.sort_unstable_by_key(|(idle_for, _)| std::cmp::Reverse(*idle_for));
         let to_close = idle.len().div_ceil(10);

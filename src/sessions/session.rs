@@ -87,6 +87,32 @@ struct SessionState {
     history: VecDeque<Turn>,
     history_bytes: u64,
     message_count: u64,
+    /// Whether `history` holds the session's newest turns. False for a session restored
+    /// from the store (until its next message reads them back) and for one whose history
+    /// was dropped from memory under pressure; its turns are then in the store only.
+    loaded: bool,
+    /// Whether the session store has a row for it (a session opened by its first message
+    /// gets one with that message's turns).
+    in_store: bool,
+}
+
+/// A session as the store keeps it: what a restart restores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    /// The session id.
+    pub id: String,
+    /// How it was held open.
+    pub kind: SessionKind,
+    /// Its model alias, if it names one.
+    pub model: Option<String>,
+    /// Its own system prompt, if it has one.
+    pub system: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Time of the last message, seconds since the Unix epoch.
+    pub last_active_at: u64,
+    /// Messages exchanged (both directions).
+    pub message_count: u64,
 }
 
 impl fmt::Debug for Session {
@@ -124,6 +150,64 @@ impl Session {
         self.lock().history.iter().cloned().collect()
     }
 
+    /// Returns the history when memory holds it, `None` when it must be read back from the
+    /// store first.
+    pub fn loaded_history(&self) -> Option<Vec<Turn>> {
+        let state = self.lock();
+        state
+            .loaded
+            .then(|| state.history.iter().cloned().collect())
+    }
+
+    /// Puts a history read back from the store into memory (unless a concurrent reader did
+    /// first), trimmed to `limits`.
+    pub fn fill(&self, turns: Vec<Turn>, limits: &Limits) {
+        let budget = self.history_budget(limits.max_history_bytes);
+        let mut state = self.lock();
+        if state.loaded {
+            return;
+        }
+        state.history_bytes = turns.iter().map(|turn| turn.content.len() as u64).sum();
+        state.history = turns.into();
+        state.loaded = true;
+        trim(&mut state, limits.max_history_messages, budget);
+    }
+
+    /// Drops the history from memory (its turns stay in the store); returns whether it held
+    /// any.
+    pub fn unload(&self) -> bool {
+        let mut state = self.lock();
+        let held = !state.history.is_empty();
+        state.history = VecDeque::new();
+        state.history_bytes = 0;
+        state.loaded = false;
+        held
+    }
+
+    /// Returns whether the session store has the session.
+    pub fn in_store(&self) -> bool {
+        self.lock().in_store
+    }
+
+    /// Records that the session store has the session.
+    pub fn mark_in_store(&self) {
+        self.lock().in_store = true;
+    }
+
+    /// Returns what the store keeps of the session.
+    pub fn record(&self) -> SessionRecord {
+        let state = self.lock();
+        SessionRecord {
+            id: self.id.clone(),
+            kind: self.kind,
+            model: self.model().map(str::to_owned),
+            system: self.system().map(str::to_owned),
+            created_at: self.created_at,
+            last_active_at: state.last_active_at,
+            message_count: state.message_count,
+        }
+    }
+
     /// Returns a snapshot for listings.
     pub fn info(&self) -> SessionInfo {
         let state = self.lock();
@@ -142,13 +226,19 @@ impl Session {
 
     /// Appends a message, dropping the oldest ones beyond the limits (the options' bytes
     /// taken out of `max_history_bytes`), and marks the session active.
+    ///
+    /// A history that is not in memory stays out of it: the turn is in the store, and the
+    /// next message reads the newest back.
     pub fn push(&self, turn: Turn, limits: &Limits) {
         let mut state = self.lock();
-        state.history_bytes += turn.content.len() as u64;
-        state.history.push_back(turn);
         state.message_count += 1;
         state.last_active = Instant::now();
         state.last_active_at = unix_now();
+        if !state.loaded {
+            return;
+        }
+        state.history_bytes += turn.content.len() as u64;
+        state.history.push_back(turn);
         trim(
             &mut state,
             limits.max_history_messages,
@@ -178,6 +268,35 @@ impl Session {
                 history: VecDeque::new(),
                 history_bytes: 0,
                 message_count: 0,
+                loaded: true,
+                in_store: false,
+            }),
+            _live: live,
+        }
+    }
+
+    /// Rebuilds a stored session, its history left in the store until it is used.
+    pub(super) fn restore(record: SessionRecord, live: LiveToken) -> Session {
+        let now = unix_now();
+        let idle = Duration::from_secs(now.saturating_sub(record.last_active_at));
+        let instant = Instant::now();
+        let options = SessionOptions {
+            model: record.model,
+            system: record.system,
+        };
+        Session {
+            id: record.id,
+            kind: record.kind,
+            created_at: record.created_at,
+            options: (options != SessionOptions::default()).then(|| Box::new(options)),
+            state: Mutex::new(SessionState {
+                last_active: instant.checked_sub(idle).unwrap_or(instant),
+                last_active_at: record.last_active_at,
+                history: VecDeque::new(),
+                history_bytes: 0,
+                message_count: record.message_count,
+                loaded: false,
+                in_store: true,
             }),
             _live: live,
         }

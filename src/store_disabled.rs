@@ -1,0 +1,142 @@
+//! A build without the `store` feature: no session store. Sessions live in memory only and
+//! the spend is kept in `spend.json`; these types stand in for the store's so the daemon
+//! compiles unchanged, and [`Store`] has no value (it is never built).
+
+#[path = "store/turn.rs"]
+mod turn;
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+pub use self::turn::{StoreError, StoredSession, StoredTurn};
+use crate::{
+    agent::Turn,
+    error::Error,
+    metrics::{ErrorCounter, StoreMetrics},
+};
+
+/// The database's file name inside `[daemon] state_dir` (a store-enabled build's).
+pub const DB_FILE: &str = "blufio.db";
+
+/// Never built without the `store` feature.
+#[derive(Debug, Clone)]
+pub enum Store {}
+
+/// See the store-enabled build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The database's size cap in bytes (0: none).
+    pub max_bytes: u64,
+    /// Sessions idle this long (seconds) are removed when the store opens.
+    pub idle_timeout_secs: u64,
+}
+
+/// See the store-enabled build.
+#[derive(Debug)]
+pub struct Opened {
+    /// The store.
+    pub store: Store,
+    /// The sessions restored.
+    pub sessions: Vec<StoredSession>,
+    /// Sessions removed at open.
+    pub expired: u64,
+    /// Today's stored spend.
+    pub spent_today_usd: Option<f64>,
+    /// Whether `spend.json` was imported.
+    pub spend_imported: bool,
+}
+
+fn disabled(dir: &Path) -> Error {
+    Error::State {
+        path: dir.join(DB_FILE),
+        message: "this blufio was built without the `store` feature; set [store] enabled = \
+                  false or use a build with it"
+            .to_owned(),
+    }
+}
+
+#[allow(clippy::unused_async, missing_docs)]
+impl Store {
+    /// Refuses: there is no store in this build.
+    ///
+    /// # Errors
+    ///
+    /// Always [`Error::State`].
+    pub fn open(
+        dir: &Path,
+        _options: StoreOptions,
+        _today: u64,
+        _metrics: StoreMetrics,
+        _errors: ErrorCounter,
+    ) -> Result<Opened, Error> {
+        Err(disabled(dir))
+    }
+    pub fn path(&self) -> &Path {
+        match *self {}
+    }
+    pub fn failing(&self) -> Option<String> {
+        match *self {}
+    }
+    pub async fn create(&self, _session: StoredSession) -> Result<(), StoreError> {
+        match *self {}
+    }
+    pub async fn append(
+        &self,
+        _id: &str,
+        _create: Option<StoredSession>,
+        _turns: Vec<StoredTurn>,
+        _spend: Option<(u64, f64)>,
+    ) -> Result<(), StoreError> {
+        match *self {}
+    }
+    pub async fn delete(&self, _ids: Vec<String>) -> Result<(), StoreError> {
+        match *self {}
+    }
+    pub async fn history(
+        &self,
+        _id: &str,
+        _max_messages: u64,
+        _max_bytes: u64,
+    ) -> Result<Vec<Turn>, StoreError> {
+        match *self {}
+    }
+    pub async fn page(
+        &self,
+        _id: &str,
+        _after: Option<u64>,
+        _limit: usize,
+        _max_bytes: usize,
+    ) -> Result<(Vec<StoredTurn>, bool), StoreError> {
+        match *self {}
+    }
+    pub async fn enforce_cap(&self) -> Result<Vec<String>, StoreError> {
+        match *self {}
+    }
+    pub fn save_spend_blocking(&self, _utc_day: u64, _spent_usd: f64) -> Result<(), StoreError> {
+        match *self {}
+    }
+    pub fn mark_spend_imported_blocking(&self) -> Result<(), StoreError> {
+        match *self {}
+    }
+    pub async fn close(&self, _timeout: Duration) -> bool {
+        match *self {}
+    }
+}
+
+/// Nothing to check without a store.
+///
+/// # Errors
+///
+/// Never.
+pub fn check(_dir: &Path) -> Result<(), Error> {
+    Ok(())
+}
+
+/// Returns seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
