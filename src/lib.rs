@@ -105,7 +105,7 @@ pub use crate::{
     },
     config::{
         AgentConfig, Config, DaemonConfig, GatewayConfig, ModelConfig, PrometheusConfig, Provider,
-        ProviderConfig, ProviderKind, Secret, Spanned,
+        ProviderConfig, ProviderKind, Secret, Spanned, StoreConfig,
     },
     context::{Context, ContextBuilder},
     cost::{CostConfig, ModelPrice},
@@ -115,7 +115,8 @@ pub use crate::{
     logging::RedactingLogger,
     memory::{FixedRss, HeapSource, HeapStats, ManualHeap, RssSource},
     notify::NotifySettings,
-    sessions::{Rejected, Session, SessionGuard},
+    sessions::{Rejected, Session, SessionGuard, SessionKind, SessionRecord},
+    store::{DB_FILE, ReadOnly, StoreError, StoredSession, StoredTurn, check as check_store},
 };
 
 // What the `blufio` command line needs besides: `check-config`'s report and the logger's

@@ -125,13 +125,55 @@ impl Store {
     }
 }
 
+/// Never opens without the `store` feature.
+#[derive(Debug)]
+pub struct ReadOnly(());
+
+impl ReadOnly {
+    /// Refuses: there is no store in this build.
+    ///
+    /// # Errors
+    ///
+    /// Always [`Error::State`].
+    pub fn open(dir: &Path) -> Result<ReadOnly, Error> {
+        Err(disabled(dir))
+    }
+
+    /// Never called (no value exists).
+    ///
+    /// # Errors
+    ///
+    /// Never.
+    pub fn sessions(&self) -> Result<Vec<StoredSession>, String> {
+        Ok(Vec::new())
+    }
+
+    /// Never called (no value exists).
+    ///
+    /// # Errors
+    ///
+    /// Never.
+    pub fn session(&self, _id: &str) -> Result<Option<StoredSession>, String> {
+        Ok(None)
+    }
+
+    /// Never called (no value exists).
+    ///
+    /// # Errors
+    ///
+    /// Never.
+    pub fn turns(&self, _id: &str) -> Result<Vec<StoredTurn>, String> {
+        Ok(Vec::new())
+    }
+}
+
 /// Nothing to check without a store.
 ///
 /// # Errors
 ///
 /// Never.
-pub fn check(_dir: &Path) -> Result<(), Error> {
-    Ok(())
+pub fn check(_dir: &Path) -> Result<String, Error> {
+    Ok("store: not in this build (the `store` feature is off)".to_owned())
 }
 
 /// Returns seconds since the Unix epoch.

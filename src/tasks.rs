@@ -83,8 +83,35 @@ pub(crate) async fn evict_idle(ctx: Arc<Context>) {
         .await
         .is_some()
     {
-        ctx.sessions
-            .evict_idle(ctx.session_limits().idle_timeout, Instant::now());
+        let evicted = ctx
+            .sessions
+            .evict_idle_ids(ctx.session_limits().idle_timeout, Instant::now());
+        if let Some(store) = &ctx.store {
+            forget(&ctx, store, evicted).await;
+        }
+    }
+}
+
+/// Removes sessions the evictor closed from the store, then keeps the store under its size
+/// cap, closing the sessions that removes. A failure is the store's to log and count; the
+/// rows left are removed at the next start (they are idle past the timeout) or tick.
+async fn forget(ctx: &Context, store: &crate::store::Store, evicted: Vec<String>) {
+    if !evicted.is_empty() {
+        let _ = store.delete(evicted).await;
+    }
+    match store.enforce_cap().await {
+        Ok(removed) if !removed.is_empty() => {
+            for id in &removed {
+                ctx.sessions.close(id);
+            }
+            log::warn!(
+                "the session store reached 90 % of [store] max_mb: removed the {} longest-idle \
+                 sessions",
+                removed.len()
+            );
+        }
+        Ok(_) => {}
+        Err(error) => log::debug!("{error}"),
     }
 }
 

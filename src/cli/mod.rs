@@ -148,8 +148,11 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             // The state files are read as start-up reads them: a corrupt spend file fails
             // here, not at the next restart.
             let state = match &config.daemon.state_dir {
+                Some(dir) if config.store.enabled => blufio::check_store(dir)?,
                 Some(dir) => blufio::check_state_dir(dir, std::time::SystemTime::now())?,
-                None => "state: no [daemon] state_dir (today's spend is kept in memory)".to_owned(),
+                None => "state: no [daemon] state_dir (sessions and today's spend are kept in \
+                         memory)"
+                    .to_owned(),
             };
             let origin = path.map_or("built-in defaults".to_owned(), |p| p.display().to_string());
             println!("{origin}: ok");

@@ -156,6 +156,17 @@ fn details(ctx: &Context) -> Value {
         body.extend(extra);
     }
     body.insert("budget".into(), budget(ctx));
+    if let Some(store) = &ctx.store {
+        let error = store.failing();
+        body.insert(
+            "store".into(),
+            json!({
+                "path": store.path(),
+                "ok": error.is_none(),
+                "error": error,
+            }),
+        );
+    }
     if let Some(upstream) = ctx.agent.as_ref().and_then(|agent| agent.upstream()) {
         body.insert("upstream".into(), upstream_json(&upstream));
     }

@@ -23,6 +23,7 @@ pub mod messages;
 pub mod metrics;
 pub mod ready;
 pub(crate) mod response;
+mod session_messages;
 pub mod sessions;
 mod stream;
 pub mod ws;
@@ -72,6 +73,10 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
             .get("/v1/sessions", sessions(SessionAction::List))
             .get("/v1/sessions/:id", sessions(SessionAction::Get))
             .delete("/v1/sessions/:id", sessions(SessionAction::Delete))
+            .get(
+                "/v1/sessions/:id/messages",
+                sessions(SessionAction::Messages),
+            )
             .post(
                 "/v1/messages",
                 (auth.clone(), MessagesHandler::new(Arc::clone(&ctx))),

@@ -30,6 +30,8 @@ pub enum SessionAction {
     Get,
     /// `DELETE /v1/sessions/:id`.
     Delete,
+    /// `GET /v1/sessions/:id/messages`.
+    Messages,
 }
 
 /// Serves the `/v1/sessions` routes.
@@ -59,7 +61,7 @@ impl Handler for SessionsHandler {
         match self.action {
             SessionAction::Create => match create_options(ctx, conn).await {
                 Err(conn) => conn,
-                Ok((conn, options)) => create(ctx, conn, options),
+                Ok((conn, options)) => create(ctx, conn, options).await,
             },
             SessionAction::List => {
                 let _building = self.listing.acquire().await;
@@ -75,20 +77,31 @@ impl Handler for SessionsHandler {
                 }
             }
             SessionAction::Delete => {
-                let closed = session_id(&conn).is_some_and(|id| ctx.sessions.close(id));
-                if closed {
+                let Some(session) = session_id(&conn).and_then(|id| ctx.sessions.get(id)) else {
+                    return not_found(ctx, conn);
+                };
+                // Out of the store first: a session closed in memory but still stored would
+                // come back at the next start.
+                if let Some(store) = &ctx.store
+                    && session.in_store()
+                    && store.delete(vec![session.id().to_owned()]).await.is_err()
+                {
+                    return storage_unavailable(conn);
+                }
+                if ctx.sessions.close(session.id()) {
                     conn.with_status(Status::NoContent).halt()
                 } else {
                     not_found(ctx, conn)
                 }
             }
+            SessionAction::Messages => super::session_messages::page(ctx, conn).await,
         }
     }
 }
 
 /// Opens a session with `options`, once they are within bounds and name a model the daemon
 /// serves, through admission control.
-fn create(ctx: &Context, conn: Conn, options: SessionOptions) -> Conn {
+async fn create(ctx: &Context, conn: Conn, options: SessionOptions) -> Conn {
     // The options count against the history budget (see `sessions/session.rs`), so they
     // may take all of it but no more: a session pins at most `max_history_bytes` of text.
     let max_bytes = ctx.session_limits().max_history_bytes;
@@ -118,6 +131,14 @@ fn create(ctx: &Context, conn: Conn, options: SessionOptions) -> Conn {
     }
     match ctx.open_session_with(SessionKind::Http, options) {
         Ok(guard) => {
+            // Stored before the client learns the id, so the id survives a restart.
+            if let Some(store) = &ctx.store {
+                if store.create(guard.session().record()).await.is_err() {
+                    // Dropping the guard closes the session again.
+                    return storage_unavailable(conn);
+                }
+                guard.session().mark_in_store();
+            }
             let info = guard.keep().info();
             let mut body = json!({ "id": info.id, "created_at": info.created_at });
             if let (Some(model), Value::Object(map)) = (info.model, &mut body) {
@@ -147,7 +168,7 @@ async fn create_options(ctx: &Context, conn: Conn) -> Result<(Conn, SessionOptio
 }
 
 /// Returns the `{id}` of the path when it has the form of a session id.
-fn session_id(conn: &Conn) -> Option<&str> {
+pub(crate) fn session_id(conn: &Conn) -> Option<&str> {
     conn.param("id").filter(|id| is_session_id(id))
 }
 
@@ -304,6 +325,20 @@ pub(crate) fn rejection(ctx: &Context, conn: Conn, rejected: Rejected) -> Conn {
         ErrorKind::AdmissionRejected,
         rejected.code(),
         rejected,
+    )
+}
+
+/// Answers 503 `storage_unavailable` when the session store cannot be written (not counted
+/// here: the store counts each failed write in `blufio_errors_total{type="storage"}`).
+pub(crate) fn storage_unavailable(conn: Conn) -> Conn {
+    response::json(
+        conn.with_response_header(KnownHeaderName::RetryAfter, "5"),
+        Status::ServiceUnavailable,
+        &json!({
+            "error": "storage_unavailable",
+            "message": "the session store cannot be written right now (see /v1/health); \
+                        nothing was changed, try again later",
+        }),
     )
 }
 

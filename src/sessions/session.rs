@@ -150,6 +150,16 @@ impl Session {
         self.lock().history.iter().cloned().collect()
     }
 
+    /// Returns the history memory holds and the number of its first message in the session
+    /// (messages before it were trimmed).
+    pub fn numbered_history(&self) -> (u64, Vec<Turn>) {
+        let state = self.lock();
+        let first = state
+            .message_count
+            .saturating_sub(state.history.len() as u64);
+        (first, state.history.iter().cloned().collect())
+    }
+
     /// Returns the history when memory holds it, `None` when it must be read back from the
     /// store first.
     pub fn loaded_history(&self) -> Option<Vec<Turn>> {

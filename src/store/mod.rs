@@ -390,15 +390,18 @@ fn configure(conn: &Connection, max_bytes: u64) -> rusqlite::Result<()> {
 
 /// Checks the store in `dir` for `blufio config check`: that it opens, has a schema this
 /// build can use, and passes SQLite's page-by-page check. Never writes (a running daemon
-/// may hold it).
+/// may hold it). Returns a line saying what was found.
 ///
 /// # Errors
 ///
 /// Returns [`Error::State`] naming the file and what to do.
-pub fn check(dir: &Path) -> Result<(), Error> {
+pub fn check(dir: &Path) -> Result<String, Error> {
     let path = dir.join(DB_FILE);
     if !path.exists() {
-        return Ok(());
+        return Ok(format!(
+            "store: {} not created yet (created at start)",
+            path.display()
+        ));
     }
     let unusable = |why: Unusable| Error::State {
         path: path.clone(),
@@ -411,7 +414,17 @@ pub fn check(dir: &Path) -> Result<(), Error> {
     if version > schema::LATEST {
         return Err(unusable(Unusable::Newer(version)));
     }
-    schema::quick_check(&conn).map_err(unusable)
+    schema::quick_check(&conn).map_err(unusable)?;
+    let sessions: i64 = if version >= 1 {
+        conn.query_row("SELECT count(*) FROM sessions", [], |row| row.get(0))
+            .map_err(|error| unusable(Unusable::from_sqlite(&error)))?
+    } else {
+        0
+    };
+    Ok(format!(
+        "store: {} ok (schema {version}, {sessions} sessions, every page checked)",
+        path.display()
+    ))
 }
 
 /// Returns seconds since the Unix epoch.
