@@ -118,6 +118,10 @@ impl Store {
             message: why.explain(),
         };
         let mut conn = open_connection(&path, options.max_bytes).map_err(unusable)?;
+        // Every page, before anything is trusted or written: damage found later would fail
+        // requests one by one instead of stopping here with what to do. 76 ms for 10,000
+        // sessions of 20 turns (44 MB) on the bench machine; a cold SD card reads slower.
+        schema::quick_check(&conn).map_err(unusable)?;
         schema::migrate(&mut conn).map_err(unusable)?;
         let now = unix_now();
         let cutoff = now.saturating_sub(options.idle_timeout_secs);

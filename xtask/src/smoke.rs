@@ -1,8 +1,9 @@
 //! `cargo xtask smoke [--target TRIPLE] [--archive PATH]`: checks that a release archive's
 //! binary actually serves on its architecture. It unpacks the binary from the archive `dist`
 //! wrote, starts `blufio serve` (under qemu-user for foreign targets) on a free local port,
-//! waits for `/health`, checks that `/health` and `/metrics` report non-zero memory, then sends
-//! SIGTERM and expects exit status 0 within 15 s.
+//! waits for `/health`, checks that `/health` and `/metrics` report non-zero memory, stores a
+//! session and a message with the echo agent, sends SIGTERM and expects exit status 0 within
+//! 15 s, then starts it again on the same state directory and reads the message back.
 //!
 //! It speaks just enough HTTP/1.1 to do that, with `Connection: close`, reads the two JSON
 //! fields it needs through `json.rs` and two metrics by hand. It does not measure performance;
@@ -64,35 +65,20 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 
     let port = try_free_port()?;
     let config = work_dir.join("blufio.toml");
-    fs::write(&config, config_text(port))?;
+    fs::write(&config, config_text(port, &work_dir.join("state")))?;
     let log = work_dir.join("blufio.log");
-    let log_file = File::create(&log)?;
-
-    let mut command = match runner.split_first() {
-        Some((program, runner_args)) => {
-            let mut command = Command::new(program);
-            command.args(runner_args).arg(&binary);
-            command
-        }
-        None => Command::new(&binary),
-    };
-    command
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("BLUFIO_LOG", "info")
-        .stdin(Stdio::null())
-        // One file description for both streams, so their lines interleave instead of
-        // overwriting each other.
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-    println!("==> {triple}: {}", describe(&command));
-    let child = command
-        .spawn()
-        .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?;
-    let mut daemon = KillOnDrop::new(child);
-
-    let result = probe(&mut daemon, port);
-    if let Err(error) = result {
+    let started = start(&runner, &binary, &config, &log, &triple).and_then(|mut daemon| {
+        probe(&mut daemon, port)?;
+        let session = store_first_run(port)?;
+        stop(&mut daemon)?;
+        // The second run on the same state directory: the bundled SQLite of this
+        // architecture wrote a database that this build reads back after a restart.
+        let mut daemon = start(&runner, &binary, &config, &log, &triple)?;
+        wait_healthy(&mut daemon, port)?;
+        store_second_run(port, &session)?;
+        stop(&mut daemon)
+    });
+    if let Err(error) = started {
         let output = fs::read_to_string(&log).unwrap_or_default();
         return Err(format!(
             "{triple}: {error}\n--- daemon output ({}) ---\n{output}",
@@ -104,7 +90,111 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn probe(daemon: &mut Child, port: u16) -> Result<()> {
+/// Starts `blufio serve` on `config` (under `runner` when it is not empty), appending its
+/// output to `log`.
+fn start(
+    runner: &[String],
+    binary: &Path,
+    config: &Path,
+    log: &Path,
+    triple: &str,
+) -> Result<KillOnDrop> {
+    let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut command = match runner.split_first() {
+        Some((program, runner_args)) => {
+            let mut command = Command::new(program);
+            command.args(runner_args).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("BLUFIO_LOG", "info")
+        .stdin(Stdio::null())
+        // One file description for both streams, so their lines interleave instead of
+        // overwriting each other.
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    println!("==> {triple}: {}", describe(&command));
+    let child = command
+        .spawn()
+        .map_err(|error| format!("cannot start `{}`: {error}", describe(&command)))?;
+    Ok(KillOnDrop::new(child))
+}
+
+/// The gateway token of the smoke configuration.
+const TOKEN: &str = "smoke-test-token-0123456789";
+
+/// Opens a session and exchanges one message with the echo agent; returns the session id.
+fn store_first_run(port: u16) -> Result<String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let created = request(address, "POST", "/v1/sessions", "")?;
+    if created.status != 201 {
+        return Err(format!("POST /v1/sessions answered {}", created.status).into());
+    }
+    let body = String::from_utf8_lossy(&created.body).into_owned();
+    let id = json::field(&body, "id")
+        .and_then(|id| id.as_str().map(str::to_owned))
+        .ok_or_else(|| format!("POST /v1/sessions gave no id: {body}"))?;
+    let message = format!(r#"{{"session_id":"{id}","content":"{SMOKE_MESSAGE}"}}"#);
+    let reply = request(address, "POST", "/v1/messages", &message)?;
+    if reply.status != 200 {
+        return Err(format!(
+            "POST /v1/messages answered {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        )
+        .into());
+    }
+    println!("    store: session {id} has a message");
+    Ok(id)
+}
+
+/// The message the first run stores and the second reads back.
+const SMOKE_MESSAGE: &str = "kept across a restart";
+
+/// Reads the first run's session back after the restart.
+fn store_second_run(port: u16, id: &str) -> Result<()> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let page = request(address, "GET", &format!("/v1/sessions/{id}/messages"), "")?;
+    let body = String::from_utf8_lossy(&page.body).into_owned();
+    let messages = json::field(&body, "messages");
+    let kept = messages
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(|messages| {
+            messages.len() == 2
+                && messages
+                    .iter()
+                    .all(|message| message["content"] == SMOKE_MESSAGE)
+        });
+    if page.status != 200 || !kept {
+        return Err(format!(
+            "after a restart, GET /v1/sessions/{id}/messages answered {}: {body}",
+            page.status
+        )
+        .into());
+    }
+    println!("    store: after a restart the session and its 2 messages are there");
+    Ok(())
+}
+
+fn stop(daemon: &mut KillOnDrop) -> Result<()> {
+    signal(daemon.id(), "TERM")?;
+    let status = wait_timeout(daemon, SHUTDOWN_TIMEOUT)?
+        .ok_or_else(|| format!("the daemon did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM"))?;
+    if !status.success() {
+        return Err(
+            format!("the daemon exited with {status} after SIGTERM, expected status 0").into(),
+        );
+    }
+    println!("    SIGTERM: exited with status 0");
+    Ok(())
+}
+
+fn wait_healthy(daemon: &mut Child, port: u16) -> Result<Response> {
     let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let started = Instant::now();
     let health = loop {
@@ -132,6 +222,12 @@ fn probe(daemon: &mut Child, port: u16) -> Result<()> {
         "    /health answered after {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(health)
+}
+
+fn probe(daemon: &mut Child, port: u16) -> Result<()> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let health = wait_healthy(daemon, port)?;
     let body = String::from_utf8_lossy(&health.body).into_owned();
     check_health(&body)?;
     println!("    /health: {}", body.trim());
@@ -156,15 +252,6 @@ fn probe(daemon: &mut Child, port: u16) -> Result<()> {
         println!("    VmRSS of pid {}: {resident} kB", daemon.id());
     }
 
-    signal(daemon.id(), "TERM")?;
-    let status = wait_timeout(daemon, SHUTDOWN_TIMEOUT)?
-        .ok_or_else(|| format!("the daemon did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM"))?;
-    if !status.success() {
-        return Err(
-            format!("the daemon exited with {status} after SIGTERM, expected status 0").into(),
-        );
-    }
-    println!("    SIGTERM: exited with status 0");
     Ok(())
 }
 
@@ -213,8 +300,9 @@ fn extract_binary(archive: &Path, destination: &Path) -> Result<PathBuf> {
     Err(format!("{} contains no blufio binary", archive.display()).into())
 }
 
-/// Returns the daemon configuration used by the smoke test.
-pub fn config_text(port: u16) -> String {
+/// Returns the daemon configuration used by the smoke test: the echo agent and a state
+/// directory, so the session store is exercised on the archive's architecture.
+pub fn config_text(port: u16, state_dir: &Path) -> String {
     format!(
         "[daemon]\n\
          bind = \"127.0.0.1\"\n\
@@ -222,9 +310,15 @@ pub fn config_text(port: u16) -> String {
          memory_warn_mb = 150\n\
          memory_limit_mb = 200\n\
          monitor_interval_secs = 5\n\
+         state_dir = {state_dir:?}\n\
          \n\
          [gateway]\n\
-         port = {port}\n"
+         port = {port}\n\
+         token = \"{TOKEN}\"\n\
+         \n\
+         [agent]\n\
+         provider = \"echo\"\n",
+        state_dir = state_dir.display().to_string(),
     )
 }
 
@@ -237,6 +331,24 @@ pub(crate) struct Response {
 
 /// Sends `GET path` and reads the whole response; `Connection: close` makes end of stream the
 /// end of the response.
+/// Sends `method path` with the gateway token and `body` (JSON), and reads the whole
+/// response.
+fn request(address: SocketAddr, method: &str, path: &str, body: &str) -> Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT)?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: blufio-xtask-smoke\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw).map_err(|error| format!("{method} {path}: {error}").into())
+}
+
 pub(crate) fn get(address: SocketAddr, path: &str) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT)?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
@@ -377,9 +489,11 @@ mod tests {
 
     #[test]
     fn config_sets_both_ports() {
-        let config = config_text(4321);
+        let config = config_text(4321, Path::new("/tmp/smoke"));
         assert!(config.contains("health_port = 4321\n"));
         assert!(config.contains("[gateway]\nport = 4321\n"));
         assert!(config.contains("bind = \"127.0.0.1\"\n"));
+        assert!(config.contains("state_dir = \"/tmp/smoke\"\n"));
+        assert!(config.contains("provider = \"echo\"\n"));
     }
 }
