@@ -117,6 +117,12 @@ impl Store {
     pub fn save_spend_blocking(&self, _utc_day: u64, _spent_usd: f64) -> Result<(), StoreError> {
         match *self {}
     }
+    pub async fn save_spend(&self, _utc_day: u64, _spent_usd: f64) -> Result<(), StoreError> {
+        match *self {}
+    }
+    pub fn submit_spend(&self, _utc_day: u64, _spent_usd: f64) {
+        match *self {}
+    }
     pub fn mark_spend_imported_blocking(&self) -> Result<(), StoreError> {
         match *self {}
     }

@@ -41,7 +41,7 @@ pub fn utc_day(now: SystemTime) -> u64 {
 
 use crate::{cost::CostConfig, error::Error, metrics::ErrorCounter, sync::lock};
 use state::{Day, day_index, read_state};
-use writer::{Sink, Writer};
+use writer::Writer;
 
 /// The spend the session store holds, for [`Budget::open_with`].
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +66,9 @@ pub struct Budget {
     lifetime_by_model: Mutex<BTreeMap<String, f64>>,
     remaining_gauge: Gauge,
     writer: Option<Arc<Writer>>,
+    /// With a session store, the spend is saved there instead (no writer thread): each
+    /// total is queued to the store's thread, and each message's commit carries it too.
+    store: Option<crate::store::Store>,
 }
 
 /// The budget is spent until the next UTC midnight.
@@ -131,7 +134,7 @@ impl Budget {
             day = stored;
         }
         let writer = match &path {
-            Some(path) => Some(Writer::start(Sink::File(path.clone()), state_errors)?),
+            Some(path) => Some(Writer::start(path.clone(), state_errors)?),
             None => None,
         };
         let budget = Budget {
@@ -140,6 +143,7 @@ impl Budget {
             lifetime_by_model: Mutex::new(BTreeMap::new()),
             remaining_gauge,
             writer,
+            store: None,
         };
         budget.refresh(config.daily_budget_usd, now);
         Ok(budget)
@@ -148,7 +152,12 @@ impl Budget {
     // Without the `store` feature a `Store` has no value, so the body cannot run.
     #[cfg_attr(
         not(feature = "store"),
-        allow(unreachable_code, unused_variables, unused_assignments)
+        allow(
+            unreachable_code,
+            unused_variables,
+            unused_assignments,
+            clippy::needless_pass_by_value
+        )
     )]
     fn open_in_store(
         config: &CostConfig,
@@ -188,13 +197,15 @@ impl Budget {
                 .mark_spend_imported_blocking()
                 .map_err(store_error)?;
         }
-        let writer = Writer::start(Sink::Store(stored.store.clone()), state_errors)?;
+        // Counted by the store, as `blufio_errors_total{type="storage"}`.
+        drop(state_errors);
         let budget = Budget {
             path: Some(stored.store.path().to_owned()),
             day: Mutex::new(day),
             lifetime_by_model: Mutex::new(BTreeMap::new()),
             remaining_gauge,
-            writer: Some(writer),
+            writer: None,
+            store: Some(stored.store.clone()),
         };
         budget.refresh(config.daily_budget_usd, now);
         Ok(budget)
@@ -214,6 +225,9 @@ impl Budget {
     /// Returns true when today's spend is safely in the state file: a state directory is
     /// set and the last write did not fail (a write may be under way).
     pub fn persisted(&self) -> bool {
+        if let Some(store) = &self.store {
+            return store.failing().is_none();
+        }
         self.writer
             .as_ref()
             .is_some_and(|writer| writer.lock().failing.is_none())
@@ -221,6 +235,9 @@ impl Budget {
 
     /// Returns why the last write of the state file failed, while it keeps failing.
     pub fn write_error(&self) -> Option<String> {
+        if let Some(store) = &self.store {
+            return store.failing();
+        }
         self.writer
             .as_ref()
             .and_then(|writer| writer.lock().failing.clone())
@@ -231,6 +248,15 @@ impl Budget {
     /// more is tried at once and its failure ends the wait. Called at shutdown so the last
     /// reply's spend is on disk before the process exits.
     pub async fn settle(&self, timeout: Duration) -> bool {
+        if let Some(store) = &self.store {
+            let day = self.today(SystemTime::now());
+            let saved = store.save_spend(day.index, day.spent_usd);
+            return futures_lite::FutureExt::or(async { saved.await.is_ok() }, async {
+                async_io::Timer::after(timeout).await;
+                false
+            })
+            .await;
+        }
         let Some(writer) = &self.writer else {
             return true;
         };
@@ -324,6 +350,11 @@ impl Budget {
                 && usd > 0.0
             {
                 writer.submit(*day);
+            }
+            if let Some(store) = &self.store
+                && usd > 0.0
+            {
+                store.submit_spend(day.index, day.spent_usd);
             }
         }
         self.refresh(daily_usd, now);

@@ -10,33 +10,6 @@ use std::{
 use super::state::{Day, write_state};
 use crate::{error::Error, metrics::ErrorCounter, sync::lock};
 
-/// Where the spend writer saves the total.
-#[derive(Debug)]
-pub(super) enum Sink {
-    /// `<state_dir>/spend.json`, replaced atomically.
-    File(PathBuf),
-    /// The session store's `spend` table.
-    Store(crate::store::Store),
-}
-
-impl Sink {
-    fn path(&self) -> &Path {
-        match self {
-            Sink::File(path) => path,
-            Sink::Store(store) => store.path(),
-        }
-    }
-
-    fn write(&self, day: Day) -> Result<(), String> {
-        match self {
-            Sink::File(path) => write_state(path, day).map_err(|error| error.to_string()),
-            Sink::Store(store) => store
-                .save_spend_blocking(day.index, day.spent_usd)
-                .map_err(|error| error.detail),
-        }
-    }
-}
-
 /// How often the spend writer retries a failed write while no reply asks it to.
 pub const WRITE_RETRY: Duration = Duration::from_secs(5);
 
@@ -65,7 +38,7 @@ pub(super) struct WriterState {
 }
 
 impl Writer {
-    pub(super) fn start(sink: Sink, errors: ErrorCounter) -> Result<Arc<Writer>, Error> {
+    pub(super) fn start(path: PathBuf, errors: ErrorCounter) -> Result<Arc<Writer>, Error> {
         let writer = Arc::new(Writer {
             state: Mutex::new(WriterState::default()),
             wake: Condvar::new(),
@@ -73,7 +46,7 @@ impl Writer {
         let shared = Arc::clone(&writer);
         std::thread::Builder::new()
             .name("blufio-spend".to_owned())
-            .spawn(move || shared.run(&sink, &errors))
+            .spawn(move || shared.run(&path, &errors))
             .map_err(|source| Error::Io {
                 context: "cannot start the spend writer thread".to_owned(),
                 source,
@@ -98,8 +71,7 @@ impl Writer {
         self.wake.notify_all();
     }
 
-    fn run(&self, sink: &Sink, errors: &ErrorCounter) {
-        let path = sink.path();
+    fn run(&self, path: &Path, errors: &ErrorCounter) {
         loop {
             let day = {
                 let mut state = self.lock();
@@ -127,7 +99,7 @@ impl Writer {
                 state.pending.take()
             };
             let Some(day) = day else { continue };
-            let result = sink.write(day);
+            let result = write_state(path, day);
             let mut state = self.lock();
             state.writing = false;
             match result {
@@ -157,7 +129,7 @@ impl Writer {
                             WRITE_RETRY.as_secs()
                         );
                     }
-                    state.failing = Some(error);
+                    state.failing = Some(error.to_string());
                     if state.closed {
                         return;
                     }

@@ -46,8 +46,10 @@ use crate::{
 pub const DB_FILE: &str = "blufio.db";
 
 /// Jobs waiting for the database thread, at most; senders wait (parked, not blocking a
-/// thread) beyond it, which is the back-pressure a slow disk puts on writers.
-const QUEUE: usize = 1024;
+/// thread) beyond it, which is the back-pressure a slow disk puts on writers. As many as a
+/// commit takes; the queue's slots are allocated (and touched) up front, so 1,024 of them
+/// would cost 200 KiB of idle memory.
+const QUEUE: usize = 256;
 
 /// What the store keeps for a session that `[gateway]` bounds: see [`Store::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +180,8 @@ impl Store {
     ///
     /// Returns [`StoreError`] when the write fails.
     pub async fn create(&self, session: StoredSession) -> Result<(), StoreError> {
-        self.ask(|reply| Job::Create(session, reply)).await
+        self.ask(|reply| Job::Create(Box::new(session), reply))
+            .await
     }
 
     /// Appends `turns` to session `id` (numbered after those it has) and records `spend`
@@ -199,7 +202,7 @@ impl Store {
         let id = id.to_owned();
         self.ask(|reply| Job::Append {
             id,
-            create,
+            create: create.map(Box::new),
             turns,
             spend,
             reply,
@@ -288,6 +291,34 @@ impl Store {
             spent_usd,
             reply,
         }))
+    }
+
+    /// Records the spend of `utc_day` (a total), waiting for the commit.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`StoreError`] when the write fails.
+    pub async fn save_spend(&self, utc_day: u64, spent_usd: f64) -> Result<(), StoreError> {
+        self.ask(|reply| Job::Spend {
+            utc_day,
+            spent_usd,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues the spend of `utc_day` (a total) without waiting. When the queue is full the
+    /// total is dropped: the next one, or the next message's commit, carries a larger one.
+    pub fn submit_spend(&self, utc_day: u64, spent_usd: f64) {
+        let (reply, _unanswered) = async_channel::bounded(1);
+        let _ = self.jobs.try_send(Queued {
+            job: Job::Spend {
+                utc_day,
+                spent_usd,
+                reply,
+            },
+            at: Instant::now(),
+        });
     }
 
     /// Records that `spend.json` was imported (or that there was none), so it is never read

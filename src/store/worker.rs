@@ -24,12 +24,12 @@ const MAX_BATCH: usize = 256;
 
 type Reply<T> = async_channel::Sender<Result<T, StoreError>>;
 
-/// One request to the database thread.
+/// One request to the database thread (kept small: every queue slot is one).
 pub(crate) enum Job {
-    Create(StoredSession, Reply<()>),
+    Create(Box<StoredSession>, Reply<()>),
     Append {
         id: String,
-        create: Option<StoredSession>,
+        create: Option<Box<StoredSession>>,
         turns: Vec<StoredTurn>,
         spend: Option<(u64, f64)>,
         reply: Reply<()>,
