@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     /// Fires when the thread has closed the database.
     closed: event_listener::Event,
     done: std::sync::atomic::AtomicBool,
+    /// Commits so far (the counter's value, readable without the recorder).
+    commit_count: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -145,6 +147,7 @@ impl Store {
             max_bytes: options.max_bytes,
             closed: event_listener::Event::new(),
             done: std::sync::atomic::AtomicBool::new(false),
+            commit_count: std::sync::atomic::AtomicU64::new(0),
         });
         shared.update_size();
         let thread_shared = Arc::clone(&shared);
@@ -376,6 +379,12 @@ impl Store {
 }
 
 impl Shared {
+    /// Returns the commits made so far (for tests of group commit).
+    #[cfg(test)]
+    fn commits_so_far(&self) -> u64 {
+        self.commit_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Sets `blufio_store_bytes` from the database and WAL files' sizes.
     fn update_size(&self) {
         let size = |path: &Path| std::fs::metadata(path).map_or(0, |meta| meta.len());
@@ -468,3 +477,6 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
 }
+
+#[cfg(test)]
+mod tests;

@@ -289,10 +289,17 @@ fn enforce(conn: &Connection, max_bytes: u64) -> rusqlite::Result<Vec<String>> {
             break;
         }
         let mut delete = conn.prepare("DELETE FROM sessions WHERE id = ?1")?;
-        for id in &ids {
-            delete.execute([id])?;
+        for id in ids {
+            delete.execute([&id])?;
+            removed.push(id);
+            if used_bytes(conn)? <= target {
+                break;
+            }
         }
-        removed.extend(ids);
+    }
+    if !removed.is_empty() {
+        // Gives the freed pages back to the filesystem (auto_vacuum is incremental).
+        conn.execute_batch("PRAGMA incremental_vacuum")?;
     }
     Ok(removed)
 }
@@ -337,7 +344,7 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
     });
     match together {
         Ok(outputs) => {
-            shared.metrics.commits.increment(1);
+            shared.commit();
             shared.metrics.writes.increment(writes as u64);
             shared.succeeded();
             for (queued, output) in batch.into_iter().zip(outputs) {
@@ -359,7 +366,7 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
                 let result = match result {
                     Ok(output) => {
                         if writes {
-                            shared.metrics.commits.increment(1);
+                            shared.commit();
                             shared.metrics.writes.increment(1);
                             shared.succeeded();
                         }
@@ -402,6 +409,12 @@ fn read_error(error: &rusqlite::Error) -> StoreError {
 }
 
 impl Shared {
+    fn commit(&self) {
+        self.metrics.commits.increment(1);
+        self.commit_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Records a failed write: counted, and logged once per episode.
     fn failed(&self, error: &rusqlite::Error) -> StoreError {
         let detail = error.to_string();
