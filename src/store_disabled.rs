@@ -167,6 +167,32 @@ impl ReadOnly {
     }
 }
 
+/// See the store-enabled build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfflineDelete {
+    /// The session and its turns are gone.
+    Deleted {
+        /// How many turns went with it.
+        turns: u64,
+    },
+    /// No such session.
+    NotFound,
+    /// A daemon holds the state directory.
+    DaemonRunning {
+        /// The daemon's pid.
+        pid: Option<u32>,
+    },
+}
+
+/// Refuses: there is no store in this build.
+///
+/// # Errors
+///
+/// Always [`Error::State`].
+pub fn delete_session(dir: &Path, _id: &str) -> Result<OfflineDelete, Error> {
+    Err(disabled(dir))
+}
+
 /// Nothing to check without a store.
 ///
 /// # Errors
