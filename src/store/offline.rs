@@ -5,7 +5,12 @@
 //! directory's lock ([`StateLock`]), the same one a daemon holds for its whole life, and when
 //! a daemon holds it, refuses and says which pid (the daemon's own `DELETE
 //! /v1/sessions/{id}` is the way then). Reading needs no lock: see [`super::ReadOnly`].
-//! Nothing here creates a state directory or a database that is not there already.
+//!
+//! It leaves no file behind that the daemon's own user could not open (the systemd unit's
+//! state directory belongs to a dynamic user, so the operator runs this as root): SQLite
+//! removes the `-wal` and `-shm` files when the connection closes, and a lock file this
+//! had to create goes before the lock is released. Nothing here creates a state directory
+//! or a database.
 
 use std::{io, path::Path};
 
@@ -17,7 +22,7 @@ use super::{
 };
 use crate::{
     error::Error,
-    state_dir::{Acquired, StateLock},
+    state_dir::{Acquired, LOCK_FILE, StateLock},
 };
 
 /// What [`delete_session`] did.
@@ -54,26 +59,38 @@ pub fn delete_session(dir: &Path, id: &str) -> Result<OfflineDelete, Error> {
                 .to_owned(),
         });
     }
+    let lock_file = dir.join(LOCK_FILE);
+    let lock_existed = lock_file.exists();
     let lock = match StateLock::try_acquire(dir)? {
         Acquired::Locked(lock) => lock,
         Acquired::Held { pid } => return Ok(OfflineDelete::DaemonRunning { pid }),
     };
+    let deleted = delete_locked(&path, id);
+    // A lock file this made would be root's under the systemd unit, and keep the daemon's
+    // own user from opening it. Removed while still locked: a daemon starting meanwhile was
+    // refused, and one starting after makes a file of its own.
+    if !lock_existed {
+        let _ = std::fs::remove_file(&lock_file);
+    }
+    lock.release();
+    deleted
+}
+
+fn delete_locked(path: &Path, id: &str) -> Result<OfflineDelete, Error> {
     let unusable = |why: Unusable| Error::State {
-        path: path.clone(),
+        path: path.to_owned(),
         message: why.explain(),
     };
     // The daemon's own settings (WAL, synchronous = FULL, foreign keys for the cascade); no
     // size cap, since a delete only frees pages. Migrating is what the next start would do.
-    let mut conn = super::open_connection(&path, 0).map_err(unusable)?;
+    let mut conn = super::open_connection(path, 0).map_err(unusable)?;
     schema::migrate(&mut conn).map_err(unusable)?;
-    let deleted = delete_in(&mut conn, id).map_err(|error| Error::Io {
+    delete_in(&mut conn, id).map_err(|error| Error::Io {
         context: format!("cannot delete session {id} from {}", path.display()),
         source: io::Error::other(error.to_string()),
-    });
-    // Closing checkpoints the WAL before another process (a daemon) may take the directory.
-    drop(conn);
-    lock.release();
-    deleted
+    })
+    // Dropped here: the last connection to close checkpoints the WAL and removes the -wal
+    // and -shm files, so none of them is left owned by the operator either.
 }
 
 fn delete_in(conn: &mut rusqlite::Connection, id: &str) -> rusqlite::Result<OfflineDelete> {
@@ -147,7 +164,9 @@ mod tests {
         assert_eq!(turns_of(&dir, ID), 0);
         assert_eq!(turns_of(&dir, OTHER), 1);
         assert_eq!(delete_session(&dir, ID).unwrap(), OfflineDelete::NotFound);
-        // The lock was released: a daemon could take the directory now.
+        // Nothing left behind (the lock file was not there before), and the directory is
+        // free for a daemon.
+        assert_eq!(files_in(&dir), [DB_FILE]);
         drop(StateLock::acquire(&dir).unwrap());
     }
 
@@ -166,13 +185,22 @@ mod tests {
         daemon.release();
     }
 
+    /// The names in `dir`, sorted.
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn a_directory_without_a_store_is_refused_and_left_as_it_was() {
         let dir = blufio_testkit::temp::temp_dir("offline-empty");
         let error = delete_session(&dir, ID).unwrap_err();
         assert!(error.is_config(), "{error}");
         assert!(error.to_string().contains(DB_FILE), "{error}");
-        assert!(!dir.join(DB_FILE).exists());
-        assert!(!dir.join(crate::state_dir::LOCK_FILE).exists());
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
     }
 }

@@ -148,6 +148,12 @@ fn sessions_are_read_beside_a_running_daemon_and_deleted_only_once_it_has_stoppe
         &format!("deleted session {kept} and its 4 messages"),
     );
     assert_eq!(listed_ids(&config), vec![(other.clone(), 2)]);
+    // Nothing left for the daemon's user to trip on: SQLite makes -wal and -shm even for a
+    // read, owned by whoever ran it, and they went with the read.
+    let state = config.parent().unwrap().join("state");
+    for leftover in ["blufio.db-wal", "blufio.db-shm"] {
+        assert!(!state.join(leftover).exists(), "{leftover} left behind");
+    }
     let again = sessions(&config, &["delete", &kept]);
     expect_code(&again, 1);
     assert_contains(&stderr(&again), &format!("no session {kept}"));
