@@ -162,6 +162,18 @@ impl ReadOnly {
     /// # Errors
     ///
     /// Never.
+    pub fn conversation(
+        &self,
+        _id: &str,
+    ) -> Result<Option<(StoredSession, Vec<StoredTurn>)>, String> {
+        Ok(None)
+    }
+
+    /// Never called (no value exists).
+    ///
+    /// # Errors
+    ///
+    /// Never.
     pub fn turns(&self, _id: &str) -> Result<Vec<StoredTurn>, String> {
         Ok(Vec::new())
     }

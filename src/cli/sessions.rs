@@ -84,11 +84,10 @@ pub fn run(path: Option<&Path>, action: &Action, json: bool) -> Result<ExitCode,
             ExitCode::SUCCESS
         }
         Action::Show(id) | Action::Export(id) => {
-            let store = ReadOnly::open(&dir)?;
-            let Some(session) = store.session(id).map_err(read_error(&dir))? else {
+            let read = ReadOnly::open(&dir)?.conversation(id);
+            let Some((session, turns)) = read.map_err(read_error(&dir))? else {
                 return Ok(not_found(id, &dir));
             };
-            let turns = store.turns(id).map_err(read_error(&dir))?;
             if let Action::Show(_) = action
                 && !json
             {

@@ -251,6 +251,28 @@ impl ReadOnly {
         session(&self.conn, id).map_err(|error| error.to_string())
     }
 
+    /// A session and every turn of it, in order, read in one transaction so the two agree
+    /// even while a daemon appends; `None` when it is not stored.
+    ///
+    /// # Errors
+    ///
+    /// Returns the SQLite error as text.
+    pub fn conversation(
+        &self,
+        id: &str,
+    ) -> Result<Option<(StoredSession, Vec<StoredTurn>)>, String> {
+        let read = || {
+            // A read transaction: one snapshot of the database for both queries.
+            let tx = self.conn.unchecked_transaction()?;
+            let Some(found) = session(&tx, id)? else {
+                return Ok(None);
+            };
+            let (turns, _) = page(&tx, id, None, usize::MAX, usize::MAX)?;
+            Ok(Some((found, turns)))
+        };
+        read().map_err(|error: rusqlite::Error| error.to_string())
+    }
+
     /// Every turn of a session, in order.
     ///
     /// # Errors
@@ -308,6 +330,9 @@ mod tests {
         let store = ReadOnly::open(&dir).unwrap();
         assert_eq!(store.sessions().unwrap().len(), 1);
         assert_eq!(store.turns(ID).unwrap()[0].content, "hello");
+        let (session, turns) = store.conversation(ID).unwrap().unwrap();
+        assert_eq!((session.message_count, turns.len()), (1, 1));
+        assert_eq!(store.conversation("0").unwrap(), None);
         drop(store);
         assert_eq!(files_in(&dir), ["blufio.db"]);
     }
