@@ -76,7 +76,10 @@ pub fn run(path: Option<&Path>, action: &Action, json: bool) -> Result<ExitCode,
         Action::List => {
             let sessions = ReadOnly::open(&dir)?.sessions().map_err(read_error(&dir))?;
             if json {
-                let list: Vec<Value> = sessions.iter().map(|s| s.to_json(false)).collect();
+                let list: Vec<Value> = sessions
+                    .iter()
+                    .map(|session| session.to_json(false))
+                    .collect();
                 writeln!(out, "{}", Value::Array(list))?;
             } else {
                 out.extend(list_text(&sessions).into_bytes());
@@ -105,7 +108,8 @@ pub fn run(path: Option<&Path>, action: &Action, json: bool) -> Result<ExitCode,
                 if json {
                     writeln!(out, "{}", json!({"deleted": id, "messages": turns}))?;
                 } else {
-                    writeln!(out, "deleted session {id} and its {turns} messages")?;
+                    let noun = if turns == 1 { "message" } else { "messages" };
+                    writeln!(out, "deleted session {id} and its {turns} {noun}")?;
                 }
                 ExitCode::SUCCESS
             }
