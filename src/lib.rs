@@ -115,8 +115,11 @@ pub use crate::{
     logging::RedactingLogger,
     memory::{FixedRss, HeapSource, HeapStats, ManualHeap, RssSource},
     notify::NotifySettings,
-    sessions::{Rejected, Session, SessionGuard, SessionKind, SessionRecord},
-    store::{DB_FILE, ReadOnly, StoreError, StoredSession, StoredTurn, check as check_store},
+    sessions::{Rejected, Session, SessionGuard, SessionKind, SessionRecord, is_session_id},
+    store::{
+        DB_FILE, OfflineDelete, ReadOnly, StoreError, StoredSession, StoredTurn,
+        check as check_store, delete_session as delete_stored_session,
+    },
 };
 
 // What the `blufio` command line needs besides: `check-config`'s report and the logger's

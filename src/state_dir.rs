@@ -23,6 +23,18 @@ pub const LOCK_FILE: &str = "blufio.lock";
 /// Longest pid line read back from a lock file held by someone else.
 const MAX_PID_BYTES: u64 = 32;
 
+/// What [`StateLock::try_acquire`] found.
+#[derive(Debug)]
+pub enum Acquired {
+    /// The directory is ours until the lock is released.
+    Locked(StateLock),
+    /// Another process (or another daemon in this one) holds it.
+    Held {
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
+}
+
 /// An exclusive hold on a state directory; released by [`StateLock::release`] or on drop.
 #[derive(Debug)]
 pub struct StateLock {
@@ -38,6 +50,36 @@ impl StateLock {
     /// Returns [`Error::State`] naming the directory, and the pid that holds it when another
     /// daemon does, or what failed otherwise.
     pub fn acquire(dir: &Path) -> Result<StateLock, Error> {
+        match StateLock::try_acquire(dir)? {
+            Acquired::Locked(lock) => Ok(lock),
+            Acquired::Held { pid } => {
+                let holder = match pid {
+                    Some(pid) if pid == std::process::id() => {
+                        format!("another daemon in this process (pid {pid})")
+                    }
+                    Some(pid) => format!("another blufio (pid {pid})"),
+                    None => "another blufio".to_owned(),
+                };
+                Err(Error::State {
+                    path: dir.to_owned(),
+                    message: format!(
+                        "the state directory is in use by {holder}, which holds {LOCK_FILE}; \
+                         two daemons sharing it would overwrite each other's spend: give each \
+                         its own [daemon] state_dir"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Creates `dir` if needed and locks it, or says who holds it: for a caller that
+    /// explains the refusal in its own terms (`blufio sessions delete`).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::State`] naming the directory when it cannot be created, or the lock
+    /// file opened or locked.
+    pub fn try_acquire(dir: &Path) -> Result<Acquired, Error> {
         let state_error = |message: String| Error::State {
             path: dir.to_owned(),
             message,
@@ -59,18 +101,9 @@ impl StateLock {
         if !locked {
             let mut text = String::new();
             let _ = (&mut file).take(MAX_PID_BYTES).read_to_string(&mut text);
-            let holder = match text.trim().parse::<u32>() {
-                Ok(pid) if pid == std::process::id() => {
-                    format!("another daemon in this process (pid {pid})")
-                }
-                Ok(pid) => format!("another blufio (pid {pid})"),
-                Err(_) => "another blufio".to_owned(),
-            };
-            return Err(state_error(format!(
-                "the state directory is in use by {holder}, which holds {LOCK_FILE}; two \
-                 daemons sharing it would overwrite each other's spend: give each its own \
-                 [daemon] state_dir"
-            )));
+            return Ok(Acquired::Held {
+                pid: text.trim().parse::<u32>().ok(),
+            });
         }
         // The pid is for the operator and for the refusal above; the lock is the flock.
         let written = file
@@ -80,10 +113,10 @@ impl StateLock {
         if let Err(error) = written {
             log::warn!("cannot write the pid into {}: {error}", path.display());
         }
-        Ok(StateLock {
+        Ok(Acquired::Locked(StateLock {
             dir: dir.to_owned(),
             file: Mutex::new(Some(file)),
-        })
+        }))
     }
 
     /// Returns the locked directory.

@@ -168,9 +168,47 @@ impl ReadOnly {
     /// # Errors
     ///
     /// Never.
+    pub fn conversation(
+        &self,
+        _id: &str,
+    ) -> Result<Option<(StoredSession, Vec<StoredTurn>)>, String> {
+        Ok(None)
+    }
+
+    /// Never called (no value exists).
+    ///
+    /// # Errors
+    ///
+    /// Never.
     pub fn turns(&self, _id: &str) -> Result<Vec<StoredTurn>, String> {
         Ok(Vec::new())
     }
+}
+
+/// See the store-enabled build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfflineDelete {
+    /// The session and its turns are gone.
+    Deleted {
+        /// How many turns went with it.
+        turns: u64,
+    },
+    /// No such session.
+    NotFound,
+    /// A daemon holds the state directory.
+    DaemonRunning {
+        /// The daemon's pid.
+        pid: Option<u32>,
+    },
+}
+
+/// Refuses: there is no store in this build.
+///
+/// # Errors
+///
+/// Always [`Error::State`].
+pub fn delete_session(dir: &Path, _id: &str) -> Result<OfflineDelete, Error> {
+    Err(disabled(dir))
 }
 
 /// Nothing to check without a store.

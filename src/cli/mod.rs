@@ -1,4 +1,5 @@
-//! Command-line parsing and the subcommands (`serve`, `status`, `health`, `config`).
+//! Command-line parsing and the subcommands (`serve`, `status`, `health`, `config`,
+//! `sessions`).
 //!
 //! Parsing uses `lexopt` (tiny, no proc macros). `status` and `health` use [`client`], a
 //! bounded HTTP/1.1 client over `std::net`: no runtime, a timeout and a size cap.
@@ -6,6 +7,7 @@
 mod client;
 mod logger;
 mod probe;
+mod sessions;
 mod status;
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
@@ -18,6 +20,7 @@ usage: blufio [serve] [--config PATH]
        blufio health [--config PATH] [--url URL] [--timeout SECS]
        blufio config show|default|check [--config PATH]
        blufio check-config [--config PATH]
+       blufio sessions list|show ID|export ID|delete ID [--config PATH] [--json]
        blufio --version | --help
 
 Commands:
@@ -28,10 +31,14 @@ Commands:
   config show     print the effective configuration as TOML, secrets redacted
   config default  print the commented default configuration file
   config check    validate the configuration and exit (also: check-config)
+  sessions        the session store in [daemon] state_dir: list the sessions, show one
+                  with its messages, export one as JSON (for a backup or another tool),
+                  or delete one while the daemon is stopped; exit 1 for an unknown id or
+                  a running daemon (delete through DELETE /v1/sessions/{id} then)
 
 Options:
   -c, --config PATH   TOML configuration file (default: built-in defaults)
-      --json          status: print the machine-readable document
+      --json          status, sessions: print JSON
       --url URL       health: probe this http:// URL instead of the configured /health
       --timeout SECS  status and health: give up after SECS seconds (default 5)
 
@@ -54,6 +61,11 @@ pub enum Command {
     CheckConfig(Option<PathBuf>),
     ConfigShow(Option<PathBuf>),
     ConfigDefault,
+    Sessions {
+        config: Option<PathBuf>,
+        action: sessions::Action,
+        json: bool,
+    },
     Help,
     Version,
 }
@@ -95,7 +107,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             }
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
-            Value(value) if words.len() < 2 => {
+            Value(value) if words.len() < 3 => {
                 words.push(
                     value
                         .into_string()
@@ -122,10 +134,15 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         ["config", "show"] => Command::ConfigShow(config),
         ["config", "default"] => Command::ConfigDefault,
         ["config"] => return Err("config needs show, default or check".to_owned()),
+        ["sessions", rest @ ..] => Command::Sessions {
+            config,
+            action: sessions::Action::parse(rest)?,
+            json,
+        },
         other => return Err(format!("unknown command {:?}", other.join(" "))),
     };
-    if json && !matches!(command, Command::Status { .. }) {
-        return Err("--json applies only to status".to_owned());
+    if json && !matches!(command, Command::Status { .. } | Command::Sessions { .. }) {
+        return Err("--json applies only to status and sessions".to_owned());
     }
     if url.is_some() && !matches!(command, Command::Health { .. }) {
         return Err("--url applies only to health".to_owned());
@@ -254,6 +271,11 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             print!("{}", config.to_toml());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sessions {
+            config,
+            action,
+            json,
+        } => sessions::run(config.as_deref(), &action, json),
         Command::ConfigDefault => {
             print!("{}", blufio::DEFAULT_FILE);
             Ok(ExitCode::SUCCESS)

@@ -15,6 +15,7 @@
 //! counts `blufio_errors_total{type="storage"}` and shows in `/v1/health`; the next write
 //! tries again, so the daemon recovers when space returns.
 
+mod offline;
 mod read;
 mod schema;
 mod turn;
@@ -29,6 +30,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags};
 
 pub use self::{
+    offline::{OfflineDelete, delete_session},
     read::ReadOnly,
     turn::{StoreError, StoredSession, StoredTurn},
 };

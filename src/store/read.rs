@@ -150,6 +150,22 @@ pub(super) fn page(
     Ok((turns, false))
 }
 
+/// `file:PATH?immutable=1`, escaping what a URI path cannot hold as is; `None` for a path
+/// that is not UTF-8 (read the ordinary way then).
+fn immutable_uri(path: &Path) -> Option<String> {
+    let mut uri = "file:".to_owned();
+    for ch in path.to_str()?.chars() {
+        match ch {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            other => uri.push(other),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Some(uri)
+}
+
 /// A read-only view of a state directory's store, for `blufio sessions` (beside a running
 /// daemon or without one).
 #[derive(Debug)]
@@ -188,11 +204,29 @@ impl ReadOnly {
         Ok(ReadOnly { conn })
     }
 
+    /// Opens `path` read-only without leaving a file behind.
+    ///
+    /// In WAL mode SQLite makes the `-wal` and `-shm` files even for a read-only
+    /// connection, owned by whoever opens it: run as root (the systemd unit's state directory
+    /// belongs to its dynamic user) on a stopped daemon's store, that would leave files the
+    /// daemon's user cannot open at its next start. A running daemon keeps its connection,
+    /// and so its `-wal`, open; with no `-wal` every committed row is in the database file
+    /// itself, which is then read as immutable: no `-wal`, no `-shm`, no lock. A daemon
+    /// starting meanwhile writes to a `-wal` of its own, not to that file (until a
+    /// checkpoint, far beyond what a start writes).
     pub(super) fn open_connection(path: &Path) -> Result<Connection, Unusable> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let immutable = if Path::new(&wal).exists() {
+            None
+        } else {
+            immutable_uri(path)
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = match &immutable {
+            Some(uri) => Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI),
+            None => Connection::open_with_flags(path, flags),
+        }
         .map_err(|error| Unusable::from_sqlite(&error))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|error| Unusable::from_sqlite(&error))?;
@@ -217,6 +251,28 @@ impl ReadOnly {
         session(&self.conn, id).map_err(|error| error.to_string())
     }
 
+    /// A session and every turn of it, in order, read in one transaction so the two agree
+    /// even while a daemon appends; `None` when it is not stored.
+    ///
+    /// # Errors
+    ///
+    /// Returns the SQLite error as text.
+    pub fn conversation(
+        &self,
+        id: &str,
+    ) -> Result<Option<(StoredSession, Vec<StoredTurn>)>, String> {
+        let read = || {
+            // A read transaction: one snapshot of the database for both queries.
+            let tx = self.conn.unchecked_transaction()?;
+            let Some(found) = session(&tx, id)? else {
+                return Ok(None);
+            };
+            let (turns, _) = page(&tx, id, None, usize::MAX, usize::MAX)?;
+            Ok(Some((found, turns)))
+        };
+        read().map_err(|error: rusqlite::Error| error.to_string())
+    }
+
     /// Every turn of a session, in order.
     ///
     /// # Errors
@@ -226,5 +282,76 @@ impl ReadOnly {
         page(&self.conn, id, None, usize::MAX, usize::MAX)
             .map(|(turns, _)| turns)
             .map_err(|error| error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    /// The names in `dir`, sorted.
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A closed store in `dir` (a name that needs escaping in a URI) with one session of
+    /// one turn.
+    fn stored(dir: &Path) {
+        let mut conn = super::super::open_connection(&dir.join(super::super::DB_FILE), 0).unwrap();
+        schema::migrate(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO sessions (id, kind, created_at, last_active_at, message_count) \
+             VALUES (?1, 'http', 1, 2, 1)",
+            [ID],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO turns (session_id, seq, role, content, created_at) \
+             VALUES (?1, 0, 'user', 'hello', 1)",
+            [ID],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn reading_a_closed_store_leaves_no_file_behind() {
+        let temp = blufio_testkit::temp::temp_dir("read-closed");
+        let dir = temp.join("state 100%?#");
+        std::fs::create_dir_all(&dir).unwrap();
+        stored(&dir);
+        assert_eq!(files_in(&dir), ["blufio.db"]);
+        let store = ReadOnly::open(&dir).unwrap();
+        assert_eq!(store.sessions().unwrap().len(), 1);
+        assert_eq!(store.turns(ID).unwrap()[0].content, "hello");
+        let (session, turns) = store.conversation(ID).unwrap().unwrap();
+        assert_eq!((session.message_count, turns.len()), (1, 1));
+        assert_eq!(store.conversation("0").unwrap(), None);
+        drop(store);
+        assert_eq!(files_in(&dir), ["blufio.db"]);
+    }
+
+    #[test]
+    fn reading_beside_an_open_writer_sees_its_commits() {
+        let dir = blufio_testkit::temp::temp_dir("read-beside");
+        stored(&dir);
+        let writer = super::super::open_connection(&dir.join(super::super::DB_FILE), 0).unwrap();
+        writer
+            .execute(
+                "INSERT INTO turns (session_id, seq, role, content, created_at) \
+                 VALUES (?1, 1, 'assistant', 'hi', 2)",
+                [ID],
+            )
+            .unwrap();
+        // The commit is in the writer's -wal, not yet in the database file.
+        let store = ReadOnly::open(&dir).unwrap();
+        assert_eq!(store.turns(ID).unwrap().len(), 2);
+        drop(writer);
     }
 }

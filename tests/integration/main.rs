@@ -26,6 +26,7 @@ mod providers;
 mod ready;
 mod routing;
 mod service;
+mod sessions_cli;
 mod support;
 mod time;
 mod websocket;
