@@ -410,7 +410,13 @@ impl ContextBuilder {
         };
         let now = SystemTime::now();
         let opened = match &config.daemon.state_dir {
-            Some(dir) if config.store.enabled && cfg!(feature = "store") => Some(Store::open(
+            Some(dir) if config.store.enabled && cfg!(feature = "store") => Some({
+                // A spend.json the first start would import is checked before the store is
+                // created, so a refused start leaves no new database behind.
+                if !crate::store::spend_imported(dir) {
+                    crate::budget::check_state_dir(dir, now)?;
+                }
+                Store::open(
                 dir,
                 StoreOptions {
                     max_bytes: config.store.max_mb.saturating_mul(1024 * 1024),
@@ -419,7 +425,8 @@ impl ContextBuilder {
                 crate::budget::utc_day(now),
                 metrics.store(),
                 metrics.error_handle(crate::metrics::ErrorKind::Storage),
-            )?),
+            )?
+            }),
             _ => None,
         };
         let budget = Budget::open_with(

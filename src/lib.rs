@@ -118,7 +118,7 @@ pub use crate::{
     sessions::{Rejected, Session, SessionGuard, SessionKind, SessionRecord, is_session_id},
     store::{
         DB_FILE, OfflineDelete, ReadOnly, StoreError, StoredSession, StoredTurn,
-        check as check_store, delete_session as delete_stored_session,
+        check as check_store, delete_session as delete_stored_session, spend_imported,
     },
 };
 

@@ -220,6 +220,11 @@ pub fn check(_dir: &Path) -> Result<String, Error> {
     Ok("store: not in this build (the `store` feature is off)".to_owned())
 }
 
+/// Without a store the spend stays in `spend.json`: never imported.
+pub fn spend_imported(_dir: &Path) -> bool {
+    false
+}
+
 /// Returns seconds since the Unix epoch.
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()

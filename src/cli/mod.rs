@@ -165,7 +165,16 @@ pub fn execute(command: Command) -> Result<ExitCode, Error> {
             // The state files are read as start-up reads them: a corrupt spend file fails
             // here, not at the next restart.
             let state = match &config.daemon.state_dir {
-                Some(dir) if config.store.enabled => blufio::check_store(dir)?,
+                Some(dir) if config.store.enabled => {
+                    let store = blufio::check_store(dir)?;
+                    // The first start with a store imports spend.json: check it as it would.
+                    if blufio::spend_imported(dir) {
+                        store
+                    } else {
+                        let spend = blufio::check_state_dir(dir, std::time::SystemTime::now())?;
+                        format!("{store}\n{spend} (imported into the store at start)")
+                    }
+                }
                 Some(dir) => blufio::check_state_dir(dir, std::time::SystemTime::now())?,
                 None => "state: no [daemon] state_dir (sessions and today's spend are kept in \
                          memory)"

@@ -473,6 +473,17 @@ pub fn check(dir: &Path) -> Result<String, Error> {
     ))
 }
 
+/// Returns whether the store in `dir` has imported `spend.json` (false without a store):
+/// until it has, the next start reads that file, so `blufio config check` checks it too.
+pub fn spend_imported(dir: &Path) -> bool {
+    let path = dir.join(DB_FILE);
+    path.exists()
+        && ReadOnly::open_connection(&path)
+            .ok()
+            .and_then(|conn| read::meta(&conn, worker::SPEND_IMPORTED).ok().flatten())
+            .is_some()
+}
+
 /// Returns seconds since the Unix epoch.
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()

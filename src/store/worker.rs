@@ -330,7 +330,7 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
     if writes == 0 {
         for queued in batch {
             let result = queued.job.execute(conn, shared);
-            finish(queued, result.map_err(|error| read_error(&error)), shared);
+            finish(queued, result.map_err(|error| shared.failed(&error)), shared);
         }
         return;
     }
@@ -372,8 +372,7 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
                         }
                         Ok(output)
                     }
-                    Err(error) if writes => Err(shared.failed(&error)),
-                    Err(error) => Err(read_error(&error)),
+                    Err(error) => Err(shared.failed(&error)),
                 };
                 finish(queued, result, shared);
             }
@@ -402,10 +401,6 @@ fn finish(queued: Queued, result: Result<Output, StoreError>, shared: &Shared) {
     queued.job.deliver(result);
 }
 
-fn read_error(error: &rusqlite::Error) -> StoreError {
-    StoreError {
-        detail: error.to_string(),
-    }
 }
 
 impl Shared {
@@ -415,16 +410,17 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Records a failed write: counted, and logged once per episode.
+    /// Records a failed operation (a write, or a read of a damaged page): counted, and
+    /// logged once per episode; `/v1/health` shows it until a write succeeds.
     fn failed(&self, error: &rusqlite::Error) -> StoreError {
         let detail = error.to_string();
         self.errors.increment();
         let mut failing = crate::sync::lock(&self.failing);
         if failing.is_none() {
             log::error!(
-                "cannot write the session store {}: {detail}; messages fail with \
-                 storage_unavailable until a write succeeds (a full disk or a read-only \
-                 directory?)",
+                "the session store {} failed: {detail}; messages fail with \
+                 storage_unavailable until a write succeeds (a full disk, a read-only \
+                 directory, or a damaged file: `blufio config check` checks every page)",
                 self.path.display()
             );
         }

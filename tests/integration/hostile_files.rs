@@ -256,6 +256,8 @@ fn an_unwritable_state_dir_is_reported_leaves_no_temporary_file_and_recovers() {
     let state = temp_dir("unwritable");
     let mut config = support::config_with_token(TOKEN);
     config.daemon.state_dir = Some(state.to_path_buf());
+    // The spend file's writer; the session store's failures are in `store_failures.rs`.
+    config.store.enabled = false;
     let daemon = support::start_with(Context::builder(config).with_agent(PricedAgent));
     let post = || daemon.authed(TOKEN, "POST", "/v1/messages", Some(r#"{"content":"hi"}"#));
     let health = || daemon.authed(TOKEN, "GET", "/v1/health", None).json();
