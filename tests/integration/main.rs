@@ -26,6 +26,7 @@ mod providers;
 mod ready;
 mod routing;
 mod service;
+mod store;
 mod support;
 mod time;
 mod websocket;
