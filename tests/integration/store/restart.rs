@@ -182,6 +182,86 @@ fn a_reply_received_just_before_a_sigkill_is_in_the_session_after_the_restart() 
 }
 
 #[test]
+fn replies_to_concurrent_clients_all_survive_a_sigkill_right_after_the_last() {
+    const CLIENTS: usize = 8;
+    const MESSAGES: usize = 4;
+    let home = Home::new("store-sigkill-concurrent", "");
+    let mut daemon = home.start();
+    let client = Client::of(&daemon);
+    let writes = || {
+        client
+            .metric("blufio_store_writes_total", &[])
+            .unwrap_or(0.0)
+    };
+    let commits = || {
+        client
+            .metric("blufio_store_commits_total", &[])
+            .unwrap_or(0.0)
+    };
+    let (writes_before, commits_before) = (writes(), commits());
+    let conversations: Vec<(String, Vec<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|n| {
+                scope.spawn(move || {
+                    let mut session: Option<String> = None;
+                    let mut said = Vec::new();
+                    for m in 0..MESSAGES {
+                        let text = format!("client {n} message {m}");
+                        let reply = client.say_ok(session.as_deref(), &text);
+                        session = Some(reply["session_id"].as_str().unwrap().to_owned());
+                        said.extend([text.clone(), text]);
+                    }
+                    (session.unwrap(), said)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // One write per message; commits group them (one per message at most).
+    let (writes_after, commits_after) = (writes(), commits());
+    daemon.kill();
+    assert_eq!(writes_after - writes_before, (CLIENTS * MESSAGES) as f64);
+    let commits = commits_after - commits_before;
+    assert!(
+        (1.0..=(CLIENTS * MESSAGES) as f64).contains(&commits),
+        "{commits} commits"
+    );
+
+    let mut daemon = home.start();
+    let client = Client::of(&daemon);
+    assert_eq!(client.sessions().len(), CLIENTS);
+    for (id, said) in &conversations {
+        assert_eq!(client.texts(id), *said, "session {id}");
+    }
+    daemon.shut_down(EXIT);
+}
+
+#[test]
+fn a_streamed_reply_whose_done_event_arrived_before_a_sigkill_is_in_the_session_after_the_restart()
+{
+    let home = Home::new("store-sigkill-stream", "");
+    let mut daemon = home.start();
+    let client = Client::of(&daemon);
+    let text = "streamed, then killed";
+    let body = serde_json::json!({ "content": text, "stream": true }).to_string();
+    let response = client.call("POST", "/v1/messages", Some(&body));
+    daemon.kill();
+    assert_eq!(response.status, 200, "{}", response.body);
+    let done = response
+        .body
+        .split("\n\n")
+        .find_map(|event| event.strip_prefix("event: done\ndata: "))
+        .unwrap_or_else(|| panic!("no done event: {}", response.body));
+    let done: Value = serde_json::from_str(done).unwrap();
+    assert_eq!(done["content"], text, "{done}");
+    let id = done["session_id"].as_str().unwrap();
+
+    let mut daemon = home.start();
+    assert_eq!(Client::of(&daemon).texts(id), [text, text]);
+    daemon.shut_down(EXIT);
+}
+
+#[test]
 fn the_sqlite3_shell_reads_the_database_while_the_daemon_runs_and_after_it_stops() {
     let home = Home::new("store-shell", "");
     let mut daemon = home.start();
