@@ -351,3 +351,54 @@ fn spend_json_is_imported_on_the_first_start_with_the_store_and_never_read_again
         "left alone"
     );
 }
+
+#[test]
+fn a_session_idle_past_the_timeout_is_removed_from_the_store_at_start_and_the_others_restored() {
+    let home = Home::new("store-expired", "");
+    let mut daemon = home.start();
+    let client = Client::of(&daemon);
+    let stale = client.say_ok(None, "long ago")["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fresh = client.say_ok(None, "just now")["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    daemon.shut_down(EXIT);
+    // As if the stale session had last been used an hour ago (the timeout is 30 minutes).
+    let db = home.db();
+    sqlite3(
+        &db,
+        &format!("update sessions set last_active_at = last_active_at - 3600 where id = '{stale}'"),
+    );
+
+    let mut daemon = home.start();
+    let client = Client::of(&daemon);
+    let listed: Vec<String> = client
+        .sessions()
+        .iter()
+        .map(|session| session["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, std::slice::from_ref(&fresh));
+    let gone = client.call("GET", &format!("/v1/sessions/{stale}/messages"), None);
+    assert_eq!(gone.status, 404, "{}", gone.body);
+    assert_eq!(client.texts(&fresh), ["just now", "just now"]);
+    assert!(
+        daemon
+            .startup
+            .iter()
+            .any(|line| line.contains("removed 1 idle past session_idle_timeout_secs")),
+        "{:#?}",
+        daemon.startup
+    );
+    assert_eq!(
+        sqlite3(
+            &db,
+            &format!("select count(*) from turns where session_id = '{stale}'")
+        ),
+        "0",
+        "its turns went with it"
+    );
+    daemon.shut_down(EXIT);
+}
