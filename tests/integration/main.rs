@@ -26,6 +26,8 @@ mod providers;
 mod ready;
 mod routing;
 mod service;
+// The store's own tests; a build without the `store` feature keeps everything in memory.
+#[cfg(feature = "store")]
 mod store;
 mod support;
 mod time;
