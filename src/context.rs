@@ -417,15 +417,15 @@ impl ContextBuilder {
                     crate::budget::check_state_dir(dir, now)?;
                 }
                 Store::open(
-                dir,
-                StoreOptions {
-                    max_bytes: config.store.max_mb.saturating_mul(1024 * 1024),
-                    idle_timeout_secs: config.gateway.session_idle_timeout_secs,
-                },
-                crate::budget::utc_day(now),
-                metrics.store(),
-                metrics.error_handle(crate::metrics::ErrorKind::Storage),
-            )?
+                    dir,
+                    StoreOptions {
+                        max_bytes: config.store.max_mb.saturating_mul(1024 * 1024),
+                        idle_timeout_secs: config.gateway.session_idle_timeout_secs,
+                    },
+                    crate::budget::utc_day(now),
+                    metrics.store(),
+                    metrics.error_handle(crate::metrics::ErrorKind::Storage),
+                )?
             }),
             _ => None,
         };

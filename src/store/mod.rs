@@ -409,8 +409,13 @@ fn open_connection(path: &Path, max_bytes: u64) -> Result<Connection, Unusable> 
 }
 
 fn configure(conn: &Connection, max_bytes: u64) -> rusqlite::Result<()> {
-    // Only takes effect on a new file: lets the cap give pages back to the filesystem.
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    // Lets the cap give pages back to the filesystem. Set on a new file only: the pragma
+    // writes the header of an existing one, and a file that start-up then refuses (a newer
+    // schema, damage) must be left exactly as it was found.
+    let pages: u64 = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+    if pages == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         log::warn!("the session store runs in journal mode {mode}, not WAL");

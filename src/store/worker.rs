@@ -330,7 +330,11 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
     if writes == 0 {
         for queued in batch {
             let result = queued.job.execute(conn, shared);
-            finish(queued, result.map_err(|error| shared.failed(&error)), shared);
+            finish(
+                queued,
+                result.map_err(|error| shared.failed(&error)),
+                shared,
+            );
         }
         return;
     }
@@ -399,8 +403,6 @@ fn finish(queued: Queued, result: Result<Output, StoreError>, shared: &Shared) {
         .latency(queued.job.op())
         .record(queued.at.elapsed().as_secs_f64());
     queued.job.deliver(result);
-}
-
 }
 
 impl Shared {

@@ -27,6 +27,9 @@ mod ready;
 mod routing;
 mod service;
 mod sessions_cli;
+// The store's own tests; a build without the `store` feature keeps everything in memory.
+#[cfg(feature = "store")]
+mod store;
 mod support;
 mod time;
 mod websocket;
