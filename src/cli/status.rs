@@ -189,6 +189,7 @@ fn render_status(health: &Value, address: SocketAddr, detailed: bool, tty: bool)
             usd(spent)
         )
     });
+    out.push_str(&store_line(&health["store"]));
     out.push_str(&format!(
         "  allocator    {} (page size {})\n",
         text(&health["allocator"]),
@@ -205,6 +206,19 @@ fn render_status(health: &Value, address: SocketAddr, detailed: bool, tty: bool)
         None => out.push_str(&upstream_lines(&health["upstream"], now)),
     }
     out
+}
+
+/// Where sessions are kept, from `/v1/health`'s `store` (absent: in memory only).
+fn store_line(store: &Value) -> String {
+    if !store.is_object() {
+        return "  store        none: sessions are in memory only ([daemon] state_dir)\n"
+            .to_owned();
+    }
+    let path = text(&store["path"]);
+    match store["error"].as_str() {
+        Some(error) => format!("  store        {path} FAILING: {error}\n"),
+        None => format!("  store        {path} ok\n"),
+    }
 }
 
 /// The provider, its model and its last error, from `/v1/health`'s `upstream`.
@@ -298,6 +312,25 @@ mod tests {
             upstream_lines(&shorthand, now),
             "  upstream     openai, model llama3.2, API key unset\n  last error   none\n"
         );
+    }
+
+    #[test]
+    fn the_store_line_says_where_sessions_are_and_whether_writes_fail() {
+        let ok =
+            serde_json::json!({"path": "/var/lib/blufio/blufio.db", "ok": true, "error": null});
+        assert_eq!(
+            store_line(&ok),
+            "  store        /var/lib/blufio/blufio.db ok\n"
+        );
+        let full = serde_json::json!({
+            "path": "/var/lib/blufio/blufio.db", "ok": false,
+            "error": "database or disk is full",
+        });
+        assert_eq!(
+            store_line(&full),
+            "  store        /var/lib/blufio/blufio.db FAILING: database or disk is full\n"
+        );
+        assert!(store_line(&Value::Null).contains("in memory only"));
     }
 
     #[test]
