@@ -17,6 +17,7 @@
 
 mod read;
 mod schema;
+mod statements;
 mod turn;
 mod worker;
 
