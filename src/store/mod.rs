@@ -15,7 +15,6 @@
 //! counts `blufio_errors_total{type="storage"}` and shows in `/v1/health`; the next write
 //! tries again, so the daemon recovers when space returns.
 
-mod gather;
 mod read;
 mod schema;
 mod statements;

@@ -2,20 +2,15 @@
 //! meanwhile in one transaction (group commit: one `fsync` for many messages), and answers
 //! each job once its transaction is durable.
 //!
-//! A batch of writes may wait a moment for more before it commits ([`gather`]), so that a
-//! steady load is committed in one batch per `fsync` rather than two halves taking turns.
-//!
 //! A batch whose transaction fails is rolled back and each of its jobs is run again on its
 //! own, so one bad job (or a disk that filled mid-batch) fails only the jobs it must.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rusqlite::{Connection, params};
 
 use super::{
-    Shared, StoreError, StoredSession, StoredTurn,
-    gather::{Pace, gather},
-    read,
+    Shared, StoreError, StoredSession, StoredTurn, read,
     statements::{Sql, Statements},
     turn::{kind_name, role_name},
     unix_now,
@@ -27,9 +22,6 @@ pub(super) const SPEND_IMPORTED: &str = "spend_json_imported";
 
 /// Jobs committed together at most.
 const MAX_BATCH: usize = 256;
-
-/// How often a batch that waits for more writers looks at the queue.
-const GATHER_POLL: Duration = Duration::from_micros(100);
 
 type Reply<T> = async_channel::Sender<Result<T, StoreError>>;
 
@@ -305,29 +297,10 @@ fn enforce(conn: &Connection, max_bytes: u64) -> rusqlite::Result<Vec<String>> {
 pub(super) fn run(conn: Connection, queue: &async_channel::Receiver<Queued>, shared: &Shared) {
     {
         let mut statements = Statements::new(&conn);
-        let mut pace = Pace::default();
         while let Ok(first) = queue.recv_blocking() {
             let mut batch = vec![first];
             take_queued(queue, &mut batch);
-            let writes = batch.iter().filter(|queued| queued.job.writes()).count();
-            if let Some((jobs, wait)) = gather(pace, batch.len(), writes, MAX_BATCH) {
-                let deadline = Instant::now() + wait;
-                // Polled, not awaited: a writer that finds nobody listening on the channel
-                // sends without waking this thread, so a batch of 64 costs a few wake-ups,
-                // not 64.
-                while batch.len() < jobs && Instant::now() < deadline {
-                    std::thread::sleep(GATHER_POLL);
-                    take_queued(queue, &mut batch);
-                }
-            }
-            let started = Instant::now();
-            let writes = run_batch(&mut statements, batch, shared);
-            if writes > 0 {
-                pace = Pace {
-                    writers: writes + queue.len(),
-                    took: started.elapsed(),
-                };
-            }
+            run_batch(&mut statements, batch, shared);
         }
         // The statements go before the connection closes, or it could not.
     }
