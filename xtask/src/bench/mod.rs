@@ -1,6 +1,7 @@
 //! `cargo xtask bench [--quick] [--gateway-only | --store-only] [--json PATH] [--binary PATH]
-//! [--floor PATH] [--env K=V]...`: blufio's footprint and per-request cost measured side by side with a floor,
-//! in one interleaved run, and its cost as an OpenAI gateway against the direct call.
+//! [--floor PATH] [--env K=V]...`: blufio's footprint and per-request cost measured side by
+//! side with a floor, in one interleaved run, its cost as an OpenAI gateway against the direct
+//! call, and its cost with the session store against none.
 //!
 //! The floor (`benches/floor/`, its own workspace so the normal build never compiles it) is a
 //! bare trillium-smol server on jemalloc, built with the root's release profile, answering
@@ -28,8 +29,8 @@
 //! This file holds the options and the run, row by row; building the binaries is in `build.rs`,
 //! the running sides in `server.rs`, the load in `load.rs` over the client in `client.rs`
 //! (streams in `stream.rs`, chunked framing in `chunked.rs`), the gateway in `gateway.rs` over
-//! the fake upstream in `upstream.rs` and `reply.rs`, the store in `store.rs`, and the tables
-//! and JSON in `report.rs`.
+//! the fake upstream in `upstream.rs` and `reply.rs`, the store in `store.rs` (its database
+//! of stored sessions in `stored.rs`), and the tables and JSON in `report.rs`.
 
 mod build;
 mod chunked;
@@ -40,6 +41,7 @@ mod reply;
 mod report;
 mod server;
 mod store;
+mod stored;
 mod stream;
 mod upstream;
 
