@@ -18,6 +18,7 @@
 mod offline;
 mod read;
 mod schema;
+mod statements;
 mod turn;
 mod worker;
 

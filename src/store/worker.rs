@@ -11,6 +11,7 @@ use rusqlite::{Connection, params};
 
 use super::{
     Shared, StoreError, StoredSession, StoredTurn, read,
+    statements::{Sql, Statements},
     turn::{kind_name, role_name},
     unix_now,
 };
@@ -96,10 +97,15 @@ impl Job {
         !matches!(self, Job::History { .. } | Job::Page { .. })
     }
 
-    fn execute(&self, conn: &Connection, shared: &Shared) -> rusqlite::Result<Output> {
+    fn execute(
+        &self,
+        statements: &mut Statements<'_>,
+        shared: &Shared,
+    ) -> rusqlite::Result<Output> {
+        let conn = statements.conn();
         match self {
             Job::Create(session, _) => {
-                create(conn, session)?;
+                create(statements, session)?;
                 Ok(Output::Unit)
             }
             Job::Append {
@@ -110,11 +116,11 @@ impl Job {
                 ..
             } => {
                 if let Some(session) = session {
-                    create(conn, session)?;
+                    create(statements, session)?;
                 }
-                append(conn, id, turns)?;
+                append(statements, id, turns)?;
                 if let Some((utc_day, spent_usd)) = spend {
-                    save_spend(conn, *utc_day, *spent_usd)?;
+                    save_spend(statements, *utc_day, *spent_usd)?;
                 }
                 Ok(Output::Unit)
             }
@@ -128,7 +134,7 @@ impl Job {
             Job::Spend {
                 utc_day, spent_usd, ..
             } => {
-                save_spend(conn, *utc_day, *spent_usd)?;
+                save_spend(statements, *utc_day, *spent_usd)?;
                 Ok(Output::Unit)
             }
             Job::MarkSpendImported(_) => {
@@ -190,31 +196,23 @@ impl Job {
 
 /// Stores a session (once: a second insert of the same id changes nothing). Its message
 /// count starts at 0 whatever the record says: appends count the turns they store.
-fn create(conn: &Connection, session: &StoredSession) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO sessions (id, kind, model, system, created_at, last_active_at, \
-         message_count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0) ON CONFLICT (id) DO NOTHING",
-        params![
-            session.id,
-            kind_name(session.kind),
-            session.model,
-            session.system,
-            session.created_at,
-            session.last_active_at,
-        ],
-    )?;
+fn create(statements: &mut Statements<'_>, session: &StoredSession) -> rusqlite::Result<()> {
+    statements.get(Sql::CreateSession)?.execute(params![
+        session.id,
+        kind_name(session.kind),
+        session.model,
+        session.system,
+        session.created_at,
+        session.last_active_at,
+    ])?;
     Ok(())
 }
 
 /// Appends turns after the session's last, and marks it active.
-fn append(conn: &Connection, id: &str, turns: &[StoredTurn]) -> rusqlite::Result<()> {
+fn append(statements: &mut Statements<'_>, id: &str, turns: &[StoredTurn]) -> rusqlite::Result<()> {
     let last_active_at = turns.iter().map(|turn| turn.created_at).max();
     let first_seq: Option<u64> = {
-        let mut statement = conn.prepare(
-            "UPDATE sessions SET message_count = message_count + ?2, \
-             last_active_at = max(last_active_at, coalesce(?3, last_active_at)) \
-             WHERE id = ?1 RETURNING message_count - ?2",
-        )?;
+        let statement = statements.get(Sql::CountTurns)?;
         let mut rows = statement.query(params![id, turns.len() as u64, last_active_at])?;
         match rows.next()? {
             Some(row) => Some(row.get(0)?),
@@ -225,10 +223,7 @@ fn append(conn: &Connection, id: &str, turns: &[StoredTurn]) -> rusqlite::Result
     let Some(first_seq) = first_seq else {
         return Ok(());
     };
-    let mut insert = conn.prepare(
-        "INSERT INTO turns (session_id, seq, role, content, created_at, model, input_tokens, \
-         output_tokens, cost_usd) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
+    let insert = statements.get(Sql::InsertTurn)?;
     for (offset, turn) in turns.iter().enumerate() {
         insert.execute(params![
             id,
@@ -245,13 +240,14 @@ fn append(conn: &Connection, id: &str, turns: &[StoredTurn]) -> rusqlite::Result
     Ok(())
 }
 
-fn save_spend(conn: &Connection, utc_day: u64, spent_usd: f64) -> rusqlite::Result<()> {
-    // Totals arrive from several threads; the larger is the later one within a day.
-    conn.execute(
-        "INSERT INTO spend (utc_day, spent_usd) VALUES (?1, ?2) \
-         ON CONFLICT (utc_day) DO UPDATE SET spent_usd = max(spent_usd, excluded.spent_usd)",
-        params![utc_day, spent_usd],
-    )?;
+fn save_spend(
+    statements: &mut Statements<'_>,
+    utc_day: u64,
+    spent_usd: f64,
+) -> rusqlite::Result<()> {
+    statements
+        .get(Sql::SaveSpend)?
+        .execute(params![utc_day, spent_usd])?;
     Ok(())
 }
 
@@ -306,15 +302,14 @@ fn enforce(conn: &Connection, max_bytes: u64) -> rusqlite::Result<Vec<String>> {
 
 /// The thread's loop: until the channel closes and is drained, then the database closes.
 pub(super) fn run(conn: Connection, queue: &async_channel::Receiver<Queued>, shared: &Shared) {
-    while let Ok(first) = queue.recv_blocking() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(queued) => batch.push(queued),
-                Err(_) => break,
-            }
+    {
+        let mut statements = Statements::new(&conn);
+        while let Ok(first) = queue.recv_blocking() {
+            let mut batch = vec![first];
+            take_queued(queue, &mut batch);
+            run_batch(&mut statements, batch, shared);
         }
-        run_batch(&conn, batch, shared);
+        // The statements go before the connection closes, or it could not.
     }
     if let Err((_, error)) = conn.close() {
         log::warn!("closing the session store: {error}");
@@ -325,23 +320,35 @@ pub(super) fn run(conn: Connection, queue: &async_channel::Receiver<Queued>, sha
     shared.closed.notify(usize::MAX);
 }
 
-fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
+/// Moves jobs from the queue into `batch` while there are any, up to [`MAX_BATCH`].
+fn take_queued(queue: &async_channel::Receiver<Queued>, batch: &mut Vec<Queued>) {
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(queued) => batch.push(queued),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Runs a batch and answers its jobs; returns how many of them were writes.
+fn run_batch(statements: &mut Statements<'_>, batch: Vec<Queued>, shared: &Shared) -> usize {
+    let conn = statements.conn();
     let writes = batch.iter().filter(|queued| queued.job.writes()).count();
     if writes == 0 {
         for queued in batch {
-            let result = queued.job.execute(conn, shared);
+            let result = queued.job.execute(statements, shared);
             finish(
                 queued,
                 result.map_err(|error| shared.failed(&error)),
                 shared,
             );
         }
-        return;
+        return 0;
     }
     let together = conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
         let mut outputs = Vec::with_capacity(batch.len());
         for queued in &batch {
-            outputs.push(queued.job.execute(conn, shared)?);
+            outputs.push(queued.job.execute(statements, shared)?);
         }
         conn.execute_batch("COMMIT")?;
         Ok(outputs)
@@ -363,9 +370,9 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
             for queued in batch {
                 let writes = queued.job.writes();
                 let result = if writes {
-                    alone(conn, &queued.job, shared)
+                    alone(statements, &queued.job, shared)
                 } else {
-                    queued.job.execute(conn, shared)
+                    queued.job.execute(statements, shared)
                 };
                 let result = match result {
                     Ok(output) => {
@@ -383,13 +390,15 @@ fn run_batch(conn: &Connection, batch: Vec<Queued>, shared: &Shared) {
         }
     }
     shared.update_size();
+    writes
 }
 
 /// Runs one write job in a transaction of its own.
-fn alone(conn: &Connection, job: &Job, shared: &Shared) -> rusqlite::Result<Output> {
+fn alone(statements: &mut Statements<'_>, job: &Job, shared: &Shared) -> rusqlite::Result<Output> {
+    let conn = statements.conn();
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = job
-        .execute(conn, shared)
+        .execute(statements, shared)
         .and_then(|output| conn.execute_batch("COMMIT").map(|()| output));
     if result.is_err() && !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");

@@ -31,10 +31,13 @@ use project::project_root;
 const TASKS: &[(&str, &str, &str)] = &[
     (
         "bench",
-        "[--quick] [--json PATH] [--binary PATH] [--floor PATH] [--env KEY=VALUE]...",
+        "[--quick] [--gateway-only | --store-only] [--json PATH] [--binary PATH] [--floor PATH] \
+         [--env KEY=VALUE]...",
         "build release, then measure blufio side by side with the bare trillium floor \
-         (benches/floor) in one interleaved run and print one table; --binary/--floor reuse \
-         existing release binaries; --env sets a variable for blufio only; --quick is a short smoke run",
+         (benches/floor) in one interleaved run, then as a gateway and with and without the \
+         session store, and print the tables; --gateway-only/--store-only run one of those \
+         scenarios alone; --binary/--floor reuse existing release binaries; --env sets a \
+         variable for blufio only; --quick is a short smoke run",
     ),
     (
         "dist",

@@ -19,7 +19,7 @@ pub(super) struct Binaries {
     pub(super) blufio: PathBuf,
     /// Only measured for its size; `None` when an existing binary was given.
     pub(super) core: Option<PathBuf>,
-    /// `None` with `--gateway-only`, which measures blufio against the fake upstream only.
+    /// `None` with `--gateway-only` or `--store-only`, which measure blufio alone.
     pub(super) floor: Option<PathBuf>,
     /// Extra environment of the blufio side (`--env`).
     pub(super) env: Vec<(String, String)>,
@@ -40,8 +40,9 @@ pub(super) fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<B
                 .cloned()
                 .collect();
             // Core first, so that target/release/blufio ends up as the default build. The
-            // gateway alone needs only the default build.
-            let core = if core_features.len() == default_features.len() || options.gateway_only {
+            // gateway or the store alone needs only the default build.
+            let alone = options.gateway_only || options.store_only;
+            let core = if core_features.len() == default_features.len() || alone {
                 None
             } else {
                 let mut command = Command::new(cargo());
@@ -69,7 +70,7 @@ pub(super) fn build(root: &Path, options: &Options, work_dir: &Path) -> Result<B
         }
     };
     let floor = match &options.floor {
-        _ if options.gateway_only => None,
+        _ if options.gateway_only || options.store_only => None,
         Some(floor) => Some(floor.clone()),
         None => {
             let mut command = Command::new(cargo());

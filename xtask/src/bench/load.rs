@@ -114,25 +114,43 @@ pub(super) fn load(
     addr: SocketAddr,
     connections: usize,
     duration: Duration,
-    prepare: impl Fn(&mut Client) -> Result<Vec<u8>> + Send + Sync + 'static,
+    prepare: impl Fn(&mut Client) -> Result<Vec<u8>>,
 ) -> Result<LoadResult> {
-    let prepare = Arc::new(prepare);
+    load_cycling(addr, connections, duration, move |_, client| {
+        Ok(vec![prepare(client)?])
+    })
+}
+
+/// Like [`load`], but connection `index` sends the requests `prepare(index, client)` returns
+/// in turn, round and round (such as messages to several sessions).
+pub(super) fn load_cycling(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    prepare: impl Fn(usize, &mut Client) -> Result<Vec<Vec<u8>>>,
+) -> Result<LoadResult> {
     let mut clients = Vec::with_capacity(connections);
-    for _ in 0..connections {
+    for index in 0..connections {
         let mut client = Client::connect(addr)?;
-        let request = prepare(&mut client)?;
-        clients.push((client, request));
+        let requests = prepare(index, &mut client)?;
+        if requests.is_empty() {
+            return Err(format!("no request for connection {index}").into());
+        }
+        clients.push((client, requests));
     }
     let started = Instant::now();
     let deadline = started + duration;
     let workers: Vec<_> = clients
         .into_iter()
-        .map(|(mut client, request)| {
+        .map(|(mut client, requests)| {
             thread::spawn(move || -> std::result::Result<Vec<u32>, String> {
                 let mut latencies = Vec::with_capacity(4096);
-                while Instant::now() < deadline {
+                for request in requests.iter().cycle() {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
                     let sent = Instant::now();
-                    let (status, _) = client.send(&request).map_err(|error| error.to_string())?;
+                    let (status, _) = client.send(request).map_err(|error| error.to_string())?;
                     latencies.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
                     if status != 200 {
                         return Err(format!("answered {status}"));

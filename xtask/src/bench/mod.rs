@@ -1,6 +1,7 @@
-//! `cargo xtask bench [--quick] [--gateway-only] [--json PATH] [--binary PATH] [--floor PATH]
-//! [--env K=V]...`: blufio's footprint and per-request cost measured side by side with a floor,
-//! in one interleaved run, and its cost as an OpenAI gateway against the direct call.
+//! `cargo xtask bench [--quick] [--gateway-only | --store-only] [--json PATH] [--binary PATH]
+//! [--floor PATH] [--env K=V]...`: blufio's footprint and per-request cost measured side by
+//! side with a floor, in one interleaved run, its cost as an OpenAI gateway against the direct
+//! call, and its cost with the session store against none.
 //!
 //! The floor (`benches/floor/`, its own workspace so the normal build never compiles it) is a
 //! bare trillium-smol server on jemalloc, built with the root's release profile, answering
@@ -17,6 +18,9 @@
 //! monitor tick. Then the gateway scenario (`gateway.rs`, alone with `--gateway-only`):
 //! `POST /v1/chat/completions` through blufio and straight to a fake upstream in this process
 //! (`upstream.rs`), and streamed requests held open, with the issue's targets beside them.
+//! Last the session store scenario (`store.rs`, alone with `--store-only`): `POST
+//! /v1/messages` throughput and p99, idle RSS and start-up with and without the SQLite store,
+//! and start-up and RSS with 10,000 stored sessions.
 //!
 //! It does not judge the numbers: the table is for people and `--json` for comparing commits.
 //! `--quick` is a smoke mode (short rounds, fewer connections, the allocation bench in the
@@ -25,7 +29,8 @@
 //! This file holds the options and the run, row by row; building the binaries is in `build.rs`,
 //! the running sides in `server.rs`, the load in `load.rs` over the client in `client.rs`
 //! (streams in `stream.rs`, chunked framing in `chunked.rs`), the gateway in `gateway.rs` over
-//! the fake upstream in `upstream.rs` and `reply.rs`, and the tables and JSON in `report.rs`.
+//! the fake upstream in `upstream.rs` and `reply.rs`, the store in `store.rs` (its database
+//! of stored sessions in `stored.rs`), and the tables and JSON in `report.rs`.
 
 mod build;
 mod chunked;
@@ -35,6 +40,8 @@ mod load;
 mod reply;
 mod report;
 mod server;
+mod store;
+mod stored;
 mod stream;
 mod upstream;
 
@@ -53,6 +60,7 @@ use load::{
 };
 use report::{Report, Unit};
 use server::{ProcStatus, Server, Side, push_status_rows, raise_nofile_limit, warm_up};
+use store::StorePlan;
 
 /// The bearer token of the benchmarked daemon.
 const TOKEN: &str = "bench-token-0123456789";
@@ -85,6 +93,8 @@ struct Plan {
     settle: Duration,
     /// The gateway scenario.
     gateway: GatewayPlan,
+    /// The session store scenario.
+    store: StorePlan,
 }
 
 impl Plan {
@@ -101,6 +111,14 @@ impl Plan {
                 rounds: 4,
                 turn: Duration::from_secs(3),
                 streams: 1_000,
+            },
+            store: StorePlan {
+                starts: 5,
+                settle: Duration::from_secs(1),
+                rounds: 4,
+                turn: Duration::from_secs(3),
+                stored_sessions: 10_000,
+                stored_starts: 5,
             },
         }
     }
@@ -119,6 +137,16 @@ impl Plan {
                 turn: Duration::from_secs(1),
                 streams: 200,
             },
+            // Part 3 keeps its 10,000 sessions: the fill takes about a second and the
+            // start-up on them is the figure the issue bounds.
+            store: StorePlan {
+                starts: 1,
+                settle: Duration::from_millis(500),
+                rounds: 1,
+                turn: Duration::from_secs(1),
+                stored_sessions: 10_000,
+                stored_starts: 1,
+            },
         }
     }
 }
@@ -129,6 +157,8 @@ struct Options {
     quick: bool,
     /// Runs the gateway scenario only (no floor, no footprint rows).
     gateway_only: bool,
+    /// Runs the session store scenario only (no floor, no footprint rows).
+    store_only: bool,
     json: Option<PathBuf>,
     binary: Option<PathBuf>,
     floor: Option<PathBuf>,
@@ -148,6 +178,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         match arg.as_str() {
             "--quick" => options.quick = true,
             "--gateway-only" => options.gateway_only = true,
+            "--store-only" => options.store_only = true,
             "--json" => options.json = Some(path("--json")?),
             "--binary" => options.binary = Some(path("--binary")?),
             "--floor" => options.floor = Some(path("--floor")?),
@@ -160,6 +191,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
             }
             other => return Err(format!("bench: unexpected argument `{other}`").into()),
         }
+    }
+    if options.gateway_only && options.store_only {
+        return Err(
+            "bench: --gateway-only and --store-only exclude each other; without \
+                    either, the run has both"
+                .into(),
+        );
     }
     Ok(options)
 }
@@ -186,6 +224,15 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         gateway::run(&mut report, &binaries, &work_dir, plan.gateway)?;
         report.note(format!(
             "mode {}, gateway only: {:.0} s in all",
+            report.mode,
+            started.elapsed().as_secs_f64()
+        ));
+        return finish(&report, &options);
+    }
+    if options.store_only {
+        store::run(&mut report, &binaries, &work_dir, plan.store)?;
+        report.note(format!(
+            "mode {}, store only: {:.0} s in all",
             report.mode,
             started.elapsed().as_secs_f64()
         ));
@@ -460,8 +507,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         );
     }
 
-    // Last, so its section follows every footprint row.
+    // Last, so their sections follow every footprint row.
     gateway::run(&mut report, &binaries, &work_dir, plan.gateway)?;
+    store::run(&mut report, &binaries, &work_dir, plan.store)?;
 
     report.note(format!(
         "mode {}: {} round(s) of {:.1} s per side and route at {CONNECTIONS} connections; \
@@ -507,6 +555,28 @@ mod tests {
         assert!(error.contains("`--gateway`"), "{error}");
         let error = parse_options(&args(&["--json"])).unwrap_err().to_string();
         assert!(error.contains("--json needs a path"), "{error}");
+    }
+
+    #[test]
+    fn options_select_the_store_alone_but_not_with_the_gateway_alone() {
+        let options = parse_options(&args(&["--store-only", "--quick"])).unwrap();
+        assert!(options.store_only && options.quick && !options.gateway_only);
+        assert!(!parse_options(&[]).unwrap().store_only);
+        let error = parse_options(&args(&["--store-only", "--gateway-only"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("exclude each other"), "{error}");
+    }
+
+    #[test]
+    fn quick_mode_keeps_the_store_scenario_short_but_its_10000_sessions() {
+        let (full, quick) = (Plan::full().store, Plan::quick().store);
+        assert_eq!(full.stored_sessions, 10_000);
+        assert_eq!(quick.stored_sessions, full.stored_sessions);
+        // Both sides take a turn per round, after a 0.3 s warm-up each.
+        let quick_load = quick.turn * (quick.rounds * 2) as u32;
+        assert!(quick_load <= Duration::from_secs(3), "{quick_load:?}");
+        assert!(quick.starts <= full.starts && quick.stored_starts <= full.stored_starts);
     }
 
     #[test]

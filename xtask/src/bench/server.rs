@@ -17,6 +17,7 @@ use super::load::{get, request_bytes};
 use super::report::{Report, Unit};
 use super::upstream::SLOW_MODEL;
 use super::{STARTUP_TIMEOUT, TOKEN};
+use crate::json;
 use crate::project::{Result, describe};
 
 /// Raises this process's soft open-files limit towards `wanted` (children inherit it) and
@@ -70,17 +71,10 @@ impl Server {
         metrics_bytes: usize,
     ) -> Result<Server> {
         let port = try_free_port()?;
-        let mut command = match side {
-            Side::Blufio | Side::Gateway { .. } => {
-                let text = match side {
-                    Side::Gateway { upstream } => gateway_config(port, upstream),
-                    _ => blufio_config(port),
-                };
-                fs::write(config, text)?;
-                let mut command = Command::new(&binaries.blufio);
-                command.arg("serve").arg("--config").arg(config);
-                command.envs(binaries.env.iter().map(|(key, value)| (key, value)));
-                command
+        let command = match side {
+            Side::Blufio => blufio_command(binaries, config, &blufio_config(port, None))?,
+            Side::Gateway { upstream } => {
+                blufio_command(binaries, config, &gateway_config(port, upstream))?
             }
             Side::Floor => {
                 let floor = binaries
@@ -98,6 +92,25 @@ impl Server {
             Side::Floor => "floor.log",
             Side::Gateway { .. } => "gateway.log",
         });
+        Server::launch(command, port, &log)
+    }
+
+    /// Starts blufio as [`Side::Blufio`] does, with its session store in `state_dir` (no
+    /// store and no state directory with `None`), and waits for its first `200` to
+    /// `/health`: by then the store is open and its sessions restored.
+    pub(super) fn start_blufio(
+        binaries: &Binaries,
+        config: &Path,
+        state_dir: Option<&Path>,
+    ) -> Result<Server> {
+        let port = try_free_port()?;
+        let command = blufio_command(binaries, config, &blufio_config(port, state_dir))?;
+        Server::launch(command, port, &config.with_extension("blufio.log"))
+    }
+
+    /// Spawns `command`, its stderr into `log`, and polls `/health` on `port` until it
+    /// answers 200.
+    fn launch(mut command: Command, port: u16, log: &Path) -> Result<Server> {
         command
             .env_remove("BLUFIO_LOG")
             .env_remove("BLUFIO_GATEWAY_TOKEN")
@@ -105,7 +118,7 @@ impl Server {
             .env_remove("OPENAI_API_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?);
+            .stderr(fs::File::create(log)?);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let spawned = Instant::now();
         let child = command
@@ -122,7 +135,7 @@ impl Server {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
-                let said = fs::read_to_string(&log).unwrap_or_default();
+                let said = fs::read_to_string(log).unwrap_or_default();
                 let said = said.lines().last().unwrap_or("nothing on stderr");
                 return Err(
                     format!("`{}` exited early: {status}: {said}", describe(&command)).into(),
@@ -167,14 +180,32 @@ impl Server {
     }
 }
 
+/// Writes `text` to `config` and returns the command that serves it with blufio.
+fn blufio_command(binaries: &Binaries, config: &Path, text: &str) -> Result<Command> {
+    fs::write(config, text)?;
+    let mut command = Command::new(&binaries.blufio);
+    command.arg("serve").arg("--config").arg(config);
+    command.envs(binaries.env.iter().map(|(key, value)| (key, value)));
+    Ok(command)
+}
+
 /// One listener for everything, the echo agent, a token, room for the session row, and
-/// connection caps above the idle-connection row (all the load comes from one address).
-pub(super) fn blufio_config(port: u16) -> String {
+/// connection caps above the idle-connection row (all the load comes from one address). With
+/// `state_dir`, the session store in it (`[store]` as shipped); without, no state directory,
+/// so nothing is stored.
+pub(super) fn blufio_config(port: u16, state_dir: Option<&Path>) -> String {
+    let (state_dir, store) = match state_dir {
+        Some(dir) => (
+            format!("state_dir = {}\n", json::quote(&dir.display().to_string())),
+            "\n[store]\nenabled = true\n",
+        ),
+        None => (String::new(), ""),
+    };
     format!(
         "[daemon]\nbind = \"127.0.0.1\"\nhealth_port = {port}\nlog_level = \"warn\"\n\
-         max_connections = 20000\nmax_connections_per_ip = 20000\n\n\
+         max_connections = 20000\nmax_connections_per_ip = 20000\n{state_dir}\n\
          [gateway]\nport = {port}\ntoken = \"{TOKEN}\"\nmax_sessions = 20000\n\n\
-         [agent]\nprovider = \"echo\"\n"
+         [agent]\nprovider = \"echo\"\n{store}"
     )
 }
 
