@@ -394,7 +394,10 @@ async fn keep(
         },
     ];
     let create = (!session.in_store()).then(|| session.record());
-    let spend = Some(ctx.budget.today_total(SystemTime::now()));
+    // A reply that cost nothing leaves the day's total as it was: no upsert to commit.
+    let spend = usage
+        .filter(|usage| usage.cost_usd > 0.0)
+        .map(|_| ctx.budget.today_total(SystemTime::now()));
     store
         .append(session.id(), create, turns, spend)
         .await
