@@ -10,7 +10,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-pub use self::turn::{StoreError, StoredSession, StoredTurn};
+pub use self::turn::{OfflineDelete, Opened, StoreError, StoreOptions, StoredSession, StoredTurn};
 use crate::{
     agent::Turn,
     error::Error,
@@ -23,30 +23,6 @@ pub const DB_FILE: &str = "blufio.db";
 /// Never built without the `store` feature.
 #[derive(Debug, Clone)]
 pub enum Store {}
-
-/// See the store-enabled build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreOptions {
-    /// The database's size cap in bytes (0: none).
-    pub max_bytes: u64,
-    /// Sessions idle this long (seconds) are removed when the store opens.
-    pub idle_timeout_secs: u64,
-}
-
-/// See the store-enabled build.
-#[derive(Debug)]
-pub struct Opened {
-    /// The store.
-    pub store: Store,
-    /// The sessions restored.
-    pub sessions: Vec<StoredSession>,
-    /// Sessions removed at open.
-    pub expired: u64,
-    /// Today's stored spend.
-    pub spent_today_usd: Option<f64>,
-    /// Whether `spend.json` was imported.
-    pub spend_imported: bool,
-}
 
 fn disabled(dir: &Path) -> Error {
     Error::State {
@@ -183,23 +159,6 @@ impl ReadOnly {
     pub fn turns(&self, _id: &str) -> Result<Vec<StoredTurn>, String> {
         Ok(Vec::new())
     }
-}
-
-/// See the store-enabled build.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OfflineDelete {
-    /// The session and its turns are gone.
-    Deleted {
-        /// How many turns went with it.
-        turns: u64,
-    },
-    /// No such session.
-    NotFound,
-    /// A daemon holds the state directory.
-    DaemonRunning {
-        /// The daemon's pid.
-        pid: Option<u32>,
-    },
 }
 
 /// Refuses: there is no store in this build.

@@ -23,7 +23,7 @@ pub mod messages;
 pub mod metrics;
 pub mod ready;
 pub(crate) mod response;
-mod session_messages;
+pub mod session_messages;
 pub mod sessions;
 mod stream;
 pub mod ws;
@@ -43,6 +43,7 @@ use self::{
     messages::MessagesHandler,
     metrics::MetricsHandler,
     ready::ReadyHandler,
+    session_messages::SessionMessagesHandler,
     sessions::{SessionAction, SessionsHandler},
 };
 
@@ -75,7 +76,7 @@ pub fn handler(ctx: Arc<Context>, scope: Scope) -> impl Handler {
             .delete("/v1/sessions/:id", sessions(SessionAction::Delete))
             .get(
                 "/v1/sessions/:id/messages",
-                sessions(SessionAction::Messages),
+                (auth.clone(), SessionMessagesHandler::new(Arc::clone(&ctx))),
             )
             .post(
                 "/v1/messages",

@@ -7,14 +7,16 @@
 //! stops at `limit` messages or once it holds 1 MiB of text, so one request cannot make the
 //! daemon build a response of the whole conversation.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
-use trillium::{Conn, Status};
+use trillium::{Conn, Handler, Status};
 
 use crate::{
     context::Context,
     http::{
         response,
-        sessions::{DEFAULT_PAGE, MAX_PAGE, not_found, session_id, storage_unavailable},
+        sessions::{DEFAULT_PAGE, not_found, parse_limit, session_id, storage_unavailable},
     },
     sessions::SessionKind,
     store::StoredTurn,
@@ -23,8 +25,27 @@ use crate::{
 /// Bytes of message text after which a page ends (it always holds one message).
 pub const MAX_PAGE_TEXT: usize = 1024 * 1024;
 
+/// Serves `GET /v1/sessions/:id/messages`.
+#[derive(Debug, Clone)]
+pub struct SessionMessagesHandler {
+    ctx: Arc<Context>,
+}
+
+impl SessionMessagesHandler {
+    /// Creates the handler.
+    pub fn new(ctx: Arc<Context>) -> SessionMessagesHandler {
+        SessionMessagesHandler { ctx }
+    }
+}
+
+impl Handler for SessionMessagesHandler {
+    async fn run(&self, conn: Conn) -> Conn {
+        page(&self.ctx, conn).await
+    }
+}
+
 /// Answers one page of a session's messages.
-pub(crate) async fn page(ctx: &Context, conn: Conn) -> Conn {
+async fn page(ctx: &Context, conn: Conn) -> Conn {
     let Some(session) = session_id(&conn).and_then(|id| ctx.sessions.get(id)) else {
         return not_found(ctx, conn);
     };
@@ -124,17 +145,7 @@ impl MessagesQuery {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
                 "limit" if limit.is_some() => return Err("limit is given twice".to_owned()),
-                "limit" => {
-                    limit = Some(
-                        value
-                            .parse::<usize>()
-                            .ok()
-                            .filter(|limit| (1..=MAX_PAGE).contains(limit))
-                            .ok_or_else(|| {
-                                format!("limit must be a whole number from 1 to {MAX_PAGE}")
-                            })?,
-                    );
-                }
+                "limit" => limit = Some(parse_limit(value)?),
                 "cursor" if after.is_some() => return Err("cursor is given twice".to_owned()),
                 "cursor" => {
                     after = Some(

@@ -30,8 +30,6 @@ pub enum SessionAction {
     Get,
     /// `DELETE /v1/sessions/:id`.
     Delete,
-    /// `GET /v1/sessions/:id/messages`.
-    Messages,
 }
 
 /// Serves the `/v1/sessions` routes.
@@ -94,7 +92,6 @@ impl Handler for SessionsHandler {
                     not_found(ctx, conn)
                 }
             }
-            SessionAction::Messages => super::session_messages::page(ctx, conn).await,
         }
     }
 }
@@ -250,6 +247,15 @@ fn list(ctx: &Context, conn: Conn) -> Conn {
     )
 }
 
+/// Reads a page's `limit`: a whole number from 1 to [`MAX_PAGE`].
+pub(crate) fn parse_limit(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|limit| (1..=MAX_PAGE).contains(limit))
+        .ok_or_else(|| format!("limit must be a whole number from 1 to {MAX_PAGE}"))
+}
+
 /// The parameters of a list request.
 #[derive(Debug, PartialEq)]
 struct PageQuery {
@@ -266,17 +272,7 @@ impl PageQuery {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
                 "limit" if limit.is_some() => return Err("limit is given twice".to_owned()),
-                "limit" => {
-                    limit = Some(
-                        value
-                            .parse::<usize>()
-                            .ok()
-                            .filter(|limit| (1..=MAX_PAGE).contains(limit))
-                            .ok_or_else(|| {
-                                format!("limit must be a whole number from 1 to {MAX_PAGE}")
-                            })?,
-                    );
-                }
+                "limit" => limit = Some(parse_limit(value)?),
                 "cursor" if after.is_some() => return Err("cursor is given twice".to_owned()),
                 "cursor" => {
                     after = Some(parse_cursor(value).ok_or_else(|| {

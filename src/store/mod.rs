@@ -31,9 +31,9 @@ use std::{
 use rusqlite::{Connection, OpenFlags};
 
 pub use self::{
-    offline::{OfflineDelete, delete_session},
+    offline::delete_session,
     read::ReadOnly,
-    turn::{StoreError, StoredSession, StoredTurn},
+    turn::{OfflineDelete, Opened, StoreError, StoreOptions, StoredSession, StoredTurn},
 };
 use self::{
     schema::Unusable,
@@ -53,31 +53,6 @@ pub const DB_FILE: &str = "blufio.db";
 /// commit takes; the queue's slots are allocated (and touched) up front, so 1,024 of them
 /// would cost 200 KiB of idle memory.
 const QUEUE: usize = 256;
-
-/// What the store keeps for a session that `[gateway]` bounds: see [`Store::open`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreOptions {
-    /// The database's size cap in bytes (0: none). Writes beyond it fail; the evictor
-    /// removes the longest-idle sessions to stay under it.
-    pub max_bytes: u64,
-    /// Sessions idle this long (seconds) are removed when the store opens.
-    pub idle_timeout_secs: u64,
-}
-
-/// What the store held when it opened.
-#[derive(Debug)]
-pub struct Opened {
-    /// The store, its thread running.
-    pub store: Store,
-    /// Every HTTP session still within its idle timeout, oldest first.
-    pub sessions: Vec<StoredSession>,
-    /// Sessions removed at open for being idle past the timeout.
-    pub expired: u64,
-    /// The spend stored for `today` (days since the epoch), if any.
-    pub spent_today_usd: Option<f64>,
-    /// Whether `spend.json` was imported already (on an earlier start).
-    pub spend_imported: bool,
-}
 
 /// The handle on the database thread; cloned freely.
 #[derive(Debug, Clone)]
@@ -459,13 +434,7 @@ pub fn check(dir: &Path) -> Result<String, Error> {
         path: path.clone(),
         message: why.explain(),
     };
-    let conn = ReadOnly::open_connection(&path).map_err(unusable)?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(|error| unusable(Unusable::from_sqlite(&error)))?;
-    if version > schema::LATEST {
-        return Err(unusable(Unusable::Newer(version)));
-    }
+    let (conn, version) = ReadOnly::open_known(&path).map_err(unusable)?;
     schema::quick_check(&conn).map_err(unusable)?;
     let sessions: i64 = if version >= 1 {
         conn.query_row("SELECT count(*) FROM sessions", [], |row| row.get(0))

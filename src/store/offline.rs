@@ -17,30 +17,13 @@ use std::{io, path::Path};
 use rusqlite::params;
 
 use super::{
-    DB_FILE,
+    DB_FILE, OfflineDelete,
     schema::{self, Unusable},
 };
 use crate::{
     error::Error,
     state_dir::{Acquired, LOCK_FILE, StateLock},
 };
-
-/// What [`delete_session`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OfflineDelete {
-    /// The session and its turns are gone, in one transaction.
-    Deleted {
-        /// How many turns went with it.
-        turns: u64,
-    },
-    /// The store holds no session with that id; nothing changed.
-    NotFound,
-    /// A daemon holds the state directory; nothing changed.
-    DaemonRunning {
-        /// The pid the daemon wrote into its lock file.
-        pid: Option<u32>,
-    },
-}
 
 /// Deletes session `id` and its turns from `<dir>/blufio.db`, unless a daemon holds `dir`.
 ///

@@ -194,14 +194,21 @@ impl ReadOnly {
                     .to_owned(),
             });
         }
-        let conn = ReadOnly::open_connection(&path).map_err(unusable)?;
+        let (conn, _) = ReadOnly::open_known(&path).map_err(unusable)?;
+        Ok(ReadOnly { conn })
+    }
+
+    /// Opens `path` read-only and refuses a schema newer than this build knows; returns the
+    /// connection and the file's schema version.
+    pub(super) fn open_known(path: &Path) -> Result<(Connection, i64), Unusable> {
+        let conn = ReadOnly::open_connection(path)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|error| unusable(Unusable::from_sqlite(&error)))?;
+            .map_err(|error| Unusable::from_sqlite(&error))?;
         if version > schema::LATEST {
-            return Err(unusable(Unusable::Newer(version)));
+            return Err(Unusable::Newer(version));
         }
-        Ok(ReadOnly { conn })
+        Ok((conn, version))
     }
 
     /// Opens `path` read-only without leaving a file behind.

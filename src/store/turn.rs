@@ -1,8 +1,11 @@
-//! What the store keeps, as the rest of the daemon sees it: a stored turn, a stored
-//! session, their JSON, and the store's error. Shared with builds without the `store`
+//! What the store keeps and answers, as the rest of the daemon sees it: a stored turn, a
+//! stored session, their JSON, the store's options, what it held when it opened, what an
+//! offline delete did, and the store's error. Shared with builds without the `store`
 //! feature, which keep nothing but name the same types.
 
 use serde_json::{Value, json};
+
+use super::Store;
 
 use crate::{
     agent::Role,
@@ -112,4 +115,46 @@ pub(crate) fn kind_name(kind: SessionKind) -> &'static str {
         SessionKind::Http => "http",
         SessionKind::WebSocket => "websocket",
     }
+}
+
+/// What the store keeps for a session that `[gateway]` bounds: see `Store::open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The database's size cap in bytes (0: none). Writes beyond it fail; the evictor
+    /// removes the longest-idle sessions to stay under it.
+    pub max_bytes: u64,
+    /// Sessions idle this long (seconds) are removed when the store opens.
+    pub idle_timeout_secs: u64,
+}
+
+/// What the store held when it opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// The store, its thread running.
+    pub store: Store,
+    /// Every HTTP session still within its idle timeout, oldest first.
+    pub sessions: Vec<StoredSession>,
+    /// Sessions removed at open for being idle past the timeout.
+    pub expired: u64,
+    /// The spend stored for `today` (days since the epoch), if any.
+    pub spent_today_usd: Option<f64>,
+    /// Whether `spend.json` was imported already (on an earlier start).
+    pub spend_imported: bool,
+}
+
+/// What `delete_session` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfflineDelete {
+    /// The session and its turns are gone, in one transaction.
+    Deleted {
+        /// How many turns went with it.
+        turns: u64,
+    },
+    /// The store holds no session with that id; nothing changed.
+    NotFound,
+    /// A daemon holds the state directory; nothing changed.
+    DaemonRunning {
+        /// The pid the daemon wrote into its lock file.
+        pid: Option<u32>,
+    },
 }

@@ -60,7 +60,7 @@ use load::{
 };
 use report::{Report, Unit};
 use server::{ProcStatus, Server, Side, push_status_rows, raise_nofile_limit, warm_up};
-use store::StorePlan;
+use stored::StorePlan;
 
 /// The bearer token of the benchmarked daemon.
 const TOKEN: &str = "bench-token-0123456789";

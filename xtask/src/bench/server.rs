@@ -13,7 +13,7 @@ use blufio_testkit::process::{KillOnDrop, signal, try_free_port, wait_timeout};
 
 use super::build::Binaries;
 use super::client::Client;
-use super::load::{get, request_bytes};
+use super::load::{get, median, request_bytes};
 use super::report::{Report, Unit};
 use super::upstream::SLOW_MODEL;
 use super::{STARTUP_TIMEOUT, TOKEN};
@@ -309,6 +309,22 @@ pub(super) fn push_status_rows(report: &mut Report, when: &str, status: &[ProcSt
             Some(read(&status[1]) as f64),
         );
     }
+}
+
+/// Removes `dir` if it exists and creates it empty.
+pub(super) fn fresh_dir(dir: &Path) -> Result<std::path::PathBuf> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)
+            .map_err(|error| format!("cannot remove {}: {error}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Returns the median of `field` over `samples`.
+pub(super) fn median_of(samples: &[ProcStatus], field: impl Fn(&ProcStatus) -> u64) -> Option<f64> {
+    let values: Vec<f64> = samples.iter().map(|status| field(status) as f64).collect();
+    median(&values)
 }
 
 #[cfg(test)]

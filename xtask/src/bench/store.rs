@@ -18,7 +18,6 @@
 //! The issue's targets are printed beside the figures; the bench fails on none of them, only
 //! on a wrong answer. Without the `sqlite3` shell part 3 is left out with a note.
 
-use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::thread;
@@ -30,43 +29,22 @@ use super::client::Client;
 use super::gateway::metric_value;
 use super::load::{LoadResult, load_cycling, median, request_bytes};
 use super::report::{Report, Target, Unit};
-use super::server::{ProcStatus, Server};
+use super::server::{ProcStatus, Server, fresh_dir, median_of};
+use super::stored::{MESSAGE_BYTES, StorePlan};
 use crate::json;
 use crate::project::Result;
 
 /// Sessions the message load is spread over.
 const LOAD_SESSIONS: usize = 256;
-/// Turns per stored session in part 3.
-pub(super) const STORED_TURNS: usize = 20;
-/// Bytes of every message's content, sent and stored.
-pub(super) const MESSAGE_BYTES: usize = 100;
 /// The issue's targets.
 const THROUGHPUT_RATIO_TARGET: f64 = 0.5;
 const IDLE_RSS_GROWTH_TARGET_BYTES: f64 = 1024.0 * 1024.0;
-pub(super) const STARTUP_TARGET_MS: f64 = 1_000.0;
 /// The store's counters in `/metrics` (`src/metrics/`).
 const COMMITS: &str = "blufio_store_commits_total";
 const WRITES: &str = "blufio_store_writes_total";
 const APPEND_SUM: &str = r#"blufio_store_operation_seconds_sum{op="append"}"#;
 const APPEND_COUNT: &str = r#"blufio_store_operation_seconds_count{op="append"}"#;
 const STORE_BYTES: &str = "blufio_store_bytes";
-
-/// How much of the scenario a run does.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct StorePlan {
-    /// Starts per side for the idle rows (medians).
-    pub(super) starts: usize,
-    /// The pause after a start-up before the idle VmRSS is read.
-    pub(super) settle: Duration,
-    /// Rounds of the message load; each side takes one turn per round.
-    pub(super) rounds: usize,
-    /// Length of one side's turn.
-    pub(super) turn: Duration,
-    /// Sessions in the database of part 3.
-    pub(super) stored_sessions: usize,
-    /// Start-ups on that database (the median is reported).
-    pub(super) stored_starts: usize,
-}
 
 /// Runs the scenario and adds its section to `report`.
 pub(super) fn run(
@@ -351,21 +329,6 @@ fn scrape(addr: SocketAddr) -> Result<String> {
         return Err(format!("/metrics answered {status}").into());
     }
     Ok(String::from_utf8_lossy(body).into_owned())
-}
-
-/// Removes `dir` if it exists and creates it empty.
-pub(super) fn fresh_dir(dir: &Path) -> Result<std::path::PathBuf> {
-    if dir.exists() {
-        fs::remove_dir_all(dir)
-            .map_err(|error| format!("cannot remove {}: {error}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
-    Ok(dir.to_path_buf())
-}
-
-pub(super) fn median_of(samples: &[ProcStatus], field: impl Fn(&ProcStatus) -> u64) -> Option<f64> {
-    let values: Vec<f64> = samples.iter().map(|status| field(status) as f64).collect();
-    median(&values)
 }
 
 #[cfg(test)]

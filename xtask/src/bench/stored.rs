@@ -12,18 +12,40 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::build::Binaries;
 use super::client::Client;
 use super::load::{median, request_bytes};
 use super::report::{Report, Target, Unit};
 use super::server::Server;
-use super::store::{
-    MESSAGE_BYTES, STARTUP_TARGET_MS, STORED_TURNS, StorePlan, fresh_dir, median_of,
-};
+use super::server::{fresh_dir, median_of};
 use crate::json;
 use crate::project::{Result, describe};
+
+/// Turns per stored session in part 3.
+pub(super) const STORED_TURNS: usize = 20;
+/// Bytes of every message's content, sent and stored.
+pub(super) const MESSAGE_BYTES: usize = 100;
+/// The store scenario's start-up target with stored sessions (the issue's).
+pub(super) const STARTUP_TARGET_MS: f64 = 1_000.0;
+
+/// How much of the store scenario (`store.rs` and this file) a run does.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StorePlan {
+    /// Starts per side for the idle rows (medians).
+    pub(super) starts: usize,
+    /// The pause after a start-up before the idle VmRSS is read.
+    pub(super) settle: Duration,
+    /// Rounds of the message load; each side takes one turn per round.
+    pub(super) rounds: usize,
+    /// Length of one side's turn.
+    pub(super) turn: Duration,
+    /// Sessions in the database of part 3.
+    pub(super) stored_sessions: usize,
+    /// Start-ups on that database (the median is reported).
+    pub(super) stored_starts: usize,
+}
 
 /// Builds the database of part 3, starts the daemon on it and adds the rows.
 pub(super) fn run(
