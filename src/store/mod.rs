@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     path: PathBuf,
     /// Why the last write failed, while writes fail.
     failing: Mutex<Option<String>>,
+    /// The last failure of the current failure episode (logged once), if one is under way.
+    episode: Mutex<Option<Instant>>,
     errors: ErrorCounter,
     metrics: StoreMetrics,
     max_bytes: u64,
@@ -120,6 +122,7 @@ impl Store {
         let shared = Arc::new(Shared {
             path: path.clone(),
             failing: Mutex::new(None),
+            episode: Mutex::new(None),
             errors,
             metrics,
             max_bytes: options.max_bytes,

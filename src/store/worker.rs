@@ -20,6 +20,9 @@ use crate::agent::Turn;
 /// The `meta` key set once `spend.json` has been imported.
 pub(super) const SPEND_IMPORTED: &str = "spend_json_imported";
 
+/// Time without a failed write after which a failure episode is over.
+const QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Jobs committed together at most.
 const MAX_BATCH: usize = 256;
 
@@ -426,8 +429,8 @@ impl Shared {
     fn failed(&self, error: &rusqlite::Error) -> StoreError {
         let detail = error.to_string();
         self.errors.increment();
-        let mut failing = crate::sync::lock(&self.failing);
-        if failing.is_none() {
+        let mut episode = crate::sync::lock(&self.episode);
+        if episode.is_none() {
             log::error!(
                 "the session store {} failed: {detail}; messages fail with \
                  storage_unavailable until a write succeeds (a full disk, a read-only \
@@ -435,16 +438,23 @@ impl Shared {
                 self.path.display()
             );
         }
-        *failing = Some(detail.clone());
+        *episode = Some(Instant::now());
+        *crate::sync::lock(&self.failing) = Some(detail.clone());
         StoreError { detail }
     }
 
+    /// Records a successful write: `/v1/health` is ok again at once; the episode ends (one
+    /// INFO line) only after [`QUIET`] without a failure, so a store at its cap, where small
+    /// writes pass and large ones fail in turn, logs one episode and not one per message.
     fn succeeded(&self) {
-        let mut failing = crate::sync::lock(&self.failing);
-        if let Some(error) = failing.take() {
+        let error = crate::sync::lock(&self.failing).take();
+        let mut episode = crate::sync::lock(&self.episode);
+        if episode.is_some_and(|last| last.elapsed() >= QUIET) {
+            *episode = None;
             log::info!(
-                "the session store {} is written again (the last failure: {error})",
-                self.path.display()
+                "the session store {} is written again{}",
+                self.path.display(),
+                error.map_or_else(String::new, |error| format!(" (the last failure: {error})"))
             );
         }
     }
